@@ -1,0 +1,99 @@
+"""Pre-labeling one task: prompt → LLM → entities → exact spans → Label Studio results."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend import metrics
+from backend.alignment import Span, align
+from backend.errors import BadRequest
+from backend.examples import FewShotExample
+from backend.labelconfig import NerSchema, NerTarget
+from backend.llm import LLMClient, Usage
+from backend.task import NerTask
+from backend.templates import PromptTemplates
+from backend.wire import SpanResult, SpanValue
+
+log = logging.getLogger(__name__)
+
+# (target, text) -> the few-shot examples to show for it
+ExampleSelector = Callable[[NerTarget, str], Sequence[FewShotExample]]
+
+
+@dataclass
+class TaskOutcome:
+    results: list[dict[str, Any]] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+    usage: Usage = field(default_factory=Usage)
+
+
+def span_results(target: NerTarget, spans: Sequence[Span]) -> list[dict[str, Any]]:
+    return [
+        SpanResult(
+            id=uuid.uuid4().hex[:10],
+            from_name=target.from_name,
+            to_name=target.to_name,
+            value=SpanValue(start=s.start, end=s.end, text=s.text, labels=[s.label]),
+        ).to_json()
+        for s in spans
+    ]
+
+
+def task_text(data: dict[str, Any], target: NerTarget) -> str:
+    if target.data_key not in data:
+        raise BadRequest(f"task data has no '{target.data_key}' key (the <Text> value ${target.data_key})")
+    value = data[target.data_key]
+    if not isinstance(value, str):
+        raise BadRequest(f"task data '{target.data_key}' must be a string, not {type(value).__name__}")
+    return value
+
+
+class Prelabeler:
+    def __init__(
+        self,
+        schema: NerSchema,
+        templates: PromptTemplates,
+        llm: LLMClient,
+        select_examples: ExampleSelector | None = None,
+        guidelines: str | None = None,
+        label_all_mentions: bool = True,
+    ):
+        self.schema = schema
+        self.llm = llm
+        self.select_examples = select_examples or (lambda target, text: ())
+        self.label_all_mentions = label_all_mentions
+        self.tasks = {t.from_name: NerTask(t, templates, guidelines) for t in schema.targets}
+
+    def entities_for(self, target: NerTarget, text: str) -> tuple[list[tuple[str, str]], Usage]:
+        task = self.tasks[target.from_name]
+        messages = task.messages(text, self.select_examples(target, text))
+        entities, usage = self.llm.ask(messages, task.parse, task.repair_prompt, task.json_schema())
+        return [(e.text, e.label) for e in entities], usage
+
+    def prelabel(self, data: dict[str, Any]) -> TaskOutcome:
+        outcome = TaskOutcome()
+        for target in self.schema.targets:
+            text = task_text(data, target)
+            if not text.strip():
+                continue
+            entities, usage = self.entities_for(target, text)
+            outcome.usage.add(usage)
+            known = set(target.label_names)
+            kept = [(t, l) for t, l in entities if l in known]
+            outcome.dropped["unknown_label"] += len(entities) - len(kept)
+            alignment = align(text, kept, label_all_mentions=self.label_all_mentions)
+            outcome.dropped.update(alignment.dropped)
+            outcome.results.extend(span_results(target, alignment.spans))
+        for reason, count in outcome.dropped.items():
+            if count:
+                metrics.DROPPED.labels(reason).inc(count)
+        if +outcome.dropped:
+            log.info("dropped entities: %s", dict(+outcome.dropped))
+        metrics.LLM_TOKENS.labels("prompt").inc(outcome.usage.prompt_tokens)
+        metrics.LLM_TOKENS.labels("completion").inc(outcome.usage.completion_tokens)
+        return outcome

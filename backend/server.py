@@ -1,0 +1,166 @@
+"""The HTTP side of the ML-backend protocol on Flask 3 (see PROTOCOL.md for what Label Studio sends)."""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException
+
+from backend import __version__, metrics
+from backend.base import LabelStudioMLBase
+from backend.errors import BackendError, BadRequest
+from backend.registry import ModelRegistry
+from backend.services import Services
+from backend.settings import Settings, get_settings
+from backend.wire import PredictionValue, PredictRequest, PredictResponse, SetupRequest, SetupResponse, WebhookRequest
+
+log = logging.getLogger(__name__)
+
+# Label Studio sends webhooks without the backend's basic auth (PROTOCOL.md): /webhook cannot demand it.
+OPEN_ROUTES = {"/", "/health", "/webhook"}
+
+
+def load_model_class(path: str = "model:NERModel") -> type[LabelStudioMLBase]:
+    module_name, _, class_name = path.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def _validation_message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def _body(model: type[BaseModel]) -> Any:
+    payload = request.get_json(silent=True)
+    if payload is None:
+        raise BadRequest("the body must be JSON (Content-Type: application/json)")
+    if not isinstance(payload, dict):
+        raise BadRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        raise BadRequest(_validation_message(error)) from None
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None, model_class: type[LabelStudioMLBase] | None = None) -> Flask:
+    settings = settings or get_settings()
+    services = services or Services.from_settings(settings)
+    registry = ModelRegistry(model_class or load_model_class(), services)
+    db = services.db
+
+    app = Flask("llm-ner-backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["llm_ner"] = {"services": services, "registry": registry}
+
+    @app.before_request
+    def _start() -> Response | None:
+        g.started = time.perf_counter()
+        if settings.basic_auth_user and request.path not in OPEN_ROUTES:
+            auth = request.authorization
+            user_ok = auth is not None and hmac.compare_digest(
+                (auth.username or "").encode(), settings.basic_auth_user.encode()
+            )
+            pass_ok = auth is not None and hmac.compare_digest(
+                (auth.password or "").encode(), settings.basic_auth_pass.get_secret_value().encode()  # type: ignore[union-attr]
+            )
+            if not (user_ok and pass_ok):
+                response = jsonify(error="authentication required")
+                response.status_code = 401
+                response.headers["WWW-Authenticate"] = 'Basic realm="llm-ner-backend"'
+                return response
+        return None
+
+    @app.after_request
+    def _measure(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unknown"
+        metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
+        metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        return response
+
+    @app.errorhandler(BadRequest)
+    def _bad_request(error: BadRequest):
+        return jsonify(error=str(error)), error.status
+
+    @app.errorhandler(BackendError)
+    def _backend_error(error: BackendError):
+        log.warning("%s: %s", request.path, error)
+        return jsonify(error=str(error)), 422
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException):
+        return jsonify(error=error.description or error.name), error.code or 500
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        # Our bug, not the caller's: log it here, answer without a traceback.
+        log.exception("unexpected error on %s", request.path)
+        return jsonify(error="internal error; see the backend's log"), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class=registry.model_class.__name__, version=__version__)
+
+    @app.post("/setup")
+    def setup():
+        body: SetupRequest = _body(SetupRequest)
+        model = registry.get(body.project, body.label_config)  # parses the config: 422 if unsupported
+        db.save_label_config(body.project, body.label_config)
+        model.set_extra_params(body.extra_params)
+        return jsonify(SetupResponse(model_version=model.model_version).model_dump())
+
+    @app.post("/predict")
+    def predict():
+        body: PredictRequest = _body(PredictRequest)
+        project = body.project or "default"
+        label_config = body.label_config or db.label_config(project)
+        if not label_config:
+            raise BadRequest(f"no label config for project {project}: send label_config or call /setup first")
+        if body.label_config:
+            db.save_label_config(project, label_config)
+        model = registry.get(project, label_config)
+        tasks = [task.model_dump() for task in body.tasks]
+        response = model.predict(tasks, context=body.interactive_context)
+        predictions = list(response.predictions)
+        if len(predictions) != len(tasks):
+            # Label Studio zips results with tasks: a count mismatch would put labels on wrong tasks.
+            log.error("model returned %d predictions for %d tasks; answering empty ones", len(predictions), len(tasks))
+            predictions = [PredictionValue(result=[], model_version=response.model_version) for _ in tasks]
+        for prediction in predictions:
+            metrics.TASKS.labels("labeled" if prediction.result else "empty").inc()
+        out = PredictResponse(results=predictions, model_version=response.model_version)
+        return jsonify(out.model_dump(exclude_none=True))
+
+    @app.post("/webhook")
+    def webhook():
+        body: WebhookRequest = _body(WebhookRequest)
+        payload = request.get_json()
+        project = body.project or {}
+        project_id = str(project.get("id", "")) or None
+        if project_id is None:
+            log.info("webhook %s without a project id: ignored", body.action)
+            return jsonify(status="ignored", reason="no project id"), 200
+        label_config = project.get("label_config") or db.label_config(project_id)
+        if not label_config:
+            log.info("webhook %s for unknown project %s: ignored", body.action, project_id)
+            return jsonify(status="ignored", reason="unknown project"), 200
+        model = registry.get(project_id, label_config)
+        model.fit(body.action, payload)
+        return jsonify(status="ok"), 201
+
+    @app.get("/metrics")
+    def metrics_endpoint():
+        data, content_type = metrics.render()
+        return Response(data, content_type=content_type)
+
+    return app

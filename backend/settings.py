@@ -1,0 +1,110 @@
+"""All configuration in one pydantic settings object, read from the environment (and `.env`).
+
+A missing or invalid setting fails at start with one line naming it (see `load_settings`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backend.errors import ConfigError
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- the LLM (any OpenAI-compatible endpoint) ---
+    openai_api_key: SecretStr = Field(description="API key for the OpenAI-compatible endpoint")
+    openai_base_url: str | None = Field(
+        default=None, description="Base URL, e.g. http://localhost:11434/v1 for Ollama; unset = OpenAI"
+    )
+    llm_model: str = Field(default="gpt-4o-mini", min_length=1)
+    llm_timeout: float = Field(default=60.0, gt=0, description="seconds for one LLM HTTP request")
+    llm_max_tokens: int = Field(default=2048, gt=0)
+    llm_structured_output: Literal["auto", "json_schema", "json_object", "text"] = Field(
+        default="auto",
+        description="auto: json_schema, falling back to json_object then plain text when rejected",
+    )
+
+    # --- where state lives ---
+    model_dir: Path = Field(default=Path("./data"), description="SQLite stores and logs")
+    prompts_dir: Path = Field(default=REPO_DIR / "prompts")
+
+    # --- calling Label Studio back (START_TRAINING, CLI) ---
+    label_studio_url: str | None = None
+    label_studio_api_key: SecretStr | None = None
+
+    # --- protecting the backend ---
+    basic_auth_user: str | None = None
+    basic_auth_pass: SecretStr | None = None
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # --- span building ---
+    label_all_mentions: bool = Field(
+        default=True,
+        description="also label unlisted mentions of a listed surface (unless it got two labels)",
+    )
+
+    # --- request handling ---
+    max_request_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    predict_concurrency: int = Field(default=8, ge=1, le=256, description="LLM calls in flight per /predict")
+    predict_deadline: float = Field(
+        default=90.0, gt=0, description="seconds; below Label Studio's 100 s ML_TIMEOUT_PREDICT"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("openai_base_url", "label_studio_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.rstrip("/") if isinstance(value, str) else value
+
+    @field_validator("openai_base_url", "label_studio_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _auth_pair(self) -> "Settings":
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass and self.basic_auth_pass.get_secret_value()):
+            raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    """One line naming each bad setting by its environment variable, never echoing its value."""
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "settings"
+        name = field.upper() if item["loc"] else "settings"
+        message = "missing" if item["type"] == "missing" else item["msg"]
+        parts.append(f"{name}: {message}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning pydantic's multi-line report into one ConfigError line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,144 @@
+"""The NER task: builds the prompt for one text and parses the LLM's answer into entities.
+
+It knows nothing of HTTP or providers (that is `llm.py`) nor of offsets (that is `alignment.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backend.errors import LLMOutputError
+from backend.examples import FewShotExample
+from backend.labelconfig import NerTarget
+from backend.templates import PromptTemplates
+
+
+class Entity(BaseModel):
+    """One entity as the LLM lists it. Further keys (a reason, a confidence...) are allowed and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str = Field(min_length=1)
+    label: str = Field(min_length=1)
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    entities: list[Entity]
+
+
+def answer_json(entities: Sequence[tuple[str, str]]) -> str:
+    """The assistant turn for (surface, label) pairs: what a perfect answer looks like."""
+    return json.dumps({"entities": [{"text": t, "label": l} for t, l in entities]}, ensure_ascii=False)
+
+
+class NerTask:
+    def __init__(self, target: NerTarget, templates: PromptTemplates, guidelines: str | None = None):
+        self.target = target
+        self.templates = templates
+        self.guidelines = guidelines or ""
+
+    # ---- prompt ----
+    def system_prompt(self) -> str:
+        return self.templates.render("system", labels=self.target.labels, guidelines=self.guidelines)
+
+    def user_prompt(self, text: str) -> str:
+        return self.templates.render("user", text=text)
+
+    def messages(self, text: str, examples: Sequence[FewShotExample] = ()) -> list[dict[str, str]]:
+        """System prompt, then each example as a user/assistant exchange, then the text to label."""
+        messages = [{"role": "system", "content": self.system_prompt()}]
+        for example in examples:
+            messages.append({"role": "user", "content": self.user_prompt(example.text)})
+            messages.append({"role": "assistant", "content": answer_json(example.entities)})
+        messages.append({"role": "user", "content": self.user_prompt(text)})
+        return messages
+
+    def repair_prompt(self, error: str) -> str:
+        return self.templates.render("repair", error=error)
+
+    def json_schema(self) -> dict[str, Any]:
+        """For `response_format={"type": "json_schema"}`: labels as an enum, strict shape."""
+        return {
+            "name": "entities",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "entities": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "text": {"type": "string"},
+                                "label": {"type": "string", "enum": list(self.target.label_names)},
+                            },
+                            "required": ["text", "label"],
+                            "additionalProperties": False,
+                        },
+                    }
+                },
+                "required": ["entities"],
+                "additionalProperties": False,
+            },
+        }
+
+    # ---- answer ----
+    def parse(self, content: str | None) -> list[Entity]:
+        return parse_answer(content)
+
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
+
+
+def _json_candidates(content: str):
+    """Yield JSON values found in the answer: the whole of it, fenced blocks, then embedded objects."""
+    stripped = content.strip()
+    yield stripped
+    for block in _FENCE.findall(content):
+        yield block.strip()
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"[\[{]", content):
+        try:
+            value, _ = decoder.raw_decode(content, match.start())
+        except ValueError:
+            continue
+        # a list inside prose counts only as a top-level list, not as a value inside an object
+        if isinstance(value, dict) or content[: match.start()].count("{") == 0:
+            yield value
+
+
+def parse_answer(content: str | None) -> list[Entity]:
+    """Tolerant parsing: plain JSON, code fences, prose around the JSON, or a bare list of entities.
+
+    Raises LLMOutputError with a message meant for the model's repair turn.
+    """
+    if content is None or not content.strip():
+        raise LLMOutputError("the answer was empty")
+    last_error = "no JSON object was found in the answer"
+    validation_error = None  # the most useful message for the repair turn, when there is one
+    for candidate in _json_candidates(content):
+        if isinstance(candidate, str):
+            try:
+                candidate = json.loads(candidate)
+            except ValueError:
+                continue
+        if isinstance(candidate, list):
+            candidate = {"entities": candidate}
+        if not isinstance(candidate, dict) or "entities" not in candidate:
+            last_error = 'the JSON has no "entities" list'
+            continue
+
+        try:
+            return Answer.model_validate(candidate).entities
+        except ValidationError as error:
+            validation_error = validation_error or "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
+            )
+    raise LLMOutputError(validation_error or last_error)

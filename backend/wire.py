@@ -1,0 +1,134 @@
+"""Request and response bodies of the ML-backend protocol (see PROTOCOL.md), as pydantic models."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+
+def project_id_of(value: object) -> str:
+    """Label Studio sends `project` as "<id>.<timestamp>" in /predict and as "<id>" elsewhere."""
+    text = str(value).strip() if value is not None else ""
+    head = text.split(".", 1)[0]
+    if not head:
+        raise ValueError("project must be a project id such as 3 or '3.1700000000'")
+    return head
+
+
+class _Lenient(BaseModel):
+    # Label Studio adds fields over time: accept and ignore what we do not use
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+def _parse_extra_params(value: object) -> object:
+    """`extra_params` arrives as a JSON string or as an object (upstream crashes on the latter)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("extra_params must be a JSON object or a string holding one") from None
+    return value
+
+
+class SetupRequest(_Lenient):
+    project: str
+    label_config: str = Field(alias="schema", min_length=1)
+    hostname: str | None = None
+    access_token: SecretStr | None = None
+    model_version: str | None = None
+    extra_params: dict[str, Any] | None = None
+
+    @field_validator("project", mode="before")
+    @classmethod
+    def _project(cls, value: object) -> str:
+        return project_id_of(value)
+
+    @field_validator("extra_params", mode="before")
+    @classmethod
+    def _extra(cls, value: object) -> object:
+        return _parse_extra_params(value)
+
+
+class SetupResponse(BaseModel):
+    model_version: str
+
+
+class TaskIn(_Lenient):
+    id: int | None = None
+    data: dict[str, Any]
+
+
+class PredictParams(_Lenient):
+    context: dict[str, Any] | None = None
+
+
+class PredictRequest(_Lenient):
+    tasks: list[TaskIn]
+    project: str | None = None
+    label_config: str | None = None
+    params: PredictParams | None = None
+    context: dict[str, Any] | None = None
+
+    @field_validator("project", mode="before")
+    @classmethod
+    def _project(cls, value: object) -> str | None:
+        return None if value in (None, "") else project_id_of(value)
+
+    @property
+    def interactive_context(self) -> dict[str, Any] | None:
+        if self.params is not None and self.params.context:
+            return self.params.context
+        return self.context or None
+
+
+class SpanValue(BaseModel):
+    start: int
+    end: int
+    text: str
+    labels: list[str]
+
+
+class SpanResult(BaseModel):
+    """One region of a prediction: a labeled span of one <Text>."""
+
+    from_name: str
+    to_name: str
+    type: str = "labels"
+    value: SpanValue
+    score: float | None = None
+    id: str | None = None
+    origin: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class PredictionValue(BaseModel):
+    """One task's prediction (named as upstream's `label_studio_ml.response.PredictionValue`)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    result: list[dict[str, Any]] = Field(default_factory=list)
+    score: float | None = None
+    model_version: str | None = None
+
+
+class ModelResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_version: str | None = None
+    predictions: list[PredictionValue]
+
+
+class PredictResponse(BaseModel):
+    results: list[PredictionValue]
+    model_version: str | None = None
+
+
+class WebhookRequest(_Lenient):
+    action: str = Field(min_length=1)
+    project: dict[str, Any] | None = None

@@ -1,0 +1,63 @@
+"""The model Label Studio talks to: LLM pre-labels for NER, improved by every human correction.
+
+This file is the recipe; the machinery lives in `backend/`:
+  labelconfig.py  what to label (LabelInterface)      task.py       prompt and answer parsing
+  llm.py          the openai call                      alignment.py  entities -> exact spans
+  examples.py     few-shot examples                    prelabel.py   one task, end to end
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from backend.base import LabelStudioMLBase
+from backend.batch import map_in_order
+from backend.labelconfig import parse_label_config
+from backend.prelabel import Prelabeler
+from backend.wire import ModelResponse, PredictionValue
+
+log = logging.getLogger("model")
+
+
+class NERModel(LabelStudioMLBase):
+    model_version_prefix = "llm-ner"
+
+    def setup(self) -> None:
+        # Raises UnsupportedLabelConfig (answered as 4xx) when there is no <Labels> -> <Text> pair.
+        self.schema = parse_label_config(self.label_config)
+
+    def version_inputs(self) -> list[str]:
+        # A new LLM, prompt, label config or example set must give a new version,
+        # or Label Studio keeps serving the old pre-labels.
+        return [self.services.llm.model, self.services.templates.fingerprint, self.label_config]
+
+    def prelabeler(self) -> Prelabeler:
+        return Prelabeler(
+            self.schema,
+            self.services.templates,
+            self.services.llm,
+            label_all_mentions=self.settings.label_all_mentions,
+        )
+
+    def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, **kwargs: Any) -> ModelResponse:
+        version = self.model_version
+        prelabeler = self.prelabeler()
+        outcomes = map_in_order(
+            lambda task: prelabeler.prelabel(task.get("data") or {}),
+            tasks,
+            concurrency=self.settings.predict_concurrency,
+            deadline_seconds=self.settings.predict_deadline,
+        )
+        predictions = []
+        for task, outcome in zip(tasks, outcomes):
+            if outcome.error is not None:
+                # One entry per task, always: a failed task gets an empty result, and a log line.
+                log.warning("task %s: no pre-labels: %s", task.get("id"), outcome.error)
+                predictions.append(PredictionValue(result=[], model_version=version))
+            else:
+                predictions.append(PredictionValue(result=outcome.value.results, model_version=version))
+        return ModelResponse(model_version=version, predictions=predictions)
+
+    def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> None:
+        log.debug("event %s acknowledged", event)

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fake_llm import FakeLLM
+from tests.processes import TEST_API_KEY, backend_env, run_backend, run_label_studio
+
+WIKIGOLD = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikigold" / "wikigold.conll.txt"
+
+NER_CONFIG = """<View>
+  <Labels name="label" toName="text">
+    <Label value="PER" background="red" hint="people, including fictional"/>
+    <Label value="ORG" background="blue"/>
+    <Label value="LOC" background="green"/>
+    <Label value="MISC" background="orange"/>
+  </Labels>
+  <Text name="text" value="$text"/>
+</View>"""
+
+
+@pytest.fixture(scope="session")
+def fake_llm_server():
+    server = FakeLLM()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def llm(fake_llm_server: FakeLLM) -> FakeLLM:
+    """The fake OpenAI-compatible server, reset for this test."""
+    fake_llm_server.reset()
+    return fake_llm_server
+
+
+@pytest.fixture
+def settings(tmp_path: Path, llm: FakeLLM):
+    from backend.settings import load_settings
+
+    return load_settings(
+        openai_api_key=TEST_API_KEY,
+        openai_base_url=llm.base_url,
+        llm_model="fake-model",
+        model_dir=tmp_path / "model",
+        _env_file=None,
+    )
+
+
+@pytest.fixture
+def app(settings):
+    from backend.server import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def backend_factory(tmp_path: Path, llm: FakeLLM):
+    """Start `llm-ner serve` (gunicorn) against the fake LLM: backend_factory(workers=2, **env)."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+
+    def start(workers: int = 2, model_dir: Path | None = None, **env: str):
+        environment = backend_env(llm.base_url, model_dir or tmp_path / "model", **env)
+        return stack.enter_context(run_backend(environment, workers=workers, log_path=tmp_path / f"backend-{len(stack._exit_callbacks)}.log"))
+
+    yield start
+    stack.close()
+
+
+@pytest.fixture(scope="session")
+def label_studio():
+    """A real Label Studio 1.23.2 (SQLite, temp dir, 127.0.0.1), shared by the session's tests."""
+    with run_label_studio() as ls:
+        yield ls

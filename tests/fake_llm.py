@@ -1,0 +1,205 @@
+"""A fake OpenAI-compatible server on 127.0.0.1: real HTTP, so the real openai client talks to it.
+
+It stands in for a paid API, never for the backend's own code. Tests configure it per test:
+
+- `gazetteer`: {surface: label}; the default answer lists every occurrence of a known surface in the
+  last user message, in order of appearance (what an ideal LLM would answer);
+- `replies`: a queue of `Reply` objects served first (status codes, Retry-After, malformed output,
+  a delay...), or `responder`: a function request -> Reply for anything else;
+- `latency` seconds per request, `max_concurrency` requests served at once (more wait their turn),
+  `reject_json_schema` / `reject_response_format` to play an endpoint without structured output;
+- `requests`: every request body received, so tests can assert on prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+
+@dataclass
+class Reply:
+    content: str | None = None
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    raw_body: bytes | None = None  # sent as is (e.g. truncated JSON)
+    error_message: str = "fake error"
+    logprobs: list[tuple[str, float]] | None = None  # (token, logprob) pairs for the content
+    close_connection: bool = False  # drop the connection without answering
+
+
+def entities_reply(entities: list[tuple[str, str]], **kwargs: Any) -> Reply:
+    return Reply(content=json.dumps({"entities": [{"text": t, "label": l} for t, l in entities]}), **kwargs)
+
+
+class FakeLLM:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    # ---- configuration ----
+    def reset(self) -> None:
+        with getattr(self, "lock", threading.Lock()):
+            self.gazetteer: dict[str, str] = {}
+            self.replies: deque[Reply] = deque()
+            self.responder: Callable[[dict[str, Any]], Reply] | None = None
+            self.latency = 0.0
+            self.max_concurrency = 0  # 0 = unlimited
+            self.reject_json_schema = False
+            self.reject_response_format = False
+            self.requests: list[dict[str, Any]] = []
+            self.auth_headers: list[str | None] = []
+            self.in_flight = 0
+            self.peak_in_flight = 0
+            self._gate: threading.Semaphore | None = None
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # ---- the default answer ----
+    def gazetteer_reply(self, body: dict[str, Any]) -> Reply:
+        text = last_user_text(body)
+        found: list[tuple[int, str, str]] = []
+        for surface, label in self.gazetteer.items():
+            for match in re.finditer(r"(?<!\w)" + re.escape(surface) + r"(?!\w)", text):
+                found.append((match.start(), surface, label))
+        found.sort()
+        return entities_reply([(s, l) for _, s, l in found])
+
+    def _answer(self, body: dict[str, Any]) -> Reply:
+        fmt = (body.get("response_format") or {}).get("type")
+        if fmt and self.reject_response_format:
+            return Reply(status=400, error_message=f"response_format {fmt} is not supported by this server")
+        if fmt == "json_schema" and self.reject_json_schema:
+            return Reply(status=400, error_message="response_format json_schema is not supported")
+        with self.lock:
+            if self.replies:
+                return self.replies.popleft()
+            responder = self.responder
+        if responder is not None:
+            return responder(body)
+        return self.gazetteer_reply(body)
+
+    def _handler_class(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(200, json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}).encode())
+                else:
+                    self._send(404, b'{"error": {"message": "not found"}}')
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
+                    return
+                body = json.loads(raw)
+                with fake.lock:
+                    fake.requests.append(body)
+                    fake.auth_headers.append(self.headers.get("Authorization"))
+                    if fake.max_concurrency and fake._gate is None:
+                        fake._gate = threading.Semaphore(fake.max_concurrency)
+                    gate = fake._gate
+                if gate is not None:
+                    gate.acquire()
+                try:
+                    with fake.lock:
+                        fake.in_flight += 1
+                        fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
+                    reply = fake._answer(body)
+                    if fake.latency or reply.delay:
+                        time.sleep(fake.latency + reply.delay)
+                    self._respond(body, reply)
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+                    if gate is not None:
+                        gate.release()
+
+            def _respond(self, body: dict[str, Any], reply: Reply) -> None:
+                if reply.close_connection:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if reply.status != 200:
+                    error = {"error": {"message": reply.error_message, "type": "fake", "code": reply.status}}
+                    self._send(reply.status, json.dumps(error).encode(), reply.headers)
+                    return
+                if reply.raw_body is not None:
+                    self._send(200, reply.raw_body, reply.headers)
+                    return
+                prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
+                content = reply.content or ""
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.content},
+                    "finish_reason": "stop",
+                }
+                if body.get("logprobs") and reply.logprobs is not None:
+                    choice["logprobs"] = {
+                        "content": [
+                            {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
+                            for tok, lp in reply.logprobs
+                        ]
+                    }
+                n = int(body.get("n") or 1)
+                choices = [dict(choice, index=i) for i in range(n)]
+                answer = {
+                    "id": f"chatcmpl-fake-{len(fake.requests)}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", "fake-model"),
+                    "choices": choices,
+                    "usage": {
+                        "prompt_tokens": max(1, prompt_chars // 4),
+                        "completion_tokens": max(1, len(content) // 4),
+                        "total_tokens": max(1, prompt_chars // 4) + max(1, len(content) // 4),
+                    },
+                }
+                self._send(200, json.dumps(answer).encode(), reply.headers)
+
+        return Handler
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages", [])):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # content parts
+                return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+            return content or ""
+    return ""

@@ -1,0 +1,154 @@
+"""Start the real things the tests talk to: the backend under gunicorn, and a real Label Studio 1.23."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+LS_VENV = Path(os.environ.get("LS_VENV", REPO / ".venv-ls"))
+# not a real key: what the tests give the backend, and grep for in logs (it must never show)
+TEST_API_KEY = "test-openai-key-4e1b7c"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll until `url` answers 200; fail early if the process died, showing its log tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{tail}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def backend_env(llm_base_url: str, model_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "BASIC_AUTH", "LABEL_STUDIO"))}
+    env.update(
+        OPENAI_API_KEY=TEST_API_KEY,
+        OPENAI_BASE_URL=llm_base_url,
+        LLM_MODEL="fake-model",
+        MODEL_DIR=str(model_dir),
+        LOG_LEVEL="INFO",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Backend:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+    env: dict[str, str]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def run_backend(env: dict[str, str], workers: int = 2, log_path: Path | None = None) -> Iterator[Backend]:
+    port = free_port()
+    log_path = log_path or Path(tempfile.mkstemp(prefix="backend-", suffix=".log")[1])
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backend", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    backend = Backend(f"http://127.0.0.1:{port}", proc, log_path, env)
+    try:
+        wait_for(backend.url + "/health", 60, proc, log_path)
+        yield backend
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@dataclass
+class LabelStudio:
+    url: str
+    token: str
+    email: str
+    password: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def client(self):
+        from label_studio_sdk.client import LabelStudio as Client
+
+        return Client(base_url=self.url, api_key=self.token)
+
+
+@contextmanager
+def run_label_studio() -> Iterator[LabelStudio]:
+    binary = LS_VENV / "bin" / "label-studio"
+    if not binary.exists():
+        raise RuntimeError(
+            f"Label Studio is not installed at {LS_VENV} (run `make test`, which installs label-studio==1.23.2 there, "
+            "or set LS_VENV)"
+        )
+    data_dir = Path(tempfile.mkdtemp(prefix="ls-data-"))
+    port = free_port()
+    token = secrets.token_hex(20)
+    email, password = "annotator@example.com", secrets.token_urlsafe(12)
+    env = dict(os.environ)
+    env.update(
+        LABEL_STUDIO_BASE_DATA_DIR=str(data_dir),
+        LABEL_STUDIO_USERNAME=email,
+        LABEL_STUDIO_PASSWORD=password,
+        LABEL_STUDIO_USER_TOKEN=token,
+        LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
+        LATEST_VERSION_CHECK="false",
+        ML_BLOCK_LOCAL_IP="false",
+        SSRF_PROTECTION_ENABLED="false",
+        LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
+    )
+    log_path = data_dir / "label-studio.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)],
+            cwd=data_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    ls = LabelStudio(f"http://127.0.0.1:{port}", token, email, password, proc, log_path)
+    try:
+        wait_for(ls.url + "/health", 240, proc, log_path)
+        yield ls
+    finally:
+        stop(proc)
+        shutil.rmtree(data_dir, ignore_errors=True)

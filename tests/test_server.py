@@ -1,0 +1,166 @@
+"""The protocol endpoints, driven through Flask's test client; the LLM is the fake HTTP server."""
+
+import json
+
+import pytest
+
+from tests.conftest import NER_CONFIG
+from tests.fake_llm import Reply, entities_reply
+
+
+def setup_project(client, project="7", config=NER_CONFIG, **extra):
+    return client.post("/setup", json={"project": project, "schema": config, "hostname": "http://ls", "access_token": "tok", **extra})
+
+
+def predict(client, texts, project="7.1700000000", **extra):
+    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
+    return client.post("/predict", json={"tasks": tasks, "project": project, "label_config": NER_CONFIG, **extra})
+
+
+
+def test_health_answers_up(client):
+    response = client.get("/health")
+    assert response.status_code == 200 and response.json["status"] == "UP"
+
+
+@pytest.mark.parametrize("extra_params", [None, "", '{"temperature": 0}', {"temperature": 0}])
+def test_setup_returns_a_model_version_for_extra_params_as_string_or_object(client, extra_params):
+    response = setup_project(client, extra_params=extra_params)
+    assert response.status_code == 200
+    assert response.json["model_version"].startswith("llm-ner-")
+
+
+def test_setup_refuses_an_unsupported_config_with_what_is_supported(client):
+    response = setup_project(client, config='<View><Image name="i" value="$img"/></View>')
+    assert response.status_code == 422
+    assert "<Labels" in response.json["error"]
+
+
+def test_setup_refuses_extra_params_that_are_not_json(client):
+    response = setup_project(client, extra_params="{nope")
+    assert response.status_code == 400 and "extra_params" in response.json["error"]
+
+
+def test_predict_gives_exact_spans_one_entry_per_task_in_order(client, llm):
+    llm.gazetteer = {"Tim Cook": "PER", "Apple": "ORG", "Cupertino": "LOC"}
+    texts = ["Tim Cook leads Apple.", "Nothing here.", "Apple is in Cupertino. Apple again."]
+    response = predict(client, texts)
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert len(results) == 3
+    version = setup_project(client).json["model_version"]
+    for text, entry in zip(texts, results):
+        assert entry["model_version"] == version
+        for region in entry["result"]:
+            value = region["value"]
+            assert text[value["start"]:value["end"]] == value["text"]
+            assert (region["from_name"], region["to_name"], region["type"]) == ("label", "text", "labels")
+    spans = lambda i: [(r["value"]["text"], r["value"]["start"], r["value"]["labels"][0]) for r in results[i]["result"]]
+    assert spans(0) == [("Tim Cook", 0, "PER"), ("Apple", 15, "ORG")]
+    assert spans(1) == []
+    assert spans(2) == [("Apple", 0, "ORG"), ("Cupertino", 12, "LOC"), ("Apple", 23, "ORG")]
+
+
+def test_predict_drops_hallucinated_text_and_unknown_labels(client, llm):
+    llm.replies.append(entities_reply([("Berlin", "LOC"), ("Paris", "CITY"), ("Madrid", "LOC")]))
+    response = predict(client, ["Madrid and Paris."])
+    (entry,) = response.json["results"]
+    assert [(r["value"]["text"], r["value"]["labels"]) for r in entry["result"]] == [("Madrid", ["LOC"])]
+
+
+def test_a_failed_llm_call_gives_that_task_an_empty_result_not_a_missing_one(client, llm):
+    llm.gazetteer = {"Rome": "LOC"}
+    llm.responder = lambda body: Reply(status=401, error_message="Incorrect API key provided: sk-abc***xyz") if "fail" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
+    response = predict(client, ["Rome one.", "please fail", "Rome three."])
+    results = response.json["results"]
+    assert len(results) == 3
+    assert [len(r["result"]) for r in results] == [1, 0, 1]
+
+
+def test_structured_output_falls_back_to_json_object_then_text(client, llm):
+    llm.gazetteer = {"Oslo": "LOC"}
+    llm.reject_response_format = True
+    response = predict(client, ["Oslo."])
+    assert response.json["results"][0]["result"][0]["value"]["text"] == "Oslo"
+    formats = [(r.get("response_format") or {}).get("type") for r in llm.requests]
+    assert formats == ["json_schema", "json_object", None]
+
+
+def test_json_schema_request_carries_the_label_enum_and_temperature_zero(client, llm):
+    predict(client, ["x"])
+    request = llm.requests[0]
+    assert request["temperature"] == 0
+    schema = request["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["entities"]["items"]["properties"]["label"]["enum"] == ["PER", "ORG", "LOC", "MISC"]
+
+
+def test_one_repair_turn_shows_the_model_its_error(client, llm):
+    llm.replies.extend([Reply(content="Entities: Lima (LOC)"), entities_reply([("Lima", "LOC")])])
+    response = predict(client, ["Lima."])
+    assert response.json["results"][0]["result"][0]["value"]["text"] == "Lima"
+    repair = llm.requests[1]["messages"]
+    assert repair[-2] == {"role": "assistant", "content": "Entities: Lima (LOC)"}
+    assert "could not be used" in repair[-1]["content"]
+
+
+def test_after_a_failed_repair_the_task_is_empty(client, llm):
+    llm.replies.extend([Reply(content="nope"), Reply(content="still nope")])
+    response = predict(client, ["Lima."])
+    assert response.json["results"] == [{"result": [], "model_version": response.json["model_version"]}]
+    assert len(llm.requests) == 2
+
+
+def test_predict_without_label_config_uses_the_one_from_setup(client, llm):
+    llm.gazetteer = {"Kyiv": "LOC"}
+    setup_project(client, project="9")
+    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "Kyiv"}}], "project": "9.1"})
+    assert response.json["results"][0]["result"][0]["value"]["text"] == "Kyiv"
+
+
+def test_a_task_missing_its_text_key_gets_an_empty_result(client, llm):
+    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"body": "x"}}, {"id": 2, "data": {"text": "y"}}], "project": "1", "label_config": NER_CONFIG})
+    assert response.status_code == 200 and len(response.json["results"]) == 2
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b"not json", 400),
+        (b"[1, 2]", 400),
+        (b'{"tasks": "x"}', 400),
+        (b'{"tasks": [{"id": 1}]}', 400),
+        (b'{"tasks": [], "project": "1"}', 400),
+    ],
+)
+def test_bad_predict_bodies_get_4xx_with_a_message(client, body, status):
+    response = client.post("/predict", data=body, content_type="application/json")
+    assert response.status_code == status
+    assert response.json["error"]
+
+
+def test_model_object_is_kept_across_requests(app, client):
+    setup_project(client, project="5")
+    registry = app.extensions["llm_ner"]["registry"]
+    first = registry._models["5"]
+    setup_project(client, project="5")
+    predict(client, ["a"], project="5.123")
+    assert registry._models["5"] is first
+
+
+def test_model_version_changes_with_the_label_config(client):
+    before = setup_project(client).json["model_version"]
+    after = setup_project(client, config=NER_CONFIG.replace('value="MISC"', 'value="EVENT"')).json["model_version"]
+    assert before != after
+
+
+def test_webhook_acknowledges_unknown_events(client):
+    setup_project(client, project="3")
+    response = client.post("/webhook", json={"action": "SOMETHING_NEW", "project": {"id": 3}})
+    assert response.status_code in (200, 201)
+
+
+def test_metrics_are_prometheus_text(client):
+    client.get("/health")
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert b"llm_ner_requests_total" in response.data
