@@ -1,0 +1,135 @@
+"""Interactive pre-annotation: the regions an annotator has drawn steer the pre-labels.
+
+Label Studio sends `/predict` with one task and `context.result` = the regions drawn so far. The
+editor shows our answer as suggestions (it replaces the previous suggestions and, with auto-accept,
+adds them to the annotation), so drawn regions are **not** echoed back: they are already in the
+annotation, and echoing them would duplicate them. What we answer:
+
+1. fast path, no LLM: every other mention of a marked surface gets the label it was marked with
+   (a surface marked with two different labels is ambiguous and is not propagated);
+2. when enabled, the LLM labels the rest of the text with the marks shown as constraints; its spans
+   never overlap a drawn or propagated span and never give a marked surface another label.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend.alignment import Span, align
+from backend.labelconfig import NerSchema, NerTarget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Marks:
+    """What the annotator has drawn, per `<Labels>` name, checked against the task text."""
+
+    spans: dict[str, list[Span]] = field(default_factory=dict)
+    guidelines: str = ""
+    ignored: int = 0
+
+    def __bool__(self) -> bool:
+        return any(self.spans.values()) or bool(self.guidelines)
+
+
+def _textarea_text(value: dict[str, Any]) -> str:
+    text = value.get("text")
+    if isinstance(text, list):
+        return "\n".join(str(t) for t in text if isinstance(t, str) and t.strip())
+    return text if isinstance(text, str) else ""
+
+
+def guidelines_from_results(results: list[Any], schema: NerSchema, textarea_name: str) -> str:
+    """The text typed in the guidelines <TextArea> (if the config has one under that name)."""
+    names = {name for names in schema.textareas.values() for name in names}
+    if textarea_name not in names:
+        return ""
+    parts = [
+        _textarea_text(r.get("value") or {})
+        for r in results
+        if isinstance(r, dict) and r.get("from_name") == textarea_name and isinstance(r.get("value"), dict)
+    ]
+    return "\n".join(p for p in parts if p).strip()
+
+
+def read_marks(context: dict[str, Any] | None, schema: NerSchema, data: dict[str, Any], textarea_name: str) -> Marks:
+    """Drawn label regions whose offsets match the task text; others are ignored and logged."""
+    marks = Marks()
+    results = (context or {}).get("result") or []
+    if not isinstance(results, list):
+        log.info("interactive context.result is not a list: ignored")
+        return marks
+    targets = {t.from_name: t for t in schema.targets}
+    for region in results:
+        if not isinstance(region, dict) or region.get("from_name") not in targets:
+            continue
+        target = targets[region["from_name"]]
+        value = region.get("value") if isinstance(region.get("value"), dict) else {}
+        span = _checked_span(value, data.get(target.data_key), target)
+        if span is None:
+            marks.ignored += 1
+            log.info("interactive mark ignored (offsets do not match the text or unknown label): %r", _safe(value))
+            continue
+        marks.spans.setdefault(target.from_name, []).append(span)
+    marks.guidelines = guidelines_from_results(results, schema, textarea_name)
+    return marks
+
+
+def _safe(value: dict[str, Any]) -> dict[str, Any]:
+    return {k: value.get(k) for k in ("start", "end", "labels")}
+
+
+def _checked_span(value: dict[str, Any], text: Any, target: NerTarget) -> Span | None:
+    start, end, labels = value.get("start"), value.get("end"), value.get("labels")
+    if not isinstance(text, str) or not isinstance(start, int) or not isinstance(end, int):
+        return None
+    if not (0 <= start < end <= len(text)) or not isinstance(labels, list) or not labels:
+        return None
+    label = labels[0]
+    if label not in target.label_names:
+        return None
+    surface = text[start:end]
+    if isinstance(value.get("text"), str) and value["text"] != surface:
+        return None
+    return Span(start, end, surface, label)
+
+
+def _overlaps(span: Span, others: list[Span]) -> bool:
+    return any(span.start < o.end and o.start < span.end for o in others)
+
+
+def unambiguous_marks(drawn: list[Span]) -> dict[str, str]:
+    """surface -> label for surfaces the annotator marked with exactly one label."""
+    labels: dict[str, set[str]] = defaultdict(set)
+    for span in drawn:
+        labels[span.text].add(span.label)
+    return {surface: next(iter(ls)) for surface, ls in labels.items() if len(ls) == 1}
+
+
+def propagate(text: str, drawn: list[Span]) -> list[Span]:
+    """Every other mention of a marked surface, with its label: no LLM call."""
+    surfaces = unambiguous_marks(drawn)
+    if not surfaces:
+        return []
+    found = align(text, list(surfaces.items()), label_all_mentions=True).spans
+    return sorted(s for s in found if not _overlaps(s, drawn))
+
+
+def merge_llm(drawn: list[Span], propagated: list[Span], llm_spans: list[Span]) -> list[Span]:
+    """LLM spans that neither overlap the annotator's marks nor contradict a marked surface's label."""
+    marked_labels: dict[str, set[str]] = defaultdict(set)
+    for span in drawn:
+        marked_labels[span.text].add(span.label)
+    fixed = drawn + propagated
+    kept = []
+    for span in llm_spans:
+        if _overlaps(span, fixed):
+            continue
+        if span.text in marked_labels and span.label not in marked_labels[span.text]:
+            continue
+        kept.append(span)
+    return sorted(kept)
