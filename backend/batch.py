@@ -6,6 +6,7 @@ The answer always has one entry per input, in input order: a value, or the error
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -20,6 +21,27 @@ class DeadlineExceeded(Exception):
     pass
 
 
+_local = threading.local()
+
+
+def time_left() -> float | None:
+    """Seconds left before the deadline of the work this thread does for a request; None = no deadline."""
+    deadline = getattr(_local, "deadline", None)
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def _under_deadline(func: Callable[[I], O], deadline: float) -> Callable[[I], O]:
+    # the LLM engine reads the deadline to cap request timeouts and skip retries that cannot finish in time
+    def run(item: I) -> O:
+        _local.deadline = deadline
+        try:
+            return func(item)
+        finally:
+            _local.deadline = None
+
+    return run
+
+
 @dataclass
 class Outcome(Generic[O]):
     value: O | None = None
@@ -32,9 +54,13 @@ def map_in_order(
     if not items:
         return []
     started = time.monotonic()
+    outer = time_left()  # nested under another request's deadline: never outlive it
+    if outer is not None:
+        deadline_seconds = min(deadline_seconds, max(0.0, outer))
+    run = _under_deadline(func, started + deadline_seconds)
     executor = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items))), thread_name_prefix="predict")
     try:
-        futures: list[Future[O]] = [executor.submit(func, item) for item in items]
+        futures: list[Future[O]] = [executor.submit(run, item) for item in items]
         wait(futures, timeout=max(0.0, deadline_seconds - (time.monotonic() - started)))
         outcomes: list[Outcome[O]] = []
         for future in futures:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import REGISTRY, multiprocess
 
 REQUESTS = Counter("llm_ner_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
@@ -19,6 +19,19 @@ LATENCY = Histogram(
 LLM_CALLS = Counter("llm_ner_llm_calls_total", "LLM calls by outcome", ["outcome"])
 LLM_TOKENS = Counter("llm_ner_llm_tokens_total", "LLM tokens by kind", ["kind"])
 DROPPED = Counter("llm_ner_dropped_entities_total", "Entities from the LLM not emitted, by reason", ["reason"])
+LLM_SECONDS = Histogram(
+    "llm_ner_llm_call_seconds", "Latency of one LLM HTTP call (each try)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+)
+LLM_ERRORS = Counter("llm_ner_llm_errors_total", "Failed LLM tries by error class", ["error_class"])
+LLM_RETRIES = Counter("llm_ner_llm_retries_total", "LLM calls tried again, by the error class that caused it", ["error_class"])
+CACHE = Counter("llm_ner_cache_total", "Response cache lookups by result (hit/miss)", ["result"])
+PROJECT_TOKENS = Counter("llm_ner_project_tokens_total", "LLM tokens by project and kind", ["project", "kind"])
+PROJECT_COST = Counter("llm_ner_project_cost_usd_total", "Estimated LLM cost in USD by project (LLM_PRICES)", ["project"])
+PACKED_TASKS = Counter("llm_ner_packed_texts_total", "Texts answered through a packed LLM call", ["outcome"])
+EXAMPLES = Gauge(
+    "llm_ner_examples", "Few-shot examples stored per project", ["project"], multiprocess_mode="mostrecent"
+)
 TASKS = Counter("llm_ner_predicted_tasks_total", "Tasks answered by /predict, by outcome", ["outcome"])
 
 

@@ -53,12 +53,38 @@ class Settings(BaseSettings):
         description="also label unlisted mentions of a listed surface (unless it got two labels)",
     )
 
+    # --- few-shot examples from human corrections ---
+    few_shot_k: int = Field(default=4, ge=0, le=50, description="examples shown per task; 0 = none")
+    few_shot_token_budget: int = Field(
+        default=1500, ge=0, description="approximate prompt tokens all examples of one task may take"
+    )
+
     # --- request handling ---
     max_request_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_text_chars: int = Field(
+        default=200_000, gt=0, description="longer task texts are refused (413) instead of sent to the LLM"
+    )
     predict_concurrency: int = Field(default=8, ge=1, le=256, description="LLM calls in flight per /predict")
     predict_deadline: float = Field(
         default=90.0, gt=0, description="seconds; below Label Studio's 100 s ML_TIMEOUT_PREDICT"
     )
+
+    # --- the LLM call engine: retries, limits, cache, packing, cost, confidence ---
+    llm_max_retries: int = Field(default=4, ge=0, le=20, description="retries of 429/5xx/timeouts/connection errors")
+    llm_retry_base: float = Field(default=0.5, ge=0, description="seconds; first backoff step, doubled per retry")
+    llm_retry_cap: float = Field(default=20.0, ge=0, description="seconds; longest backoff between two tries")
+    llm_rpm: int | None = Field(default=None, gt=0, description="requests per minute per worker; unset = no limit")
+    llm_tpm: int | None = Field(default=None, gt=0, description="tokens per minute per worker; unset = no limit")
+    llm_cache: bool = Field(default=True, description="persistent response cache in MODEL_DIR")
+    llm_logprobs: bool = Field(default=True, description="ask for token logprobs to score spans")
+    llm_samples: int = Field(default=1, ge=1, le=10, description="n > 1: score spans by agreement between samples")
+    llm_sample_temperature: float = Field(default=0.7, ge=0, le=2, description="temperature when LLM_SAMPLES > 1")
+    llm_prices: dict[str, tuple[float, float]] | None = Field(
+        default=None, description='JSON {"model": [USD per 1M prompt tokens, USD per 1M completion tokens]}'
+    )
+    pack_size: int = Field(default=1, ge=1, le=64, description="texts per LLM call; 1 = packing off")
+    pack_max_chars: int = Field(default=1000, ge=1, description="only texts up to this length are packed")
+    warm_start: bool = Field(default=False, description="pre-compute new tasks' predictions on TASKS_CREATED")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -60,6 +60,7 @@ class FakeLLM:
             self.reject_response_format = False
             self.requests: list[dict[str, Any]] = []
             self.auth_headers: list[str | None] = []
+            self.request_times: list[float] = []  # time.monotonic() at each request's arrival
             self.in_flight = 0
             self.peak_in_flight = 0
             self._gate: threading.Semaphore | None = None
@@ -131,6 +132,7 @@ class FakeLLM:
                 with fake.lock:
                     fake.requests.append(body)
                     fake.auth_headers.append(self.headers.get("Authorization"))
+                    fake.request_times.append(time.monotonic())
                     if fake.max_concurrency and fake._gate is None:
                         fake._gate = threading.Semaphore(fake.max_concurrency)
                     gate = fake._gate
