@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hmac
 import importlib
+import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -18,7 +20,10 @@ from backend.errors import BackendError, BadRequest
 from backend.registry import ModelRegistry
 from backend.services import Services
 from backend.settings import Settings, get_settings
-from backend.wire import PredictionValue, PredictRequest, PredictResponse, SetupRequest, SetupResponse, WebhookRequest
+from backend.labelconfig import parse_label_config
+from backend.wire import (
+    PredictionValue, PredictRequest, PredictResponse, SetupRequest, SetupResponse, TaskIn, WebhookRequest, project_id_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +44,42 @@ def _validation_message(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _body(model: type[BaseModel]) -> Any:
-    payload = request.get_json(silent=True)
-    if payload is None:
+def _json_payload() -> Any:
+    if not request.is_json:
         raise BadRequest("the body must be JSON (Content-Type: application/json)")
+    raw = request.get_data(cache=True)  # over MAX_REQUEST_BYTES: werkzeug raises 413 here
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        # a few kB of "[[[[..." exhaust the decoder's stack: the caller's fault, not a 500
+        raise BadRequest("the JSON body is nested too deeply") from None
+    except ValueError as error:
+        raise BadRequest(f"the body is not valid JSON: {error}"[:300]) from None
+
+
+def _body(model: type[BaseModel]) -> Any:
+    payload = _json_payload()
     if not isinstance(payload, dict):
         raise BadRequest("the body must be a JSON object")
     try:
         return model.model_validate(payload)
     except ValidationError as error:
         raise BadRequest(_validation_message(error)) from None
+
+
+def _refuse_long_texts(tasks: list[TaskIn], label_config: str, limit: int) -> None:
+    """Megabytes of text would cost minutes and money at the LLM (or overflow its context): refuse them."""
+    keys = {target.data_key for target in parse_label_config(label_config).targets}
+    for index, task in enumerate(tasks):
+        for key in keys:
+            value = task.data.get(key)
+            if isinstance(value, str) and len(value) > limit:
+                name = f"task {task.id}" if task.id is not None else f"tasks[{index}]"
+                raise BadRequest(
+                    f"{name}: data.{key} has {len(value)} characters, more than MAX_TEXT_CHARS={limit}; "
+                    "split the text into several tasks",
+                    status=413,
+                )
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None, model_class: type[LabelStudioMLBase] | None = None) -> Flask:
@@ -85,6 +116,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         endpoint = request.url_rule.rule if request.url_rule else "unknown"
         metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
         metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        # which gunicorn worker answered: lets operators (and the multi-worker test) tell workers apart
+        response.headers["X-Backend-Worker"] = str(os.getpid())
         return response
 
     @app.errorhandler(BadRequest)
@@ -129,6 +162,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if body.label_config:
             db.save_label_config(project, label_config)
         model = registry.get(project, label_config)
+        _refuse_long_texts(body.tasks, label_config, settings.max_text_chars)
         tasks = [task.model_dump() for task in body.tasks]
         response = model.predict(tasks, context=body.interactive_context)
         predictions = list(response.predictions)
@@ -143,16 +177,22 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.post("/webhook")
     def webhook():
+        # Open to anyone who can reach the port (Label Studio sends no basic auth here), so nothing in
+        # the payload is trusted beyond what is validated: the project must be one that an authenticated
+        # /setup made known, and its label config is the stored one, never the payload's.
         body: WebhookRequest = _body(WebhookRequest)
-        payload = request.get_json()
+        payload = _json_payload()
         project = body.project or {}
-        project_id = str(project.get("id", "")) or None
-        if project_id is None:
-            log.info("webhook %s without a project id: ignored", body.action)
+        if project.get("id") is None:
+            log.info("webhook %.60r without a project id: ignored", body.action)
             return jsonify(status="ignored", reason="no project id"), 200
-        label_config = project.get("label_config") or db.label_config(project_id)
+        try:
+            project_id = project_id_of(project["id"])
+        except ValueError as error:
+            raise BadRequest(f"project.id: {error}") from None
+        label_config = db.label_config(project_id)
         if not label_config:
-            log.info("webhook %s for unknown project %s: ignored", body.action, project_id)
+            log.info("webhook %.60r for unknown project %s: ignored", body.action, project_id)
             return jsonify(status="ignored", reason="unknown project"), 200
         model = registry.get(project_id, label_config)
         model.fit(body.action, payload)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
+_PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def project_id_of(value: object) -> str:
     """Label Studio sends `project` as "<id>.<timestamp>" in /predict and as "<id>" elsewhere."""
-    text = str(value).strip() if value is not None else ""
+    # bool is an int: refuse it, and anything but a number or a short name (it becomes a storage key)
+    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
     head = text.split(".", 1)[0]
-    if not head:
+    if not _PROJECT_ID.fullmatch(head):
         raise ValueError("project must be a project id such as 3 or '3.1700000000'")
     return head
 

@@ -1,0 +1,178 @@
+"""Basic auth: every route but /health, / and /webhook needs it; Label Studio's "basic auth" setting passes it.
+
+/webhook stays open because Label Studio sends webhooks without the backend's credentials
+(PROTOCOL.md); it is protected by trusting nothing it carries beyond what is validated.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import NER_CONFIG
+
+USER, PASSWORD = "ls-robot", "basic-pass-9f3a1c77"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+GOOD = basic(USER, PASSWORD)
+
+
+@pytest.fixture
+def client(settings):
+    from backend.server import create_app
+
+    secured = settings.model_copy(update={"basic_auth_user": USER, "basic_auth_pass": __import__("pydantic").SecretStr(PASSWORD)})
+    return create_app(secured).test_client()
+
+
+def setup_body(project="4", config=NER_CONFIG):
+    return {"project": project, "schema": config}
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("post", "/setup", setup_body()),
+        ("post", "/predict", {"tasks": [{"id": 1, "data": {"text": "x"}}], "project": "4", "label_config": NER_CONFIG}),
+        ("get", "/metrics", None),
+    ],
+)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        basic(USER, "wrong"),
+        basic("someone", PASSWORD),
+        basic(USER, PASSWORD + "x"),
+        basic(USER, PASSWORD[:-1]),
+        {"Authorization": "Bearer " + PASSWORD},
+        {"Authorization": "Basic !!!not-base64"},
+    ],
+    ids=["none", "wrong-pass", "wrong-user", "longer-pass", "shorter-pass", "bearer", "garbage"],
+)
+def test_protected_routes_refuse_missing_or_wrong_credentials_with_401_json(client, llm, method, path, body, headers):
+    response = getattr(client, method)(path, json=body, headers=headers)
+    assert response.status_code == 401
+    assert response.json == {"error": "authentication required"}
+    assert response.headers["WWW-Authenticate"].startswith("Basic")
+    assert PASSWORD not in response.get_data(as_text=True)
+    assert llm.requests == []  # refused before any work
+
+
+def test_protected_routes_answer_with_the_right_credentials(client, llm):
+    llm.gazetteer = {"Oslo": "LOC"}
+    assert client.post("/setup", json=setup_body(), headers=GOOD).status_code == 200
+    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "Oslo"}}], "project": "4"}, headers=GOOD)
+    assert response.status_code == 200
+    assert response.json["results"][0]["result"][0]["value"]["text"] == "Oslo"
+    assert client.get("/metrics", headers=GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/", "/health"])
+def test_health_needs_no_credentials(client, path):
+    assert client.get(path).status_code == 200
+
+
+def annotation_event(project_id, text="Ada wrote.", start=0, end=3, label="PER"):
+    region = {"from_name": "label", "to_name": "text", "type": "labels",
+              "value": {"start": start, "end": end, "text": text[start:end], "labels": [label]}}
+    return {
+        "action": "ANNOTATION_CREATED",
+        "annotation": {"id": 11, "task": 1, "result": [region], "was_cancelled": False, "ground_truth": False},
+        "task": {"id": 1, "data": {"text": text}},
+        "project": {"id": project_id},
+    }
+
+
+def test_webhook_needs_no_credentials_because_label_studio_sends_none(client):
+    client.post("/setup", json=setup_body(project="4"), headers=GOOD)
+    response = client.post("/webhook", json=annotation_event(4))
+    assert response.status_code in (200, 201)
+    assert response.json.get("status") == "ok"
+
+
+def test_webhook_ignores_projects_no_authenticated_setup_made_known(client):
+    event = annotation_event(77)
+    event["project"]["label_config"] = NER_CONFIG
+    response = client.post("/webhook", json=event)
+    assert response.status_code == 200
+    assert response.json == {"status": "ignored", "reason": "unknown project"}
+
+
+def test_webhook_cannot_swap_a_projects_label_config(client, llm):
+    """An unauthenticated caller sending another config must not change what /predict labels."""
+    client.post("/setup", json=setup_body(project="4"), headers=GOOD)
+    version = client.post("/setup", json=setup_body(project="4"), headers=GOOD).json["model_version"]
+    evil = NER_CONFIG.replace('value="PER"', 'value="EVIL"')
+    client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 4, "label_config": evil}})
+    llm.gazetteer = {"Ada": "PER"}
+    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "Ada"}}], "project": "4"}, headers=GOOD)
+    assert response.json["model_version"] == version
+    assert response.json["results"][0]["result"][0]["value"]["labels"] == ["PER"]
+
+
+def test_unauthenticated_requests_are_answered_fast_without_touching_the_store(client):
+    started = time.perf_counter()
+    for _ in range(50):
+        assert client.post("/setup", json=setup_body(project="999")).status_code == 401
+    assert time.perf_counter() - started < 5
+    # the project was never stored: a webhook for it is ignored
+    response = client.post("/webhook", json=annotation_event(999))
+    assert response.json["reason"] == "unknown project"
+
+
+# ---- against a real Label Studio 1.23.2 ----
+
+
+def counter(metrics_text: str, endpoint: str, status: str) -> float:
+    pattern = rf'llm_ner_requests_total\{{endpoint="{re.escape(endpoint)}",status="{status}"\}} ([0-9.e+]+)'
+    return sum(float(v) for v in re.findall(pattern, metrics_text))
+
+
+@pytest.mark.label_studio
+def test_label_studio_basic_auth_setting_connects_predicts_and_webhooks_still_arrive(label_studio, backend_factory, llm):
+    llm.gazetteer = {"Grace Hopper": "PER", "Navy": "ORG"}
+    backend = backend_factory(workers=2, BASIC_AUTH_USER=USER, BASIC_AUTH_PASS=PASSWORD)
+    assert httpx.post(backend.url + "/setup", json=setup_body()).status_code == 401
+
+    ls = label_studio.client()
+    project = ls.projects.create(title="basic auth", label_config=NER_CONFIG)
+    ls.projects.import_tasks(id=project.id, request=[{"text": "Grace Hopper joined the Navy."}])
+    ml = ls.ml.create(
+        url=backend.url, project=project.id, title="llm-ner (basic auth)", is_interactive=False,
+        auth_method="BASIC_AUTH", basic_auth_user=USER, basic_auth_pass=PASSWORD,
+    )
+    assert ls.ml.get(id=ml.id).state in ("CO", "CONNECTED"), ls.ml.get(id=ml.id)
+
+    response = httpx.get(
+        f"{label_studio.url}/api/projects/{project.id}/next/",
+        headers={"Authorization": f"Token {label_studio.token}"}, timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    task = response.json()
+    (prediction,) = ls.predictions.list(task=task["id"])
+    assert sorted((r["value"]["text"], r["value"]["labels"][0]) for r in prediction.result) == [
+        ("Grace Hopper", "PER"), ("Navy", "ORG"),
+    ]
+
+    # the webhook Label Studio sends on a new annotation carries no credentials, and still gets through
+    ls.annotations.create(id=task["id"], result=prediction.result)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = httpx.get(backend.url + "/metrics", headers=GOOD).text
+        if counter(text, "/webhook", "201") >= 1:
+            break
+        time.sleep(0.3)
+    assert counter(text, "/webhook", "201") >= 1, "no ANNOTATION_CREATED webhook reached the backend"
+    # Label Studio never failed authentication on any protected route
+    assert counter(text, "/setup", "401") == 1  # only our own unauthenticated probe above
+    assert counter(text, "/predict", "401") == 0
+    assert PASSWORD not in backend.log()
