@@ -61,6 +61,59 @@ def _mark_worker_dead(server, worker) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+# ---- CoNLL: import-conll, evaluate, predict-conll ----
+def run_import_conll(args: argparse.Namespace) -> int:
+    from backend.importer import connect, import_conll
+
+    client = connect(args.url, args.api_key)
+    summary = import_conll(
+        client, args.files, project_id=args.project, create_title=args.create, per=args.per,
+        gold=args.gold, batch_size=args.batch_size, progress=not args.quiet,
+    )
+    print(summary.describe())
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from backend.evaluation import evaluate_project, write_json
+    from backend.importer import connect
+    from backend.scorer import format_table
+
+    evaluation = evaluate_project(connect(args.url, args.api_key), args.project, args.model_version)
+    print(evaluation.header())
+    print(format_table(evaluation.report))
+    if args.json:
+        write_json(args.json, evaluation.to_json())
+    return 0
+
+
+def run_predict_conll(args: argparse.Namespace) -> int:
+    from backend.evaluation import predict_conll, write_json
+    from backend.scorer import format_table
+    from backend.settings import load_settings
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
+    run = predict_conll(
+        args.files, args.out, settings=load_settings(), per=args.per, labels=labels, scheme=args.scheme,
+        progress=not args.quiet,
+    )
+    print(f"{run.units} tasks pre-labeled with {run.model} ({run.failed} failed), written to {args.out}")
+    if run.report is not None:
+        print(format_table(run.report))
+    if args.json:
+        write_json(args.json, run.to_json())
+    return 1 if run.failed == run.units else 0
+
+
+def _label_studio_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), required=not os.environ.get("LABEL_STUDIO_URL"),
+                         help="Label Studio URL (default $LABEL_STUDIO_URL)")
+    # from the environment by default, so the key stays out of shell history and process lists
+    command.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                         required=not os.environ.get("LABEL_STUDIO_API_KEY"),
+                         help="Label Studio access token (default $LABEL_STUDIO_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-ner", description="LLM pre-labeling backend for Label Studio (NER)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,6 +124,36 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
     serve.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
     serve.set_defaults(handler=run_serve)
+
+    imp = commands.add_parser("import-conll", help="import CoNLL files into a Label Studio project")
+    imp.add_argument("files", nargs="+", metavar="FILE")
+    _label_studio_args(imp)
+    where = imp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--project", type=int, metavar="ID", help="an existing project (its config must have the file's labels)")
+    where.add_argument("--create", metavar="TITLE", help="create a project with a label config for the file's labels")
+    imp.add_argument("--per", choices=("document", "sentence"), default="document", help="one task per document (default) or sentence")
+    imp.add_argument("--gold", choices=("annotations", "predictions", "none"), default="annotations",
+                     help="gold tags as ground-truth annotations (default), as predictions of model version 'gold', or not at all")
+    imp.add_argument("--batch-size", type=int, default=100, help="tasks per import call (default 100)")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    imp.set_defaults(handler=run_import_conll)
+
+    evaluate = commands.add_parser("evaluate", help="score a model version's predictions against ground-truth annotations")
+    _label_studio_args(evaluate)
+    evaluate.add_argument("--project", type=int, required=True, metavar="ID")
+    evaluate.add_argument("--model-version", metavar="V", help="default: the newest model version in the project")
+    evaluate.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    evaluate.set_defaults(handler=run_evaluate)
+
+    offline = commands.add_parser("predict-conll", help="pre-label CoNLL files without Label Studio; write CoNLL and score")
+    offline.add_argument("files", nargs="+", metavar="FILE")
+    offline.add_argument("--out", required=True, metavar="OUT.conll", help="CoNLL with columns: token, gold tag (if any), predicted tag")
+    offline.add_argument("--per", choices=("document", "sentence"), default="document")
+    offline.add_argument("--labels", help="comma-separated labels to predict (default: the file's tag types)")
+    offline.add_argument("--scheme", choices=("IOB1", "IOB2", "BIOES"), default="IOB2", help="tags of the predicted column")
+    offline.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    offline.add_argument("--quiet", action="store_true", help="no progress bar")
+    offline.set_defaults(handler=run_predict_conll)
 
     return parser
 

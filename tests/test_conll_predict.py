@@ -1,0 +1,164 @@
+"""`llm-ner predict-conll`: the backend's pipeline on a CoNLL file, without Label Studio (fake LLM)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend.conll import build_units, decode, read_conll
+from tests.conftest import WIKIGOLD
+from tests.processes import REPO, TEST_API_KEY, backend_env
+
+
+def wikigold_slice(tmp_path: Path, documents: int) -> Path:
+    """The first `documents` documents of wikigold (DOCSTART lines end its documents)."""
+    lines, seen = [], 0
+    for line in WIKIGOLD.read_text(encoding="utf-8").splitlines():
+        lines.append(line)
+        if line.startswith("-DOCSTART-"):
+            seen += 1
+            if seen == documents:
+                break
+    path = tmp_path / "slice.conll"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def gazetteer_for(units, drop_label: str) -> dict[str, str]:
+    """Gold surfaces as an imperfect LLM would know them: one label forgotten, one surface mislabelled.
+
+    Only surfaces that start and end with a letter or digit, have one gold label, and contain no
+    other chosen surface, so that the expected spans can be computed independently below.
+    """
+    labels: dict[str, set[str]] = {}
+    for unit in units:
+        for entity in unit.entities:
+            labels.setdefault(entity.text, set()).add(entity.label)
+    chosen = {
+        s: next(iter(ls)) for s, ls in labels.items()
+        if len(ls) == 1 and s[0].isalnum() and s[-1].isalnum() and next(iter(ls)) != drop_label
+    }
+    chosen = {s: l for s, l in chosen.items() if not any(o != s and re.search(rf"(?<!\w){re.escape(o)}(?!\w)", s) for o in chosen)}
+    mislabelled = next(s for s, l in chosen.items() if l == "LOC")
+    chosen[mislabelled] = "ORG"
+    return chosen
+
+
+def expected_spans(text: str, gazetteer: dict[str, str]) -> set[tuple[int, int, str]]:
+    return {
+        (m.start(), m.end(), label)
+        for surface, label in gazetteer.items()
+        for m in re.finditer(rf"(?<!\w){re.escape(surface)}(?!\w)", text)
+    }
+
+
+def run_cli(llm, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = backend_env(llm.base_url, Path("/nonexistent"), **env)
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_predict_conll_labels_wikigold_with_the_backend_pipeline_and_scores_it(tmp_path, llm):
+    source = wikigold_slice(tmp_path, 4)
+    units = build_units(read_conll(source))
+    llm.gazetteer = gazetteer_for(units, drop_label="MISC")
+    out, figures = tmp_path / "out.conll", tmp_path / "figures.json"
+
+    done = run_cli(llm, "predict-conll", str(source), "--out", str(out), "--json", str(figures), "--quiet")
+
+    assert done.returncode == 0, done.stderr
+    # one LLM call per document, on the very text import-conll would create
+    assert len(llm.requests) == len(units)
+    prompts = [r["messages"][-1]["content"] for r in llm.requests]
+    for unit in units:
+        assert sum(unit.text in p for p in prompts) == 1
+    # independent computation of what a perfect pipeline makes of this gazetteer, then of the figures
+    gold = [{(e.start, e.end, e.label) for e in u.entities} for u in units]
+    predicted = [expected_spans(u.text, llm.gazetteer) for u in units]
+    correct = sum(len(g & p) for g, p in zip(gold, predicted))
+    precision = correct / sum(map(len, predicted))
+    recall = correct / sum(map(len, gold))
+    report = json.loads(figures.read_text())
+    assert report["micro"]["strict"]["precision"] == pytest.approx(precision)
+    assert report["micro"]["strict"]["recall"] == pytest.approx(recall)
+    assert report["per_label"]["MISC"]["strict"]["recall"] == 0.0
+    assert 0 < recall < precision < 1
+    assert f"{recall:.3f}" in done.stdout and "micro" in done.stdout and "macro" in done.stdout
+    # the written file: tokens and gold tags as read, predicted tags (IOB2) giving the predicted spans
+    written = read_conll(out)
+    lines = out.read_text(encoding="utf-8").split("\n")
+    for unit, doc, spans in zip(units, written, predicted):
+        assert [s.words for s in doc.sentences] == [s.words for s in unit.sentences]
+        assert [[lines[t.line - 1].split()[1] for t in s.tokens] for s in doc.sentences] == [s.tags for s in unit.sentences]
+        again = build_units([doc])[0]
+        assert again.text == unit.text
+        # a span cutting a token ("Obama" in "Obama's") tags the whole token
+        tokens = [t for sentence in unit.token_spans for t in sentence]
+        snapped = set()
+        for start, end, label in spans:
+            covered = [(a, b) for a, b in tokens if a < end and start < b]
+            snapped.add((covered[0][0], covered[-1][1], label))
+        assert {(e.start, e.end, e.label) for e in again.entities} == snapped
+    assert TEST_API_KEY not in done.stdout + done.stderr
+
+
+def test_predict_conll_per_sentence_sends_one_text_per_sentence(tmp_path, llm):
+    source = tmp_path / "two.conll"
+    source.write_text("Ada\tB-PER\nsmiled\tO\n\nParis\tB-LOC\nwaited\tO\n", encoding="utf-8")
+    llm.gazetteer = {"Ada": "PER", "Paris": "LOC"}
+    out = tmp_path / "out.conll"
+    done = run_cli(llm, "predict-conll", str(source), "--out", str(out), "--per", "sentence", "--scheme", "BIOES", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert sorted(r["messages"][-1]["content"].count("Paris") for r in llm.requests) == [0, 1]
+    assert out.read_text().splitlines() == ["Ada B-PER S-PER", "smiled O O", "", "Paris B-LOC S-LOC", "waited O O", ""]
+    assert "1.000" in done.stdout
+
+
+def test_predict_conll_without_gold_tags_needs_labels_and_then_writes_two_columns(tmp_path, llm):
+    source = tmp_path / "raw.conll"
+    source.write_text("Ada O\nsmiled O\n", encoding="utf-8")
+    out = tmp_path / "out.conll"
+    refused = run_cli(llm, "predict-conll", str(source), "--out", str(out), "--quiet")
+    assert refused.returncode == 1
+    assert "--labels" in refused.stderr and "Traceback" not in refused.stderr
+    llm.gazetteer = {"Ada": "PER"}
+    done = run_cli(llm, "predict-conll", str(source), "--out", str(out), "--labels", "PER,LOC", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().splitlines() == ["Ada B-PER", "smiled O", ""]
+    assert "micro" not in done.stdout
+
+
+def test_predict_conll_stops_on_a_malformed_file_before_calling_the_llm(tmp_path, llm):
+    source = tmp_path / "bad.conll"
+    source.write_text("Ada B-PER\nsmiled\n", encoding="utf-8")
+    done = run_cli(llm, "predict-conll", str(source), "--out", str(tmp_path / "out.conll"), "--quiet")
+    assert done.returncode == 1
+    assert f"{source}:2: one column" in done.stderr and "Traceback" not in done.stderr
+    assert llm.requests == []
+    assert not (tmp_path / "out.conll").exists()
+
+
+def test_predict_conll_reports_llm_failures_without_losing_the_other_tasks(tmp_path, llm):
+    from tests.fake_llm import Reply
+
+    source = tmp_path / "two.conll"
+    source.write_text("Ada B-PER\n\n-DOCSTART- O\n\nParis B-LOC\n", encoding="utf-8")
+
+    def responder(body):
+        text = body["messages"][-1]["content"]
+        if "Paris" in text:
+            return Reply(status=400, error_message="bad request")
+        return llm.gazetteer_reply(body)
+
+    llm.gazetteer = {"Ada": "PER", "Paris": "LOC"}
+    llm.responder = responder
+    out = tmp_path / "out.conll"
+    done = run_cli(llm, "predict-conll", str(source), "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "(1 failed)" in done.stdout
+    assert out.read_text().splitlines() == ["-DOCSTART- O O", "", "Ada B-PER B-PER", "", "-DOCSTART- O O", "", "Paris B-LOC O", ""]
