@@ -13,8 +13,10 @@ from typing import Any
 
 from backend.base import LabelStudioMLBase
 from backend.batch import map_in_order
+from backend.example_store import ExampleStore
 from backend.labelconfig import parse_label_config
 from backend.prelabel import Prelabeler
+from backend import webhooks
 from backend.wire import ModelResponse, PredictionValue
 
 log = logging.getLogger("model")
@@ -26,17 +28,20 @@ class NERModel(LabelStudioMLBase):
     def setup(self) -> None:
         # Raises UnsupportedLabelConfig (answered as 4xx) when there is no <Labels> -> <Text> pair.
         self.schema = parse_label_config(self.label_config)
+        # Human corrections, shared by every worker through SQLite.
+        self.examples = ExampleStore(self.services.db, self.project_id)
 
     def version_inputs(self) -> list[str]:
         # A new LLM, prompt, label config or example set must give a new version,
         # or Label Studio keeps serving the old pre-labels.
-        return [self.services.llm.model, self.services.templates.fingerprint, self.label_config]
+        return [self.services.llm.model, self.services.templates.fingerprint, self.label_config, self.examples.fingerprint()]
 
     def prelabeler(self) -> Prelabeler:
         return Prelabeler(
             self.schema,
             self.services.templates,
             self.services.llm,
+            select_examples=self.examples.selector(self.settings.few_shot_k, self.settings.few_shot_token_budget),
             label_all_mentions=self.settings.label_all_mentions,
         )
 
@@ -57,7 +62,10 @@ class NERModel(LabelStudioMLBase):
                 predictions.append(PredictionValue(result=[], model_version=version))
             else:
                 predictions.append(PredictionValue(result=outcome.value.results, model_version=version))
+        # The LLM's drafts, so a correction can later be paired with what it corrected (preference export).
+        self.examples.record_drafts(self.schema, tasks, [p.result if o.error is None else None for p, o in zip(predictions, outcomes)], version)
         return ModelResponse(model_version=version, predictions=predictions)
 
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> None:
-        log.debug("event %s acknowledged", event)
+        # Each correction becomes a few-shot example at once: no training job.
+        webhooks.handle(event, data, self.schema, self.examples, self.settings)

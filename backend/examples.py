@@ -1,8 +1,24 @@
-"""The few-shot example type: a text and its human-corrected entities, in order of appearance."""
+"""Few-shot examples: the type, and choosing which stored corrections to show for a new text.
+
+Selection (see `ExampleIndex.select`): BM25 relevance to the new text, then label coverage (each
+label shown at least once when some example has it), then diversity (maximal marginal relevance:
+near-duplicates of an example already chosen lose), all under `k` and a token budget.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from rank_bm25 import BM25Okapi
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+# an example that shares this share of its words with one already chosen adds nothing
+NEAR_DUPLICATE = 0.9
+# weight of "unlike what is already chosen" against "like the new text" (MMR's 1 - lambda)
+DIVERSITY = 0.3
 
 
 @dataclass(frozen=True)
@@ -12,3 +28,81 @@ class FewShotExample:
     entities: tuple[tuple[str, str], ...]
     task_id: int | None = None
     annotation_id: int | None = None
+
+
+def tokens(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def token_cost(example: FewShotExample) -> int:
+    """Rough prompt tokens for the example's two turns: ~4 characters a token, plus the turn framing."""
+    answer = json.dumps({"entities": [{"text": t, "label": l} for t, l in example.entities]}, ensure_ascii=False)
+    return (len(example.text) + len(answer)) // 4 + 30
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+class ExampleIndex:
+    """A BM25 index over one example set; built once per set (the store keys it by fingerprint)."""
+
+    def __init__(self, examples: Sequence[FewShotExample]):
+        self.examples = list(examples)
+        self._tokens = [tokens(e.text) for e in self.examples]
+        self._sets = [frozenset(t) for t in self._tokens]
+        self._labels = [frozenset(label for _, label in e.entities) for e in self.examples]
+        self._costs = [token_cost(e) for e in self.examples]
+        # BM25Okapi divides by the mean document length: it needs at least one non-empty document
+        self._bm25 = BM25Okapi(self._tokens) if any(self._tokens) else None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def relevance(self, text: str) -> list[float]:
+        if self._bm25 is None:
+            return [0.0] * len(self.examples)
+        scores = [float(s) for s in self._bm25.get_scores(tokens(text))]
+        top = max(scores, default=0.0)
+        return [max(s, 0.0) / top if top > 0 else 0.0 for s in scores]
+
+    def select(self, text: str, labels: Sequence[str], k: int, token_budget: int) -> list[FewShotExample]:
+        """Up to `k` examples for `text` whose total `token_cost` stays within `token_budget`.
+
+        The result is ordered least relevant first, so the closest example sits next to the new text.
+        """
+        if k <= 0 or not self.examples:
+            return []
+        relevance = self.relevance(text)
+        # the text itself (the same task predicted again) would hand the model its answer
+        candidates = [i for i, e in enumerate(self.examples) if e.text != text]
+        chosen: list[int] = []
+        budget = token_budget
+        uncovered = set(labels)
+
+        def mmr(i: int) -> float:
+            overlap = max((_jaccard(self._sets[i], self._sets[j]) for j in chosen), default=0.0)
+            return (1 - DIVERSITY) * relevance[i] - DIVERSITY * overlap
+
+        def usable(i: int) -> bool:
+            if i in chosen or self._costs[i] > budget:
+                return False
+            return all(_jaccard(self._sets[i], self._sets[j]) < NEAR_DUPLICATE for j in chosen)
+
+        while len(chosen) < k:
+            pool = [i for i in candidates if usable(i)]
+            if not pool:
+                break
+            covering = [i for i in pool if self._labels[i] & uncovered]
+            if covering:
+                # coverage first: most new labels, then the best relevance/diversity trade-off
+                best = max(covering, key=lambda i: (len(self._labels[i] & uncovered), mmr(i)))
+            else:
+                best = max(pool, key=mmr)
+            chosen.append(best)
+            budget -= self._costs[best]
+            uncovered -= self._labels[best]
+        chosen.sort(key=lambda i: relevance[i])
+        return [self.examples[i] for i in chosen]

@@ -1,0 +1,343 @@
+"""The few-shot example store of one project, in the shared SQLite file under MODEL_DIR.
+
+One row per (annotation, <Labels> target): the task text and the human's spans. A task's example is
+its latest annotation (by the annotation's own `updated_at`, so webhooks arriving out of order still
+leave the newest correction). Deleted annotation ids are remembered, so a late ANNOTATION_UPDATED
+cannot bring one back.
+
+The example set's fingerprint is an XOR of row digests kept in the same transaction as every change:
+O(1) per write, and it changes whenever the set does. Every worker reads it from SQLite on each
+use; the per-process BM25 index is keyed by it, so it is rebuilt, never stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from backend.alignment import Span
+from backend.examples import ExampleIndex, FewShotExample
+from backend.labelconfig import NerSchema, NerTarget
+from backend.storage import Database
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS examples (
+    project_id TEXT NOT NULL,
+    annotation_id INTEGER NOT NULL,
+    from_name TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    spans TEXT NOT NULL,
+    draft TEXT,
+    updated_at REAL NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (project_id, annotation_id, from_name)
+);
+CREATE INDEX IF NOT EXISTS examples_by_task ON examples(project_id, task_id, from_name);
+CREATE TABLE IF NOT EXISTS deleted_annotations (
+    project_id TEXT NOT NULL,
+    annotation_id INTEGER NOT NULL,
+    PRIMARY KEY (project_id, annotation_id)
+);
+CREATE TABLE IF NOT EXISTS drafts (
+    project_id TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    from_name TEXT NOT NULL,
+    text TEXT NOT NULL,
+    spans TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    PRIMARY KEY (project_id, task_id, from_name)
+);
+CREATE TABLE IF NOT EXISTS example_sets (
+    project_id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL
+);
+"""
+
+EMPTY = "0" * 32
+
+
+@dataclass(frozen=True)
+class StoredExample:
+    """A task's current example for one target, with the LLM's draft when one was recorded."""
+
+    task_id: int
+    annotation_id: int
+    from_name: str
+    text: str
+    spans: tuple[Span, ...]
+    draft: tuple[Span, ...] | None
+    updated_at: float
+
+    def few_shot(self) -> FewShotExample:
+        return FewShotExample(self.text, tuple((s.text, s.label) for s in self.spans), self.task_id, self.annotation_id)
+
+
+def timestamp(value: object) -> float:
+    """An annotation's `updated_at` (ISO 8601 from Label Studio, or epoch seconds); now if absent."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value.strip():
+        try:
+            return datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    return time.time()
+
+
+def _spans_json(spans: Iterable[Span]) -> str:
+    return json.dumps([[s.start, s.end, s.text, s.label] for s in sorted(spans)], ensure_ascii=False)
+
+
+def _spans(value: str | None) -> tuple[Span, ...] | None:
+    if value is None:
+        return None
+    return tuple(Span(int(a), int(b), str(t), str(l)) for a, b, t, l in json.loads(value))
+
+
+def _digest(annotation_id: int, from_name: str, task_id: int, text: str, spans: str, updated_at: float) -> str:
+    payload = json.dumps([annotation_id, from_name, task_id, updated_at, text, spans], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def _xor(a: str, b: str) -> str:
+    return format(int(a, 16) ^ int(b, 16), "032x")
+
+
+# per process: project -> (fingerprint, {from_name: index}); valid only while the fingerprint matches
+_index_cache: dict[str, tuple[str, dict[str, ExampleIndex]]] = {}
+_index_lock = threading.Lock()
+
+
+class ExampleStore:
+    def __init__(self, db: Database, project_id: str):
+        self.db = db
+        self.project_id = str(project_id)
+        self.db.connection().executescript(SCHEMA)  # CREATE ... IF NOT EXISTS: any process may run it
+
+    # ---- reading ----
+    def fingerprint(self) -> str:
+        rows = self.db.query("SELECT fingerprint FROM example_sets WHERE project_id=?", (self.project_id,))
+        return rows[0]["fingerprint"] if rows else EMPTY
+
+    def _rows(self, conn) -> list[Any]:
+        return conn.execute(
+            "SELECT * FROM examples WHERE project_id=? ORDER BY task_id, from_name, updated_at, annotation_id",
+            (self.project_id,),
+        ).fetchall()
+
+    @staticmethod
+    def _latest(rows: Sequence[Any]) -> list[StoredExample]:
+        latest: dict[tuple[int, str], Any] = {}
+        for row in rows:  # ordered oldest first within a (task, target): the last one wins
+            latest[(row["task_id"], row["from_name"])] = row
+        return [
+            StoredExample(
+                row["task_id"], row["annotation_id"], row["from_name"], row["text"],
+                _spans(row["spans"]) or (), _spans(row["draft"]), row["updated_at"],
+            )
+            for row in latest.values()
+        ]
+
+    def snapshot(self) -> tuple[str, list[StoredExample]]:
+        """The fingerprint and the current examples, read in one transaction so they agree."""
+        conn = self.db.connection()
+        conn.execute("BEGIN")
+        try:
+            fingerprint = self.fingerprint()
+            rows = self._rows(conn)
+        finally:
+            conn.execute("COMMIT")
+        return fingerprint, self._latest(rows)
+
+    def examples(self) -> list[StoredExample]:
+        return self.snapshot()[1]
+
+    def annotation_rows(self) -> list[tuple[int, str, int]]:
+        """(annotation_id, from_name, task_id) of every stored row: for checking there are no duplicates."""
+        rows = self.db.query(
+            "SELECT annotation_id, from_name, task_id FROM examples WHERE project_id=? ORDER BY annotation_id",
+            (self.project_id,),
+        )
+        return [(r["annotation_id"], r["from_name"], r["task_id"]) for r in rows]
+
+    def indexes(self) -> dict[str, ExampleIndex]:
+        fingerprint = self.fingerprint()
+        with _index_lock:
+            cached = _index_cache.get(self.project_id)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        fingerprint, examples = self.snapshot()
+        by_target: dict[str, list[FewShotExample]] = {}
+        for example in sorted(examples, key=lambda e: e.task_id):
+            by_target.setdefault(example.from_name, []).append(example.few_shot())
+        indexes = {name: ExampleIndex(items) for name, items in by_target.items()}
+        with _index_lock:
+            _index_cache[self.project_id] = (fingerprint, indexes)
+        return indexes
+
+    def selector(self, k: int, token_budget: int):
+        """The `select_examples(target, text)` callable for one /predict: one index lookup per request."""
+        indexes = self.indexes() if k > 0 else {}
+
+        def select(target: NerTarget, text: str) -> list[FewShotExample]:
+            index = indexes.get(target.from_name)
+            if index is None:
+                return []
+            return index.select(text, target.label_names, k, token_budget)
+
+        return select
+
+    # ---- writing ----
+    def _set_fingerprint(self, conn, change: str) -> None:
+        conn.execute(
+            "INSERT INTO example_sets(project_id, fingerprint) VALUES (?, ?) ON CONFLICT(project_id) DO UPDATE SET "
+            "fingerprint=excluded.fingerprint",
+            (self.project_id, _xor(self.fingerprint(), change)),
+        )
+
+    def upsert_annotation(
+        self, annotation_id: int, task_id: int, updated_at: float, targets: dict[str, tuple[str, Sequence[Span]]]
+    ) -> str:
+        """Store (or replace) one annotation's example rows: `targets` maps from_name -> (text, spans).
+
+        Returns "stored", "unchanged", "stale" (a newer version is already stored) or "deleted".
+        """
+        with self.db.transaction() as conn:
+            if conn.execute(
+                "SELECT 1 FROM deleted_annotations WHERE project_id=? AND annotation_id=?", (self.project_id, annotation_id)
+            ).fetchone():
+                return "deleted"
+            old = conn.execute(
+                "SELECT from_name, updated_at, digest, draft FROM examples WHERE project_id=? AND annotation_id=?",
+                (self.project_id, annotation_id),
+            ).fetchall()
+            if old and max(r["updated_at"] for r in old) > updated_at:
+                return "stale"
+            drafts = {r["from_name"]: r["draft"] for r in old}
+            new_rows = []
+            for from_name, (text, spans) in targets.items():
+                spans_json = _spans_json(spans)
+                draft = drafts.get(from_name) or self._draft(conn, task_id, from_name, text)
+                digest = _digest(annotation_id, from_name, task_id, text, spans_json, updated_at)
+                new_rows.append((self.project_id, annotation_id, from_name, task_id, text, spans_json, draft, updated_at, digest))
+            change = EMPTY
+            for r in old:
+                change = _xor(change, r["digest"])
+            for row in new_rows:
+                change = _xor(change, row[-1])
+            if change == EMPTY:
+                return "unchanged"
+            conn.execute("DELETE FROM examples WHERE project_id=? AND annotation_id=?", (self.project_id, annotation_id))
+            conn.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", new_rows)
+            self._set_fingerprint(conn, change)
+            return "stored"
+
+    def _draft(self, conn, task_id: int, from_name: str, text: str) -> str | None:
+        row = conn.execute(
+            "SELECT text, spans FROM drafts WHERE project_id=? AND task_id=? AND from_name=?",
+            (self.project_id, task_id, from_name),
+        ).fetchone()
+        return row["spans"] if row is not None and row["text"] == text else None
+
+    def delete_annotations(self, annotation_ids: Iterable[int]) -> int:
+        """Remove the examples made from these annotations, and refuse them from now on. Returns rows removed."""
+        ids = sorted({int(i) for i in annotation_ids})
+        if not ids:
+            return 0
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO deleted_annotations(project_id, annotation_id) VALUES (?, ?)",
+                [(self.project_id, i) for i in ids],
+            )
+            marks = ",".join("?" * len(ids))
+            old = conn.execute(
+                f"SELECT digest FROM examples WHERE project_id=? AND annotation_id IN ({marks})", (self.project_id, *ids)
+            ).fetchall()
+            if not old:
+                return 0
+            change = EMPTY
+            for r in old:
+                change = _xor(change, r["digest"])
+            conn.execute(f"DELETE FROM examples WHERE project_id=? AND annotation_id IN ({marks})", (self.project_id, *ids))
+            self._set_fingerprint(conn, change)
+            return len(old)
+
+    def forget_annotation(self, annotation_id: int) -> int:
+        """An annotation that became skipped/cancelled: no longer an example, but it may come back."""
+        with self.db.transaction() as conn:
+            old = conn.execute(
+                "SELECT digest FROM examples WHERE project_id=? AND annotation_id=?", (self.project_id, annotation_id)
+            ).fetchall()
+            if not old:
+                return 0
+            change = EMPTY
+            for r in old:
+                change = _xor(change, r["digest"])
+            conn.execute("DELETE FROM examples WHERE project_id=? AND annotation_id=?", (self.project_id, annotation_id))
+            self._set_fingerprint(conn, change)
+            return len(old)
+
+    def replace_all(self, annotations: Sequence[tuple[int, int, float, dict[str, tuple[str, Sequence[Span]]]]]) -> int:
+        """START_TRAINING: the project's examples become exactly these (annotation_id, task_id, updated_at, targets)."""
+        with self.db.transaction() as conn:
+            drafts = {
+                (r["annotation_id"], r["from_name"]): r["draft"]
+                for r in conn.execute(
+                    "SELECT annotation_id, from_name, draft FROM examples WHERE project_id=?", (self.project_id,)
+                ).fetchall()
+            }
+            conn.execute("DELETE FROM examples WHERE project_id=?", (self.project_id,))
+            fingerprint = EMPTY
+            count = 0
+            for annotation_id, task_id, updated_at, targets in annotations:
+                for from_name, (text, spans) in targets.items():
+                    spans_json = _spans_json(spans)
+                    draft = drafts.get((annotation_id, from_name)) or self._draft(conn, task_id, from_name, text)
+                    digest = _digest(annotation_id, from_name, task_id, text, spans_json, updated_at)
+                    conn.execute(
+                        "INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (self.project_id, annotation_id, from_name, task_id, text, spans_json, draft, updated_at, digest),
+                    )
+                    fingerprint = _xor(fingerprint, digest)
+                    count += 1
+            conn.execute(
+                "INSERT INTO example_sets(project_id, fingerprint) VALUES (?, ?) ON CONFLICT(project_id) DO UPDATE SET "
+                "fingerprint=excluded.fingerprint",
+                (self.project_id, fingerprint),
+            )
+            return count
+
+    def record_drafts(
+        self, schema: NerSchema, tasks: Sequence[dict[str, Any]], results: Sequence[list[dict[str, Any]] | None], model_version: str
+    ) -> None:
+        """Keep what the LLM proposed for each task, so a later correction can be paired with it."""
+        rows = []
+        for task, result in zip(tasks, results):
+            task_id, data = task.get("id"), task.get("data") or {}
+            if result is None or not isinstance(task_id, int):
+                continue
+            for target in schema.targets:
+                text = data.get(target.data_key)
+                if not isinstance(text, str):
+                    continue
+                spans = [
+                    Span(v["start"], v["end"], v["text"], v["labels"][0])
+                    for r in result
+                    if r.get("from_name") == target.from_name and (v := r.get("value") or {}).get("labels")
+                ]
+                rows.append((self.project_id, task_id, target.from_name, text, _spans_json(spans), model_version))
+        if not rows:
+            return
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO drafts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(project_id, task_id, from_name) DO UPDATE SET "
+                "text=excluded.text, spans=excluded.spans, model_version=excluded.model_version",
+                rows,
+            )

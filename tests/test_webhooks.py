@@ -1,0 +1,257 @@
+"""fit() through POST /webhook: corrections become few-shot examples the next /predict shows the LLM."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from tests.conftest import NER_CONFIG
+
+PROJECT_TOKEN = "project-token-9f8e7d6c5b4a"
+
+
+def span(text: str, surface: str, label: str, start: int | None = None, end: int | None = None, **extra) -> dict:
+    start = text.index(surface) if start is None else start
+    end = start + len(surface) if end is None else end
+    return {"from_name": "label", "to_name": "text", "type": "labels", "origin": "manual",
+            "value": {"start": start, "end": end, "text": surface, "labels": [label]}, **extra}
+
+
+def annotation_event(action, annotation_id, task_id, text, result, updated_at="2025-01-01T10:00:00Z", was_cancelled=False, project=7):
+    """What Label Studio 1.23 sends (PROTOCOL.md), trimmed to the fields that matter."""
+    return {
+        "action": action,
+        "annotation": {"id": annotation_id, "task": task_id, "result": result, "was_cancelled": was_cancelled,
+                       "ground_truth": False, "completed_by": 1, "updated_at": updated_at, "lead_time": 3.2},
+        "task": {"id": task_id, "data": {"text": text}, "is_labeled": True},
+        "project": {"id": project, "label_config": NER_CONFIG, "token": PROJECT_TOKEN, "title": "p"},
+    }
+
+
+def deleted_event(*ids, project=7):
+    return {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": i} for i in ids],
+            "project": {"id": project, "label_config": NER_CONFIG, "token": PROJECT_TOKEN}}
+
+
+@pytest.fixture(autouse=True)
+def connected(client):
+    """Label Studio calls /setup when the backend is connected; webhooks of unknown projects are ignored."""
+    for project in ("7", "8"):
+        assert client.post("/setup", json={"project": project, "schema": NER_CONFIG}).status_code == 200
+
+
+def version(client) -> str:
+    response = client.post("/setup", json={"project": "7", "schema": NER_CONFIG})
+    assert response.status_code == 200
+    return response.json["model_version"]
+
+
+def predict(client, text: str, task_id: int = 900):
+    response = client.post("/predict", json={"tasks": [{"id": task_id, "data": {"text": text}}], "project": "7.17", "label_config": NER_CONFIG})
+    assert response.status_code == 200
+    return response.json["results"][0]
+
+
+def shown_examples(request_body: dict) -> list[tuple[str, list]]:
+    """(example text, its entities) for every prior user/assistant exchange of one LLM request."""
+    messages = request_body["messages"]
+    pairs = []
+    for user, assistant in zip(messages[1:-1:2], messages[2:-1:2]):
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        text = user["content"].split("<text>\n", 1)[1].rsplit("\n</text>", 1)[0]
+        pairs.append((text, [(e["text"], e["label"]) for e in json.loads(assistant["content"])["entities"]]))
+    return pairs
+
+
+def store(settings, project="7"):
+    from backend.example_store import ExampleStore
+    from backend.storage import Database
+
+    return ExampleStore(Database.in_dir(settings.model_dir), project)
+
+
+TEXT_A = "Jordan signed with the Chicago Bulls in 1984."
+
+
+def test_a_correction_is_shown_to_the_llm_as_a_prior_exchange_for_the_next_task(client, llm):
+    # the LLM got "Chicago Bulls" wrong; the annotator corrected it to ORG and added Jordan
+    result = [span(TEXT_A, "Jordan", "PER"), span(TEXT_A, "Chicago Bulls", "ORG")]
+    response = client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, result))
+    assert response.status_code in (200, 201), response.json
+    predict(client, "Pippen joined the Chicago Bulls in 1987.")
+    assert shown_examples(llm.requests[-1]) == [(TEXT_A, [("Jordan", "PER"), ("Chicago Bulls", "ORG")])]
+
+
+def test_model_version_changes_whenever_the_example_set_changes_and_only_then(client):
+    v0 = version(client)
+    event = annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")])
+    client.post("/webhook", json=event)
+    v1 = version(client)
+    client.post("/webhook", json=event)  # the same annotation again: nothing changed
+    assert version(client) == v1
+    updated = annotation_event("ANNOTATION_UPDATED", 11, 1, TEXT_A, [span(TEXT_A, "Chicago Bulls", "ORG")], updated_at="2025-01-01T11:00:00Z")
+    client.post("/webhook", json=updated)
+    v2 = version(client)
+    client.post("/webhook", json=deleted_event(11))
+    v3 = version(client)
+    assert len({v0, v1, v2}) == 3
+    assert v3 == v0  # back to no examples: the fingerprint is the content, not a counter
+
+
+def test_predictions_carry_the_version_setup_answers_after_a_correction(client):
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")]))
+    assert predict(client, "Another text.")["model_version"] == version(client)
+
+
+def test_an_update_replaces_the_example_of_that_task(client, llm):
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")]))
+    client.post("/webhook", json=annotation_event("ANNOTATION_UPDATED", 11, 1, TEXT_A, [span(TEXT_A, "Chicago Bulls", "ORG")], updated_at="2025-01-02T00:00:00Z"))
+    predict(client, "The Chicago Bulls won.")
+    assert shown_examples(llm.requests[-1]) == [(TEXT_A, [("Chicago Bulls", "ORG")])]
+
+
+def test_a_second_annotators_newer_annotation_is_the_tasks_example_and_the_older_returns_when_it_is_deleted(client, llm, settings):
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")]))
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 12, 1, TEXT_A, [span(TEXT_A, "Jordan", "ORG")], updated_at="2025-01-03T00:00:00Z"))
+    assert [(e.annotation_id, e.task_id) for e in store(settings).examples()] == [(12, 1)]
+    client.post("/webhook", json=deleted_event(12))
+    assert [(e.annotation_id, e.task_id) for e in store(settings).examples()] == [(11, 1)]
+
+
+def test_an_update_arriving_after_a_newer_one_does_not_overwrite_it(client, settings):
+    newer = annotation_event("ANNOTATION_UPDATED", 11, 1, TEXT_A, [span(TEXT_A, "Chicago Bulls", "ORG")], updated_at="2025-01-02T00:00:00Z")
+    older = annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")], updated_at="2025-01-01T00:00:00Z")
+    client.post("/webhook", json=newer)
+    response = client.post("/webhook", json=older)
+    assert response.status_code in (200, 201)
+    (example,) = store(settings).examples()
+    assert [(s.text, s.label) for s in example.spans] == [("Chicago Bulls", "ORG")]
+
+
+def test_deleted_annotations_are_removed_and_a_late_update_cannot_bring_them_back(client, llm, settings):
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")]))
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 21, 2, "Paris is big.", [span("Paris is big.", "Paris", "LOC")]))
+    response = client.post("/webhook", json=deleted_event(11, 999))
+    assert response.status_code in (200, 201)
+    assert [e.annotation_id for e in store(settings).examples()] == [21]
+    client.post("/webhook", json=annotation_event("ANNOTATION_UPDATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")], updated_at="2026-01-01T00:00:00Z"))
+    assert [e.annotation_id for e in store(settings).examples()] == [21]
+    predict(client, "Jordan in Paris.")
+    assert [text for text, _ in shown_examples(llm.requests[-1])] == ["Paris is big."]
+
+
+def test_skipped_annotations_are_not_examples_and_skipping_later_removes_one(client, settings):
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 31, 3, TEXT_A, [], was_cancelled=True))
+    assert store(settings).examples() == []
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")]))
+    client.post("/webhook", json=annotation_event("ANNOTATION_UPDATED", 11, 1, TEXT_A, [], updated_at="2025-02-01T00:00:00Z", was_cancelled=True))
+    assert store(settings).examples() == []
+
+
+def test_an_annotation_with_no_entities_is_an_example_of_a_text_without_entities(client, llm):
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, "Nothing to label here today.", []))
+    predict(client, "Nothing much here today.")
+    assert shown_examples(llm.requests[-1]) == [("Nothing to label here today.", [])]
+
+
+def test_human_spans_are_checked_against_the_text_repaired_or_dropped_and_counted(client, settings):
+    text = "😀 Ada Lovelace\r\nmet Charles  Babbage in London."
+    result = [
+        span(text, "Ada Lovelace", "PER", start=3, end=15),  # UTF-16 offsets: the emoji counted as two
+        span(text, "Charles Babbage", "PER", start=19, end=34),  # spaces collapsed, CRLF counted as one
+        span(text, "London", "LOC", start=10, end=16),  # wrong offsets, right text
+        span(text, "Berlin", "LOC", start=40, end=46),  # not in the text at all
+        span(text, "London", "LOC", start=44, end=500),  # out of range: re-located, the same span again
+        {"from_name": "label", "to_name": "text", "type": "labels", "value": {"start": 400, "end": 410, "labels": ["LOC"]}},
+        span(text, "Ada", "CITY"),  # a label the config does not have
+        {"from_name": "comment", "to_name": "text", "type": "textarea", "value": {"text": ["fine"]}},  # another control
+    ]
+    response = client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, text, result))
+    assert response.status_code in (200, 201)
+    (example,) = store(settings).examples()
+    for s in example.spans:
+        assert text[s.start:s.end] == s.text
+    assert [(s.start, s.text, s.label) for s in example.spans] == [
+        (2, "Ada Lovelace", "PER"), (20, "Charles  Babbage", "PER"), (40, "London", "LOC")]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'llm_ner_example_spans_total{outcome="repaired"}' in metrics
+    assert 'llm_ner_example_spans_total{outcome="dropped_not_in_text"}' in metrics
+    assert 'llm_ner_example_spans_total{outcome="dropped_bad_offsets"}' in metrics
+    assert 'llm_ner_example_spans_total{outcome="dropped_unknown_label"}' in metrics
+    assert 'llm_ner_example_spans_total{outcome="dropped_duplicate"}' in metrics
+
+
+def _without(event: dict, *path: str) -> dict:
+    event = json.loads(json.dumps(event))
+    target = event
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return event
+
+
+GOOD = annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")])
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (_without(GOOD, "annotation"), "annotation"),
+        (_without(GOOD, "task"), "task"),
+        (_without(GOOD, "task", "data"), "task.data"),
+        (_without(GOOD, "annotation", "id"), "annotation.id"),
+        ({**GOOD, "task": {"id": 1, "data": {"body": TEXT_A}}}, "'text'"),
+        ({**GOOD, "task": {"id": 1, "data": {"text": 42}}}, "'text'"),
+        ({**GOOD, "annotation": {**GOOD["annotation"], "id": "eleven"}}, "annotation.id"),
+        ({**GOOD, "annotation": {**GOOD["annotation"], "result": "PER"}}, "annotation.result"),
+        ({**GOOD, "annotation": {**GOOD["annotation"], "task": 2}}, "task.id"),
+        ({**deleted_event(1), "annotations": None}, "annotations"),
+        ({**deleted_event(1), "annotations": [{"id": "x"}]}, "annotations[0]"),
+        ({**deleted_event(1), "annotations": [5]}, "annotations[0]"),
+        ({"project": {"id": 7}}, "action"),
+    ],
+)
+def test_bad_payloads_get_a_4xx_naming_the_problem_never_a_500(client, settings, body, needle):
+    response = client.post("/webhook", json=body)
+    assert 400 <= response.status_code < 500, response.json
+    assert needle in response.json["error"]
+    assert store(settings).examples() == []
+
+
+def test_a_body_that_is_not_json_gets_a_400(client):
+    response = client.post("/webhook", data="{nope", content_type="application/json")
+    assert response.status_code == 400 and "JSON" in response.json["error"]
+
+
+@pytest.mark.parametrize("action", ["PROJECT_UPDATED", "TASKS_DELETED", "SOMETHING_NEW"])
+def test_unknown_and_unused_events_are_acknowledged(client, action):
+    response = client.post("/webhook", json={"action": action, "project": {"id": 7, "label_config": NER_CONFIG}})
+    assert response.status_code in (200, 201)
+
+
+def test_start_training_without_label_studio_settings_is_a_clear_4xx(client):
+    response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7, "label_config": NER_CONFIG, "token": PROJECT_TOKEN}})
+    assert response.status_code == 422
+    assert "LABEL_STUDIO_URL" in response.json["error"] and "LABEL_STUDIO_API_KEY" in response.json["error"]
+
+
+def test_the_payloads_project_token_never_reaches_the_logs(client, caplog):
+    caplog.set_level(logging.DEBUG)
+    client.post("/webhook", json=GOOD)
+    client.post("/webhook", json=_without(GOOD, "task"))
+    client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7, "label_config": NER_CONFIG, "token": PROJECT_TOKEN}})
+    assert caplog.records and PROJECT_TOKEN not in caplog.text
+
+
+def test_examples_of_another_project_are_never_shown(client, llm):
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")], project=8))
+    predict(client, "Jordan again.")
+    assert shown_examples(llm.requests[-1]) == []
+
+
+def test_the_task_being_predicted_is_not_its_own_example(client, llm):
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")]))
+    predict(client, TEXT_A, task_id=1)
+    assert shown_examples(llm.requests[-1]) == []
