@@ -12,7 +12,9 @@ import logging
 from typing import Any
 
 from backend.base import LabelStudioMLBase
+from backend.answers import EntitySource
 from backend.batch import map_in_order
+from backend.cache import ResponseCache
 from backend.example_store import ExampleStore
 from backend.labelconfig import parse_label_config
 from backend.prelabel import Prelabeler
@@ -43,7 +45,11 @@ class NERModel(LabelStudioMLBase):
             self.services.llm,
             select_examples=self.examples.selector(self.settings.few_shot_k, self.settings.few_shot_token_budget),
             label_all_mentions=self.settings.label_all_mentions,
+            source=EntitySource(self.services.llm, self.response_cache(), scope=self.model_version),
         )
+
+    def response_cache(self) -> ResponseCache | None:
+        return ResponseCache.in_dir(self.settings.model_dir) if self.settings.llm_cache else None
 
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, **kwargs: Any) -> ModelResponse:
         version = self.model_version
@@ -61,7 +67,7 @@ class NERModel(LabelStudioMLBase):
                 log.warning("task %s: no pre-labels: %s", task.get("id"), outcome.error)
                 predictions.append(PredictionValue(result=[], model_version=version))
             else:
-                predictions.append(PredictionValue(result=outcome.value.results, model_version=version))
+                predictions.append(PredictionValue(result=outcome.value.results, score=outcome.value.score, model_version=version))
         # The LLM's drafts, so a correction can later be paired with what it corrected (preference export).
         self.examples.record_drafts(self.schema, tasks, [p.result if o.error is None else None for p, o in zip(predictions, outcomes)], version)
         return ModelResponse(model_version=version, predictions=predictions)

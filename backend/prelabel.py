@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend import metrics
+from backend import confidence, metrics
 from backend.alignment import Span, align
+from backend.answers import EntitySource, Found
 from backend.errors import BadRequest
 from backend.examples import FewShotExample
 from backend.labelconfig import NerSchema, NerTarget
@@ -30,15 +31,18 @@ class TaskOutcome:
     results: list[dict[str, Any]] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
     usage: Usage = field(default_factory=Usage)
+    score: float | None = None  # the task's confidence (confidence.task_score)
 
 
-def span_results(target: NerTarget, spans: Sequence[Span]) -> list[dict[str, Any]]:
+def span_results(target: NerTarget, spans: Sequence[Span], scores: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
+    scores = scores or {}
     return [
         SpanResult(
             id=uuid.uuid4().hex[:10],
             from_name=target.from_name,
             to_name=target.to_name,
             value=SpanValue(start=s.start, end=s.end, text=s.text, labels=[s.label]),
+            score=scores.get((s.text, s.label)),
         ).to_json()
         for s in spans
     ]
@@ -62,38 +66,45 @@ class Prelabeler:
         select_examples: ExampleSelector | None = None,
         guidelines: str | None = None,
         label_all_mentions: bool = True,
+        source: EntitySource | None = None,
     ):
         self.schema = schema
         self.llm = llm
+        self.source = source or EntitySource(llm)  # the response cache and scoring live there
         self.select_examples = select_examples or (lambda target, text: ())
         self.label_all_mentions = label_all_mentions
         self.tasks = {t.from_name: NerTask(t, templates, guidelines) for t in schema.targets}
 
-    def entities_for(self, target: NerTarget, text: str) -> tuple[list[tuple[str, str]], Usage]:
+    def entities_for(self, target: NerTarget, text: str) -> Found:
         task = self.tasks[target.from_name]
-        messages = task.messages(text, self.select_examples(target, text))
-        entities, usage = self.llm.ask(messages, task.parse, task.repair_prompt, task.json_schema())
-        return [(e.text, e.label) for e in entities], usage
+        return self.source.find(task, text, self.select_examples(target, text))
 
     def prelabel(self, data: dict[str, Any]) -> TaskOutcome:
         outcome = TaskOutcome()
+        span_scores: list[float | None] = []
+        empty_scores: list[float] = []
         for target in self.schema.targets:
             text = task_text(data, target)
             if not text.strip():
                 continue
-            entities, usage = self.entities_for(target, text)
-            outcome.usage.add(usage)
+            found = self.entities_for(target, text)
+            entities = found.entities
+            outcome.usage.add(found.usage)
             known = set(target.label_names)
             kept = [(t, l) for t, l in entities if l in known]
             outcome.dropped["unknown_label"] += len(entities) - len(kept)
             alignment = align(text, kept, label_all_mentions=self.label_all_mentions)
             outcome.dropped.update(alignment.dropped)
-            outcome.results.extend(span_results(target, alignment.spans))
+            outcome.results.extend(span_results(target, alignment.spans, found.scores))
+            span_scores.extend(found.scores.get((s.text, s.label)) for s in alignment.spans)
+            if found.empty_score is not None:
+                empty_scores.append(found.empty_score)
         for reason, count in outcome.dropped.items():
             if count:
                 metrics.DROPPED.labels(reason).inc(count)
         if +outcome.dropped:
             log.info("dropped entities: %s", dict(+outcome.dropped))
+        outcome.score = confidence.task_score(span_scores, min(empty_scores) if empty_scores else None)
         metrics.LLM_TOKENS.labels("prompt").inc(outcome.usage.prompt_tokens)
         metrics.LLM_TOKENS.labels("completion").inc(outcome.usage.completion_tokens)
         return outcome

@@ -7,7 +7,8 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
 - `replies`: a queue of `Reply` objects served first (status codes, Retry-After, malformed output,
   a delay...), or `responder`: a function request -> Reply for anything else;
 - `latency` seconds per request, `max_concurrency` requests served at once (more wait their turn),
-  `reject_json_schema` / `reject_response_format` to play an endpoint without structured output;
+  `reject_json_schema` / `reject_response_format` to play an endpoint without structured output,
+  `reject_logprobs` one without logprobs; a Reply's `logprobs` and `choices` (one content per sample);
 - `requests`: every request body received, so tests can assert on prompts.
 """
 
@@ -33,6 +34,7 @@ class Reply:
     error_message: str = "fake error"
     logprobs: list[tuple[str, float]] | None = None  # (token, logprob) pairs for the content
     close_connection: bool = False  # drop the connection without answering
+    choices: list[str] | None = None  # one content per sample when the request asks for n > 1
 
 
 def entities_reply(entities: list[tuple[str, str]], **kwargs: Any) -> Reply:
@@ -58,6 +60,7 @@ class FakeLLM:
             self.max_concurrency = 0  # 0 = unlimited
             self.reject_json_schema = False
             self.reject_response_format = False
+            self.reject_logprobs = False
             self.requests: list[dict[str, Any]] = []
             self.auth_headers: list[str | None] = []
             self.request_times: list[float] = []  # time.monotonic() at each request's arrival
@@ -90,6 +93,8 @@ class FakeLLM:
             return Reply(status=400, error_message=f"response_format {fmt} is not supported by this server")
         if fmt == "json_schema" and self.reject_json_schema:
             return Reply(status=400, error_message="response_format json_schema is not supported")
+        if body.get("logprobs") and self.reject_logprobs:
+            return Reply(status=400, error_message="logprobs are not supported by this model")
         with self.lock:
             if self.replies:
                 return self.replies.popleft()
@@ -180,6 +185,9 @@ class FakeLLM:
                     }
                 n = int(body.get("n") or 1)
                 choices = [dict(choice, index=i) for i in range(n)]
+                if reply.choices is not None:
+                    contents = (reply.choices * n)[:n]
+                    choices = [dict(choice, index=i, message={"role": "assistant", "content": c}) for i, c in enumerate(contents)]
                 answer = {
                     "id": f"chatcmpl-fake-{len(fake.requests)}",
                     "object": "chat.completion",

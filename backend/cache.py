@@ -1,0 +1,62 @@
+"""The persistent response cache: what the LLM answered for a request, in SQLite under MODEL_DIR.
+
+Keyed by a hash of everything that determines the answer (model_version, model, the rendered
+messages with their few-shot examples and the text, the response schema, sampling settings), so
+re-predicting an unchanged task makes no LLM call, in any worker, after a restart too; and any
+change to the prompt, the examples, the label config or the model misses and asks again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from backend import metrics
+from backend.storage import Database
+
+CACHE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS llm_cache (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+def cache_key(**parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    def __init__(self, db: Database):
+        self.db = db
+
+    @classmethod
+    def in_dir(cls, model_dir: Path) -> "ResponseCache":
+        return _open(str(Path(model_dir).resolve()))
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        rows = self.db.query("SELECT value FROM llm_cache WHERE key=?", (key,))
+        metrics.CACHE.labels("hit" if rows else "miss").inc()
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO llm_cache(key, value, created_at) VALUES (?, ?, ?)",
+                (key, json.dumps(value, ensure_ascii=False), time.time()),
+            )
+
+    def __len__(self) -> int:
+        return self.db.query("SELECT COUNT(*) AS n FROM llm_cache")[0]["n"]
+
+
+@lru_cache(maxsize=8)
+def _open(model_dir: str) -> ResponseCache:
+    # one per process and directory: the Database keeps a connection per thread
+    return ResponseCache(Database.in_dir(Path(model_dir), extra_schema=(CACHE_SCHEMA,)))

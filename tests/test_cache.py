@@ -1,0 +1,105 @@
+"""The persistent response cache, driven through /predict: what is asked once is never asked again."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.conftest import NER_CONFIG
+from tests.fake_llm import Reply
+from tests.processes import TEST_API_KEY
+
+
+@pytest.fixture
+def make_app(tmp_path, llm):
+    from backend.server import create_app
+    from backend.settings import load_settings
+
+    def make(**overrides):
+        values = dict(
+            openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
+            model_dir=tmp_path / "model", llm_retry_base=0.01, _env_file=None,
+        )
+        values.update(overrides)
+        return create_app(load_settings(**values)).test_client()
+
+    return make
+
+
+def predict(client, texts, config=NER_CONFIG):
+    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
+    response = client.post("/predict", json={"tasks": tasks, "project": "4.1", "label_config": config})
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def spans(body):
+    return [[(r["value"]["text"], r["value"]["start"], r["value"]["labels"][0]) for r in e["result"]] for e in body["results"]]
+
+
+TEXTS = ["Ada Lovelace lived in London.", "Nothing here.", "Paris and London."]
+
+
+@pytest.fixture
+def gazetteer(llm):
+    llm.gazetteer = {"Ada Lovelace": "PER", "London": "LOC", "Paris": "LOC"}
+
+
+def test_repredicting_unchanged_tasks_makes_no_llm_call_and_gives_the_same_spans(make_app, llm, gazetteer):
+    client = make_app()
+    first = predict(client, TEXTS)
+    assert len(llm.requests) == 3
+    hits = REGISTRY.get_sample_value("llm_ner_cache_total", {"result": "hit"}) or 0
+    second = predict(client, TEXTS)
+    assert len(llm.requests) == 3
+    assert spans(second) == spans(first)
+    assert second["model_version"] == first["model_version"]
+    assert REGISTRY.get_sample_value("llm_ner_cache_total", {"result": "hit"}) == hits + 3
+
+
+def test_the_cache_survives_a_restart_and_is_shared_by_every_app_on_the_model_dir(make_app, llm, gazetteer):
+    predict(make_app(), TEXTS)
+    assert len(llm.requests) == 3
+    predict(make_app(), TEXTS)  # a new app object: as another worker, or after a restart
+    assert len(llm.requests) == 3
+
+
+def test_only_changed_texts_are_asked_again(make_app, llm, gazetteer):
+    client = make_app()
+    predict(client, TEXTS)
+    body = predict(client, [TEXTS[0], "Paris, again.", TEXTS[2]])
+    assert len(llm.requests) == 4
+    assert "Paris, again." in llm.requests[-1]["messages"][-1]["content"]
+    assert spans(body)[1] == [("Paris", 0, "LOC")]
+
+
+def test_a_new_model_version_asks_again(make_app, llm, gazetteer):
+    client = make_app()
+    before = predict(client, TEXTS)["model_version"]
+    # a label config that only changes a colour changes no prompt, but it does change model_version
+    recoloured = NER_CONFIG.replace('background="red"', 'background="purple"')
+    after = predict(client, TEXTS, config=recoloured)["model_version"]
+    assert after != before
+    assert len(llm.requests) == 6
+
+
+def test_another_llm_model_asks_again(make_app, llm, gazetteer):
+    predict(make_app(), TEXTS)
+    predict(make_app(llm_model="other-model"), TEXTS)
+    assert len(llm.requests) == 6
+    assert llm.requests[-1]["model"] == "other-model"
+
+
+def test_failed_calls_are_not_cached(make_app, llm, gazetteer):
+    client = make_app(llm_max_retries=0)
+    llm.replies.append(Reply(status=500))
+    assert spans(predict(client, [TEXTS[0]])) == [[]]
+    assert spans(predict(client, [TEXTS[0]])) == [[("Ada Lovelace", 0, "PER"), ("London", 22, "LOC")]]
+    assert len(llm.requests) == 2
+
+
+def test_llm_cache_false_always_asks(make_app, llm, gazetteer):
+    client = make_app(llm_cache=False)
+    predict(client, TEXTS)
+    predict(client, TEXTS)
+    assert len(llm.requests) == 6
