@@ -1,15 +1,46 @@
 """Turn the LLM's (surface, label) entities into exact character spans of the original text.
 
-Every span satisfies `text[start:end] == span.text`. Mentions are walked in order: each listed item
-takes the next match of its surface after the previous item's match.
+Every span satisfies `text[start:end] == span.text`: spans are cut from the original string, never
+from a normalised copy.
+
+Finding a surface, in three tiers (the first tier that finds a usable occurrence wins):
+  1. `exact`: the surface as is;
+  2. `case`: ignoring case;
+  3. `normalised`: on a folded view of the text (NFKC, case-folded, whitespace runs collapsed to
+     one space, curly quotes and dash variants made ASCII, soft hyphens, zero-width and bidi
+     control characters removed), mapped back to original offsets through an offset table.
+Every occurrence must sit on word boundaries (`Apple` never matches inside `Pineapple`) and must not
+split a grapheme cluster (a base and its combining marks, an emoji ZWJ sequence, CRLF). Scripts
+written without spaces (CJK, Thai, Lao, Khmer, Myanmar, Hangul with its particles) need no word
+boundary; punctuation at a surface's edge needs none either.
+
+Mention rule: the LLM lists every mention in order of appearance. Walking the list, each item takes
+the next occurrence of its surface at or after the previous item's match that no earlier item took
+(and, unless overlaps are allowed, that overlaps no earlier item); failing that, the first such
+occurrence from the start of the text (the LLM listed out of order). So two mentions of one string
+can carry two labels.
+
+`label_all_mentions`: afterwards, every other occurrence of a matched surface is labelled too, unless
+the LLM gave that (normalised) surface more than one label. Such added spans never displace or
+overlap a span the LLM listed.
+
+Overlaps (one `<Labels>`): unless `allow_overlap`, of two overlapping listed spans the longest wins
+(`prefer="longest"`, ties: the earlier start, then the earlier listed) or the earlier listed
+(`prefer="first"`). Losers are counted as dropped (`overlap`).
 """
 
 from __future__ import annotations
 
+import bisect
 import re
+import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
+
+Prefer = Literal["longest", "first"]
+TIERS = ("exact", "case", "normalised")
 
 
 @dataclass(frozen=True, order=True)
@@ -24,13 +55,412 @@ class Span:
 class Alignment:
     spans: list[Span]
     dropped: Counter = field(default_factory=Counter)  # reason -> count
+    matched: Counter = field(default_factory=Counter)  # tier -> count of listed items found by it
+    added: int = 0  # spans added by label_all_mentions
 
 
-def _pattern(surface: str) -> re.Pattern[str]:
-    # \w-boundaries only where the surface itself starts/ends with a word character
-    left = r"(?<!\w)" if surface[:1].isalnum() or surface[:1] == "_" else ""
-    right = r"(?!\w)" if surface[-1:].isalnum() or surface[-1:] == "_" else ""
-    return re.compile(left + re.escape(surface) + right)
+# ---------------------------------------------------------------- characters
+
+# Scripts written without spaces between words: a word boundary cannot be asked for there.
+_UNSPACED = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x3005, 0x3007),  # 々 〆 〇
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3100, 0x312F),  # Bopomofo
+    (0x31F0, 0x31FF),
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xAC00, 0xD7AF),  # Hangul syllables: particles attach to nouns (서울에서)
+    (0xF900, 0xFAFF),
+    (0xFF66, 0xFF9F),  # half-width Katakana
+    (0x20000, 0x3FFFF),
+)
+_UNSPACED_CLASS = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _UNSPACED)
+# a run of word characters of scripts written with spaces: the unit of the word index
+_WORD_RUN = re.compile(f"[^\\W{_UNSPACED_CLASS}]+")
+
+ZWJ, ZWNJ = "\u200d", "\u200c"
+_JOINERS = (ZWJ, ZWNJ)
+# removed from the normalised view: invisible, and often present on one side only
+_IGNORABLE = "\u00ad\u034f\u061c\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\ufeff"
+_FOLD_TABLE = str.maketrans(
+    {
+        **{c: "'" for c in "\u2018\u2019\u201a\u201b\u2032\u00b4\u0060"},
+        **{c: '"' for c in "\u201c\u201d\u201e\u201f\u2033"},
+        **{c: "-" for c in "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"},
+        **{c: None for c in _IGNORABLE},
+    }
+)
+# what the folded view must handle char by char; everything else is ASCII copied in place (lowered)
+_SPECIAL = re.compile(r"\s{2,}|[^\S ]|[^\x00-\x7f\s]+")
+_NEEDS_FOLD = re.compile("[" + "".join(re.escape(chr(c)) for c in _FOLD_TABLE) + "]")
+
+
+def _unspaced(ch: str) -> bool:
+    o = ord(ch)
+    return any(a <= o <= b for a, b in _UNSPACED) if o >= 0x0E00 else False
+
+
+def _spaced_word(ch: str) -> bool:
+    return (ch.isalnum() or ch == "_") and not _unspaced(ch)
+
+
+def _continues(ch: str) -> bool:
+    """A character that belongs to the grapheme cluster before it."""
+    o = ord(ch)
+    return (
+        unicodedata.category(ch)[0] == "M"
+        or ch in _JOINERS
+        or 0xFE00 <= o <= 0xFE0F  # variation selectors
+        or 0x1F3FB <= o <= 0x1F3FF  # emoji skin tones
+        or 0xE0020 <= o <= 0xE007F  # emoji tag sequences
+        or 0xE0100 <= o <= 0xE01EF
+    )
+
+
+def _fold(piece: str) -> str:
+    return unicodedata.normalize("NFKC", piece).casefold().translate(_FOLD_TABLE)
+
+
+# ---------------------------------------------------------------- the folded view
+
+
+class FoldedView:
+    """The normalised text and a table mapping its indices back to original offsets.
+
+    The table is a list of segments: `linear` ones copy characters one for one (ASCII, and runs that
+    folding leaves as they are), the others are one grapheme cluster or whitespace run folded as a
+    whole, whose output maps to the whole of its original characters.
+    """
+
+    def __init__(self, text: str):
+        pieces: list[str] = []
+        ns: list[int] = []  # norm start of each segment
+        ne: list[int] = []
+        os_: list[int] = []  # original start
+        oe: list[int] = []
+        linear: list[bool] = []
+        n = 0
+
+        def add(out: str, start: int, end: int, is_linear: bool) -> None:
+            nonlocal n
+            if not out:
+                return
+            pieces.append(out)
+            ns.append(n)
+            n += len(out)
+            ne.append(n)
+            os_.append(start)
+            oe.append(end)
+            linear.append(is_linear)
+
+        pos = 0
+        for match in _SPECIAL.finditer(text):
+            start, end = match.span()
+            run = match.group()
+            if start > pos:
+                add(text[pos:start].lower(), pos, start, True)
+            pos = end
+            if run.isspace():
+                add(" ", start, end, False)
+                continue
+            if unicodedata.category(run[0])[0] == "M" and linear and linear[-1] and oe[-1] == start:
+                # a combining mark on an ASCII base: fold base and mark together (e + U+0301 = é)
+                pieces[-1] = pieces[-1][:-1]
+                ne[-1] -= 1
+                oe[-1] -= 1
+                n -= 1
+                if not pieces[-1]:
+                    for column in (pieces, ns, ne, os_, oe, linear):
+                        column.pop()
+                run = text[start - 1] + run
+                start -= 1
+            if (
+                unicodedata.category(run[0])[0] != "M"
+                and unicodedata.is_normalized("NFKC", run)
+                and run.casefold() == run
+                and not _NEEDS_FOLD.search(run)
+            ):
+                add(run, start, end, True)
+                continue
+            i = 0
+            while i < len(run):
+                j = i + 1
+                while j < len(run) and (_continues(run[j]) or run[j - 1] == ZWJ):
+                    j += 1
+                add(_fold(run[i:j]), start + i, start + j, False)
+                i = j
+        if pos < len(text):
+            add(text[pos:].lower(), pos, len(text), True)
+        self.text = "".join(pieces)
+        self._ns, self._ne, self._os, self._oe, self._linear = ns, ne, os_, oe, linear
+
+    def to_norm(self, offset: int) -> int:
+        """The first normalised index whose characters start at or after `offset`."""
+        k = bisect.bisect_right(self._os, offset) - 1
+        if k < 0:
+            return 0
+        if self._linear[k]:
+            return min(self._ns[k] + (offset - self._os[k]), self._ne[k])
+        return self._ns[k] if offset <= self._os[k] else self._ne[k]
+
+    def to_original(self, start: int, end: int) -> tuple[int, int] | None:
+        """Original [start, end) for normalised [start, end); None when it cuts a folded cluster."""
+        k = bisect.bisect_right(self._ns, start) - 1
+        if self._linear[k]:
+            o_start = self._os[k] + (start - self._ns[k])
+        elif start == self._ns[k]:
+            o_start = self._os[k]
+        else:
+            return None
+        k = bisect.bisect_right(self._ns, end - 1) - 1
+        if self._linear[k]:
+            o_end = self._os[k] + (end - self._ns[k])
+        elif end == self._ne[k]:
+            o_end = self._oe[k]
+        else:
+            return None
+        return o_start, o_end
+
+
+def normalise(surface: str) -> str:
+    """The folded form of a surface, as the folded view would show it."""
+    return FoldedView(surface).text.strip()
+
+
+# ---------------------------------------------------------------- finding occurrences
+
+
+class Aligner:
+    """Finds occurrences of surfaces in one text; caches its lowered copy, folded view and word index."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self._lower: str | None = None
+        self._lower_ok: bool | None = None
+        self._view: FoldedView | None = None
+        self._indexes: dict[str, dict[str, list[int]]] = {}
+        self._occurrences: dict[tuple[str, str], tuple[list[int], list[tuple[int, int]]]] = {}
+
+    # -- boundaries
+    def _inside_cluster(self, i: int) -> bool:
+        text = self.text
+        if i <= 0 or i >= len(text):
+            return False
+        return _continues(text[i]) or text[i - 1] == ZWJ or (text[i - 1] == "\r" and text[i] == "\n")
+
+    def bounded(self, start: int, end: int) -> bool:
+        text = self.text
+        if start >= end:
+            return False
+        if start > 0 and _spaced_word(text[start - 1]) and _spaced_word(text[start]):
+            return False
+        if end < len(text) and _spaced_word(text[end - 1]) and _spaced_word(text[end]):
+            return False
+        return not (self._inside_cluster(start) or self._inside_cluster(end))
+
+    # -- the three tiers: every bounded occurrence, computed once per surface and tier
+    def _scan(self, haystack: str, needle: str) -> list[tuple[int, int]]:
+        found, find, size = [], haystack.find, len(needle)
+        i = find(needle)
+        while i != -1:
+            if self.bounded(i, i + size):
+                found.append((i, i + size))
+            i = find(needle, i + 1)
+        return found
+
+    def _indexed(self, haystack: str, needle: str, name: str) -> list[tuple[int, int]]:
+        """Like _scan, through an index of word runs when the needle starts a word (one pass per text)."""
+        first = _WORD_RUN.match(needle)
+        if first is None:
+            return self._scan(haystack, needle)
+        index = self._indexes.get(name)
+        if index is None:
+            index = {}
+            for match in _WORD_RUN.finditer(haystack):
+                index.setdefault(match.group(), []).append(match.start())
+            self._indexes[name] = index
+        size = len(needle)
+        return [
+            (i, i + size)
+            for i in index.get(first.group(), ())
+            if haystack.startswith(needle, i) and self.bounded(i, i + size)
+        ]
+
+    def _lowered(self) -> str | None:
+        if self._lower_ok is None:
+            lowered = self.text.lower()
+            # lower() never shortens a character, so equal lengths mean one for one
+            self._lower_ok = len(lowered) == len(self.text)
+            self._lower = lowered if self._lower_ok else None
+        return self._lower
+
+    def view(self) -> FoldedView:
+        if self._view is None:
+            self._view = FoldedView(self.text)
+        return self._view
+
+    def _normalised(self, surface: str) -> list[tuple[int, int]]:
+        needle = normalise(surface)
+        if not needle:
+            return []
+        view = self.view()
+        found, find = [], view.text.find
+        i = find(needle)
+        while i != -1:
+            span = view.to_original(i, i + len(needle))
+            if span is not None and self.bounded(*span):
+                found.append(span)
+            i = find(needle, i + 1)
+        return found
+
+    def occurrences(self, tier: str, surface: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(starts, spans) of every bounded occurrence of `surface` found by `tier`, by start."""
+        key = (tier, surface)
+        cached = self._occurrences.get(key)
+        if cached is None:
+            if tier == "exact":
+                spans = self._indexed(self.text, surface, "exact")
+            elif tier == "case":
+                lowered = self._lowered()
+                if lowered is not None:
+                    spans = self._indexed(lowered, surface.lower(), "case")
+                else:
+                    pattern = re.compile(re.escape(surface), re.IGNORECASE)
+                    spans = [m.span() for m in pattern.finditer(self.text) if self.bounded(*m.span())]
+            else:
+                spans = self._normalised(surface)
+            spans = sorted(set(spans))
+            cached = ([s for s, _ in spans], spans)
+            self._occurrences[key] = cached
+        return cached
+
+    def all_exact(self, surface: str) -> list[tuple[int, int]]:
+        return self.occurrences("exact", surface)[1]
+
+    # -- the mention walk
+    def walk(
+        self,
+        entities: Iterable[tuple[str, str]],
+        *,
+        lo: int = 0,
+        hi: int | None = None,
+        allow_overlap: bool = False,
+        tiers: tuple[str, ...] = TIERS,
+    ) -> tuple[list[tuple[Span, str]], Counter, Counter]:
+        """Listed items -> (span, normalised surface) in listing order, drops by reason, finds by tier.
+
+        Only occurrences inside the window [lo, hi) are considered (a chunk of a long text); word
+        boundaries are still judged on the whole text.
+        """
+        hi = len(self.text) if hi is None else hi
+        found: list[tuple[Span, str]] = []
+        dropped: Counter = Counter()
+        matched: Counter = Counter()
+        taken: set[tuple[int, int]] = set()
+        occupied = bytearray(hi - lo)
+        cursor = lo
+        for surface, label in entities:
+            surface = (surface or "").strip()
+            if not surface:
+                dropped["empty"] += 1
+                continue
+            hit = self._locate(surface, cursor, lo, hi, taken, occupied, allow_overlap, tiers)
+            if hit is None:
+                dropped["not_found"] += 1
+                continue
+            if hit == "repeated":
+                dropped["repeated"] += 1
+                continue
+            start, end, tier = hit
+            matched[tier] += 1
+            taken.add((start, end))
+            occupied[start - lo : end - lo] = b"\x01" * (end - start)
+            found.append((Span(start, end, self.text[start:end], label), normalise(surface)))
+            cursor = start
+        return found, dropped, matched
+
+    def _locate(self, surface, cursor, lo, hi, taken, occupied, allow_overlap, tiers):
+        seen_any = False
+        for tier in tiers:
+            starts, spans = self.occurrences(tier, surface)
+            fallback = None
+            # after the cursor first; then from the window's start (the LLM listed out of order)
+            for begin, stop in ((cursor, hi), (lo, cursor)):
+                for k in range(bisect.bisect_left(starts, begin), bisect.bisect_left(starts, stop)):
+                    start, end = spans[k]
+                    if end > hi:
+                        continue
+                    seen_any = True
+                    if (start, end) in taken:
+                        continue
+                    if allow_overlap or occupied.find(1, start - lo, end - lo) == -1:
+                        return start, end, tier
+                    if fallback is None:
+                        fallback = (start, end, tier)
+            if fallback is not None:
+                return fallback
+        return "repeated" if seen_any else None
+
+
+# ---------------------------------------------------------------- resolving
+
+
+def resolve(
+    aligner: Aligner,
+    listed: list[tuple[Span, str]],
+    *,
+    label_all_mentions: bool,
+    allow_overlap: bool = False,
+    prefer: Prefer = "longest",
+    dropped: Counter | None = None,
+) -> tuple[list[Span], int]:
+    """Listed spans after the overlap rule, plus the mentions added by `label_all_mentions`."""
+    dropped = Counter() if dropped is None else dropped
+    text = aligner.text
+    occupied = bytearray(len(text))
+    chosen: list[Span] = []
+    seen: set[tuple[int, int, str]] = set()
+    order = range(len(listed))
+    if prefer == "longest":
+        order = sorted(order, key=lambda k: (listed[k][0].start - listed[k][0].end, listed[k][0].start, k))
+    for k in order:
+        span = listed[k][0]
+        key = (span.start, span.end, span.label)
+        if key in seen:
+            dropped["repeated"] += 1
+            continue
+        if not allow_overlap and occupied.find(1, span.start, span.end) != -1:
+            dropped["overlap"] += 1
+            continue
+        seen.add(key)
+        chosen.append(span)
+        occupied[span.start : span.end] = b"\x01" * (span.end - span.start)
+
+    added = 0
+    if label_all_mentions:
+        labels: dict[str, set[str]] = {}
+        surfaces: dict[str, set[str]] = {}
+        for span, folded in listed:
+            labels.setdefault(folded, set()).add(span.label)
+            surfaces.setdefault(folded, set()).add(span.text)
+        extras: list[Span] = []
+        for folded, names in labels.items():
+            if len(names) != 1:
+                continue  # the LLM itself told mentions of this surface apart: trust only its list
+            (label,) = names
+            for surface in surfaces[folded]:
+                extras.extend(Span(s, e, surface, label) for s, e in aligner.all_exact(surface))
+        extras.sort(key=lambda s: (s.start - s.end, s.start))
+        for span in extras:
+            if occupied.find(1, span.start, span.end) == -1:
+                chosen.append(span)
+                occupied[span.start : span.end] = b"\x01" * (span.end - span.start)
+                added += 1
+    chosen.sort()
+    return chosen, added
 
 
 def align(
@@ -38,40 +468,12 @@ def align(
     entities: Iterable[tuple[str, str]],
     *,
     label_all_mentions: bool = True,
+    allow_overlap: bool = False,
+    prefer: Prefer = "longest",
 ) -> Alignment:
-    result = Alignment(spans=[])
-    taken: list[Span] = []
-    cursor = 0
-    labels_per_surface: dict[str, set[str]] = {}
-    listed: list[tuple[str, str]] = []
-    for surface, label in entities:
-        if not surface or not surface.strip():
-            result.dropped["empty"] += 1
-            continue
-        listed.append((surface, label))
-        labels_per_surface.setdefault(surface, set()).add(label)
-        pattern = _pattern(surface)
-        match = pattern.search(text, cursor) or pattern.search(text)
-        if match is None:
-            result.dropped["not_found"] += 1
-            continue
-        taken.append(Span(match.start(), match.end(), match.group(), label))
-        cursor = match.end()
-    if label_all_mentions:
-        for surface, labels in labels_per_surface.items():
-            if len(labels) != 1:
-                continue
-            (label,) = labels
-            for match in _pattern(surface).finditer(text):
-                taken.append(Span(match.start(), match.end(), match.group(), label))
-    result.spans = _resolve_overlaps(taken)
-    return result
-
-
-def _resolve_overlaps(spans: list[Span]) -> list[Span]:
-    """Drop exact duplicates; of overlapping spans the longest wins (then the earliest)."""
-    chosen: list[Span] = []
-    for span in sorted(set(spans), key=lambda s: (-(s.end - s.start), s.start)):
-        if all(span.end <= other.start or span.start >= other.end for other in chosen):
-            chosen.append(span)
-    return sorted(chosen)
+    aligner = Aligner(text)
+    listed, dropped, matched = aligner.walk(entities, allow_overlap=allow_overlap)
+    spans, added = resolve(
+        aligner, listed, label_all_mentions=label_all_mentions, allow_overlap=allow_overlap, prefer=prefer, dropped=dropped
+    )
+    return Alignment(spans=spans, dropped=dropped, matched=matched, added=added)
