@@ -1,0 +1,94 @@
+"""Property-based specification of the alignment engine (Hypothesis).
+
+Texts are generated from entity surfaces and filler words joined by awkward separators; the gold
+spans are where the entity surfaces were put. An answer listing every gold entity in order (the
+documented mention rule) must align back to exactly the gold spans.
+"""
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backend.alignment import align
+
+SURFACES = [
+    "Apple", "New York", "York", "New York State", "São Paulo", "Zoë", "Jose\u0301 Marti\u0301", "O'Brien",
+    "AT&T", "C++", "R2-D2", "2024", "東京", "北京大学", "ירושלים", "القاهرة", "Ελλάδα", "Москва", "straße",
+    "İstanbul", "🍎 Records", "👨‍👩‍👧 Club", "Dr. No", "U.S.", "ﬁnance", "Ｔｏｋｙｏ",
+]
+# fillers never hold an entity on word boundaries, but some hold one inside a longer word
+FILLERS = [
+    "the", "and", "met", "in", "said", "ok", "x1", "...", "🎉", "👍🏽", "é", "над", "は", "的", "—", "5%", "(", ")",
+    "Pineapple", "Yorkshire", "NewYork", "12024", "AT&Tx", "Москвами", "Zoë́", "straßen", "Ελλάδας",
+]
+SEPARATORS = [" ", "  ", "\t", "\r\n", "\n\n", "\u00a0", ", ", " (", ") ", "\u200b", " \u2014 ", "; "]
+LABELS = ["PER", "ORG", "LOC", "MISC"]
+
+segment = st.one_of(
+    st.tuples(st.just("entity"), st.sampled_from(SURFACES), st.sampled_from(LABELS)),
+    st.tuples(st.just("filler"), st.sampled_from(FILLERS), st.just("")),
+)
+
+
+@st.composite
+def documents(draw):
+    """(text, gold spans [(start, end, surface, label)])."""
+    parts = draw(st.lists(segment, max_size=30))
+    text, gold = "", []
+    for kind, surface, label in parts:
+        if text:
+            text += draw(st.sampled_from(SEPARATORS))
+        if kind == "entity":
+            gold.append((len(text), len(text) + len(surface), surface, label))
+        text += surface
+    return text, gold
+
+
+def aligned(text, entities, **options):
+    return [(s.start, s.end, s.text, s.label) for s in align(text, entities, **options).spans]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents(), st.booleans())
+def test_an_answer_listing_every_gold_mention_in_order_aligns_to_exactly_the_gold_spans(document, all_mentions):
+    text, gold = document
+    answer = [(surface, label) for _, _, surface, label in gold]
+    assert aligned(text, answer, label_all_mentions=all_mentions) == gold
+
+
+def _perturb(surface: str, how: int) -> str:
+    if how == 0:
+        return surface.upper()
+    if how == 1:
+        return surface.lower()
+    if how == 2:
+        return surface.replace(" ", "   ")
+    return surface.replace("'", "\u2019")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents(), st.data())
+def test_an_answer_with_changed_case_spacing_or_quotes_still_aligns_to_the_gold_spans(document, data):
+    text, gold = document
+    answer = [(_perturb(surface, data.draw(st.integers(0, 3))), label) for _, _, surface, label in gold]
+    assert aligned(text, answer, label_all_mentions=False) == gold
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=200),
+    st.lists(st.tuples(st.text(max_size=12), st.sampled_from(LABELS)), max_size=12),
+    st.booleans(),
+    st.booleans(),
+)
+def test_any_answer_on_any_text_gives_exact_sorted_spans(text, answer, all_mentions, overlap):
+    # the LLM's surfaces are arbitrary strings here; half of them are cut from the text itself
+    answer = answer + [(text[i : i + 7], "PER") for i in range(0, len(text), 13)]
+    result = align(text, answer, label_all_mentions=all_mentions, allow_overlap=overlap)
+    for span in result.spans:
+        assert 0 <= span.start < span.end <= len(text)
+        assert text[span.start : span.end] == span.text
+    assert result.spans == sorted(result.spans)
+    if not overlap:
+        assert all(a.end <= b.start for a, b in zip(result.spans, result.spans[1:]))
+    listed = len(answer)
+    assert len(result.spans) - result.added + sum(result.dropped.values()) == listed
