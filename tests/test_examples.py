@@ -1,0 +1,69 @@
+"""Choosing the few-shot examples for a new text: similar, covering the labels, diverse, within budget."""
+
+from __future__ import annotations
+
+from backend.examples import ExampleIndex, FewShotExample, token_cost
+
+LABELS = ("PER", "ORG", "LOC", "MISC")
+
+
+def ex(text: str, *entities: tuple[str, str], task_id: int | None = None) -> FewShotExample:
+    return FewShotExample(text, tuple(entities), task_id=task_id)
+
+
+FOOTBALL = ex("Manchester United beat Arsenal at Old Trafford on Sunday.", ("Manchester United", "ORG"), ("Arsenal", "ORG"), ("Old Trafford", "LOC"))
+POLITICS = ex("The senator met the prime minister in Ottawa.", ("Ottawa", "LOC"))
+COOKING = ex("Stir the sauce slowly and add salt.")
+NOVEL = ex("Sherlock Holmes solved the case with Watson.", ("Sherlock Holmes", "PER"), ("Watson", "PER"))
+EURO = ex("The euro fell against the dollar.", ("euro", "MISC"))
+
+
+def test_the_most_similar_example_is_chosen_and_placed_next_to_the_new_text():
+    index = ExampleIndex([POLITICS, COOKING, FOOTBALL, NOVEL])
+    chosen = index.select("Arsenal lost to Manchester United again.", LABELS, k=2, token_budget=10_000)
+    assert chosen[-1] == FOOTBALL  # the closest sits last, right before the text to label
+
+
+def test_every_label_is_shown_once_when_examples_allow_before_more_of_the_same():
+    football_2 = ex("Chelsea beat Arsenal at Stamford Bridge.", ("Chelsea", "ORG"), ("Arsenal", "ORG"), ("Stamford Bridge", "LOC"))
+    football_3 = ex("Arsenal and Chelsea drew at the Emirates.", ("Arsenal", "ORG"), ("Chelsea", "ORG"), ("Emirates", "LOC"))
+    index = ExampleIndex([FOOTBALL, football_2, football_3, NOVEL, EURO, COOKING])
+    chosen = index.select("Arsenal beat Chelsea.", LABELS, k=3, token_budget=10_000)
+    labels_shown = {label for e in chosen for _, label in e.entities}
+    assert labels_shown == {"PER", "ORG", "LOC", "MISC"}
+    assert len(chosen) == 3
+
+
+def test_near_duplicates_are_not_shown_twice():
+    twin = ex("Manchester United beat Arsenal at Old Trafford on Sunday!", ("Manchester United", "ORG"), ("Arsenal", "ORG"), ("Old Trafford", "LOC"))
+    index = ExampleIndex([FOOTBALL, twin, POLITICS, NOVEL])
+    chosen = index.select("Manchester United beat Arsenal.", ("ORG", "LOC"), k=3, token_budget=10_000)
+    assert not (FOOTBALL in chosen and twin in chosen)
+    assert len(chosen) == 3
+
+
+def test_the_examples_stay_within_the_token_budget_and_k():
+    long_one = ex("Arsenal " * 2000, ("Arsenal", "ORG"))
+    index = ExampleIndex([long_one, FOOTBALL, POLITICS, NOVEL, EURO, COOKING])
+    budget = token_cost(FOOTBALL) + token_cost(POLITICS) + 5
+    chosen = index.select("Arsenal played.", LABELS, k=4, token_budget=budget)
+    assert long_one not in chosen
+    assert sum(token_cost(e) for e in chosen) <= budget
+    assert chosen and len(chosen) <= 4
+    assert len(index.select("Arsenal played.", LABELS, k=2, token_budget=10**6)) == 2
+
+
+def test_no_examples_when_k_is_zero_or_the_store_is_empty():
+    assert ExampleIndex([FOOTBALL]).select("Arsenal", LABELS, k=0, token_budget=10_000) == []
+    assert ExampleIndex([]).select("Arsenal", LABELS, k=3, token_budget=10_000) == []
+
+
+def test_the_text_being_labeled_is_never_its_own_example():
+    index = ExampleIndex([FOOTBALL, POLITICS])
+    assert FOOTBALL not in index.select(FOOTBALL.text, LABELS, k=2, token_budget=10_000)
+
+
+def test_texts_without_words_are_handled():
+    index = ExampleIndex([ex("..."), ex("!!!"), COOKING])
+    assert len(index.select("???", LABELS, k=2, token_budget=10_000)) == 2
+    assert ExampleIndex([ex("..."), ex("!!!")]).select("Arsenal", LABELS, k=1, token_budget=10_000)
