@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from pydantic import BaseModel, ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend import __version__, metrics
 from backend.base import LabelStudioMLBase
@@ -65,6 +65,21 @@ def _body(model: type[BaseModel]) -> Any:
         return model.model_validate(payload)
     except ValidationError as error:
         raise BadRequest(_validation_message(error)) from None
+
+
+def _discard_body(environ: dict, limit: int) -> None:
+    """Read and drop a refused body, so the client gets its 413 and a kept-alive connection stays usable.
+
+    Refusing without reading leaves the rest of the upload in the socket: the client sees a reset
+    instead of the answer. Beyond `limit` we stop reading and let the connection drop.
+    """
+    stream = environ.get("wsgi.input")
+    remaining = min(int(environ.get("CONTENT_LENGTH") or 0), limit)
+    while stream is not None and remaining > 0:
+        chunk = stream.read(min(remaining, 1 << 16))
+        if not chunk:
+            break
+        remaining -= len(chunk)
 
 
 def _refuse_long_texts(tasks: list[TaskIn], label_config: str, limit: int) -> None:
@@ -131,6 +146,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):
+        if isinstance(error, RequestEntityTooLarge):
+            _discard_body(request.environ, limit=2 * settings.max_request_bytes)
         return jsonify(error=error.description or error.name), error.code or 500
 
     @app.errorhandler(Exception)
