@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from backend.errors import BackendError, ConfigError
 
@@ -105,6 +106,15 @@ def run_predict_conll(args: argparse.Namespace) -> int:
     return 1 if run.failed == run.units else 0
 
 
+# ---- export: stored corrections as tuning data ----
+def run_export(args: argparse.Namespace) -> int:
+    from backend.exports import export_with_settings
+
+    count = export_with_settings(args.kind, args.project, args.out)
+    print(f"wrote {count} {args.kind} records of project {args.project} to {args.out}")
+    return 0
+
+
 def _label_studio_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), required=not os.environ.get("LABEL_STUDIO_URL"),
                          help="Label Studio URL (default $LABEL_STUDIO_URL)")
@@ -154,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     offline.add_argument("--quiet", action="store_true", help="no progress bar")
     offline.set_defaults(handler=run_predict_conll)
+
+    exp = commands.add_parser("export", help="write a project's corrections as JSONL for tuning LLMs (SFT or preferences)")
+    exp.add_argument("kind", choices=["sft", "preferences"],
+                     help="sft: chat fine-tuning messages; preferences: prompt/chosen/rejected where the human changed the draft")
+    exp.add_argument("--project", required=True, help="Label Studio project id")
+    exp.add_argument("out", type=Path, help="output .jsonl file (replaced)")
+    exp.set_defaults(handler=run_export)
 
     return parser
 
