@@ -120,6 +120,13 @@ def _continues(ch: str) -> bool:
     )
 
 
+def splits_cluster(text: str, i: int) -> bool:
+    """Whether cutting `text` at i separates a grapheme cluster (base + marks, ZWJ sequence, CRLF)."""
+    if i <= 0 or i >= len(text):
+        return False
+    return _continues(text[i]) or text[i - 1] == ZWJ or (text[i - 1] == "\r" and text[i] == "\n")
+
+
 def _fold(piece: str) -> str:
     return unicodedata.normalize("NFKC", piece).casefold().translate(_FOLD_TABLE)
 
@@ -246,10 +253,7 @@ class Aligner:
 
     # -- boundaries
     def _inside_cluster(self, i: int) -> bool:
-        text = self.text
-        if i <= 0 or i >= len(text):
-            return False
-        return _continues(text[i]) or text[i - 1] == ZWJ or (text[i - 1] == "\r" and text[i] == "\n")
+        return splits_cluster(self.text, i)
 
     def bounded(self, start: int, end: int) -> bool:
         text = self.text
