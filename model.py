@@ -45,6 +45,8 @@ class NERModel(LabelStudioMLBase):
             self.services.llm,
             select_examples=self.examples.selector(self.settings.few_shot_k, self.settings.few_shot_token_budget),
             label_all_mentions=self.settings.label_all_mentions,
+            context_chars=self.settings.llm_context_chars,
+            chunk_overlap=self.settings.llm_chunk_overlap,
             source=EntitySource(self.services.llm, self.response_cache(), scope=self.model_version),
         )
 

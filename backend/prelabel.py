@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend import confidence, metrics
-from backend.alignment import Span, align
+from backend.alignment import Alignment, Span, align
+from backend.batch import map_in_order
+from backend.chunking import align_chunks, split
 from backend.answers import EntitySource, Found
 from backend.errors import BadRequest
 from backend.examples import FewShotExample
@@ -67,17 +69,47 @@ class Prelabeler:
         guidelines: str | None = None,
         label_all_mentions: bool = True,
         source: EntitySource | None = None,
+        context_chars: int = 12_000,
+        chunk_overlap: int = 300,
     ):
         self.schema = schema
         self.llm = llm
         self.source = source or EntitySource(llm)  # the response cache and scoring live there
         self.select_examples = select_examples or (lambda target, text: ())
         self.label_all_mentions = label_all_mentions
+        self.context_chars = context_chars
+        self.chunk_overlap = chunk_overlap
         self.tasks = {t.from_name: NerTask(t, templates, guidelines) for t in schema.targets}
 
     def entities_for(self, target: NerTarget, text: str) -> Found:
         task = self.tasks[target.from_name]
         return self.source.find(task, text, self.select_examples(target, text))
+
+    def aligned(self, target: NerTarget, text: str, outcome: TaskOutcome) -> tuple[Alignment, list[Found]]:
+        """One LLM call for a text within the context budget; beyond it, one per overlapping chunk."""
+        chunks = split(text, self.context_chars, self.chunk_overlap)
+        calls = map_in_order(
+            lambda chunk: self.entities_for(target, text[chunk.start : chunk.end]),
+            chunks,
+            concurrency=min(4, len(chunks)),
+            deadline_seconds=3600.0,  # map_in_order caps it by the deadline of the /predict it runs under
+        )
+        founds: list[Found] = []
+        answers: list[list[tuple[str, str]]] = []
+        known = set(target.label_names)
+        for call in calls:
+            if call.error is not None:
+                raise call.error  # a text labelled in part would look complete to the annotator
+            found = call.value
+            founds.append(found)
+            outcome.usage.add(found.usage)
+            kept = [(t, l) for t, l in found.entities if l in known]
+            outcome.dropped["unknown_label"] += len(found.entities) - len(kept)
+            answers.append(kept)
+        options = {"label_all_mentions": self.label_all_mentions, "allow_overlap": target.allow_overlap}
+        if len(chunks) == 1:
+            return align(text, answers[0], **options), founds
+        return align_chunks(text, chunks, answers, **options), founds
 
     def prelabel(self, data: dict[str, Any]) -> TaskOutcome:
         outcome = TaskOutcome()
@@ -87,18 +119,14 @@ class Prelabeler:
             text = task_text(data, target)
             if not text.strip():
                 continue
-            found = self.entities_for(target, text)
-            entities = found.entities
-            outcome.usage.add(found.usage)
-            known = set(target.label_names)
-            kept = [(t, l) for t, l in entities if l in known]
-            outcome.dropped["unknown_label"] += len(entities) - len(kept)
-            alignment = align(text, kept, label_all_mentions=self.label_all_mentions)
+            alignment, founds = self.aligned(target, text, outcome)
+            scores = {key: score for found in founds for key, score in found.scores.items()}
             outcome.dropped.update(alignment.dropped)
-            outcome.results.extend(span_results(target, alignment.spans, found.scores))
-            span_scores.extend(found.scores.get((s.text, s.label)) for s in alignment.spans)
-            if found.empty_score is not None:
-                empty_scores.append(found.empty_score)
+            outcome.results.extend(span_results(target, alignment.spans, scores))
+            span_scores.extend(scores.get((s.text, s.label)) for s in alignment.spans)
+            empties = [found.empty_score for found in founds if found.empty_score is not None]
+            if empties:
+                empty_scores.append(min(empties))
         for reason, count in outcome.dropped.items():
             if count:
                 metrics.DROPPED.labels(reason).inc(count)

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         default=True,
         description="also label unlisted mentions of a listed surface (unless it got two labels)",
     )
+    llm_context_chars: int = Field(
+        default=12_000, ge=200, description="longer texts are sent in overlapping chunks of at most this many characters"
+    )
+    llm_chunk_overlap: int = Field(
+        default=300, ge=0, description="characters shared by consecutive chunks; more than the longest entity"
+    )
 
     # --- few-shot examples from human corrections ---
     few_shot_k: int = Field(default=4, ge=0, le=50, description="examples shown per task; 0 = none")
@@ -104,6 +110,12 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value
+
+    @model_validator(mode="after")
+    def _chunk_overlap_fits(self) -> "Settings":
+        if self.llm_chunk_overlap * 2 > self.llm_context_chars:
+            raise ValueError("LLM_CHUNK_OVERLAP must be at most half of LLM_CONTEXT_CHARS")
+        return self
 
     @model_validator(mode="after")
     def _auth_pair(self) -> "Settings":
