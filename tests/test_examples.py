@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from backend.examples import ExampleIndex, FewShotExample, token_cost
 
 LABELS = ("PER", "ORG", "LOC", "MISC")
@@ -67,3 +69,15 @@ def test_texts_without_words_are_handled():
     index = ExampleIndex([ex("..."), ex("!!!"), COOKING])
     assert len(index.select("???", LABELS, k=2, token_budget=10_000)) == 2
     assert ExampleIndex([ex("..."), ex("!!!")]).select("Arsenal", LABELS, k=1, token_budget=10_000)
+
+
+def test_bm25_relevance_equals_rank_bm25s_own_scores():
+    from rank_bm25 import BM25Okapi
+
+    from backend.examples import tokens
+
+    corpus = [FOOTBALL, POLITICS, COOKING, NOVEL, EURO, ex("Arsenal Arsenal Arsenal fans.")]
+    index = ExampleIndex(corpus)
+    reference = BM25Okapi([tokens(e.text) for e in corpus])
+    for query in ("Arsenal beat Manchester United", "the euro and the dollar", "nothing matches zzz", "Arsenal Arsenal"):
+        assert list(index.bm25_scores(query)) == pytest.approx(list(reference.get_scores(tokens(query))))
