@@ -143,7 +143,7 @@ def check_labels(target: NerTarget, labels: Sequence[str], project_id: int) -> N
 
 def existing_keys(client: Any, project_id: int) -> set[str]:
     keys = set()
-    for task in client.tasks.list(project=project_id, page_size=500):
+    for task in client.tasks.list(project=project_id, fields="task_only", page_size=500):
         key = (task.data or {}).get(KEY_FIELD)
         if key:
             keys.add(key)

@@ -120,6 +120,14 @@ def test_import_predict_evaluate_on_wikigold_matches_an_independent_computation(
         sum(report["per_label"][label]["strict"]["f1"] for label in ("LOC", "MISC", "ORG", "PER")) / 4
     )
     assert f"model version {version}" in evaluation.stdout
+
+    # offline, predict-conll builds the same tasks and so reaches the same figures
+    offline_figures = tmp_path / "offline.json"
+    offline = cli("predict-conll", str(source), "--out", str(tmp_path / "out.conll"), "--json", str(offline_figures),
+                  "--quiet", env=backend.env)
+    assert offline.returncode == 0, offline.stderr
+    offline_report = json.loads(offline_figures.read_text())
+    assert offline_report["micro"] == report["micro"] and offline_report["per_label"] == report["per_label"]
     assert f"{report['micro']['strict']['f1']:.3f}" in evaluation.stdout
     assert label_studio.token not in evaluation.stdout + evaluation.stderr + done.stdout + done.stderr
 
