@@ -9,6 +9,7 @@ This file is the recipe; the machinery lives in `backend/`:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from backend.base import LabelStudioMLBase
@@ -16,9 +17,10 @@ from backend.answers import EntitySource
 from backend.batch import map_in_order
 from backend.cache import ResponseCache
 from backend.example_store import ExampleStore
+from backend.interactive import Marks, interactive_results, read_marks, remember_guidelines
 from backend.labelconfig import parse_label_config
 from backend.prelabel import Prelabeler
-from backend import webhooks
+from backend import costs, metrics, packing, warmstart, webhooks
 from backend.wire import ModelResponse, PredictionValue
 
 log = logging.getLogger("model")
@@ -36,13 +38,21 @@ class NERModel(LabelStudioMLBase):
     def version_inputs(self) -> list[str]:
         # A new LLM, prompt, label config or example set must give a new version,
         # or Label Studio keeps serving the old pre-labels.
-        return [self.services.llm.model, self.services.templates.fingerprint, self.label_config, self.examples.fingerprint()]
+        return [
+            self.services.llm.model, self.services.templates.fingerprint, self.label_config,
+            self.examples.fingerprint(), self.guidelines(),
+        ]
 
-    def prelabeler(self) -> Prelabeler:
+    def guidelines(self) -> str:
+        # What annotators typed in the guidelines <TextArea> of their last submitted annotation.
+        return self.get("guidelines") or ""
+
+    def prelabeler(self, guidelines: str | None = None) -> Prelabeler:
         return Prelabeler(
             self.schema,
             self.services.templates,
             self.services.llm,
+            guidelines=self.guidelines() if guidelines is None else guidelines,
             select_examples=self.examples.selector(self.settings.few_shot_k, self.settings.few_shot_token_budget),
             label_all_mentions=self.settings.label_all_mentions,
             context_chars=self.settings.llm_context_chars,
@@ -55,13 +65,21 @@ class NERModel(LabelStudioMLBase):
 
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, **kwargs: Any) -> ModelResponse:
         version = self.model_version
+        if context and len(tasks) == 1:  # interactive: the annotator's marks steer the answer
+            marks = read_marks(context, self.schema, tasks[0].get("data") or {}, self.settings.guidelines_textarea)
+            if marks:
+                return ModelResponse(model_version=version, predictions=[self.predict_interactive(tasks[0], marks, version)])
         prelabeler = self.prelabeler()
+        deadline = time.monotonic() + self.settings.predict_deadline
+        if self.settings.pack_size > 1:  # short texts several to a call; each task below finds its answer
+            packing.prefill(prelabeler, tasks, self.settings, deadline)
         outcomes = map_in_order(
             lambda task: prelabeler.prelabel(task.get("data") or {}),
             tasks,
             concurrency=self.settings.predict_concurrency,
-            deadline_seconds=self.settings.predict_deadline,
+            deadline_seconds=deadline - time.monotonic(),
         )
+        costs.account(self.project_id, [None if o.error else o.value.usage for o in outcomes], self.settings)
         predictions = []
         for task, outcome in zip(tasks, outcomes):
             if outcome.error is not None:
@@ -74,6 +92,19 @@ class NERModel(LabelStudioMLBase):
         self.examples.record_drafts(self.schema, tasks, [p.result if o.error is None else None for p, o in zip(predictions, outcomes)], version)
         return ModelResponse(model_version=version, predictions=predictions)
 
+    def predict_interactive(self, task: dict[str, Any], marks: Marks, version: str) -> PredictionValue:
+        results = interactive_results(
+            task.get("data") or {}, marks, self.schema, self.prelabeler,
+            use_llm=self.settings.interactive_llm, deadline_seconds=self.settings.interactive_deadline,
+            templates=self.services.templates, base_guidelines=self.guidelines(),
+        )
+        return PredictionValue(result=results, model_version=version)
+
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> None:
+        if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            remember_guidelines(self, data)
+        if event == "TASKS_CREATED" and self.settings.warm_start:
+            warmstart.start(self, data)  # predicted in the background, so opening a task costs no LLM wait
         # Each correction becomes a few-shot example at once: no training job.
         webhooks.handle(event, data, self.schema, self.examples, self.settings)
+        metrics.EXAMPLES.labels(self.project_id).set(len(self.examples.examples()))

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from backend.alignment import Span, align
+from backend.batch import map_in_order
 from backend.labelconfig import NerSchema, NerTarget
+from backend.prelabel import Prelabeler, span_results
+from backend.templates import PromptTemplates
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +137,75 @@ def merge_llm(drawn: list[Span], propagated: list[Span], llm_spans: list[Span]) 
             continue
         kept.append(span)
     return sorted(kept)
+
+
+def marks_prompt(templates: PromptTemplates, drawn: list[Span]) -> str:
+    return templates.render("marks", marks=drawn) if drawn else ""
+
+
+def _span_of(result: dict[str, Any]) -> Span:
+    value = result["value"]
+    return Span(value["start"], value["end"], value["text"], value["labels"][0])
+
+
+def interactive_results(
+    data: dict[str, Any],
+    marks: Marks,
+    schema: NerSchema,
+    make_prelabeler: Callable[[str], Prelabeler],
+    *,
+    use_llm: bool,
+    deadline_seconds: float,
+    templates: PromptTemplates,
+    base_guidelines: str = "",
+) -> list[dict[str, Any]]:
+    """The answer to one interactive /predict: propagated mentions, then the LLM's completion."""
+    fixed: dict[str, tuple[list[Span], list[Span]]] = {}
+    results: list[dict[str, Any]] = []
+    for target in schema.targets:
+        text = data.get(target.data_key)
+        if not isinstance(text, str):
+            continue
+        drawn = marks.spans.get(target.from_name, [])
+        propagated = propagate(text, drawn)
+        fixed[target.from_name] = (drawn, propagated)
+        results.extend(span_results(target, propagated))
+    if not use_llm:
+        return results
+
+    all_drawn = [span for drawn, _ in fixed.values() for span in drawn]
+    guidelines = "\n\n".join(p for p in (base_guidelines, marks.guidelines, marks_prompt(templates, all_drawn)) if p)
+    prelabeler = make_prelabeler(guidelines)
+    (outcome,) = map_in_order(prelabeler.prelabel, [data], concurrency=1, deadline_seconds=deadline_seconds)
+    if outcome.error is not None:
+        # The fast path stands alone; a slow LLM still fills the response cache for the next ask.
+        log.info("interactive: answering without the LLM: %s", outcome.error)
+        return results
+    by_target: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for result in outcome.value.results:
+        by_target[result["from_name"]].append(result)
+    for from_name, llm_results in by_target.items():
+        drawn, propagated = fixed.get(from_name, ([], []))
+        keep = set(merge_llm(drawn, propagated, [_span_of(r) for r in llm_results]))
+        results.extend(r for r in llm_results if _span_of(r) in keep)
+    return results
+
+
+def remember_guidelines(model: Any, payload: dict[str, Any]) -> None:
+    """A submitted annotation's guidelines text becomes the project's guidelines (a new model_version).
+
+    An annotation without the <TextArea> leaves them as they are; an emptied box clears them.
+    """
+    annotation = payload.get("annotation") if isinstance(payload, dict) else None
+    if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
+        return
+    results = annotation.get("result")
+    if not isinstance(results, list):
+        return
+    name = model.settings.guidelines_textarea
+    if not any(isinstance(r, dict) and r.get("from_name") == name for r in results):
+        return
+    text = guidelines_from_results(results, model.schema, name)
+    if text != (model.get("guidelines") or ""):
+        model.set("guidelines", text)
+        log.info("project %s: guidelines updated from annotation %s", model.project_id, annotation.get("id"))

@@ -52,6 +52,17 @@ class Settings(BaseSettings):
         default=True,
         description="also label unlisted mentions of a listed surface (unless it got two labels)",
     )
+
+    # --- interactive pre-annotation and guidelines ---
+    interactive_llm: bool = Field(
+        default=True, description="interactive mode: also ask the LLM for the rest of the text, marks as constraints"
+    )
+    interactive_deadline: float = Field(
+        default=20.0, gt=0, description="seconds the interactive answer waits for the LLM before answering without it"
+    )
+    guidelines_textarea: str = Field(
+        default="instructions", min_length=1, description="name of the <TextArea> holding annotator guidelines"
+    )
     llm_context_chars: int = Field(
         default=12_000, ge=200, description="longer texts are sent in overlapping chunks of at most this many characters"
     )

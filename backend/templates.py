@@ -16,7 +16,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from backend.errors import ConfigError
 
-TEMPLATE_NAMES = ("system", "user", "repair")
+TEMPLATE_NAMES = ("system", "user", "repair", "marks")
 
 
 @dataclass(frozen=True)

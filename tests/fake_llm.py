@@ -3,7 +3,8 @@
 It stands in for a paid API, never for the backend's own code. Tests configure it per test:
 
 - `gazetteer`: {surface: label}; the default answer lists every occurrence of a known surface in the
-  last user message, in order of appearance (what an ideal LLM would answer);
+  last user message, in order of appearance (what an ideal LLM would answer); a packed request
+  (`<text id="N">` blocks) gets `{"results": [{"id", "entities"}]}`, one item per text;
 - `replies`: a queue of `Reply` objects served first (status codes, Retry-After, malformed output,
   a delay...), or `responder`: a function request -> Reply for anything else;
 - `latency` seconds per request, `max_concurrency` requests served at once (more wait their turn),
@@ -22,6 +23,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+
+PACKED_TEXT = re.compile(r'<text id="([^"]+)">\n(.*?)\n</text>', re.DOTALL)
 
 
 @dataclass
@@ -80,12 +84,19 @@ class FakeLLM:
     # ---- the default answer ----
     def gazetteer_reply(self, body: dict[str, Any]) -> Reply:
         text = last_user_text(body)
+        packed = PACKED_TEXT.findall(text)
+        if packed:  # several texts in one request: answer each id on its own
+            results = [{"id": i, "entities": [{"text": s, "label": l} for s, l in self.gazetteer_entities(t)]} for i, t in packed]
+            return Reply(content=json.dumps({"results": results}))
+        return entities_reply(self.gazetteer_entities(text))
+
+    def gazetteer_entities(self, text: str) -> list[tuple[str, str]]:
         found: list[tuple[int, str, str]] = []
         for surface, label in self.gazetteer.items():
             for match in re.finditer(r"(?<!\w)" + re.escape(surface) + r"(?!\w)", text):
                 found.append((match.start(), surface, label))
         found.sort()
-        return entities_reply([(s, l) for _, s, l in found])
+        return [(s, l) for _, s, l in found]
 
     def _answer(self, body: dict[str, Any]) -> Reply:
         fmt = (body.get("response_format") or {}).get("type")
@@ -119,7 +130,10 @@ class FakeLLM:
                 for key, value in (headers or {}).items():
                     self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a deadline or timeout under test): nothing to answer
 
             def do_GET(self) -> None:
                 if self.path.rstrip("/").endswith("/models"):

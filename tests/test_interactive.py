@@ -60,3 +60,86 @@ def test_guidelines_come_from_the_configured_textarea_only():
     marks = marks_of(guidelines, other, config=CONFIG_WITH_GUIDELINES)
     assert marks.guidelines == "Label {ships} as MISC"
     assert not marks_of(guidelines).guidelines  # the plain config has no such TextArea
+
+
+# ---- through the /predict endpoint (Flask test client, fake LLM over HTTP) ----
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.fake_llm import entities_reply  # noqa: E402
+
+
+@pytest.fixture
+def make_client(settings):
+    from backend.server import create_app
+
+    def make(**overrides):
+        return create_app(settings.model_copy(update=overrides)).test_client()
+
+    return make
+
+
+def interactive_predict(client, *regions, config=CONFIG_WITH_GUIDELINES, text=TEXT):
+    body = {
+        "tasks": [{"id": 1, "data": {"text": text}}],
+        "project": "4.1",
+        "label_config": config,
+        "params": {"context": {"result": list(regions)}},
+    }
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    (entry,) = response.json["results"]
+    return sorted((r["value"]["start"], r["value"]["text"], r["value"]["labels"][0]) for r in entry["result"])
+
+
+def test_marked_surface_is_propagated_and_the_llm_completes_the_rest(make_client, llm):
+    llm.replies.append(entities_reply([("Ada", "PER"), ("Babbage", "PER"), ("Ada", "ORG"), ("Babbage", "PER")]))
+    client = make_client()
+    spans = interactive_predict(client, region(0, 3, "PER"))
+    # drawn region (0) not echoed; its other mentions propagated; the LLM's "Ada"=ORG contradicts the mark: dropped
+    assert spans == [(8, "Babbage", "PER"), (23, "Ada", "PER"), (40, "Babbage", "PER"), (53, "Ada", "PER")]
+    system = llm.requests[0]["messages"][0]["content"]
+    assert '"Ada" is PER' in system
+
+
+def test_without_the_llm_only_the_fast_path_answers(make_client, llm):
+    client = make_client(interactive_llm=False)
+    assert interactive_predict(client, region(0, 3, "PER")) == [(23, "Ada", "PER"), (53, "Ada", "PER")]
+    assert llm.requests == []
+
+
+def test_a_slow_llm_does_not_hold_the_fast_path(make_client, llm):
+    llm.latency = 3.0
+    client = make_client(interactive_deadline=0.5)
+    started = time.monotonic()
+    spans = interactive_predict(client, region(0, 3, "PER"))
+    assert time.monotonic() - started < 2.5
+    assert spans == [(23, "Ada", "PER"), (53, "Ada", "PER")]
+
+
+def test_guidelines_typed_in_the_box_steer_this_prediction_and_braces_are_safe(make_client, llm):
+    client = make_client()
+    box = {"from_name": "instructions", "to_name": "text", "type": "textarea", "value": {"text": ["Tag {{ ships }} as MISC {%"]}}
+    interactive_predict(client, box)
+    assert "Tag {{ ships }} as MISC {%" in llm.requests[0]["messages"][0]["content"]
+
+
+def test_submitted_guidelines_are_stored_and_change_the_model_version(make_client, llm):
+    client = make_client()
+    setup = lambda: client.post("/setup", json={"project": "4", "schema": CONFIG_WITH_GUIDELINES}).json["model_version"]
+    before = setup()
+    annotation = {
+        "id": 11, "task": 1, "was_cancelled": False,
+        "result": [
+            region(0, 3, "PER"),
+            {"from_name": "instructions", "to_name": "text", "type": "textarea", "value": {"text": ["Titles are not part of PER"]}},
+        ],
+    }
+    payload = {"action": "ANNOTATION_CREATED", "annotation": annotation, "task": {"id": 1, "data": {"text": TEXT}},
+               "project": {"id": 4, "label_config": CONFIG_WITH_GUIDELINES}}
+    assert client.post("/webhook", json=payload).status_code in (200, 201)
+    after = setup()
+    assert after != before
+    client.post("/predict", json={"tasks": [{"id": 2, "data": {"text": "Grace Hopper"}}], "project": "4.2"})
+    assert "Titles are not part of PER" in llm.requests[-1]["messages"][0]["content"]
