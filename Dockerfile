@@ -1,27 +1,32 @@
+# The backend alone; docker-compose.yml runs it next to Label Studio.
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MODEL_DIR=/data \
-    PROMPTS_DIR=/app/prompts
+    PROMPTS_DIR=/app/prompts \
+    WORKERS=2
 
 WORKDIR /app
 RUN useradd --create-home --uid 1000 app \
     && mkdir -p /data \
-    && chown app:app /data
+    && chown 1000:1000 /data
 
+# prompts last: editing a template does not reinstall the package
 COPY pyproject.toml README.md ./
 COPY backend ./backend
 COPY model.py ./
-COPY prompts ./prompts
 RUN pip install --no-cache-dir .
+COPY prompts ./prompts
 
-USER app
+USER 1000
 VOLUME ["/data"]
 EXPOSE 9090
 
-HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2).status == 200 else 1)"
+HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2).status != 200)"]
 
-CMD ["llm-ner", "serve", "--host", "0.0.0.0", "--port", "9090", "--workers", "2"]
+# shell form would lose SIGTERM; exec form with sh -c keeps WORKERS configurable and exec hands over PID 1
+CMD ["sh", "-c", "exec llm-ner serve --host 0.0.0.0 --port 9090 --workers \"$WORKERS\""]

@@ -1,0 +1,83 @@
+"""Pre-labels seen in the real UI: an annotator opens a task in Label Studio 1.23 (headless Chromium)
+and finds the entities already marked, predicted by the backend the moment the task opened."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import NER_CONFIG
+from tests.processes import REPO
+
+pytestmark = [pytest.mark.label_studio, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
+USER, PASSWORD = "ls-robot", "browser-basic-pass-3d1f"
+TEXT = "Grace Hopper joined the Navy in New York."
+EXPECTED = [(0, 12, "PER", "Grace Hopper"), (24, 28, "ORG", "Navy"), (32, 40, "LOC", "New York")]
+
+
+@pytest.fixture
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail("chromium is not installed: `apt-get install -y chromium` (make test does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        yield browser
+        browser.close()
+
+
+def test_opening_a_task_in_the_labeling_ui_shows_the_predicted_entities_as_regions(label_studio, backend_factory, llm, browser):
+    llm.gazetteer = {"Grace Hopper": "PER", "Navy": "ORG", "New York": "LOC"}
+    backend = backend_factory(workers=2, BASIC_AUTH_USER=USER, BASIC_AUTH_PASS=PASSWORD)
+    ls = label_studio.client()
+    project = ls.projects.create(title="pre-labels in the UI", label_config=NER_CONFIG)
+    ls.projects.import_tasks(id=project.id, request=[{"text": TEXT}])
+    ls.ml.create(url=backend.url, project=project.id, title="llm-ner", is_interactive=False,
+                 auth_method="BASIC_AUTH", basic_auth_user=USER, basic_auth_pass=PASSWORD)
+    (task,) = ls.tasks.list(project=project.id)
+    assert list(ls.predictions.list(task=task.id)) == []  # nothing predicted until the task is opened
+
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(label_studio.url + "/user/login/")
+    page.fill("input[name=email]", label_studio.email)
+    page.fill("input[name=password]", label_studio.password)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+
+    page.goto(f"{label_studio.url}/projects/{project.id}/data?task={task.id}")
+    # regions of the text: Label Studio marks each as a highlight span carrying its label and offsets
+    highlights = page.locator(".lsf-richtext span.htx-highlight")
+    highlights.nth(len(EXPECTED) - 1).wait_for(timeout=90_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "prelabels.png"))
+
+    shown = sorted(
+        (int(h.get_attribute("data-start")), int(h.get_attribute("data-end")),
+         h.get_attribute("data-label").split(":", 1)[1], h.inner_text())
+        for h in highlights.all()
+    )
+    assert shown == EXPECTED
+    # the Regions panel lists them by label and text
+    outliner = page.locator(".lsf-outliner-item__title")
+    listed = sorted((item.locator(".lsf-labels-list").first.inner_text().strip(),
+                     item.locator(".lsf-outliner-item__text").inner_text().strip()) for item in outliner.all())
+    assert listed == sorted((label, text) for _, _, label, text in EXPECTED)
+
+    # they came from this backend, predicted when the task opened, under its current model_version
+    (prediction,) = ls.predictions.list(task=task.id)
+    version = httpx.post(backend.url + "/setup", json={"project": str(project.id), "schema": NER_CONFIG},
+                         auth=(USER, PASSWORD)).json()["model_version"]
+    assert prediction.model_version == version
+    tab = page.locator(".lsf-annotation-button__name", has_text="llm-ner-")
+    assert tab.count() == 1 and tab.inner_text().endswith(version[-6:])
+    assert len(llm.requests) == 1 and TEXT in llm.requests[0]["messages"][-1]["content"]
