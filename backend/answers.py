@@ -74,6 +74,7 @@ class EntitySource:
         self.scope = scope  # the model_version: a new version never reuses an old answer
         self.samples = llm.settings.llm_samples
         self.temperature = llm.settings.llm_sample_temperature if self.samples > 1 else 0.0
+        self._prefilled: dict[str, Found] = {}  # answers packing got for this request, by key
 
     def key(self, task: NerTask, messages: list[dict[str, str]]) -> str:
         return cache_key(
@@ -95,9 +96,17 @@ class EntitySource:
         if self.cache is not None:
             self.cache.put(key, found.to_cache())
 
+    def prefill(self, key: str, found: Found) -> None:
+        """An answer got another way (a packed call): served by `find` as if asked alone, and cached."""
+        self._prefilled[key] = found
+        self.remember(key, found)
+
     def find(self, task: NerTask, text: str, examples: Sequence[FewShotExample] = ()) -> Found:
         messages = task.messages(text, examples)
         key = self.key(task, messages)
+        prefilled = self._prefilled.pop(key, None)
+        if prefilled is not None:
+            return prefilled
         if self.cache is not None:
             value = self.cache.get(key)
             if value is not None:

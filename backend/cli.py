@@ -115,6 +115,28 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- estimate ----
+def run_estimate(args: argparse.Namespace) -> int:
+    from backend import costs
+    from backend.settings import load_settings
+
+    # a dry run sends nothing, so it needs no key; the rest (model, prompts, prices) is the configuration's
+    settings = load_settings(openai_api_key=os.environ.get("OPENAI_API_KEY") or "dry-run")
+    pack = args.pack if args.pack is not None else settings.pack_size
+    if args.project is not None:
+        if not (args.url and args.api_key):
+            raise ConfigError("--project needs --url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+        from backend.importer import connect
+
+        result = costs.estimate_project(connect(args.url, args.api_key), args.project, settings, args.examples, pack)
+    elif args.files:
+        result = costs.estimate_conll(args.files, settings, args.per, args.examples, pack)
+    else:
+        raise ConfigError("give CoNLL files or --project")
+    print(result.describe())
+    return 0
+
+
 def _label_studio_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), required=not os.environ.get("LABEL_STUDIO_URL"),
                          help="Label Studio URL (default $LABEL_STUDIO_URL)")
@@ -171,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--project", required=True, help="Label Studio project id")
     exp.add_argument("out", type=Path, help="output .jsonl file (replaced)")
     exp.set_defaults(handler=run_export)
+
+    est = commands.add_parser("estimate", help="dry run: LLM calls, tokens and cost for CoNLL files or a project; sends nothing")
+    est.add_argument("files", nargs="*", metavar="FILE", help="CoNLL files")
+    est.add_argument("--project", type=int, metavar="ID", help="a Label Studio project instead of files")
+    est.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), help="Label Studio URL (default $LABEL_STUDIO_URL)")
+    est.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"), help="default $LABEL_STUDIO_API_KEY")
+    est.add_argument("--per", choices=("document", "sentence"), default="sentence", help="CoNLL: one task per sentence (default) or document")
+    est.add_argument("--examples", type=int, default=3, help="few-shot examples per prompt (default 3)")
+    est.add_argument("--pack", type=int, metavar="N", help="texts per LLM call (default PACK_SIZE)")
+    est.set_defaults(handler=run_estimate)
 
     return parser
 

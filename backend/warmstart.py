@@ -1,0 +1,51 @@
+"""Warm start (WARM_START=true): on TASKS_CREATED, predict the new tasks in the background.
+
+The predictions land in the response cache under the current model_version, so when Label Studio
+later asks for them (a task opened, "Retrieve predictions") they come back with no LLM wait. The
+webhook is answered at once (Label Studio waits 1 s); one warm-start batch runs at a time per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHUNK = 50  # tasks per background predict: each chunk gets its own deadline
+_one_at_a_time = threading.Lock()
+
+
+def new_tasks(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    tasks = payload.get("tasks") if isinstance(payload, dict) else None
+    if not isinstance(tasks, list):
+        return []
+    return [t for t in tasks if isinstance(t, dict) and isinstance(t.get("data"), dict)]
+
+
+def precompute(model: Any, tasks: Sequence[dict[str, Any]]) -> int:
+    """Predict (and so cache) these tasks; returns how many got a non-empty prediction."""
+    labeled = 0
+    with _one_at_a_time:
+        for start in range(0, len(tasks), CHUNK):
+            chunk = list(tasks[start : start + CHUNK])
+            try:
+                response = model.predict(chunk)
+            except Exception:  # noqa: BLE001 - a background thread has no caller to report to but the log
+                log.exception("warm start: predicting %d tasks failed", len(chunk))
+                continue
+            labeled += sum(1 for p in response.predictions if p.result)
+    log.info("warm start: %d new tasks pre-computed (%d with entities)", len(tasks), labeled)
+    return labeled
+
+
+def start(model: Any, payload: dict[str, Any]) -> threading.Thread | None:
+    tasks = new_tasks(payload)
+    if not tasks:
+        log.info("warm start: TASKS_CREATED without task data; nothing to pre-compute")
+        return None
+    thread = threading.Thread(target=precompute, args=(model, tasks), name="warm-start", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,75 @@
+"""Warm start: TASKS_CREATED pre-computes the new tasks' predictions, so opening them costs no LLM call."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.conftest import NER_CONFIG
+from tests.processes import TEST_API_KEY
+
+TEXTS = ["Ada Lovelace lived in London.", "Paris is big.", "Nothing here."]
+
+
+@pytest.fixture
+def make_client(tmp_path, llm):
+    from backend.server import create_app
+    from backend.settings import load_settings
+
+    def make(**overrides):
+        values = dict(openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
+                      model_dir=tmp_path / "model", _env_file=None)
+        values.update(overrides)
+        client = create_app(load_settings(**values)).test_client()
+        assert client.post("/setup", json={"project": "5", "schema": NER_CONFIG}).status_code == 200
+        return client
+
+    return make
+
+
+def tasks_created(texts, first_id=1):
+    return {
+        "action": "TASKS_CREATED",
+        "tasks": [{"id": first_id + i, "data": {"text": t}, "project": 5} for i, t in enumerate(texts)],
+        "project": {"id": 5, "label_config": NER_CONFIG, "title": "p"},
+    }
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_tasks_created_precomputes_predictions_so_predict_makes_no_llm_call(make_client, llm):
+    llm.gazetteer = {"Ada Lovelace": "PER", "London": "LOC", "Paris": "LOC"}
+    llm.latency = 0.3
+    client = make_client(warm_start=True)
+    started = time.monotonic()
+    response = client.post("/webhook", json=tasks_created(TEXTS))
+    assert response.status_code in (200, 201)
+    assert time.monotonic() - started < 0.3  # answered before any LLM call could finish
+    assert wait_until(lambda: not any(t.name == "warm-start" for t in threading.enumerate()) and len(llm.requests) == 3)
+    predicted = client.post("/predict", json={"tasks": tasks_created(TEXTS)["tasks"], "project": "5.1", "label_config": NER_CONFIG})
+    assert len(llm.requests) == 3  # all three came from the cache
+    spans = [[r["value"]["text"] for r in e["result"]] for e in predicted.json["results"]]
+    assert spans == [["Ada Lovelace", "London"], ["Paris"], []]
+
+
+def test_warm_start_is_off_by_default(make_client, llm):
+    client = make_client()
+    assert client.post("/webhook", json=tasks_created(TEXTS)).status_code in (200, 201)
+    assert not any(t.name == "warm-start" for t in threading.enumerate())
+    assert llm.requests == []
+
+
+def test_tasks_created_without_task_data_is_acknowledged_and_ignored(make_client, llm):
+    client = make_client(warm_start=True)
+    payload = {"action": "TASKS_CREATED", "tasks": [{"id": 1}, "junk"], "project": {"id": 5, "label_config": NER_CONFIG}}
+    assert client.post("/webhook", json=payload).status_code in (200, 201)
+    assert not any(t.name == "warm-start" for t in threading.enumerate())

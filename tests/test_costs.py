@@ -1,0 +1,111 @@
+"""Usage and cost: per-project totals from the API's usage, prices, and the `llm-ner estimate` dry run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from prometheus_client import REGISTRY
+
+from backend.costs import UsageLedger, price_of
+from tests.conftest import NER_CONFIG, WIKIGOLD
+from tests.processes import REPO, TEST_API_KEY
+
+
+@pytest.fixture
+def make_client(tmp_path, llm):
+    from backend.server import create_app
+    from backend.settings import load_settings
+
+    def make(**overrides):
+        values = dict(openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
+                      model_dir=tmp_path / "model", _env_file=None)
+        values.update(overrides)
+        return create_app(load_settings(**values)).test_client()
+
+    return make
+
+
+def test_usage_and_cost_are_totalled_per_project_from_the_apis_usage(make_client, llm, tmp_path):
+    llm.gazetteer = {"Oslo": "LOC"}
+    client = make_client(llm_prices={"fake-model": (2.0, 8.0)})
+    texts = ["Oslo one.", "Oslo two.", "Three."]
+    tasks = [{"id": i, "data": {"text": t}} for i, t in enumerate(texts)]
+    assert client.post("/predict", json={"tasks": tasks, "project": "12.1", "label_config": NER_CONFIG}).status_code == 200
+    # what the fake reported, call by call (prompt: characters / 4; completion: answer characters / 4)
+    prompt = sum(max(1, sum(len(m["content"]) for m in r["messages"]) // 4) for r in llm.requests)
+    totals = UsageLedger.in_dir(tmp_path / "model").totals("12")
+    assert (totals["tasks"], totals["calls"], totals["prompt_tokens"]) == (3, 3, prompt)
+    assert totals["cost_usd"] == pytest.approx((prompt * 2.0 + totals["completion_tokens"] * 8.0) / 1e6)
+    assert REGISTRY.get_sample_value("llm_ner_project_tokens_total", {"project": "12", "kind": "prompt"}) >= prompt
+    assert REGISTRY.get_sample_value("llm_ner_project_cost_usd_total", {"project": "12"}) >= totals["cost_usd"]
+
+
+def test_prices_match_a_dated_model_name_by_its_longest_prefix():
+    prices = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6)}
+    assert price_of(prices, "gpt-4o-mini-2024-07-18") == (0.15, 0.6)
+    assert price_of(prices, "gpt-4o-2024-08-06") == (2.5, 10.0)
+    assert price_of(prices, "llama3.1") is None and price_of(None, "gpt-4o") is None
+
+
+def test_llm_prices_setting_is_json_and_bad_values_name_the_setting():
+    from backend.errors import ConfigError
+    from backend.settings import load_settings
+
+    env = {"LLM_PRICES": '{"gpt-4o-mini": [0.15, 0.6]}'}
+    os.environ.update(env)
+    try:
+        assert load_settings(openai_api_key="k", _env_file=None).llm_prices == {"gpt-4o-mini": (0.15, 0.6)}
+        os.environ["LLM_PRICES"] = '{"gpt-4o-mini": "cheap"}'
+        with pytest.raises(ConfigError, match="LLM_PRICES"):
+            load_settings(openai_api_key="k", _env_file=None)
+    finally:
+        os.environ.pop("LLM_PRICES", None)
+
+
+def run_cli(*args, **env):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "PACK_"))}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
+
+
+def figures(output):
+    """The estimate's table: a name padded to 16 characters, then its value."""
+    return {line[:16].strip(): line[16:].strip() for line in output.strip().splitlines()}
+
+
+@pytest.fixture
+def small_conll(tmp_path):
+    lines = WIKIGOLD.read_text(encoding="utf-8").splitlines()[:400]
+    path = tmp_path / "small.conll"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.skipif(not WIKIGOLD.exists(), reason="wikigold data not present")
+def test_estimate_is_a_dry_run_with_tokens_calls_and_cost(small_conll, llm):
+    done = run_cli("estimate", str(small_conll), "--examples", "3", LLM_PRICES='{"gpt-4o-mini": [0.15, 0.6]}')
+    assert done.returncode == 0, done.stderr
+    out = figures(done.stdout)
+    texts, calls = int(out["texts"]), int(out["LLM calls"])
+    assert texts > 10 and calls == texts
+    prompt_per_text = float(out["prompt tokens"].split("(")[1].split()[0])
+    assert 200 < prompt_per_text < 2000
+    assert out["cost"].startswith("$")
+    assert llm.requests == []  # nothing was sent (and no OPENAI_API_KEY was needed)
+
+    packed = figures(run_cli("estimate", str(small_conll), "--examples", "3", "--pack", "8").stdout)
+    assert int(packed["LLM calls"]) == -(-texts // 8)
+    assert float(packed["prompt tokens"].split("(")[1].split()[0]) * 3 <= prompt_per_text
+    assert packed["cost"].startswith("unknown")
+
+
+def test_estimate_without_input_or_with_a_missing_file_fails_with_a_message(tmp_path):
+    nothing = run_cli("estimate")
+    assert nothing.returncode != 0 and "CoNLL files or --project" in nothing.stderr and "Traceback" not in nothing.stderr
+    missing = run_cli("estimate", str(tmp_path / "nope.conll"))
+    assert missing.returncode != 0 and "nope.conll" in missing.stderr and "Traceback" not in missing.stderr
+    no_ls = run_cli("estimate", "--project", "3", LABEL_STUDIO_URL="", LABEL_STUDIO_API_KEY="")
+    assert no_ls.returncode != 0 and "--url" in no_ls.stderr

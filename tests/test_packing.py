@@ -1,0 +1,145 @@
+"""Packing (PACK_SIZE > 1): several short texts per LLM call, each task still gets its own answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend.conll import build_units, read_conll
+from tests.conftest import NER_CONFIG, WIKIGOLD
+from tests.fake_llm import Reply
+from tests.processes import TEST_API_KEY
+
+GAZETTEER = {"Oslo": "LOC", "Ada Lovelace": "PER", "Apple": "ORG", "Rome": "LOC"}
+TEXTS = ["Oslo is cold.", "Ada Lovelace wrote.", "Nothing.", "Apple in Rome.", "Rome and Oslo.", "Ada Lovelace in Rome."]
+
+
+@pytest.fixture
+def make_client(tmp_path, llm):
+    from backend.server import create_app
+    from backend.settings import load_settings
+
+    def make(**overrides):
+        values = dict(
+            openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
+            model_dir=tmp_path / "model", llm_retry_base=0.01, _env_file=None,
+        )
+        values.update(overrides)
+        client = create_app(load_settings(**values)).test_client()
+        assert client.post("/setup", json={"project": "7", "schema": NER_CONFIG}).status_code == 200
+        return client
+
+    return make
+
+
+def predict(client, texts):
+    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
+    response = client.post("/predict", json={"tasks": tasks, "project": "7.1", "label_config": NER_CONFIG})
+    assert response.status_code == 200, response.json
+    assert len(response.json["results"]) == len(texts)
+    return [[(r["value"]["text"], r["value"]["start"], r["value"]["labels"][0]) for r in e["result"]] for e in response.json["results"]]
+
+
+def expected(text):
+    found = []
+    for surface, label in GAZETTEER.items():
+        start = text.find(surface)
+        while start != -1:
+            found.append((surface, start, label))
+            start = text.find(surface, start + 1)
+    return sorted(found, key=lambda s: s[1])
+
+
+def packed_texts(request):
+    return request["messages"][-1]["content"].count('<text id="')
+
+
+def test_packing_is_off_by_default(make_client, llm):
+    llm.gazetteer = GAZETTEER
+    assert predict(make_client(), TEXTS) == [expected(t) for t in TEXTS]
+    assert len(llm.requests) == len(TEXTS) and not any(packed_texts(r) for r in llm.requests)
+
+
+def test_packed_calls_answer_every_task_in_order(make_client, llm):
+    llm.gazetteer = GAZETTEER
+    assert predict(make_client(pack_size=4), TEXTS) == [expected(t) for t in TEXTS]
+    assert sorted(packed_texts(r) for r in llm.requests) == [2, 4]
+    schema = llm.requests[0]["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["results"]["items"]["properties"]["entities"]["items"]["properties"]["label"]["enum"] == ["PER", "ORG", "LOC", "MISC"]
+
+
+def test_packed_answers_are_cached_per_text(make_client, llm):
+    llm.gazetteer = GAZETTEER
+    client = make_client(pack_size=4)
+    predict(client, TEXTS)
+    calls = len(llm.requests)
+    assert predict(client, TEXTS[::-1]) == [expected(t) for t in TEXTS[::-1]]
+    assert predict(make_client(), TEXTS[:2]) == [expected(t) for t in TEXTS[:2]]  # packing off: same cache keys
+    assert len(llm.requests) == calls
+
+
+def test_a_text_the_packed_answer_leaves_out_is_asked_alone(make_client, llm):
+    llm.gazetteer = GAZETTEER
+    partial = {"results": [{"id": "1", "entities": [{"text": "Oslo", "label": "LOC"}]}, {"id": "2", "entities": []}]}
+    llm.replies.append(Reply(content=json.dumps(partial)))
+    assert predict(make_client(pack_size=3), TEXTS[:3]) == [[("Oslo", 0, "LOC")], [], []]
+    assert [packed_texts(r) for r in llm.requests] == [3, 0]
+    assert "Nothing." in llm.requests[1]["messages"][-1]["content"]
+
+
+def test_a_failed_pack_falls_back_to_one_call_per_text(make_client, llm):
+    llm.gazetteer = GAZETTEER
+    llm.replies.append(Reply(status=500))
+    assert predict(make_client(pack_size=3, llm_max_retries=0), TEXTS[:3]) == [expected(t) for t in TEXTS[:3]]
+    assert [packed_texts(r) for r in llm.requests] == [3, 0, 0, 0]
+
+
+def test_long_texts_are_not_packed(make_client, llm):
+    llm.gazetteer = GAZETTEER
+    long_text = "Oslo " + "x" * 200
+    assert predict(make_client(pack_size=4, pack_max_chars=100), [TEXTS[0], long_text, TEXTS[1]]) == [
+        expected(TEXTS[0]), expected(long_text), expected(TEXTS[1])]
+    assert sorted(packed_texts(r) for r in llm.requests) == [0, 2]
+
+
+def test_a_packed_answer_that_does_not_parse_gets_one_repair_turn(make_client, llm):
+    llm.gazetteer = GAZETTEER
+    fixed = {"results": [{"id": "1", "entities": [{"text": "Oslo", "label": "LOC"}]}, {"id": "2", "entities": []}]}
+    llm.replies.extend([Reply(content="Here you go: Oslo is a LOC"), Reply(content=json.dumps(fixed))])
+    assert predict(make_client(pack_size=2), TEXTS[:2]) == [[("Oslo", 0, "LOC")], []]
+    repair = llm.requests[1]["messages"]
+    assert repair[-2] == {"role": "assistant", "content": "Here you go: Oslo is a LOC"}
+    assert '{"results": [{"id"' in repair[-1]["content"] and len(llm.requests) == 2
+
+
+def annotate(client, task_id, unit):
+    result = [{"from_name": "label", "to_name": "text", "type": "labels", "origin": "manual",
+               "value": {"start": e.start, "end": e.end, "text": e.text, "labels": [e.label]}} for e in unit.entities]
+    event = {"action": "ANNOTATION_CREATED",
+             "annotation": {"id": task_id, "task": task_id, "result": result, "was_cancelled": False, "ground_truth": False,
+                            "completed_by": 1, "updated_at": "2025-01-01T10:00:00Z"},
+             "task": {"id": task_id, "data": {"text": unit.text}},
+             "project": {"id": 7, "label_config": NER_CONFIG, "title": "p"}}
+    assert client.post("/webhook", json=event).status_code in (200, 201)
+
+
+@pytest.mark.skipif(not WIKIGOLD.exists(), reason="wikigold data not present")
+def test_packing_cuts_prompt_tokens_per_conll_sentence_at_least_3x(tmp_path, make_client, llm):
+    from backend.costs import UsageLedger
+
+    units = [u for u in build_units(read_conll(WIKIGOLD), per="sentence") if u.entities][:35]
+    llm.gazetteer = {e.text: e.label for u in units for e in u.entities}
+    per_task = {}
+    for pack in (1, 8):
+        client = make_client(pack_size=pack, model_dir=tmp_path / f"model-{pack}")
+        for i, unit in enumerate(units[:3]):
+            annotate(client, 1000 + i, unit)
+        texts = [u.text for u in units[3:]]
+        predict(client, texts)
+        shown = [(len(r["messages"]) - 2) // 2 if pack == 1 else packed_texts({"messages": r["messages"][1:2]}) for r in llm.requests]
+        assert shown and all(n == 3 for n in shown), shown  # every prompt showed the 3 examples
+        totals = UsageLedger.in_dir(tmp_path / f"model-{pack}").totals("7")
+        per_task[pack] = totals["prompt_tokens"] / len(texts)
+        llm.requests.clear()
+    assert per_task[1] >= 3 * per_task[8], per_task
