@@ -17,7 +17,7 @@ import json
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS examples (
     draft TEXT,
     updated_at REAL NOT NULL,
     digest TEXT NOT NULL,
+    stored_at REAL NOT NULL,
     PRIMARY KEY (project_id, annotation_id, from_name)
 );
 CREATE INDEX IF NOT EXISTS examples_by_task ON examples(project_id, task_id, from_name);
@@ -61,6 +62,10 @@ CREATE TABLE IF NOT EXISTS example_sets (
 """
 
 EMPTY = "0" * 32
+INSERT = (
+    "INSERT OR REPLACE INTO examples(project_id, annotation_id, from_name, task_id, text, spans, draft, updated_at, digest, "
+    "stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ def _xor(a: str, b: str) -> str:
 
 
 # per process: project -> (fingerprint, {from_name: index}); valid only while the fingerprint matches
-_index_cache: dict[str, tuple[str, dict[str, ExampleIndex]]] = {}
+_index_cache: dict[tuple[str, str], tuple[str, dict[str, ExampleIndex]]] = {}
 _index_lock = threading.Lock()
 
 
@@ -170,7 +175,7 @@ class ExampleStore:
     def indexes(self) -> dict[str, ExampleIndex]:
         fingerprint = self.fingerprint()
         with _index_lock:
-            cached = _index_cache.get(self.project_id)
+            cached = _index_cache.get((str(self.db.path), self.project_id))
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
         fingerprint, examples = self.snapshot()
@@ -179,7 +184,7 @@ class ExampleStore:
             by_target.setdefault(example.from_name, []).append(example.few_shot())
         indexes = {name: ExampleIndex(items) for name, items in by_target.items()}
         with _index_lock:
-            _index_cache[self.project_id] = (fingerprint, indexes)
+            _index_cache[(str(self.db.path), self.project_id)] = (fingerprint, indexes)
         return indexes
 
     def selector(self, k: int, token_budget: int):
@@ -190,7 +195,10 @@ class ExampleStore:
             index = indexes.get(target.from_name)
             if index is None:
                 return []
-            return index.select(text, target.label_names, k, token_budget)
+            known = set(target.label_names)
+            chosen = index.select(text, target.label_names, k, token_budget)
+            # examples made under an older label config may carry labels this one no longer has
+            return [replace(e, entities=tuple(x for x in e.entities if x[1] in known)) for e in chosen]
 
         return select
 
@@ -226,16 +234,16 @@ class ExampleStore:
                 spans_json = _spans_json(spans)
                 draft = drafts.get(from_name) or self._draft(conn, task_id, from_name, text)
                 digest = _digest(annotation_id, from_name, task_id, text, spans_json, updated_at)
-                new_rows.append((self.project_id, annotation_id, from_name, task_id, text, spans_json, draft, updated_at, digest))
+                new_rows.append((self.project_id, annotation_id, from_name, task_id, text, spans_json, draft, updated_at, digest, time.time()))
             change = EMPTY
             for r in old:
                 change = _xor(change, r["digest"])
             for row in new_rows:
-                change = _xor(change, row[-1])
+                change = _xor(change, row[8])
             if change == EMPTY:
                 return "unchanged"
             conn.execute("DELETE FROM examples WHERE project_id=? AND annotation_id=?", (self.project_id, annotation_id))
-            conn.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", new_rows)
+            conn.executemany(INSERT, new_rows)
             self._set_fingerprint(conn, change)
             return "stored"
 
@@ -284,27 +292,35 @@ class ExampleStore:
             self._set_fingerprint(conn, change)
             return len(old)
 
-    def replace_all(self, annotations: Sequence[tuple[int, int, float, dict[str, tuple[str, Sequence[Span]]]]]) -> int:
-        """START_TRAINING: the project's examples become exactly these (annotation_id, task_id, updated_at, targets)."""
+    def replace_all(
+        self, annotations: Sequence[tuple[int, int, float, dict[str, tuple[str, Sequence[Span]]]]], started_at: float
+    ) -> int:
+        """START_TRAINING: the project's examples become these (annotation_id, task_id, updated_at, targets),
+        read from Label Studio since `started_at`. Webhooks handled meanwhile are newer than that read:
+        rows they stored and annotations they deleted win over it."""
         with self.db.transaction() as conn:
-            drafts = {
-                (r["annotation_id"], r["from_name"]): r["draft"]
-                for r in conn.execute(
-                    "SELECT annotation_id, from_name, draft FROM examples WHERE project_id=?", (self.project_id,)
-                ).fetchall()
+            existing = conn.execute("SELECT * FROM examples WHERE project_id=?", (self.project_id,)).fetchall()
+            deleted = {
+                r["annotation_id"]
+                for r in conn.execute("SELECT annotation_id FROM deleted_annotations WHERE project_id=?", (self.project_id,))
             }
-            conn.execute("DELETE FROM examples WHERE project_id=?", (self.project_id,))
+            drafts = {(r["annotation_id"], r["from_name"]): r["draft"] for r in existing}
+            fresh = [r for r in existing if r["stored_at"] >= started_at]
+            fresh_ids = {r["annotation_id"] for r in fresh}
+            conn.execute("DELETE FROM examples WHERE project_id=? AND stored_at < ?", (self.project_id, started_at))
             fingerprint = EMPTY
-            count = 0
+            for r in fresh:
+                fingerprint = _xor(fingerprint, r["digest"])
+            count = len(fresh)
+            now = time.time()
             for annotation_id, task_id, updated_at, targets in annotations:
+                if annotation_id in deleted or annotation_id in fresh_ids:
+                    continue
                 for from_name, (text, spans) in targets.items():
                     spans_json = _spans_json(spans)
                     draft = drafts.get((annotation_id, from_name)) or self._draft(conn, task_id, from_name, text)
                     digest = _digest(annotation_id, from_name, task_id, text, spans_json, updated_at)
-                    conn.execute(
-                        "INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (self.project_id, annotation_id, from_name, task_id, text, spans_json, draft, updated_at, digest),
-                    )
+                    conn.execute(INSERT, (self.project_id, annotation_id, from_name, task_id, text, spans_json, draft, updated_at, digest, now))
                     fingerprint = _xor(fingerprint, digest)
                     count += 1
             conn.execute(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -201,6 +202,7 @@ def rebuild(schema: NerSchema, store: ExampleStore, url: str, api_key: str) -> i
     """Read every annotation of the project through the SDK and make the examples exactly those."""
     from label_studio_sdk.client import LabelStudio
 
+    started_at = time.time()
     client = LabelStudio(base_url=url, api_key=api_key)
     annotations = []
     counts: Counter = Counter()
@@ -216,7 +218,7 @@ def rebuild(schema: NerSchema, store: ExampleStore, url: str, api_key: str) -> i
                 continue
             counts.update(checked)
             annotations.append((int(_field(annotation, "id")), int(_field(task, "id")), timestamp(_field(annotation, "updated_at")), targets))
-    count = store.replace_all(annotations)
+    count = store.replace_all(annotations, started_at)
     log.info("START_TRAINING: project %s rebuilt: %d example rows from %d annotations; spans %s",
              store.project_id, count, len(annotations), dict(counts))
     return count

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 
@@ -255,3 +256,30 @@ def test_the_task_being_predicted_is_not_its_own_example(client, llm):
     client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")]))
     predict(client, TEXT_A, task_id=1)
     assert shown_examples(llm.requests[-1]) == []
+
+
+def test_a_rebuild_keeps_what_webhooks_changed_while_it_was_reading_label_studio(client, settings):
+    from backend.alignment import Span
+
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")]))
+    started_at = time.time()  # the rebuild reads Label Studio from here on...
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 21, 2, "Paris is big.", [span("Paris is big.", "Paris", "LOC")]))
+    client.post("/webhook", json=deleted_event(31))
+    # ...and got: annotation 11 with another answer, 31 (deleted meanwhile), not 21 (created meanwhile)
+    label_studio_view = [
+        (11, 1, 1.0, {"label": (TEXT_A, [Span(23, 36, "Chicago Bulls", "ORG")])}),
+        (31, 3, 1.0, {"label": ("Rome too.", [Span(0, 4, "Rome", "LOC")])}),
+    ]
+    assert store(settings).replace_all(label_studio_view, started_at) == 2
+    examples = {e.annotation_id: [(s.text, s.label) for s in e.spans] for e in store(settings).examples()}
+    assert examples == {11: [("Chicago Bulls", "ORG")], 21: [("Paris", "LOC")]}
+
+
+def test_labels_the_label_config_no_longer_has_are_not_shown(client, llm):
+    text = "The euro rose in Paris."
+    client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, text, [span(text, "euro", "MISC"), span(text, "Paris", "LOC")]))
+    without_misc = NER_CONFIG.replace('    <Label value="MISC" background="orange"/>\n', "")
+    assert without_misc != NER_CONFIG
+    response = client.post("/predict", json={"tasks": [{"id": 5, "data": {"text": "The euro fell in Rome."}}], "project": "7.2", "label_config": without_misc})
+    assert response.status_code == 200
+    assert shown_examples(llm.requests[-1]) == [(text, [("Paris", "LOC")])]
