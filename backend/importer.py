@@ -32,7 +32,7 @@ SOURCE_FIELD = "conll_source"
 COLORS = ("#FF0000", "#0000FF", "#00AA00", "#FFA500", "#800080", "#008080", "#A52A2A", "#FF00FF", "#808000", "#000080")
 
 
-class ImportError_(BackendError):
+class ImportRefused(BackendError):
     """The import cannot go ahead; nothing was imported."""
 
 
@@ -134,7 +134,7 @@ def target_of(label_config: str) -> NerTarget:
 def check_labels(target: NerTarget, labels: Sequence[str], project_id: int) -> None:
     missing = [label for label in labels if label not in target.label_names]
     if missing:
-        raise ImportError_(
+        raise ImportRefused(
             f"project {project_id}'s label config lacks the file's labels {', '.join(missing)}"
             f" (<Labels name=\"{target.from_name}\"> has {', '.join(target.label_names) or 'none'});"
             " add them to the config, or use --create"
@@ -169,11 +169,11 @@ def import_conll(
     progress: bool = True,
 ) -> ImportSummary:
     if (project_id is None) == (create_title is None):
-        raise ImportError_("give exactly one of --project ID and --create TITLE")
+        raise ImportRefused("give exactly one of --project ID and --create TITLE")
     if gold not in GOLD_MODES:
-        raise ImportError_(f"--gold must be one of {', '.join(GOLD_MODES)}")
+        raise ImportRefused(f"--gold must be one of {', '.join(GOLD_MODES)}")
     if batch_size < 1:
-        raise ImportError_("--batch-size must be at least 1")
+        raise ImportRefused("--batch-size must be at least 1")
     documents = read_files(paths)  # a malformed file stops everything here
     labels = labels_of(documents)
     units = build_units(documents, per=per)
@@ -191,9 +191,9 @@ def _import(
         same = _project_by_title(client, create_title)
         if same is not None:
             # re-running a --create import must not make a second project with the same tasks
-            raise ImportError_(f"a project titled {create_title!r} exists (id {same.id}): use --project {same.id}")
+            raise ImportRefused(f"a project titled {create_title!r} exists (id {same.id}): use --project {same.id}")
         if not labels:
-            raise ImportError_("the files have no entity tags to build a label config from; use --project")
+            raise ImportRefused("the files have no entity tags to build a label config from; use --project")
         project = client.projects.create(title=create_title, label_config=label_config_for(labels))
         project_id, created = project.id, True
         target = target_of(project.label_config or label_config_for(labels))
@@ -209,7 +209,7 @@ def _import(
         if unit.key not in known:
             fresh.append(unit)
             known.add(unit.key)  # the same file given twice is imported once
-    bar = tqdm(total=len(fresh), unit="task", desc="importing", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=len(fresh), unit="task", desc="importing", file=sys.stderr, disable=not progress or not fresh)
     try:
         for start in range(0, len(fresh), batch_size):
             batch = fresh[start:start + batch_size]

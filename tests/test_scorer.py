@@ -51,6 +51,12 @@ def test_labels_limit_the_evaluation():
     assert report.micro["strict"].f1 == 1.0
 
 
+def test_a_label_absent_from_gold_and_predictions_does_not_lower_the_macro_average():
+    report = score([[(0, 3, "PER")]], [[(0, 3, "PER")]], labels=["PER", "LOC", "MISC"])
+    assert report.labels == ["PER"]
+    assert report.macro["strict"].f1 == 1.0
+
+
 def test_no_texts_or_no_entities_score_zero_without_error():
     assert score([], []).micro["strict"].f1 == 0.0
     report = score([[]], [[]])
