@@ -32,6 +32,7 @@ Overlaps (one `<Labels>`): unless `allow_overlap`, of two overlapping listed spa
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 import unicodedata
 from collections import Counter
@@ -41,6 +42,7 @@ from typing import Literal
 
 Prefer = Literal["longest", "first"]
 TIERS = ("exact", "case", "normalised")
+_NEAR = 20_000  # characters searched after the cursor before the whole-text occurrence lists are built
 
 
 @dataclass(frozen=True, order=True)
@@ -80,6 +82,7 @@ _UNSPACED = (
 _UNSPACED_CLASS = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _UNSPACED)
 # a run of word characters of scripts written with spaces: the unit of the word index
 _WORD_RUN = re.compile(f"[^\\W{_UNSPACED_CLASS}]+")
+_WORD_RUN_SPLIT = re.compile(f"([^\\W{_UNSPACED_CLASS}]+)")
 
 ZWJ, ZWNJ = "\u200d", "\u200c"
 _JOINERS = (ZWJ, ZWNJ)
@@ -110,6 +113,8 @@ def _spaced_word(ch: str) -> bool:
 def _continues(ch: str) -> bool:
     """A character that belongs to the grapheme cluster before it."""
     o = ord(ch)
+    if o < 0x300:  # nothing below the combining diacritics block continues a cluster
+        return False
     return (
         unicodedata.category(ch)[0] == "M"
         or ch in _JOINERS
@@ -234,6 +239,8 @@ class FoldedView:
 
 def normalise(surface: str) -> str:
     """The folded form of a surface, as the folded view would show it."""
+    if _SPECIAL.search(surface) is None:  # plain ASCII with single spaces: lowering is all there is
+        return surface.lower().strip()
     return FoldedView(surface).text.strip()
 
 
@@ -248,7 +255,9 @@ class Aligner:
         self._lower: str | None = None
         self._lower_ok: bool | None = None
         self._view: FoldedView | None = None
-        self._indexes: dict[str, dict[str, list[int]]] = {}
+        self._indexes: dict[str, tuple[list[str], list[int], dict[str, list[int]]]] = {}
+        self._expected: dict[str, set[str]] = {"exact": set(), "case": set()}
+        self._folded: dict[str, str] = {}
         self._occurrences: dict[tuple[str, str], tuple[list[int], list[tuple[int, int]]]] = {}
 
     # -- boundaries
@@ -256,42 +265,71 @@ class Aligner:
         return splits_cluster(self.text, i)
 
     def bounded(self, start: int, end: int) -> bool:
+        """On word boundaries (where the script has them) and between grapheme clusters."""
         text = self.text
         if start >= end:
             return False
-        if start > 0 and _spaced_word(text[start - 1]) and _spaced_word(text[start]):
-            return False
-        if end < len(text) and _spaced_word(text[end - 1]) and _spaced_word(text[end]):
-            return False
-        return not (self._inside_cluster(start) or self._inside_cluster(end))
+        for i in (start, end):
+            if 0 < i < len(text):
+                before, after = text[i - 1], text[i]
+                if _spaced_word(before) and _spaced_word(after):
+                    return False
+                if (after >= "\u0300" or before in "\u200d\r") and splits_cluster(text, i):
+                    return False
+        return True
 
     # -- the three tiers: every bounded occurrence, computed once per surface and tier
-    def _scan(self, haystack: str, needle: str) -> list[tuple[int, int]]:
+    def _scan(self, haystack: str, needle: str, check: bool = True) -> list[tuple[int, int]]:
         found, find, size = [], haystack.find, len(needle)
         i = find(needle)
         while i != -1:
-            if self.bounded(i, i + size):
+            if not check or self.bounded(i, i + size):
                 found.append((i, i + size))
             i = find(needle, i + 1)
         return found
 
-    def _indexed(self, haystack: str, needle: str, name: str) -> list[tuple[int, int]]:
-        """Like _scan, through an index of word runs when the needle starts a word (one pass per text)."""
-        first = _WORD_RUN.match(needle)
-        if first is None:
-            return self._scan(haystack, needle)
-        index = self._indexes.get(name)
-        if index is None:
-            index = {}
-            for match in _WORD_RUN.finditer(haystack):
-                index.setdefault(match.group(), []).append(match.start())
-            self._indexes[name] = index
-        size = len(needle)
-        return [
-            (i, i + size)
-            for i in index.get(first.group(), ())
-            if haystack.startswith(needle, i) and self.bounded(i, i + size)
-        ]
+    def _indexed(self, haystack: str, needle: str, name: str, check: bool = True) -> list[tuple[int, int]]:
+        """Like _scan, through an index of word runs: candidates are where the needle's rarest word is.
+
+        A word run of a bounded occurrence is a whole word run of the text too (the needle's own
+        characters, or a boundary, end it), so the index misses no occurrence.
+        """
+        runs = list(_WORD_RUN.finditer(needle))
+        if not runs:
+            return self._scan(haystack, needle, check)
+        entry = self._indexes.get(name)
+        if entry is None:
+            # split() alternates gap, word, gap, word...: cumulative lengths give each word's start
+            pieces = _WORD_RUN_SPLIT.split(haystack)
+            offsets = list(itertools.accumulate(map(len, pieces), initial=0))
+            entry = self._indexes[name] = (pieces[1::2], offsets[1::2], {})
+        words, starts, index = entry
+        keys = {run.group() for run in runs}
+        if not keys <= index.keys():
+            # index only the words asked for (and announced by `expect`): a dict of every word costs more
+            missing = (self._expected.get(name, set()) | keys) - index.keys()
+            for word in missing:
+                index[word] = []
+            for word, start in [(w, o) for w, o in zip(words, starts) if w in missing]:
+                index[word].append(start)
+        rarest = min(runs, key=lambda run: len(index[run.group()]))
+        offset, size = rarest.start(), len(needle)
+        starts = [i - offset for i in index[rarest.group()] if i >= offset and haystack.startswith(needle, i - offset)]
+        return [(i, i + size) for i in starts if not check or self.bounded(i, i + size)]
+
+    def expect(self, surfaces: Iterable[str]) -> None:
+        """Surfaces about to be looked up: their words are indexed in one pass."""
+        exact, case = self._expected["exact"], self._expected["case"]
+        for surface in set(surfaces):
+            words = _WORD_RUN.findall(surface)
+            exact.update(words)
+            case.update(word.lower() for word in words)
+
+    def folded(self, surface: str) -> str:
+        folded = self._folded.get(surface)
+        if folded is None:
+            folded = self._folded[surface] = normalise(surface)
+        return folded
 
     def _lowered(self) -> str | None:
         if self._lower_ok is None:
@@ -344,6 +382,10 @@ class Aligner:
     def all_exact(self, surface: str) -> list[tuple[int, int]]:
         return self.occurrences("exact", surface)[1]
 
+    def candidates(self, surface: str) -> list[int]:
+        """Starts of every occurrence of `surface` as it is, boundaries not yet checked."""
+        return [s for s, _ in self._indexed(self.text, surface, "exact", check=False)]
+
     # -- the mention walk
     def walk(
         self,
@@ -354,7 +396,7 @@ class Aligner:
         allow_overlap: bool = False,
         tiers: tuple[str, ...] = TIERS,
     ) -> tuple[list[tuple[Span, str]], Counter, Counter]:
-        """Listed items -> (span, normalised surface) in listing order, drops by reason, finds by tier.
+        """Listed items -> (span, surface as listed) in listing order, drops by reason, finds by tier.
 
         Only occurrences inside the window [lo, hi) are considered (a chunk of a long text); word
         boundaries are still judged on the whole text.
@@ -366,6 +408,8 @@ class Aligner:
         taken: set[tuple[int, int]] = set()
         occupied = bytearray(hi - lo)
         cursor = lo
+        entities = list(entities)
+        self.expect(surface.strip() for surface, _ in entities if surface)
         for surface, label in entities:
             surface = (surface or "").strip()
             if not surface:
@@ -382,11 +426,21 @@ class Aligner:
             matched[tier] += 1
             taken.add((start, end))
             occupied[start - lo : end - lo] = b"\x01" * (end - start)
-            found.append((Span(start, end, self.text[start:end], label), normalise(surface)))
+            found.append((Span(start, end, self.text[start:end], label), surface))
             cursor = start
         return found, dropped, matched
 
     def _locate(self, surface, cursor, lo, hi, taken, occupied, allow_overlap, tiers):
+        if tiers[0] == "exact":
+            # the usual case: the next mention is a little after the previous one; no index needed
+            find, size, stop = self.text.find, len(surface), min(hi, cursor + _NEAR)
+            i = find(surface, cursor, stop)
+            while i != -1:
+                end = i + size
+                if (i, end) not in taken and self.bounded(i, end):
+                    if allow_overlap or occupied.find(1, i - lo, end - lo) == -1:
+                        return i, end, "exact"
+                i = find(surface, i + 1, stop)
         seen_any = False
         for tier in tiers:
             starts, spans = self.occurrences(tier, surface)
@@ -447,24 +501,36 @@ def resolve(
     if label_all_mentions:
         labels: dict[str, set[str]] = {}
         surfaces: dict[str, set[str]] = {}
-        for span, folded in listed:
+        for span, surface in listed:
+            folded = aligner.folded(surface)
             labels.setdefault(folded, set()).add(span.label)
             surfaces.setdefault(folded, set()).add(span.text)
-        extras: list[Span] = []
+        aligner.expect(text for texts in surfaces.values() for text in texts)
+        extras: list[tuple[int, int, int, str, str]] = []
         for folded, names in labels.items():
             if len(names) != 1:
                 continue  # the LLM itself told mentions of this surface apart: trust only its list
             (label,) = names
             for surface in surfaces[folded]:
-                extras.extend(Span(s, e, surface, label) for s, e in aligner.all_exact(surface))
-        extras.sort(key=lambda s: (s.start - s.end, s.start))
-        for span in extras:
-            if occupied.find(1, span.start, span.end) == -1:
-                chosen.append(span)
-                occupied[span.start : span.end] = b"\x01" * (span.end - span.start)
+                size = len(surface)
+                extras.extend(
+                    (-size, s, s + size, surface, label)
+                    for s in aligner.candidates(surface)
+                    # most are the listed mentions themselves: the cheap test first
+                    if occupied.find(1, s, s + size) == -1 and aligner.bounded(s, s + size)
+                )
+        extras.sort()
+        for _, s, e, surface, label in extras:
+            if occupied.find(1, s, e) == -1:
+                chosen.append(Span(s, e, surface, label))
+                occupied[s:e] = b"\x01" * (e - s)
                 added += 1
-    chosen.sort()
+    chosen.sort(key=_span_order)  # the dataclass's own ordering, without its slow generated __lt__
     return chosen, added
+
+
+def _span_order(span: Span) -> tuple[int, int, str, str]:
+    return span.start, span.end, span.text, span.label
 
 
 def align(

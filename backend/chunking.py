@@ -100,7 +100,7 @@ def align_chunks(
     aligner = Aligner(text)
     dropped: Counter = Counter()
     matched: Counter = Counter()
-    # (start, end) -> (margin, chunk index, span, folded surface): one view per extent
+    # (start, end) -> (margin, chunk index, span, surface as listed): one view per extent
     views: dict[tuple[int, int], tuple[float, int, Span, str]] = {}
     for index, (chunk, answer) in enumerate(zip(chunks, answers, strict=True)):
         listed, chunk_dropped, chunk_matched = aligner.walk(
@@ -108,14 +108,14 @@ def align_chunks(
         )
         dropped.update(chunk_dropped)
         matched.update(chunk_matched)
-        for span, folded in listed:
+        for span, surface in listed:
             margin = min(
                 span.start - chunk.start if chunk.start > 0 else math.inf,
                 chunk.end - span.end if chunk.end < len(text) else math.inf,
             )
             key = (span.start, span.end)
             if key not in views or margin > views[key][0]:
-                views[key] = (margin, index, span, folded)
+                views[key] = (margin, index, span, surface)
 
     # seams: two different spans from two chunks overlap; the better-placed view wins
     ordered = sorted(views.values(), key=lambda v: (v[2].start, v[2].end))
