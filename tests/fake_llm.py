@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -68,6 +69,7 @@ class FakeLLM:
             self.requests: list[dict[str, Any]] = []
             self.auth_headers: list[str | None] = []
             self.request_times: list[float] = []  # time.monotonic() at each request's arrival
+            self.reply_times: list[float] = []  # time.monotonic() once each answer was sent
             self.in_flight = 0
             self.peak_in_flight = 0
             self._gate: threading.Semaphore | None = None
@@ -120,6 +122,11 @@ class FakeLLM:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                # headers and body go out in two writes: without this, Nagle + delayed ACK add ~40 ms a call
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def log_message(self, *args: Any) -> None:  # keep test output quiet
                 pass
 
@@ -165,6 +172,8 @@ class FakeLLM:
                     if fake.latency or reply.delay:
                         time.sleep(fake.latency + reply.delay)
                     self._respond(body, reply)
+                    with fake.lock:
+                        fake.reply_times.append(time.monotonic())
                 finally:
                     with fake.lock:
                         fake.in_flight -= 1
