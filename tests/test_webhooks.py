@@ -7,6 +7,9 @@ import logging
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as settings_hypothesis
+from hypothesis import strategies as st
 
 from tests.conftest import NER_CONFIG
 
@@ -283,3 +286,70 @@ def test_labels_the_label_config_no_longer_has_are_not_shown(client, llm):
     response = client.post("/predict", json={"tasks": [{"id": 5, "data": {"text": "The euro fell in Rome."}}], "project": "7.2", "label_config": without_misc})
     assert response.status_code == 200
     assert shown_examples(llm.requests[-1]) == [(text, [("Paris", "LOC")])]
+
+
+ALPHABET = "ab AB😀é\r\n\t.,-"
+
+
+@settings_hypothesis(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet=ALPHABET, min_size=0, max_size=40),
+    raw=st.lists(st.tuples(st.integers(-3, 60), st.integers(-3, 60), st.text(alphabet=ALPHABET, max_size=8) | st.none()), max_size=6),
+)
+def test_every_kept_human_span_matches_the_text_whatever_the_offsets(text, raw):
+    from backend.labelconfig import parse_label_config
+    from backend.webhooks import check_spans
+
+    (target,) = parse_label_config(NER_CONFIG).targets
+    results = [{"from_name": "label", "type": "labels", "value": {"start": a, "end": b, "labels": ["PER"], **({} if t is None else {"text": t})}}
+               for a, b, t in raw]
+    checked = check_spans(text, results, target)
+    for s in checked.spans:
+        assert 0 <= s.start < s.end <= len(text) and text[s.start:s.end] == s.text and s.text.strip()
+    assert len(checked.spans) + sum(n for k, n in checked.counts.items() if k.startswith("dropped")) == len(raw)
+
+
+def test_start_training_answers_at_once_and_rebuilds_after_the_answer(tmp_path, llm, caplog):
+    """Against a Label Studio that takes 2 s to answer (and then fails): the webhook does not wait."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from backend.server import create_app
+    from backend.settings import load_settings
+    from tests.processes import TEST_API_KEY
+
+    seen = []
+
+    class SlowLabelStudio(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            time.sleep(2)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowLabelStudio)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ls_key = "ls-key-0123456789abcdef"
+    settings = load_settings(openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, model_dir=tmp_path / "m", _env_file=None,
+                             label_studio_url=f"http://127.0.0.1:{server.server_address[1]}", label_studio_api_key=ls_key)
+    client = create_app(settings).test_client()
+    client.post("/setup", json={"project": "7", "schema": NER_CONFIG})
+    caplog.set_level(logging.INFO)
+    try:
+        started = time.perf_counter()
+        response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7, "label_config": NER_CONFIG}})
+        assert response.status_code == 201
+        assert time.perf_counter() - started < 1.0
+        deadline = time.monotonic() + 60
+        while "rebuilding project 7 failed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "rebuilding project 7 failed" in caplog.text
+        assert seen and seen[0][0].startswith("/api/tasks") and "project=7" in seen[0][0]
+        assert ls_key not in caplog.text
+    finally:
+        server.shutdown()
+        server.server_close()
