@@ -42,7 +42,8 @@ from typing import Literal
 
 Prefer = Literal["longest", "first"]
 TIERS = ("exact", "case", "normalised")
-_NEAR = 20_000  # characters searched after the cursor before the whole-text occurrence lists are built
+_NEAR = 20_000  # characters searched after the cursor before anything else
+_PLAIN_SCANS = 64  # whole-window searches per text before the occurrence lists (word index) are built
 
 
 @dataclass(frozen=True, order=True)
@@ -258,6 +259,7 @@ class Aligner:
         self._indexes: dict[str, tuple[list[str], list[int], dict[str, list[int]]]] = {}
         self._expected: dict[str, set[str]] = {"exact": set(), "case": set()}
         self._folded: dict[str, str] = {}
+        self._plain_scans = 0
         self._occurrences: dict[tuple[str, str], tuple[list[int], list[tuple[int, int]]]] = {}
 
     # -- boundaries
@@ -272,8 +274,9 @@ class Aligner:
         for i in (start, end):
             if 0 < i < len(text):
                 before, after = text[i - 1], text[i]
-                if _spaced_word(before) and _spaced_word(after):
-                    return False
+                if (before.isalnum() or before == "_") and (after.isalnum() or after == "_"):
+                    if not (_unspaced(before) or _unspaced(after)):
+                        return False
                 if (after >= "\u0300" or before in "\u200d\r") and splits_cluster(text, i):
                     return False
         return True
@@ -430,34 +433,54 @@ class Aligner:
             cursor = start
         return found, dropped, matched
 
+    def _candidates(self, tier: str, surface: str, cursor: int, lo: int, hi: int) -> Iterator[tuple[int, int]]:
+        """Occurrences in [lo, hi): after the cursor first, then from lo (the LLM listed out of order)."""
+        if tier != "normalised" and self._plain_scans < _PLAIN_SCANS:
+            # a few misses are cheaper to search for than to index the whole text for
+            haystack, needle = (self.text, surface) if tier == "exact" else (self._lowered(), surface.lower())
+            if haystack is not None:
+                self._plain_scans += 1
+                find, size = haystack.find, len(needle)
+                for begin, stop, last in ((cursor, hi, hi), (lo, min(cursor + size - 1, hi), cursor - 1)):
+                    i = find(needle, begin, stop)
+                    while i != -1 and i <= last:
+                        if self.bounded(i, i + size):
+                            yield i, i + size
+                        i = find(needle, i + 1, stop)
+                return
+        starts, spans = self.occurrences(tier, surface)
+        for begin, stop in ((cursor, hi), (lo, cursor)):
+            for k in range(bisect.bisect_left(starts, begin), bisect.bisect_left(starts, stop)):
+                if spans[k][1] <= hi:
+                    yield spans[k]
+
     def _locate(self, surface, cursor, lo, hi, taken, occupied, allow_overlap, tiers):
-        if tiers[0] == "exact":
-            # the usual case: the next mention is a little after the previous one; no index needed
-            find, size, stop = self.text.find, len(surface), min(hi, cursor + _NEAR)
-            i = find(surface, cursor, stop)
+        # the usual case: the next mention is a little after the previous one, as it is or in
+        # another case; found by plain search, without building the whole-text occurrence lists
+        stop = min(hi, cursor + _NEAR)
+        for tier in (t for t in tiers if t in ("exact", "case")):
+            haystack, needle = (self.text, surface) if tier == "exact" else (self._lowered(), surface.lower())
+            if haystack is None:
+                continue
+            find, size = haystack.find, len(needle)
+            i = find(needle, cursor, stop)
             while i != -1:
                 end = i + size
                 if (i, end) not in taken and self.bounded(i, end):
                     if allow_overlap or occupied.find(1, i - lo, end - lo) == -1:
-                        return i, end, "exact"
-                i = find(surface, i + 1, stop)
+                        return i, end, tier
+                i = find(needle, i + 1, stop)
         seen_any = False
         for tier in tiers:
-            starts, spans = self.occurrences(tier, surface)
             fallback = None
-            # after the cursor first; then from the window's start (the LLM listed out of order)
-            for begin, stop in ((cursor, hi), (lo, cursor)):
-                for k in range(bisect.bisect_left(starts, begin), bisect.bisect_left(starts, stop)):
-                    start, end = spans[k]
-                    if end > hi:
-                        continue
-                    seen_any = True
-                    if (start, end) in taken:
-                        continue
-                    if allow_overlap or occupied.find(1, start - lo, end - lo) == -1:
-                        return start, end, tier
-                    if fallback is None:
-                        fallback = (start, end, tier)
+            for start, end in self._candidates(tier, surface, cursor, lo, hi):
+                seen_any = True
+                if (start, end) in taken:
+                    continue
+                if allow_overlap or occupied.find(1, start - lo, end - lo) == -1:
+                    return start, end, tier
+                if fallback is None:
+                    fallback = (start, end, tier)
             if fallback is not None:
                 return fallback
         return "repeated" if seen_any else None

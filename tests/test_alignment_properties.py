@@ -8,6 +8,7 @@ documented mention rule) must align back to exactly the gold spans.
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from backend import alignment
 from backend.alignment import align
 
 SURFACES = [
@@ -48,11 +49,16 @@ def aligned(text, entities, **options):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(documents(), st.booleans())
-def test_an_answer_listing_every_gold_mention_in_order_aligns_to_exactly_the_gold_spans(document, all_mentions):
+@given(documents(), st.booleans(), st.sampled_from([0, 64]))
+def test_an_answer_listing_every_gold_mention_in_order_aligns_to_exactly_the_gold_spans(document, all_mentions, scans):
     text, gold = document
     answer = [(surface, label) for _, _, surface, label in gold]
-    assert aligned(text, answer, label_all_mentions=all_mentions) == gold
+    # both search paths: plain whole-text searches, and the word index used after many of them
+    saved, alignment._PLAIN_SCANS, alignment._NEAR = alignment._PLAIN_SCANS, scans, 20_000 if scans else 0
+    try:
+        assert aligned(text, answer, label_all_mentions=all_mentions) == gold
+    finally:
+        alignment._PLAIN_SCANS, alignment._NEAR = saved, 20_000
 
 
 def _perturb(surface: str, how: int) -> str:
