@@ -119,12 +119,8 @@ def test_webhook_cannot_swap_a_projects_label_config(client, llm):
     assert response.json["results"][0]["result"][0]["value"]["labels"] == ["PER"]
 
 
-def test_unauthenticated_requests_are_answered_fast_without_touching_the_store(client):
-    started = time.perf_counter()
-    for _ in range(50):
-        assert client.post("/setup", json=setup_body(project="999")).status_code == 401
-    assert time.perf_counter() - started < 5
-    # the project was never stored: a webhook for it is ignored
+def test_an_unauthenticated_setup_does_not_make_a_project_known_to_webhooks(client):
+    assert client.post("/setup", json=setup_body(project="999")).status_code == 401
     response = client.post("/webhook", json=annotation_event(999))
     assert response.json["reason"] == "unknown project"
 
