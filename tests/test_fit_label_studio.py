@@ -77,7 +77,7 @@ def test_a_correction_submitted_in_label_studio_is_the_next_tasks_example_under_
     version_before = draft.model_version
 
     text = first["data"]["text"]
-    ls.annotations.create(id=first["id"], result=[labeled(text, "Jordan", "PER"), labeled(text, "Chicago Bulls", "ORG")])
+    annotation = ls.annotations.create(id=first["id"], result=[labeled(text, "Jordan", "PER"), labeled(text, "Chicago Bulls", "ORG")])
     # Label Studio sends ANNOTATION_CREATED to the backend by itself; the example set (and version) changes
     wait_until(lambda: backend_version(backend, project.id) != version_before, 30, "the backend's model_version to change")
 
@@ -90,6 +90,10 @@ def test_a_correction_submitted_in_label_studio_is_the_next_tasks_example_under_
     (request,) = llm.requests[requests_before:]
     assert second["data"]["text"] in request["messages"][-1]["content"]
     assert shown_examples(request) == [(text, [("Jordan", "PER"), ("Chicago Bulls", "ORG")])]
+
+    # deleting the annotation in Label Studio (ANNOTATIONS_DELETED, ids only) removes the example
+    ls.annotations.delete(id=annotation.id)
+    wait_until(lambda: backend_version(backend, project.id) == version_before, 30, "the example set to be empty again")
 
 
 def test_start_training_rebuilds_the_examples_from_label_studios_annotations(label_studio, backend_factory, llm):
