@@ -94,3 +94,11 @@ def test_chunked_oracle_answers_align_to_exactly_the_gold_spans(docs, budget, al
     check_chunks(text, chunks, budget, 30)
     result = align_chunks(text, chunks, oracle_answers(chunks, gold), label_all_mentions=all_mentions)
     assert [(s.start, s.end, s.text, s.label) for s in result.spans] == gold
+
+
+def test_an_overlap_larger_than_half_the_context_budget_is_a_configuration_error():
+    from backend.errors import ConfigError
+    from backend.settings import load_settings
+
+    with pytest.raises(ConfigError, match="LLM_CHUNK_OVERLAP must be at most half of LLM_CONTEXT_CHARS"):
+        load_settings(openai_api_key="x", llm_context_chars=1000, llm_chunk_overlap=600, _env_file=None)
