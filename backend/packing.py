@@ -181,7 +181,9 @@ def _pick_examples(pending: Sequence[_Pending]) -> list[FewShotExample]:
 
 def prefill(prelabeler: Any, tasks: Sequence[dict[str, Any]], settings: Any, deadline: float) -> int:
     """Answer the short, uncached texts of these tasks in packs; returns how many texts got an answer."""
-    pack_size, max_chars, concurrency = settings.pack_size, settings.pack_max_chars, settings.predict_concurrency
+    pack_size, concurrency = settings.pack_size, settings.predict_concurrency
+    # a text long enough to be chunked is asked chunk by chunk, under other keys: never pack it
+    max_chars = min(settings.pack_max_chars, getattr(prelabeler, "context_chars", settings.pack_max_chars))
     source: EntitySource = prelabeler.source
     groups: dict[str, list[_Pending]] = {}
     seen: set[str] = set()

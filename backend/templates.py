@@ -25,7 +25,13 @@ class PromptTemplates:
     fingerprint: str
 
     def render(self, name: str, **variables: object) -> str:
-        return _environment().from_string(self.sources[name]).render(**variables).strip()
+        return _compiled(self.sources[name]).render(**variables).strip()
+
+
+@lru_cache(maxsize=64)
+def _compiled(source: str):
+    # compiling costs ~1 ms and a prompt renders a template once per example: compile each source once
+    return _environment().from_string(source)
 
 
 @lru_cache(maxsize=1)
