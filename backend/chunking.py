@@ -100,8 +100,9 @@ def align_chunks(
     aligner = Aligner(text)
     dropped: Counter = Counter()
     matched: Counter = Counter()
-    # (start, end) -> (margin, chunk index, span, surface as listed): one view per extent
+    # (start, end) -> (margin, chunk index, span, surface as listed): the best-placed view per extent
     views: dict[tuple[int, int], tuple[float, int, Span, str]] = {}
+    seen_by: dict[tuple[int, int], set[int]] = {}  # extent -> the chunks that listed it
     for index, (chunk, answer) in enumerate(zip(chunks, answers, strict=True)):
         listed, chunk_dropped, chunk_matched = aligner.walk(
             answer, lo=chunk.start, hi=chunk.end, allow_overlap=allow_overlap
@@ -114,18 +115,26 @@ def align_chunks(
                 chunk.end - span.end if chunk.end < len(text) else math.inf,
             )
             key = (span.start, span.end)
+            seen_by.setdefault(key, set()).add(index)
             if key not in views or margin > views[key][0]:
                 views[key] = (margin, index, span, surface)
 
-    # seams: two different spans from two chunks overlap; the better-placed view wins
+    # seams: two overlapping spans that no chunk listed together are two views of one region
+    # (e.g. "New" at a chunk's cut, "New York" in the next chunk): the better-placed view wins
     ordered = sorted(views.values(), key=lambda v: (v[2].start, v[2].end))
     losers: set[int] = set()
     for i, (margin, index, span, _) in enumerate(ordered):
+        if i in losers:
+            continue
         j = i + 1
         while j < len(ordered) and ordered[j][2].start < span.end:
-            other_margin, other_index = ordered[j][0], ordered[j][1]
-            if other_index != index:
-                losers.add(j if (margin, -index) >= (other_margin, -other_index) else i)
+            other_margin, other_index, other, _ = ordered[j]
+            if j not in losers and not seen_by[(span.start, span.end)] & seen_by[(other.start, other.end)]:
+                if (margin, -index) >= (other_margin, -other_index):
+                    losers.add(j)
+                else:
+                    losers.add(i)
+                    break
             j += 1
     dropped["seam"] += len(losers)
     listed = [(view[2], view[3]) for k, view in enumerate(ordered) if k not in losers]

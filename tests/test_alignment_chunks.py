@@ -102,3 +102,13 @@ def test_an_overlap_larger_than_half_the_context_budget_is_a_configuration_error
 
     with pytest.raises(ConfigError, match="LLM_CHUNK_OVERLAP must be at most half of LLM_CONTEXT_CHARS"):
         load_settings(openai_api_key="x", llm_context_chars=1000, llm_chunk_overlap=600, _env_file=None)
+
+
+def test_nested_entities_seen_by_two_chunks_stay_nested_when_overlap_is_allowed():
+    text = "intro words here. Bank of America opened. more words follow here"
+    # the first chunk sees "Bank of America" farther from its cut, the second sees "America" so
+    chunks = [Chunk(0, 40), Chunk(14, len(text))]
+    answer = [("Bank of America", "ORG"), ("America", "LOC")]
+    result = align_chunks(text, chunks, [answer, answer], allow_overlap=True, label_all_mentions=False)
+    assert [(s.text, s.label) for s in result.spans] == [("Bank of America", "ORG"), ("America", "LOC")]
+    assert not result.dropped
