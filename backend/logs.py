@@ -31,7 +31,7 @@ def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # the HTTP libraries log request details (headers at DEBUG): keep them at WARNING
-    for noisy in ("httpx", "httpcore", "openai", "urllib3"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

@@ -48,6 +48,12 @@ def worker_pids(master: int) -> list[int]:
     return pids
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process: its own CPU work, whatever else the machine is doing."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -137,7 +143,10 @@ def overhead(n: int = 200) -> None:
         fake.reset()
         fake.gazetteer = {"Ada Lovelace": "PER", "Charles Babbage": "PER", "London": "LOC"}
         texts = [two_kb(i) for i in range(n)]
+        (worker,) = worker_pids(backend.proc.pid)
+        cpu_before = cpu_seconds(worker)
         wall, _ = predict(backend.url, texts, project="3")
+        cpu = cpu_seconds(worker) - cpu_before
         examples_shown = (len(fake.requests[0]["messages"]) - 2) // 2
         gaps = [fake.request_times[i + 1] - fake.reply_times[i] for i in range(len(fake.reply_times) - 1)]
         served = [fake.reply_times[i] - fake.request_times[i] for i in range(len(fake.reply_times))]
@@ -145,7 +154,9 @@ def overhead(n: int = 200) -> None:
     gaps_ms = sorted(g * 1000 for g in gaps)
     print(f"{n} tasks, {examples_shown} examples per prompt, prompt ~{sum(len(m['content']) for m in fake.requests[0]['messages'])} chars")
     print(f"backend time between LLM calls: median {statistics.median(gaps_ms):.2f} ms, p90 {gaps_ms[int(0.9 * len(gaps_ms))]:.2f} ms (target median <= 2 ms)")
+    print(f"worker CPU time: {cpu * 1000 / n:.2f} ms per task (all of the backend's work, load-independent)")
     print(f"whole /predict: {wall * 1000 / n:.2f} ms per task, of which the fake server {statistics.median(served) * 1000:.2f} ms (median)")
+    print(f"machine load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     fake.close()
 
 
