@@ -81,7 +81,14 @@ class StoredExample:
     updated_at: float
 
     def few_shot(self) -> FewShotExample:
-        return FewShotExample(self.text, tuple((s.text, s.label) for s in self.spans), self.task_id, self.annotation_id)
+        return FewShotExample(
+            self.text, tuple((s.text, s.label) for s in self.spans), self.task_id, self.annotation_id, self.rejected()
+        )
+
+    def rejected(self) -> tuple[tuple[str, str], ...]:
+        """Draft spans the annotator deleted (no corrected span at the same place, whatever its label)."""
+        kept = {(s.start, s.end) for s in self.spans}
+        return tuple(dict.fromkeys((s.text, s.label) for s in self.draft or () if (s.start, s.end) not in kept))
 
 
 def timestamp(value: object) -> float:

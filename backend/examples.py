@@ -31,6 +31,8 @@ class FewShotExample:
     entities: tuple[tuple[str, str], ...]
     task_id: int | None = None
     annotation_id: int | None = None
+    # (surface text, label) the LLM proposed here and the annotator deleted: shown as "not entities"
+    rejected: tuple[tuple[str, str], ...] = ()
 
 
 def tokens(text: str) -> list[str]:

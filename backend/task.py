@@ -38,6 +38,9 @@ def answer_json(entities: Sequence[tuple[str, str]]) -> str:
     return json.dumps({"entities": [{"text": t, "label": l} for t, l in entities]}, ensure_ascii=False)
 
 
+MAX_NEGATIVES = 10
+
+
 class NerTask:
     def __init__(self, target: NerTarget, templates: PromptTemplates, guidelines: str | None = None):
         self.target = target
@@ -45,15 +48,17 @@ class NerTask:
         self.guidelines = guidelines or ""
 
     # ---- prompt ----
-    def system_prompt(self) -> str:
-        return self.templates.render("system", labels=self.target.labels, guidelines=self.guidelines)
+    def system_prompt(self, examples: Sequence[FewShotExample] = ()) -> str:
+        # what annotators deleted from the LLM's drafts of the examples shown: the mistakes not to repeat
+        negatives = list(dict.fromkeys(n for e in examples for n in e.rejected))[:MAX_NEGATIVES]
+        return self.templates.render("system", labels=self.target.labels, guidelines=self.guidelines, negatives=negatives)
 
     def user_prompt(self, text: str) -> str:
         return self.templates.render("user", text=text)
 
     def messages(self, text: str, examples: Sequence[FewShotExample] = ()) -> list[dict[str, str]]:
         """System prompt, then each example as a user/assistant exchange, then the text to label."""
-        messages = [{"role": "system", "content": self.system_prompt()}]
+        messages = [{"role": "system", "content": self.system_prompt(examples)}]
         for example in examples:
             messages.append({"role": "user", "content": self.user_prompt(example.text)})
             messages.append({"role": "assistant", "content": answer_json(example.entities)})

@@ -80,3 +80,12 @@ def test_answers_that_do_not_parse_say_why(content, message):
     with pytest.raises(LLMOutputError) as error:
         parse_answer(content)
     assert message in str(error.value)
+
+
+def test_entities_annotators_deleted_from_drafts_are_shown_as_negatives(task):
+    example = FewShotExample(
+        text="The Government met Acme.", entities=(("Acme", "ORG"),), rejected=(("The Government", "ORG"),)
+    )
+    system = task.messages("The Council met Initech.", [example])[0]["content"]
+    assert '"The Government" as ORG' in system
+    assert "deleted" not in task.messages("x", [])[0]["content"]
