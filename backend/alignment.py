@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import operator
 import re
 import unicodedata
 from collections import Counter
@@ -297,9 +298,19 @@ class Aligner:
         A word run of a bounded occurrence is a whole word run of the text too (the needle's own
         characters, or a boundary, end it), so the index misses no occurrence.
         """
+        rarest = self._rarest(haystack, needle, name)
+        if rarest is None:
+            return self._scan(haystack, needle, check)
+        positions, offset = rarest
+        size = len(needle)
+        starts = [i - offset for i in positions if i >= offset and haystack.startswith(needle, i - offset)]
+        return [(i, i + size) for i in starts if not check or self.bounded(i, i + size)]
+
+    def _rarest(self, haystack: str, needle: str, name: str) -> tuple[list[int], int] | None:
+        """Where the needle's rarest word occurs, and that word's offset in the needle."""
         runs = list(_WORD_RUN.finditer(needle))
         if not runs:
-            return self._scan(haystack, needle, check)
+            return None
         entry = self._indexes.get(name)
         if entry is None:
             # split() alternates gap, word, gap, word...: cumulative lengths give each word's start
@@ -313,12 +324,11 @@ class Aligner:
             missing = (self._expected.get(name, set()) | keys) - index.keys()
             for word in missing:
                 index[word] = []
-            for word, start in [(w, o) for w, o in zip(words, starts) if w in missing]:
+            mask = list(map(missing.__contains__, words))  # C-speed passes; Python only for the hits
+            for word, start in zip(itertools.compress(words, mask), itertools.compress(starts, mask)):
                 index[word].append(start)
         rarest = min(runs, key=lambda run: len(index[run.group()]))
-        offset, size = rarest.start(), len(needle)
-        starts = [i - offset for i in index[rarest.group()] if i >= offset and haystack.startswith(needle, i - offset)]
-        return [(i, i + size) for i in starts if not check or self.bounded(i, i + size)]
+        return index[rarest.group()], rarest.start()
 
     def expect(self, surfaces: Iterable[str]) -> None:
         """Surfaces about to be looked up: their words are indexed in one pass."""
@@ -384,6 +394,11 @@ class Aligner:
 
     def all_exact(self, surface: str) -> list[tuple[int, int]]:
         return self.occurrences("exact", surface)[1]
+
+    def at_most(self, surface: str) -> int | None:
+        """An upper bound on the occurrences of `surface` as it is (None: unknown without a search)."""
+        rarest = self._rarest(self.text, surface, "exact")
+        return None if rarest is None else len(rarest[0])
 
     def candidates(self, surface: str) -> list[int]:
         """Starts of every occurrence of `surface` as it is, boundaries not yet checked."""
@@ -504,9 +519,12 @@ def resolve(
     occupied = bytearray(len(text))
     chosen: list[Span] = []
     seen: set[tuple[int, int, str]] = set()
-    order = range(len(listed))
     if prefer == "longest":
-        order = sorted(order, key=lambda k: (listed[k][0].start - listed[k][0].end, listed[k][0].start, k))
+        ranked = [(span.start - span.end, span.start, k) for k, (span, _) in enumerate(listed)]
+        ranked.sort()
+        order: Iterable[int] = [k for _, _, k in ranked]
+    else:
+        order = range(len(listed))
     for k in order:
         span = listed[k][0]
         key = (span.start, span.end, span.label)
@@ -529,12 +547,16 @@ def resolve(
             labels.setdefault(folded, set()).add(span.label)
             surfaces.setdefault(folded, set()).add(span.text)
         aligner.expect(text for texts in surfaces.values() for text in texts)
+        covered = Counter(span.text for span in chosen)
         extras: list[tuple[int, int, int, str, str]] = []
         for folded, names in labels.items():
             if len(names) != 1:
                 continue  # the LLM itself told mentions of this surface apart: trust only its list
             (label,) = names
             for surface in surfaces[folded]:
+                bound = aligner.at_most(surface)
+                if bound is not None and bound <= covered[surface]:
+                    continue  # every occurrence is already a span
                 size = len(surface)
                 extras.extend(
                     (-size, s, s + size, surface, label)
@@ -548,12 +570,11 @@ def resolve(
                 chosen.append(Span(s, e, surface, label))
                 occupied[s:e] = b"\x01" * (e - s)
                 added += 1
-    chosen.sort(key=_span_order)  # the dataclass's own ordering, without its slow generated __lt__
+    chosen.sort(key=_SPAN_ORDER)  # the dataclass's own ordering, without its slow generated __lt__
     return chosen, added
 
 
-def _span_order(span: Span) -> tuple[int, int, str, str]:
-    return span.start, span.end, span.text, span.label
+_SPAN_ORDER = operator.attrgetter("start", "end", "text", "label")
 
 
 def align(
