@@ -1,0 +1,66 @@
+"""With a real Label Studio 1.23.2: warm start and the response cache, seen from Label Studio's side.
+
+Tasks imported into a connected project trigger TASKS_CREATED; with WARM_START=true the backend
+predicts them in the background, so when the labeling UI opens one, Label Studio's /predict is
+answered from the cache without an LLM call. The stored prediction carries the task score.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import NER_CONFIG
+from tests.fake_llm import Reply
+
+pytestmark = pytest.mark.label_studio
+
+TEXTS = ["Grace Hopper worked in Arlington.", "Alan Turing was born in London.", "No names at all."]
+GAZETTEER = {"Grace Hopper": "PER", "Arlington": "LOC", "Alan Turing": "PER", "London": "LOC"}
+
+
+def logprob_reply(body):
+    """The gazetteer's answer, with token logprobs: surfaces are sure, labels a little less."""
+    text = body["messages"][-1]["content"]
+    found = sorted((text.find(s), s, l) for s, l in GAZETTEER.items() if s in text)
+    content = json.dumps({"entities": [{"text": s, "label": l} for _, s, l in found]})
+    tokens = [(ch, -0.2 if ch in "PERLOC" else -0.001) for ch in content]
+    return Reply(content=content, logprobs=tokens)
+
+
+def wait_until(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_imported_tasks_are_precomputed_so_opening_one_makes_no_llm_call(label_studio, backend_factory, llm):
+    llm.responder = logprob_reply
+    backend = backend_factory(workers=2, WARM_START="true")
+    ls = label_studio.client()
+    project = ls.projects.create(title="warm start", label_config=NER_CONFIG)
+    ls.ml.create(url=backend.url, project=project.id, title="llm-ner", is_interactive=False)
+    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in TEXTS])
+    # TASKS_CREATED reached the backend, which asked the LLM once per new task, in the background
+    assert wait_until(lambda: len(llm.requests) == len(TEXTS), 60), backend.log()[-2000:]
+    assert wait_until(lambda: "warm start: 3 new tasks pre-computed" in backend.log(), 30), backend.log()[-2000:]
+
+    response = httpx.get(f"{label_studio.url}/api/projects/{project.id}/next/",
+                         headers={"Authorization": f"Token {label_studio.token}"}, timeout=120)
+    assert response.status_code == 200, response.text
+    opened = response.json()
+    (prediction,) = list(ls.predictions.list(task=opened["id"]))
+    assert len(llm.requests) == len(TEXTS)  # Label Studio's /predict came from the cache
+    text = opened["data"]["text"]
+    spans = sorted((r["value"]["start"], r["value"]["text"], r["value"]["labels"][0]) for r in prediction.result)
+    assert spans == sorted((text.find(s), s, l) for s, l in GAZETTEER.items() if s in text)
+    # the logprob score reached Label Studio: per span, and the task's lowest one
+    assert all(0 < r["score"] < 1 for r in prediction.result)
+    if prediction.result:
+        assert prediction.score == pytest.approx(min(r["score"] for r in prediction.result), abs=1e-3)
