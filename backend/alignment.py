@@ -108,10 +108,6 @@ def _unspaced(ch: str) -> bool:
     return any(a <= o <= b for a, b in _UNSPACED) if o >= 0x0E00 else False
 
 
-def _spaced_word(ch: str) -> bool:
-    return (ch.isalnum() or ch == "_") and not _unspaced(ch)
-
-
 def _continues(ch: str) -> bool:
     """A character that belongs to the grapheme cluster before it."""
     o = ord(ch)
@@ -211,15 +207,6 @@ class FoldedView:
         self.text = "".join(pieces)
         self._ns, self._ne, self._os, self._oe, self._linear = ns, ne, os_, oe, linear
 
-    def to_norm(self, offset: int) -> int:
-        """The first normalised index whose characters start at or after `offset`."""
-        k = bisect.bisect_right(self._os, offset) - 1
-        if k < 0:
-            return 0
-        if self._linear[k]:
-            return min(self._ns[k] + (offset - self._os[k]), self._ne[k])
-        return self._ns[k] if offset <= self._os[k] else self._ne[k]
-
     def to_original(self, start: int, end: int) -> tuple[int, int] | None:
         """Original [start, end) for normalised [start, end); None when it cuts a folded cluster."""
         k = bisect.bisect_right(self._ns, start) - 1
@@ -264,9 +251,6 @@ class Aligner:
         self._occurrences: dict[tuple[str, str], tuple[list[int], list[tuple[int, int]]]] = {}
 
     # -- boundaries
-    def _inside_cluster(self, i: int) -> bool:
-        return splits_cluster(self.text, i)
-
     def bounded(self, start: int, end: int) -> bool:
         """On word boundaries (where the script has them) and between grapheme clusters."""
         text = self.text
