@@ -64,3 +64,34 @@ def test_imported_tasks_are_precomputed_so_opening_one_makes_no_llm_call(label_s
     assert all(0 < r["score"] < 1 for r in prediction.result)
     if prediction.result:
         assert prediction.score == pytest.approx(min(r["score"] for r in prediction.result), abs=1e-3)
+
+
+def test_estimate_reads_a_projects_tasks_and_sends_nothing(label_studio, llm):
+    import os
+    import subprocess
+    import sys
+
+    from tests.processes import REPO
+
+    ls = label_studio.client()
+    project = ls.projects.create(title="estimate", label_config=NER_CONFIG)
+    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in TEXTS])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "LABEL_STUDIO"))}
+    env["LLM_PRICES"] = '{"gpt-4o-mini": [0.15, 0.6]}'
+    done = subprocess.run(
+        [sys.executable, "-m", "backend", "estimate", "--project", str(project.id), "--url", label_studio.url,
+         "--api-key", label_studio.token],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    figures = {line[:16].strip(): line[16:].strip() for line in done.stdout.strip().splitlines()}
+    assert figures["texts"] == "3" and figures["LLM calls"] == "3"
+    assert figures["cost"].startswith("$")
+    assert label_studio.token not in done.stdout + done.stderr
+    assert llm.requests == []
+
+    wrong = subprocess.run(
+        [sys.executable, "-m", "backend", "estimate", "--project", "99999", "--url", label_studio.url, "--api-key", label_studio.token],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert wrong.returncode != 0 and "404" in wrong.stderr and "Traceback" not in wrong.stderr

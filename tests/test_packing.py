@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -143,3 +144,18 @@ def test_packing_cuts_prompt_tokens_per_conll_sentence_at_least_3x(tmp_path, mak
         per_task[pack] = totals["prompt_tokens"] / len(texts)
         llm.requests.clear()
     assert per_task[1] >= 3 * per_task[8], per_task
+
+
+def test_packed_answers_keep_logprob_scores_per_text(make_client, llm):
+    content = json.dumps({"results": [
+        {"id": "1", "entities": [{"text": "Oslo", "label": "LOC"}]},
+        {"id": "2", "entities": [{"text": "Ada Lovelace", "label": "PER"}]},
+    ]})
+    tokens = [(ch, -0.5 if ch == "P" else -0.001) for ch in content]  # "PER" is the doubtful label
+    llm.replies.append(Reply(content=content, logprobs=tokens))
+    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(TEXTS[:2])]
+    body = make_client(pack_size=2).post("/predict", json={"tasks": tasks, "project": "7.1", "label_config": NER_CONFIG}).json
+    oslo, ada = body["results"]
+    assert oslo["result"][0]["score"] == pytest.approx(math.exp(-0.001 * 7), abs=1e-4)  # O, s, l, o; L, O, C
+    assert ada["result"][0]["score"] == pytest.approx(math.exp(-0.001 * 14 - 0.5), abs=1e-4)
+    assert ada["score"] < oslo["score"]
