@@ -61,7 +61,7 @@ class NERModel(LabelStudioMLBase):
         )
 
     def response_cache(self) -> ResponseCache | None:
-        return ResponseCache.in_dir(self.settings.model_dir) if self.settings.llm_cache else None
+        return ResponseCache.in_dir(self.settings.model_dir, self.settings.llm_cache_max_rows) if self.settings.llm_cache else None
 
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, **kwargs: Any) -> ModelResponse:
         version = self.model_version

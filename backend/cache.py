@@ -24,7 +24,11 @@ CREATE TABLE IF NOT EXISTS llm_cache (
     value TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS llm_cache_age ON llm_cache(created_at);
 """
+
+
+PRUNE_EVERY = 500  # puts between two size checks: a COUNT(*) per write would cost more than the write
 
 
 def cache_key(**parts: Any) -> str:
@@ -33,12 +37,16 @@ def cache_key(**parts: Any) -> str:
 
 
 class ResponseCache:
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, max_rows: int = 200_000):
         self.db = db
+        self.max_rows = max_rows
+        self._puts = 0
 
     @classmethod
-    def in_dir(cls, model_dir: Path) -> "ResponseCache":
-        return _open(str(Path(model_dir).resolve()))
+    def in_dir(cls, model_dir: Path, max_rows: int = 200_000) -> "ResponseCache":
+        cache = _open(str(Path(model_dir).resolve()))
+        cache.max_rows = max_rows
+        return cache
 
     def get(self, key: str) -> dict[str, Any] | None:
         rows = self.db.query("SELECT value FROM llm_cache WHERE key=?", (key,))
@@ -51,6 +59,20 @@ class ResponseCache:
                 "INSERT OR REPLACE INTO llm_cache(key, value, created_at) VALUES (?, ?, ?)",
                 (key, json.dumps(value, ensure_ascii=False), time.time()),
             )
+        self._puts += 1
+        if self._puts % PRUNE_EVERY == 0:
+            self.prune()
+
+    def prune(self) -> int:
+        """Drop the oldest answers beyond `max_rows` (answers of old model versions are never read again)."""
+        with self.db.transaction() as conn:
+            excess = conn.execute("SELECT COUNT(*) FROM llm_cache").fetchone()[0] - self.max_rows
+            if excess <= 0:
+                return 0
+            conn.execute(
+                "DELETE FROM llm_cache WHERE key IN (SELECT key FROM llm_cache ORDER BY created_at LIMIT ?)", (excess,)
+            )
+        return excess
 
     def __len__(self) -> int:
         return self.db.query("SELECT COUNT(*) AS n FROM llm_cache")[0]["n"]

@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     llm_rpm: int | None = Field(default=None, gt=0, description="requests per minute per worker; unset = no limit")
     llm_tpm: int | None = Field(default=None, gt=0, description="tokens per minute per worker; unset = no limit")
     llm_cache: bool = Field(default=True, description="persistent response cache in MODEL_DIR")
+    llm_cache_max_rows: int = Field(default=200_000, ge=100, description="oldest cached answers beyond this are dropped")
     llm_logprobs: bool = Field(default=True, description="ask for token logprobs to score spans")
     llm_samples: int = Field(default=1, ge=1, le=10, description="n > 1: score spans by agreement between samples")
     llm_sample_temperature: float = Field(default=0.7, ge=0, le=2, description="temperature when LLM_SAMPLES > 1")

@@ -103,3 +103,17 @@ def test_llm_cache_false_always_asks(make_app, llm, gazetteer):
     predict(client, TEXTS)
     predict(client, TEXTS)
     assert len(llm.requests) == 6
+
+
+def test_the_cache_keeps_at_most_llm_cache_max_rows_dropping_the_oldest(make_app, llm, gazetteer, tmp_path, monkeypatch):
+    from backend import cache
+
+    monkeypatch.setattr(cache, "PRUNE_EVERY", 1)
+    client = make_app(llm_cache_max_rows=100)
+    texts = [f"Paris {i}." for i in range(105)]
+    predict(client, texts[:60])
+    predict(client, texts[60:])
+    assert len(cache.ResponseCache.in_dir(tmp_path / "model")) == 100
+    llm.requests.clear()
+    predict(client, texts[-3:])  # the newest are still there
+    assert llm.requests == []
