@@ -50,19 +50,15 @@ def test_prices_match_a_dated_model_name_by_its_longest_prefix():
     assert price_of(prices, "llama3.1") is None and price_of(None, "gpt-4o") is None
 
 
-def test_llm_prices_setting_is_json_and_bad_values_name_the_setting():
+def test_llm_prices_setting_is_json_and_bad_values_name_the_setting(monkeypatch):
     from backend.errors import ConfigError
     from backend.settings import load_settings
 
-    env = {"LLM_PRICES": '{"gpt-4o-mini": [0.15, 0.6]}'}
-    os.environ.update(env)
-    try:
-        assert load_settings(openai_api_key="k", _env_file=None).llm_prices == {"gpt-4o-mini": (0.15, 0.6)}
-        os.environ["LLM_PRICES"] = '{"gpt-4o-mini": "cheap"}'
-        with pytest.raises(ConfigError, match="LLM_PRICES"):
-            load_settings(openai_api_key="k", _env_file=None)
-    finally:
-        os.environ.pop("LLM_PRICES", None)
+    monkeypatch.setenv("LLM_PRICES", '{"gpt-4o-mini": [0.15, 0.6]}')
+    assert load_settings(openai_api_key="k", _env_file=None).llm_prices == {"gpt-4o-mini": (0.15, 0.6)}
+    monkeypatch.setenv("LLM_PRICES", '{"gpt-4o-mini": "cheap"}')
+    with pytest.raises(ConfigError, match="LLM_PRICES"):
+        load_settings(openai_api_key="k", _env_file=None)
 
 
 def run_cli(*args, **env):
