@@ -219,7 +219,9 @@ def prefill(prelabeler: Any, tasks: Sequence[dict[str, Any]], settings: Any, dea
         metrics.PACKED_TASKS.labels("left_out").inc(len(pack) - len(found))
         return len(found)
 
-    outcomes = map_in_order(ask, packs, concurrency=concurrency, deadline_seconds=max(0.0, deadline - time.monotonic()))
+    # leave the per-task pass time to build the results of what the packs answered
+    reserve = min(2.0, 0.1 * settings.predict_deadline)
+    outcomes = map_in_order(ask, packs, concurrency=concurrency, deadline_seconds=max(0.0, deadline - reserve - time.monotonic()))
     for pack, outcome in zip(packs, outcomes):
         if outcome.error is not None:
             level = logging.WARNING if isinstance(outcome.error, BackendError) else logging.ERROR

@@ -159,3 +159,13 @@ def test_packed_answers_keep_logprob_scores_per_text(make_client, llm):
     assert oslo["result"][0]["score"] == pytest.approx(math.exp(-0.001 * 7), abs=1e-4)  # O, s, l, o; L, O, C
     assert ada["result"][0]["score"] == pytest.approx(math.exp(-0.001 * 14 - 0.5), abs=1e-4)
     assert ada["score"] < oslo["score"]
+
+
+def test_a_pack_cut_by_the_deadline_leaves_time_for_the_answered_ones(make_client, llm):
+    llm.gazetteer = GAZETTEER
+    slow = lambda content: "Nothing." in content or "Apple in Rome." in content
+    llm.responder = lambda body: Reply(delay=10) if slow(body["messages"][-1]["content"]) else llm.gazetteer_reply(body)
+    # first pack (answered at once): Oslo, Ada; second pack, and its texts asked alone, never in time
+    results = predict(make_client(pack_size=2, predict_deadline=3, predict_concurrency=2), TEXTS[:4])
+    assert results[:2] == [expected(TEXTS[0]), expected(TEXTS[1])]
+    assert results[2:] == [[], []]
