@@ -333,7 +333,8 @@ class LLMClient:
                 values.append(parse(choice.content))
             except LLMOutputError as error:
                 first_error = first_error or error
-        if values and first_error is None or (values and samples > 1):
+        # one answer: it must parse; several samples: those that parse are enough
+        if values and (first_error is None or samples > 1):
             return Answer(values, completion, usage)
         log.info("LLM answer invalid (%s); asking once more", first_error)
         repaired = [
