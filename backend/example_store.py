@@ -271,33 +271,27 @@ class ExampleStore:
                 "INSERT OR IGNORE INTO deleted_annotations(project_id, annotation_id) VALUES (?, ?)",
                 [(self.project_id, i) for i in ids],
             )
-            marks = ",".join("?" * len(ids))
-            old = conn.execute(
-                f"SELECT digest FROM examples WHERE project_id=? AND annotation_id IN ({marks})", (self.project_id, *ids)
-            ).fetchall()
-            if not old:
-                return 0
-            change = EMPTY
-            for r in old:
-                change = _xor(change, r["digest"])
-            conn.execute(f"DELETE FROM examples WHERE project_id=? AND annotation_id IN ({marks})", (self.project_id, *ids))
-            self._set_fingerprint(conn, change)
-            return len(old)
+            return self._remove(conn, ids)
 
     def forget_annotation(self, annotation_id: int) -> int:
         """An annotation that became skipped/cancelled: no longer an example, but it may come back."""
         with self.db.transaction() as conn:
-            old = conn.execute(
-                "SELECT digest FROM examples WHERE project_id=? AND annotation_id=?", (self.project_id, annotation_id)
-            ).fetchall()
-            if not old:
-                return 0
-            change = EMPTY
-            for r in old:
-                change = _xor(change, r["digest"])
-            conn.execute("DELETE FROM examples WHERE project_id=? AND annotation_id=?", (self.project_id, annotation_id))
-            self._set_fingerprint(conn, change)
-            return len(old)
+            return self._remove(conn, [annotation_id])
+
+    def _remove(self, conn, annotation_ids: Sequence[int]) -> int:
+        """Delete the examples of these annotations, taking their digests out of the fingerprint."""
+        marks = ",".join("?" * len(annotation_ids))
+        where = f"WHERE project_id=? AND annotation_id IN ({marks})"
+        params = (self.project_id, *annotation_ids)
+        old = conn.execute(f"SELECT digest FROM examples {where}", params).fetchall()
+        if not old:
+            return 0
+        change = EMPTY
+        for r in old:
+            change = _xor(change, r["digest"])
+        conn.execute(f"DELETE FROM examples {where}", params)
+        self._set_fingerprint(conn, change)
+        return len(old)
 
     def replace_all(
         self, annotations: Sequence[tuple[int, int, float, dict[str, tuple[str, Sequence[Span]]]]], started_at: float

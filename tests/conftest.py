@@ -35,16 +35,50 @@ def llm(fake_llm_server: FakeLLM) -> FakeLLM:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, llm: FakeLLM):
+def make_settings(tmp_path: Path, llm: FakeLLM):
+    """Settings for an app on the fake LLM: make_settings(**fields) overrides any Settings field."""
     from backend.settings import load_settings
 
-    return load_settings(
-        openai_api_key=TEST_API_KEY,
-        openai_base_url=llm.base_url,
-        llm_model="fake-model",
-        model_dir=tmp_path / "model",
-        _env_file=None,
-    )
+    def make(**overrides):
+        values = dict(
+            openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
+            model_dir=tmp_path / "model", llm_retry_base=0.01, _env_file=None,
+        )
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings):
+    return make_settings()
+
+
+@pytest.fixture
+def make_client(make_settings):
+    """A test client of a new app: make_client(setup_project="7", **settings fields).
+
+    Apps made with the same MODEL_DIR share its SQLite store, as gunicorn workers do.
+    """
+    from backend.server import create_app
+
+    def make(setup_project: str | None = None, **overrides):
+        client = create_app(make_settings(**overrides)).test_client()
+        if setup_project is not None:
+            response = client.post("/setup", json={"project": setup_project, "schema": NER_CONFIG})
+            assert response.status_code == 200, response.json
+        return client
+
+    return make
+
+
+def predict_texts(client, texts, project="1.1", config=NER_CONFIG) -> list[dict]:
+    """POST /predict with one task per text (ids 1..n); the results, after checking the answer is 200."""
+    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
+    response = client.post("/predict", json={"tasks": tasks, "project": project, "label_config": config})
+    assert response.status_code == 200, response.json
+    return response.json["results"]
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 import time
 
-import pytest
 
 from backend.alignment import Span, align, normalise
 

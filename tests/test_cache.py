@@ -7,26 +7,10 @@ from prometheus_client import REGISTRY
 
 from tests.conftest import NER_CONFIG
 from tests.fake_llm import Reply
-from tests.processes import TEST_API_KEY
-
-
-@pytest.fixture
-def make_app(tmp_path, llm):
-    from backend.server import create_app
-    from backend.settings import load_settings
-
-    def make(**overrides):
-        values = dict(
-            openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
-            model_dir=tmp_path / "model", llm_retry_base=0.01, _env_file=None,
-        )
-        values.update(overrides)
-        return create_app(load_settings(**values)).test_client()
-
-    return make
 
 
 def predict(client, texts, config=NER_CONFIG):
+    """The whole /predict answer (results and model_version)."""
     tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
     response = client.post("/predict", json={"tasks": tasks, "project": "4.1", "label_config": config})
     assert response.status_code == 200, response.json
@@ -45,8 +29,8 @@ def gazetteer(llm):
     llm.gazetteer = {"Ada Lovelace": "PER", "London": "LOC", "Paris": "LOC"}
 
 
-def test_repredicting_unchanged_tasks_makes_no_llm_call_and_gives_the_same_spans(make_app, llm, gazetteer):
-    client = make_app()
+def test_repredicting_unchanged_tasks_makes_no_llm_call_and_gives_the_same_spans(make_client, llm, gazetteer):
+    client = make_client()
     first = predict(client, TEXTS)
     assert len(llm.requests) == 3
     hits = REGISTRY.get_sample_value("llm_ner_cache_total", {"result": "hit"}) or 0
@@ -57,15 +41,15 @@ def test_repredicting_unchanged_tasks_makes_no_llm_call_and_gives_the_same_spans
     assert REGISTRY.get_sample_value("llm_ner_cache_total", {"result": "hit"}) == hits + 3
 
 
-def test_the_cache_survives_a_restart_and_is_shared_by_every_app_on_the_model_dir(make_app, llm, gazetteer):
-    predict(make_app(), TEXTS)
+def test_the_cache_survives_a_restart_and_is_shared_by_every_app_on_the_model_dir(make_client, llm, gazetteer):
+    predict(make_client(), TEXTS)
     assert len(llm.requests) == 3
-    predict(make_app(), TEXTS)  # a new app object: as another worker, or after a restart
+    predict(make_client(), TEXTS)  # a new app object: as another worker, or after a restart
     assert len(llm.requests) == 3
 
 
-def test_only_changed_texts_are_asked_again(make_app, llm, gazetteer):
-    client = make_app()
+def test_only_changed_texts_are_asked_again(make_client, llm, gazetteer):
+    client = make_client()
     predict(client, TEXTS)
     body = predict(client, [TEXTS[0], "Paris, again.", TEXTS[2]])
     assert len(llm.requests) == 4
@@ -73,8 +57,8 @@ def test_only_changed_texts_are_asked_again(make_app, llm, gazetteer):
     assert spans(body)[1] == [("Paris", 0, "LOC")]
 
 
-def test_a_new_model_version_asks_again(make_app, llm, gazetteer):
-    client = make_app()
+def test_a_new_model_version_asks_again(make_client, llm, gazetteer):
+    client = make_client()
     before = predict(client, TEXTS)["model_version"]
     # a label config that only changes a colour changes no prompt, but it does change model_version
     recoloured = NER_CONFIG.replace('background="red"', 'background="purple"')
@@ -83,33 +67,33 @@ def test_a_new_model_version_asks_again(make_app, llm, gazetteer):
     assert len(llm.requests) == 6
 
 
-def test_another_llm_model_asks_again(make_app, llm, gazetteer):
-    predict(make_app(), TEXTS)
-    predict(make_app(llm_model="other-model"), TEXTS)
+def test_another_llm_model_asks_again(make_client, llm, gazetteer):
+    predict(make_client(), TEXTS)
+    predict(make_client(llm_model="other-model"), TEXTS)
     assert len(llm.requests) == 6
     assert llm.requests[-1]["model"] == "other-model"
 
 
-def test_failed_calls_are_not_cached(make_app, llm, gazetteer):
-    client = make_app(llm_max_retries=0)
+def test_failed_calls_are_not_cached(make_client, llm, gazetteer):
+    client = make_client(llm_max_retries=0)
     llm.replies.append(Reply(status=500))
     assert spans(predict(client, [TEXTS[0]])) == [[]]
     assert spans(predict(client, [TEXTS[0]])) == [[("Ada Lovelace", 0, "PER"), ("London", 22, "LOC")]]
     assert len(llm.requests) == 2
 
 
-def test_llm_cache_false_always_asks(make_app, llm, gazetteer):
-    client = make_app(llm_cache=False)
+def test_llm_cache_false_always_asks(make_client, llm, gazetteer):
+    client = make_client(llm_cache=False)
     predict(client, TEXTS)
     predict(client, TEXTS)
     assert len(llm.requests) == 6
 
 
-def test_the_cache_keeps_at_most_llm_cache_max_rows_dropping_the_oldest(make_app, llm, gazetteer, tmp_path, monkeypatch):
+def test_the_cache_keeps_at_most_llm_cache_max_rows_dropping_the_oldest(make_client, llm, gazetteer, tmp_path, monkeypatch):
     from backend import cache
 
     monkeypatch.setattr(cache, "PRUNE_EVERY", 1)
-    client = make_app(llm_cache_max_rows=100)
+    client = make_client(llm_cache_max_rows=100)
     texts = [f"Paris {i}." for i in range(105)]
     predict(client, texts[:60])
     predict(client, texts[60:])

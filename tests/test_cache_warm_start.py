@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
 import pytest
 
 from tests.conftest import NER_CONFIG
-from tests.processes import TEST_API_KEY
-
-TEXTS = ["Ada Lovelace lived in London.", "Paris is big.", "Nothing here."]
 
 
 @pytest.fixture
-def make_client(tmp_path, llm):
-    from backend.server import create_app
-    from backend.settings import load_settings
+def make_client(make_client):
+    return functools.partial(make_client, setup_project="5")
 
-    def make(**overrides):
-        values = dict(openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
-                      model_dir=tmp_path / "model", _env_file=None)
-        values.update(overrides)
-        client = create_app(load_settings(**values)).test_client()
-        assert client.post("/setup", json={"project": "5", "schema": NER_CONFIG}).status_code == 200
-        return client
 
-    return make
+TEXTS = ["Ada Lovelace lived in London.", "Paris is big.", "Nothing here."]
 
 
 def tasks_created(texts, first_id=1):

@@ -11,21 +11,7 @@ from prometheus_client import REGISTRY
 
 from backend.costs import UsageLedger, price_of
 from tests.conftest import NER_CONFIG, WIKIGOLD
-from tests.processes import REPO, TEST_API_KEY
-
-
-@pytest.fixture
-def make_client(tmp_path, llm):
-    from backend.server import create_app
-    from backend.settings import load_settings
-
-    def make(**overrides):
-        values = dict(openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
-                      model_dir=tmp_path / "model", _env_file=None)
-        values.update(overrides)
-        return create_app(load_settings(**values)).test_client()
-
-    return make
+from tests.processes import REPO
 
 
 def test_usage_and_cost_are_totalled_per_project_from_the_apis_usage(make_client, llm, tmp_path):

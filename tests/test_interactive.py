@@ -1,9 +1,12 @@
 """Interactive pre-annotation: drawn marks are kept, propagated without the LLM, and never contradicted."""
 
+import time
+
 from backend.alignment import Span
 from backend.interactive import merge_llm, propagate, read_marks
 from backend.labelconfig import parse_label_config
 from tests.conftest import NER_CONFIG
+from tests.fake_llm import entities_reply
 
 CONFIG_WITH_GUIDELINES = NER_CONFIG.replace(
     "</View>", '<TextArea name="instructions" toName="text"/></View>'
@@ -63,21 +66,6 @@ def test_guidelines_come_from_the_configured_textarea_only():
 
 
 # ---- through the /predict endpoint (Flask test client, fake LLM over HTTP) ----
-import time  # noqa: E402
-
-import pytest  # noqa: E402
-
-from tests.fake_llm import entities_reply  # noqa: E402
-
-
-@pytest.fixture
-def make_client(settings):
-    from backend.server import create_app
-
-    def make(**overrides):
-        return create_app(settings.model_copy(update=overrides)).test_client()
-
-    return make
 
 
 def interactive_predict(client, *regions, config=CONFIG_WITH_GUIDELINES, text=TEXT):

@@ -5,44 +5,26 @@ from __future__ import annotations
 import logging
 import time
 
-from tests.conftest import NER_CONFIG
+from tests.conftest import predict_texts
 from tests.fake_llm import Reply
-from tests.processes import TEST_API_KEY
 
 
-def make_client(tmp_path, llm, **overrides):
-    from backend.server import create_app
-    from backend.settings import load_settings
-
-    values = dict(openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
-                  model_dir=tmp_path / "model", _env_file=None)
-    values.update(overrides)
-    return create_app(load_settings(**values)).test_client()
-
-
-def predict(client, texts):
-    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
-    response = client.post("/predict", json={"tasks": tasks, "project": "1", "label_config": NER_CONFIG})
-    assert response.status_code == 200
-    return response.json["results"]
-
-
-def test_llm_calls_in_flight_never_exceed_predict_concurrency_and_reach_it(tmp_path, llm):
+def test_llm_calls_in_flight_never_exceed_predict_concurrency_and_reach_it(make_client, llm):
     llm.gazetteer = {"Oslo": "LOC"}
     llm.latency = 0.15
     started = time.monotonic()
-    results = predict(make_client(tmp_path, llm, predict_concurrency=4), [f"Oslo {i}." for i in range(20)])
+    results = predict_texts(make_client(predict_concurrency=4), [f"Oslo {i}." for i in range(20)], project="1")
     elapsed = time.monotonic() - started
     assert llm.peak_in_flight == 4
     assert all(r["result"][0]["value"]["text"] == "Oslo" for r in results)
     assert 5 * 0.15 <= elapsed < 20 * 0.15  # five waves of four, not twenty calls in a row
 
 
-def test_tasks_cut_by_the_deadline_are_logged_with_their_ids(tmp_path, llm, caplog):
+def test_tasks_cut_by_the_deadline_are_logged_with_their_ids(make_client, llm, caplog):
     llm.gazetteer = {"Oslo": "LOC"}
     llm.responder = lambda body: Reply(delay=5) if "late" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
     caplog.set_level(logging.WARNING)
-    results = predict(make_client(tmp_path, llm, predict_deadline=1), ["Oslo.", "late Oslo.", "Oslo again.", "late too."])
+    results = predict_texts(make_client(predict_deadline=1), ["Oslo.", "late Oslo.", "Oslo again.", "late too."], project="1")
     assert [bool(r["result"]) for r in results] == [True, False, True, False]
     cut = [r.getMessage() for r in caplog.records if "no pre-labels" in r.getMessage()]
     assert any(line.startswith("task 2:") for line in cut) and any(line.startswith("task 4:") for line in cut)

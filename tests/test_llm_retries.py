@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.conftest import NER_CONFIG
+from tests.conftest import predict_texts
 from tests.fake_llm import Reply, entities_reply
 from tests.processes import TEST_API_KEY
 
 
 @pytest.fixture
-def make_client(tmp_path, llm):
-    from backend.server import create_app
-    from backend.settings import load_settings
-
-    def make(**overrides):
-        values = dict(
-            openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
-            model_dir=tmp_path / "model", llm_retry_base=0.01, llm_cache=False, _env_file=None,
-        )
-        values.update(overrides)
-        return create_app(load_settings(**values)).test_client()
-
-    return make
+def make_client(make_client):
+    return functools.partial(make_client, llm_cache=False)
 
 
 def predict(client, texts):
-    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
-    response = client.post("/predict", json={"tasks": tasks, "project": "1.1", "label_config": NER_CONFIG})
-    assert response.status_code == 200, response.json
-    return [[r["value"]["text"] for r in entry["result"]] for entry in response.json["results"]]
+    return [[r["value"]["text"] for r in entry["result"]] for entry in predict_texts(client, texts)]
 
 
 def metric(name, **labels):

@@ -2,44 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
 import pytest
 
 from backend.conll import build_units, read_conll
-from tests.conftest import NER_CONFIG, WIKIGOLD
+from tests.conftest import NER_CONFIG, WIKIGOLD, predict_texts
 from tests.fake_llm import Reply
-from tests.processes import TEST_API_KEY
+
+
+@pytest.fixture
+def make_client(make_client):
+    return functools.partial(make_client, setup_project="7")
+
 
 GAZETTEER = {"Oslo": "LOC", "Ada Lovelace": "PER", "Apple": "ORG", "Rome": "LOC"}
 TEXTS = ["Oslo is cold.", "Ada Lovelace wrote.", "Nothing.", "Apple in Rome.", "Rome and Oslo.", "Ada Lovelace in Rome."]
 
 
-@pytest.fixture
-def make_client(tmp_path, llm):
-    from backend.server import create_app
-    from backend.settings import load_settings
-
-    def make(**overrides):
-        values = dict(
-            openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
-            model_dir=tmp_path / "model", llm_retry_base=0.01, _env_file=None,
-        )
-        values.update(overrides)
-        client = create_app(load_settings(**values)).test_client()
-        assert client.post("/setup", json={"project": "7", "schema": NER_CONFIG}).status_code == 200
-        return client
-
-    return make
-
-
 def predict(client, texts):
-    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
-    response = client.post("/predict", json={"tasks": tasks, "project": "7.1", "label_config": NER_CONFIG})
-    assert response.status_code == 200, response.json
-    assert len(response.json["results"]) == len(texts)
-    return [[(r["value"]["text"], r["value"]["start"], r["value"]["labels"][0]) for r in e["result"]] for e in response.json["results"]]
+    results = predict_texts(client, texts, "7.1")
+    assert len(results) == len(texts)
+    return [[(r["value"]["text"], r["value"]["start"], r["value"]["labels"][0]) for r in e["result"]] for e in results]
 
 
 def expected(text):

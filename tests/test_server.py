@@ -1,6 +1,5 @@
 """The protocol endpoints, driven through Flask's test client; the LLM is the fake HTTP server."""
 
-import json
 
 import pytest
 
