@@ -63,9 +63,19 @@ class ExampleIndex:
         # BM25Okapi divides by the mean document length: it needs at least one non-empty document
         self._bm25 = BM25Okapi(self._tokens) if any(self._tokens) else None
         self._postings = self._build_postings() if self._bm25 is not None else {}
+        self._similarity: dict[tuple[int, int], float] = {}
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def similarity(self, i: int, j: int) -> float:
+        """Word-set Jaccard of two stored examples: fixed for the index, so computed once per pair
+        (selection for every new task compares the same shortlisted examples again)."""
+        key = (i, j) if i < j else (j, i)
+        value = self._similarity.get(key)
+        if value is None:
+            value = self._similarity[key] = _jaccard(self._sets[i], self._sets[j])
+        return value
 
     def _build_postings(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """term -> (documents, BM25 term weights): rank_bm25 scores by looping over every document
@@ -127,13 +137,13 @@ class ExampleIndex:
         uncovered = set(labels)
 
         def mmr(i: int) -> float:
-            overlap = max((_jaccard(self._sets[i], self._sets[j]) for j in chosen), default=0.0)
+            overlap = max((self.similarity(i, j) for j in chosen), default=0.0)
             return (1 - DIVERSITY) * relevance[i] - DIVERSITY * overlap
 
         def usable(i: int) -> bool:
             if i in chosen or self._costs[i] > budget:
                 return False
-            return all(_jaccard(self._sets[i], self._sets[j]) < NEAR_DUPLICATE for j in chosen)
+            return all(self.similarity(i, j) < NEAR_DUPLICATE for j in chosen)
 
         while len(chosen) < k:
             pool = [i for i in candidates if usable(i)]

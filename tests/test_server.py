@@ -60,6 +60,18 @@ def test_predict_gives_exact_spans_one_entry_per_task_in_order(client, llm):
     assert spans(2) == [("Apple", 0, "ORG"), ("Cupertino", 12, "LOC"), ("Apple", 23, "ORG")]
 
 
+def test_every_region_has_the_wire_shape_and_a_unique_id(client, llm):
+    from backend.wire import SpanResult
+
+    llm.gazetteer = {"Apple": "ORG", "Cupertino": "LOC"}
+    results = predict(client, ["Apple is in Cupertino. Apple again.", "Apple."]).json["results"]
+    regions = [r for entry in results for r in entry["result"]]
+    assert len(regions) == 4
+    for region in regions:
+        assert SpanResult.model_validate(region).to_json() == region
+    assert len({r["id"] for r in regions}) == len(regions)
+
+
 def test_predict_drops_hallucinated_text_and_unknown_labels(client, llm):
     llm.replies.append(entities_reply([("Berlin", "LOC"), ("Paris", "CITY"), ("Madrid", "LOC")]))
     response = predict(client, ["Madrid and Paris."])
