@@ -1,9 +1,10 @@
 """The model Label Studio talks to: LLM pre-labels for NER, improved by every human correction.
 
-This file is the recipe; the machinery lives in `backend/`:
-  labelconfig.py  what to label (LabelInterface)      task.py       prompt and answer parsing
-  llm.py          the openai call                      alignment.py  entities -> exact spans
-  examples.py     few-shot examples                    prelabel.py   one task, end to end
+This file is the recipe; the machinery lives in `backend/` (the README has a module map):
+  labelconfig.py  what to label (LabelInterface)     task.py         prompt and answer parsing
+  answers.py      cache, then the LLM (llm.py)       alignment.py    entities -> exact spans
+  example_store   corrections kept in SQLite         examples.py     which ones to show
+  webhooks.py     Label Studio's events              interactive.py  the annotator's own marks
 """
 
 from __future__ import annotations
@@ -107,4 +108,4 @@ class NERModel(LabelStudioMLBase):
             warmstart.start(self, data)  # predicted in the background, so opening a task costs no LLM wait
         # Each correction becomes a few-shot example at once: no training job.
         webhooks.handle(event, data, self.schema, self.examples, self.settings)
-        metrics.EXAMPLES.labels(self.project_id).set(len(self.examples.examples()))
+        metrics.EXAMPLES.labels(self.project_id).set(self.examples.count())

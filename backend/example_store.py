@@ -171,6 +171,14 @@ class ExampleStore:
     def examples(self) -> list[StoredExample]:
         return self.snapshot()[1]
 
+    def count(self) -> int:
+        """How many examples there are (one per task and target), without reading them."""
+        rows = self.db.query(
+            "SELECT COUNT(*) AS n FROM (SELECT DISTINCT task_id, from_name FROM examples WHERE project_id=?)",
+            (self.project_id,),
+        )
+        return int(rows[0]["n"])
+
     def annotation_rows(self) -> list[tuple[int, str, int]]:
         """(annotation_id, from_name, task_id) of every stored row: for checking there are no duplicates."""
         rows = self.db.query(

@@ -120,6 +120,7 @@ def test_a_second_annotators_newer_annotation_is_the_tasks_example_and_the_older
     client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")]))
     client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 12, 1, TEXT_A, [span(TEXT_A, "Jordan", "ORG")], updated_at="2025-01-03T00:00:00Z"))
     assert [(e.annotation_id, e.task_id) for e in store(settings).examples()] == [(12, 1)]
+    assert store(settings).count() == 1  # two annotations, one task: one example
     client.post("/webhook", json=deleted_event(12))
     assert [(e.annotation_id, e.task_id) for e in store(settings).examples()] == [(11, 1)]
 
