@@ -45,6 +45,14 @@ def run_serve(args: argparse.Namespace) -> int:
             self.cfg.set("accesslog", "-" if settings.log_level == "DEBUG" else None)
             self.cfg.set("loglevel", settings.log_level.lower())
             self.cfg.set("child_exit", _mark_worker_dead)
+            if "control_socket" in self.cfg.settings:  # gunicorn >= 25.1
+                # one per backend (the default, ~/.gunicorn/gunicorn.ctl, is shared by every instance of a
+                # user); a Unix socket path has at most 107 bytes, so a deep MODEL_DIR goes without one
+                control = str(settings.model_dir.resolve() / "gunicorn.ctl")
+                if len(control.encode()) < 100:
+                    self.cfg.set("control_socket", control)
+                else:
+                    self.cfg.set("control_socket_disable", True)
 
         def load(self):
             from backend.server import create_app
