@@ -36,9 +36,11 @@ def test_a_surface_marked_with_two_labels_is_not_propagated():
     assert propagate(TEXT, drawn) == []
 
 
-def test_marks_whose_offsets_do_not_match_the_text_are_ignored():
+def test_marks_whose_offsets_do_not_match_the_text_are_ignored_and_logged(caplog):
+    caplog.set_level("INFO", logger="backend.interactive")
     marks = marks_of(region(1, 4, "PER", text="Ada"), region(0, 999, "PER", text="x"), region(8, 15, "NOPE"))
     assert marks.spans == {} and marks.ignored == 3
+    assert sum("interactive mark ignored" in r.getMessage() for r in caplog.records) == 3
 
 
 def test_an_empty_or_missing_context_has_no_marks():
