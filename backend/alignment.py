@@ -251,7 +251,6 @@ class Aligner:
         self._folded: dict[str, str] = {}
         self._plain_scans = 0
         self._occurrences: dict[tuple[str, str], tuple[list[int], list[tuple[int, int]]]] = {}
-        self._rarest_cache: dict[tuple[str, str], tuple[list[int], int] | None] = {}
 
     # -- boundaries
     def bounded(self, start: int, end: int) -> bool:
@@ -294,17 +293,7 @@ class Aligner:
         return [(i, i + size) for i in starts if not check or self.bounded(i, i + size)]
 
     def _rarest(self, haystack: str, needle: str, name: str) -> tuple[list[int], int] | None:
-        """Where the needle's rarest word occurs, and that word's offset in the needle.
-
-        Cached per needle: a word's position list is complete once indexed, so the answer never changes.
-        """
-        key = (name, needle)
-        if key in self._rarest_cache:
-            return self._rarest_cache[key]
-        found = self._rarest_cache[key] = self._find_rarest(haystack, needle, name)
-        return found
-
-    def _find_rarest(self, haystack: str, needle: str, name: str) -> tuple[list[int], int] | None:
+        """Where the needle's rarest word occurs, and that word's offset in the needle."""
         runs = list(_WORD_RUN.finditer(needle))
         if not runs:
             return None
