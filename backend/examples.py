@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,10 +96,11 @@ class ExampleIndex:
         scores = np.zeros(len(self.examples))
         if self._bm25 is None:
             return scores
-        for term in tokens(text):
+        # a repeated query word adds its weight each time (as get_scores does): once, times its count
+        for term, count in Counter(tokens(text)).items():
             posting = self._postings.get(term)
             if posting is not None:
-                scores[posting[0]] += self._bm25.idf.get(term, 0.0) * posting[1]
+                scores[posting[0]] += (count * self._bm25.idf.get(term, 0.0)) * posting[1]
         return scores
 
     def relevance(self, text: str) -> list[float]:

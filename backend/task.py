@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +36,12 @@ class Answer(BaseModel):
 
 def answer_json(entities: Sequence[tuple[str, str]]) -> str:
     """The assistant turn for (surface, label) pairs: what a perfect answer looks like."""
+    return _answer_json(tuple(entities))
+
+
+@lru_cache(maxsize=4096)
+def _answer_json(entities: tuple[tuple[str, str], ...]) -> str:
+    # the same few-shot examples are rendered for task after task
     return json.dumps({"entities": [{"text": t, "label": l} for t, l in entities]}, ensure_ascii=False)
 
 
