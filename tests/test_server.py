@@ -1,5 +1,6 @@
 """The protocol endpoints, driven through Flask's test client; the LLM is the fake HTTP server."""
 
+import json
 
 import pytest
 
@@ -112,6 +113,23 @@ def test_one_repair_turn_shows_the_model_its_error(client, llm):
     repair = llm.requests[1]["messages"]
     assert repair[-2] == {"role": "assistant", "content": "Entities: Lima (LOC)"}
     assert "could not be used" in repair[-1]["content"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"choices": []},
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}}]},
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content": [{"type": "text", "text": "x"}]}}]},
+        {"choices": "nope", "usage": "nope"},
+        {"id": "x"},
+    ],
+)
+def test_off_spec_completion_bodies_give_the_task_an_empty_result(client, llm, body):
+    llm.responder = lambda request: Reply(raw_body=json.dumps(body).encode())
+    response = predict(client, ["Lima.", "Oslo."])
+    assert response.status_code == 200
+    assert [entry["result"] for entry in response.json["results"]] == [[], []]
 
 
 def test_after_a_failed_repair_the_task_is_empty(client, llm):
