@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from backend.errors import LLMOutputError
 from backend.examples import FewShotExample
 from backend.labelconfig import NerTarget
-from backend.templates import PromptTemplates
+from backend.templates import PromptTemplates, render_source
 
 
 class Entity(BaseModel):
@@ -39,7 +39,12 @@ def answer_json(entities: Sequence[tuple[str, str]]) -> str:
     return _answer_json(tuple(entities))
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=256)  # a few selected examples per task; task texts themselves are never cached
+def _example_prompt(source: str, text: str) -> str:
+    return render_source(source, text=text)
+
+
+@lru_cache(maxsize=256)
 def _answer_json(entities: tuple[tuple[str, str], ...]) -> str:
     # the same few-shot examples are rendered for task after task
     return json.dumps({"entities": [{"text": t, "label": l} for t, l in entities]}, ensure_ascii=False)
@@ -63,11 +68,15 @@ class NerTask:
     def user_prompt(self, text: str) -> str:
         return self.templates.render("user", text=text)
 
+    def example_prompt(self, text: str) -> str:
+        """The user turn of a few-shot example: the same few are shown task after task, render each once."""
+        return _example_prompt(self.templates.sources["user"], text)
+
     def messages(self, text: str, examples: Sequence[FewShotExample] = ()) -> list[dict[str, str]]:
         """System prompt, then each example as a user/assistant exchange, then the text to label."""
         messages = [{"role": "system", "content": self.system_prompt(examples)}]
         for example in examples:
-            messages.append({"role": "user", "content": self.user_prompt(example.text)})
+            messages.append({"role": "user", "content": self.example_prompt(example.text)})
             messages.append({"role": "assistant", "content": answer_json(example.entities)})
         messages.append({"role": "user", "content": self.user_prompt(text)})
         return messages

@@ -25,7 +25,11 @@ class PromptTemplates:
     fingerprint: str
 
     def render(self, name: str, **variables: object) -> str:
-        return _compiled(self.sources[name]).render(**variables).strip()
+        return render_source(self.sources[name], **variables)
+
+
+def render_source(source: str, **variables: object) -> str:
+    return _compiled(source).render(**variables).strip()
 
 
 @lru_cache(maxsize=64)
