@@ -15,7 +15,7 @@ RUN useradd --create-home --uid 1000 app \
     && chown 1000:1000 /data
 
 # prompts last: editing a template does not reinstall the package
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY backend ./backend
 COPY model.py ./
 RUN pip install --no-cache-dir .
