@@ -81,3 +81,47 @@ def test_bm25_relevance_equals_rank_bm25s_own_scores():
     reference = BM25Okapi([tokens(e.text) for e in corpus])
     for query in ("Arsenal beat Manchester United", "the euro and the dollar", "nothing matches zzz", "Arsenal Arsenal"):
         assert list(index.bm25_scores(query)) == pytest.approx(list(reference.get_scores(tokens(query))))
+
+
+# ---- the vectorised shortlist picks exactly what the straightforward loop picks ----
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+from backend.examples import SHORTLIST  # noqa: E402
+
+WORDS = ["ada", "paris", "bank", "river", "acme", "court", "game", "song", "rome", "oslo"]
+
+
+def reference_shortlist(index: ExampleIndex, text: str, labels, k: int) -> list[int]:
+    """The loop the vectorised `_ranked` + `_shortlist` replace, kept as the specification."""
+    relevance = index.relevance(text)
+    ranked = sorted((i for i, e in enumerate(index.examples) if e.text != text), key=lambda i: -relevance[i])
+    short = ranked[: SHORTLIST * k]
+    per_label = {label: 0 for label in labels}
+    for i in ranked[SHORTLIST * k:]:
+        wanted = [label for label in index._labels[i] if per_label.get(label, SHORTLIST) < SHORTLIST]
+        if wanted:
+            short.append(i)
+            for label in wanted:
+                per_label[label] += 1
+        if all(n >= SHORTLIST for n in per_label.values()):
+            break
+    return short
+
+
+example_sets = st.lists(
+    st.tuples(
+        st.lists(st.sampled_from(WORDS), min_size=1, max_size=6).map(" ".join),
+        st.sets(st.sampled_from(LABELS + ("EVENT",)), max_size=3),
+    ),
+    min_size=1, max_size=120,
+)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(example_sets, st.lists(st.sampled_from(WORDS), max_size=6).map(" ".join), st.integers(1, 5), st.booleans())
+def test_the_shortlist_is_the_one_the_plain_loop_gives(stored, query, k, query_is_stored):
+    examples = [FewShotExample(text, tuple((text.split()[0], label) for label in sorted(labels))) for text, labels in stored]
+    index = ExampleIndex(examples)
+    text = examples[0].text if query_is_stored else query
+    fast = index._shortlist(index._ranked(index.relevance(text), text), LABELS, k)
+    assert fast == reference_shortlist(index, text, LABELS, k)
