@@ -46,6 +46,17 @@ def wait_for(url: str, timeout: float, proc: subprocess.Popen | None = None, log
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def wait_until(condition, timeout: float, interval: float = 0.1):
+    """Poll `condition` until it returns something truthy (returned) or `timeout` passes (None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
 def backend_env(llm_base_url: str, model_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "BASIC_AUTH", "LABEL_STUDIO"))}
     env.update(
@@ -113,6 +124,16 @@ class LabelStudio:
         from label_studio_sdk.client import LabelStudio as Client
 
         return Client(base_url=self.url, api_key=self.token)
+
+    def api(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """A raw API call with the user's token, for what the SDK does not return (or lacks)."""
+        return httpx.request(method, self.url + path, headers={"Authorization": f"Token {self.token}"}, timeout=120, **kwargs)
+
+    def open_next_task(self, project_id: int) -> dict:
+        """What the labeling UI does to open the next task: Label Studio predicts it before answering."""
+        response = self.api("GET", f"/api/projects/{project_id}/next/")
+        assert response.status_code == 200, response.text
+        return response.json()
 
 
 @contextmanager

@@ -2,7 +2,6 @@
 
 import time
 
-
 from backend.alignment import Span, align, normalise
 
 

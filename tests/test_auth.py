@@ -148,12 +148,7 @@ def test_label_studio_basic_auth_setting_connects_predicts_and_webhooks_still_ar
     )
     assert ls.ml.get(id=ml.id).state in ("CO", "CONNECTED"), ls.ml.get(id=ml.id)
 
-    response = httpx.get(
-        f"{label_studio.url}/api/projects/{project.id}/next/",
-        headers={"Authorization": f"Token {label_studio.token}"}, timeout=120,
-    )
-    assert response.status_code == 200, response.text
-    task = response.json()
+    task = label_studio.open_next_task(project.id)
     (prediction,) = ls.predictions.list(task=task["id"])
     assert sorted((r["value"]["text"], r["value"]["labels"][0]) for r in prediction.result) == [
         ("Grace Hopper", "PER"), ("Navy", "ORG"),

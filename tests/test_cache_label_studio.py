@@ -8,13 +8,12 @@ answered from the cache without an LLM call. The stored prediction carries the t
 from __future__ import annotations
 
 import json
-import time
 
-import httpx
 import pytest
 
 from tests.conftest import NER_CONFIG
 from tests.fake_llm import Reply
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.label_studio
 
@@ -31,15 +30,6 @@ def logprob_reply(body):
     return Reply(content=content, logprobs=tokens)
 
 
-def wait_until(condition, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_imported_tasks_are_precomputed_so_opening_one_makes_no_llm_call(label_studio, backend_factory, llm):
     llm.responder = logprob_reply
     backend = backend_factory(workers=2, WARM_START="true")
@@ -51,10 +41,7 @@ def test_imported_tasks_are_precomputed_so_opening_one_makes_no_llm_call(label_s
     assert wait_until(lambda: len(llm.requests) == len(TEXTS), 60), backend.log()[-2000:]
     assert wait_until(lambda: "warm start: 3 new tasks pre-computed" in backend.log(), 30), backend.log()[-2000:]
 
-    response = httpx.get(f"{label_studio.url}/api/projects/{project.id}/next/",
-                         headers={"Authorization": f"Token {label_studio.token}"}, timeout=120)
-    assert response.status_code == 200, response.text
-    opened = response.json()
+    opened = label_studio.open_next_task(project.id)
     (prediction,) = list(ls.predictions.list(task=opened["id"]))
     assert len(llm.requests) == len(TEXTS)  # Label Studio's /predict came from the cache
     text = opened["data"]["text"]

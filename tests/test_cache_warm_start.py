@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.conftest import NER_CONFIG
+from tests.processes import wait_until
 
 
 @pytest.fixture
@@ -27,15 +28,6 @@ def tasks_created(texts, first_id=1):
     }
 
 
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_tasks_created_precomputes_predictions_so_predict_makes_no_llm_call(make_client, llm):
     llm.gazetteer = {"Ada Lovelace": "PER", "London": "LOC", "Paris": "LOC"}
     llm.latency = 0.3
@@ -44,7 +36,7 @@ def test_tasks_created_precomputes_predictions_so_predict_makes_no_llm_call(make
     response = client.post("/webhook", json=tasks_created(TEXTS))
     assert response.status_code in (200, 201)
     assert time.monotonic() - started < 0.3  # answered before any LLM call could finish
-    assert wait_until(lambda: not any(t.name == "warm-start" for t in threading.enumerate()) and len(llm.requests) == 3)
+    assert wait_until(lambda: not any(t.name == "warm-start" for t in threading.enumerate()) and len(llm.requests) == 3, 10.0, 0.02)
     predicted = client.post("/predict", json={"tasks": tasks_created(TEXTS)["tasks"], "project": "5.1", "label_config": NER_CONFIG})
     assert len(llm.requests) == 3  # all three came from the cache
     spans = [[r["value"]["text"] for r in e["result"]] for e in predicted.json["results"]]

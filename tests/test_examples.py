@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from backend.examples import ExampleIndex, FewShotExample, token_cost
+from backend.examples import SHORTLIST, ExampleIndex, FewShotExample, token_cost
 
 LABELS = ("PER", "ORG", "LOC", "MISC")
 
@@ -84,9 +87,6 @@ def test_bm25_relevance_equals_rank_bm25s_own_scores():
 
 
 # ---- the vectorised shortlist picks exactly what the straightforward loop picks ----
-from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
-
-from backend.examples import SHORTLIST  # noqa: E402
 
 WORDS = ["ada", "paris", "bank", "river", "acme", "court", "game", "song", "rome", "oslo"]
 

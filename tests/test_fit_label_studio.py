@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import NER_CONFIG
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.label_studio
 
@@ -21,20 +22,6 @@ TEXTS = [
     "Pippen joined the Chicago Bulls in 1987.",
     "The Chicago Bulls won six titles.",
 ]
-
-
-def api(ls, method: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.request(method, ls.url + path, headers={"Authorization": f"Token {ls.token}"}, timeout=120, **kwargs)
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def backend_version(backend, project_id: int) -> str:
@@ -56,13 +43,6 @@ def shown_examples(request_body: dict) -> list[tuple[str, list]]:
     return pairs
 
 
-def open_next_task(ls, project_id: int) -> dict:
-    """What the labeling UI does to open the next task: Label Studio predicts it before answering."""
-    response = api(ls, "GET", f"/api/projects/{project_id}/next/")
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def test_a_correction_submitted_in_label_studio_is_the_next_tasks_example_under_a_new_model_version(label_studio, backend_factory, llm):
     llm.gazetteer = dict(GAZETTEER)
     backend = backend_factory(workers=2)
@@ -71,7 +51,7 @@ def test_a_correction_submitted_in_label_studio_is_the_next_tasks_example_under_
     ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in TEXTS])
     ls.ml.create(url=backend.url, project=project.id, title="llm-ner", is_interactive=False)
 
-    first = open_next_task(label_studio, project.id)
+    first = label_studio.open_next_task(project.id)
     (draft,) = ls.predictions.list(task=first["id"])
     assert [(r["value"]["text"], r["value"]["labels"][0]) for r in draft.result] == [("Jordan", "ORG"), ("Chicago Bulls", "ORG")]
     version_before = draft.model_version
@@ -79,10 +59,10 @@ def test_a_correction_submitted_in_label_studio_is_the_next_tasks_example_under_
     text = first["data"]["text"]
     annotation = ls.annotations.create(id=first["id"], result=[labeled(text, "Jordan", "PER"), labeled(text, "Chicago Bulls", "ORG")])
     # Label Studio sends ANNOTATION_CREATED to the backend by itself; the example set (and version) changes
-    wait_until(lambda: backend_version(backend, project.id) != version_before, 30, "the backend's model_version to change")
+    assert wait_until(lambda: backend_version(backend, project.id) != version_before, 30), "the backend's model_version to change"
 
     requests_before = len(llm.requests)
-    second = open_next_task(label_studio, project.id)
+    second = label_studio.open_next_task(project.id)
     assert second["id"] != first["id"]
     (prediction,) = ls.predictions.list(task=second["id"])
     assert prediction.model_version != version_before
@@ -93,7 +73,7 @@ def test_a_correction_submitted_in_label_studio_is_the_next_tasks_example_under_
 
     # deleting the annotation in Label Studio (ANNOTATIONS_DELETED, ids only) removes the example
     ls.annotations.delete(id=annotation.id)
-    wait_until(lambda: backend_version(backend, project.id) == version_before, 30, "the example set to be empty again")
+    assert wait_until(lambda: backend_version(backend, project.id) == version_before, 30), "the example set to be empty again"
 
 
 def test_start_training_rebuilds_the_examples_from_label_studios_annotations(label_studio, backend_factory, llm):
@@ -112,12 +92,12 @@ def test_start_training_rebuilds_the_examples_from_label_studios_annotations(lab
     ml = ls.ml.create(url=backend.url, project=project.id, title="llm-ner", is_interactive=False)
     version_before = backend_version(backend, project.id)
     started = time.monotonic()
-    response = api(label_studio, "POST", f"/api/ml/{ml.id}/train", json={})
+    response = label_studio.api("POST", f"/api/ml/{ml.id}/train", json={})
     assert response.status_code < 300, response.text
     assert time.monotonic() - started < 5
-    wait_until(lambda: backend_version(backend, project.id) != version_before, 60, "the rebuilt example set")
+    assert wait_until(lambda: backend_version(backend, project.id) != version_before, 60), "the rebuilt example set"
 
-    second = open_next_task(label_studio, project.id)
+    second = label_studio.open_next_task(project.id)
     assert second["id"] == tasks[1].id
     assert shown_examples(llm.requests[-1]) == [(text, [("Jordan", "PER"), ("Chicago Bulls", "ORG")])]
     assert label_studio.token not in backend.log()

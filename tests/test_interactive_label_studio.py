@@ -6,7 +6,6 @@ through Label Studio's interactive-annotating endpoint (what the labeling UI cal
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from tests.conftest import NER_CONFIG
@@ -35,11 +34,8 @@ def test_a_drawn_region_is_propagated_and_completed_without_touching_the_region(
     ml = ls.ml.create(url=backend.url, project=project.id, title="llm-ner", is_interactive=True)
     (task,) = list(ls.tasks.list(project=project.id))
 
-    response = httpx.post(
-        f"{label_studio.url}/api/ml/{ml.id}/interactive-annotating",
-        headers={"Authorization": f"Token {label_studio.token}"},
-        json={"task": task.id, "context": {"result": [DRAWN]}},
-        timeout=60,
+    response = label_studio.api(
+        "POST", f"/api/ml/{ml.id}/interactive-annotating", json={"task": task.id, "context": {"result": [DRAWN]}}
     )
     assert response.status_code == 200, response.text
     answer = response.json()

@@ -39,11 +39,6 @@ def stored_spans(prediction) -> list[tuple[int, int, str, str]]:
     )
 
 
-def api(ls, method: str, path: str, **kwargs) -> httpx.Response:
-    headers = {"Authorization": f"Token {ls.token}"}
-    return httpx.request(method, ls.url + path, headers=headers, timeout=120, **kwargs)
-
-
 @pytest.fixture
 def connected_project(label_studio, backend_factory, llm):
     """A new NER project with TEXTS imported and this backend connected as its model."""
@@ -63,9 +58,7 @@ def predictions_of(ls, task_id: int):
 
 def test_task_opened_in_the_labeling_ui_gets_exact_pre_labels(label_studio, connected_project, llm):
     ls, project, tasks, backend, _ = connected_project
-    response = api(label_studio, "GET", f"/api/projects/{project.id}/next/")
-    assert response.status_code == 200, response.text
-    opened = response.json()
+    opened = label_studio.open_next_task(project.id)
     (prediction,) = predictions_of(ls, opened["id"])
     assert stored_spans(prediction) == expected_spans(opened["data"]["text"])
     setup_version = httpx.post(backend.url + "/setup", json={"project": str(project.id), "schema": NER_CONFIG}).json()["model_version"]
@@ -77,8 +70,7 @@ def test_task_opened_in_the_labeling_ui_gets_exact_pre_labels(label_studio, conn
 
 def test_retrieve_predictions_action_labels_every_task_in_one_call(label_studio, connected_project, llm):
     ls, project, tasks, backend, _ = connected_project
-    response = api(
-        label_studio, "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}",
+    response = label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}",
         json={"selectedItems": {"all": True, "excluded": []}},
     )
     assert response.status_code == 200, response.text
@@ -91,6 +83,6 @@ def test_retrieve_predictions_action_labels_every_task_in_one_call(label_studio,
             assert task.data["text"][value["start"]:value["end"]] == value["text"]
     assert len(llm.requests) == len(TEXTS)
     # asking again makes no new predictions: the model_version is unchanged
-    api(label_studio, "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}",
+    label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}",
         json={"selectedItems": {"all": True, "excluded": []}})
     assert all(len(predictions_of(ls, t.id)) == 1 for t in tasks)
