@@ -9,6 +9,7 @@ This file is the recipe; the machinery lives in `backend/` (the README has a mod
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -48,7 +49,8 @@ class NERModel(LabelStudioMLBase):
         # What annotators typed in the guidelines <TextArea> of their last submitted annotation.
         return self.get("guidelines") or ""
 
-    def prelabeler(self, guidelines: str | None = None) -> Prelabeler:
+    def prelabeler(self, guidelines: str | None = None, version: str | None = None) -> Prelabeler:
+        # `version`: the caller's model_version, when it has one (computing it reads the store)
         return Prelabeler(
             self.schema,
             self.services.templates,
@@ -58,7 +60,7 @@ class NERModel(LabelStudioMLBase):
             label_all_mentions=self.settings.label_all_mentions,
             context_chars=self.settings.llm_context_chars,
             chunk_overlap=self.settings.llm_chunk_overlap,
-            source=EntitySource(self.services.llm, self.response_cache(), scope=self.model_version),
+            source=EntitySource(self.services.llm, self.response_cache(), scope=version or self.model_version),
         )
 
     def response_cache(self) -> ResponseCache | None:
@@ -70,7 +72,7 @@ class NERModel(LabelStudioMLBase):
             marks = read_marks(context, self.schema, tasks[0].get("data") or {}, self.settings.guidelines_textarea)
             if marks:
                 return ModelResponse(model_version=version, predictions=[self.predict_interactive(tasks[0], marks, version)])
-        prelabeler = self.prelabeler()
+        prelabeler = self.prelabeler(version=version)
         deadline = time.monotonic() + self.settings.predict_deadline
         if self.settings.pack_size > 1:  # short texts several to a call; each task below finds its answer
             packing.prefill(prelabeler, tasks, self.settings, deadline)
@@ -95,7 +97,7 @@ class NERModel(LabelStudioMLBase):
 
     def predict_interactive(self, task: dict[str, Any], marks: Marks, version: str) -> PredictionValue:
         results = interactive_results(
-            task.get("data") or {}, marks, self.schema, self.prelabeler,
+            task.get("data") or {}, marks, self.schema, functools.partial(self.prelabeler, version=version),
             use_llm=self.settings.interactive_llm, deadline_seconds=self.settings.interactive_deadline,
             templates=self.services.templates, base_guidelines=self.guidelines(),
         )
