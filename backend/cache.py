@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,18 @@ CREATE INDEX IF NOT EXISTS llm_cache_age ON llm_cache(created_at);
 PRUNE_EVERY = 500  # puts between two size checks: a COUNT(*) per write would cost more than the write
 
 
-def cache_key(**parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def cache_key(messages: Sequence[dict[str, str]] = (), **parts: Any) -> str:
+    """sha256 of the settings (sorted JSON) and the messages. Each message field is hashed as it is
+    behind its name and length (so no two prompts share a key): JSON-encoding 14 kB of prompt first
+    cost four times as much as hashing it."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    for message in messages:
+        for name in sorted(message):
+            value = str(message[name]).encode("utf-8")
+            digest.update(b"%s=%d:" % (name.encode("utf-8"), len(value)))
+            digest.update(value)
+        digest.update(b";")
+    return digest.hexdigest()
 
 
 class ResponseCache:
@@ -54,11 +64,11 @@ class ResponseCache:
         return json.loads(rows[0]["value"]) if rows else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO llm_cache(key, value, created_at) VALUES (?, ?, ?)",
-                (key, json.dumps(value, ensure_ascii=False), time.time()),
-            )
+        # one statement is its own transaction (autocommit): no BEGIN/COMMIT round trips
+        self.db.connection().execute(
+            "INSERT OR REPLACE INTO llm_cache(key, value, created_at) VALUES (?, ?, ?)",
+            (key, json.dumps(value, ensure_ascii=False), time.time()),
+        )
         self._puts += 1
         if self._puts % PRUNE_EVERY == 0:
             self.prune()

@@ -104,7 +104,8 @@ def timestamp(value: object) -> float:
 
 
 def _spans_json(spans: Iterable[Span]) -> str:
-    return json.dumps([[s.start, s.end, s.text, s.label] for s in sorted(spans)], ensure_ascii=False)
+    # sorted as tuples: the same order as Span's, without the dataclass's slow generated __lt__
+    return json.dumps(sorted([s.start, s.end, s.text, s.label] for s in spans), ensure_ascii=False)
 
 
 def _spans(value: str | None) -> tuple[Span, ...] | None:
@@ -208,12 +209,12 @@ class ExampleStore:
 
         def select(target: NerTarget, text: str) -> list[FewShotExample]:
             index = indexes.get(target.from_name)
+            known = frozenset(target.label_names)
             if index is None:
                 return []
-            known = set(target.label_names)
             chosen = index.select(text, target.label_names, k, token_budget)
             # examples made under an older label config may carry labels this one no longer has
-            return [replace(e, entities=tuple(x for x in e.entities if x[1] in known)) for e in chosen]
+            return [e if e.labels <= known else replace(e, entities=tuple(x for x in e.entities if x[1] in known)) for e in chosen]
 
         return select
 

@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from rank_bm25 import BM25Okapi
@@ -35,9 +36,13 @@ class FewShotExample:
     # (surface text, label) the LLM proposed here and the annotator deleted: shown as "not entities"
     rejected: tuple[tuple[str, str], ...] = ()
 
+    @cached_property
+    def labels(self) -> frozenset[str]:
+        return frozenset(label for _, label in self.entities)
+
 
 def tokens(text: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(text)]
+    return _WORD.findall(text.lower())
 
 
 def token_cost(example: FewShotExample) -> int:
@@ -59,7 +64,7 @@ class ExampleIndex:
         self.examples = list(examples)
         self._tokens = [tokens(e.text) for e in self.examples]
         self._sets = [frozenset(t) for t in self._tokens]
-        self._labels = [frozenset(label for _, label in e.entities) for e in self.examples]
+        self._labels = [e.labels for e in self.examples]
         self._costs = [token_cost(e) for e in self.examples]
         # BM25Okapi divides by the mean document length: it needs at least one non-empty document
         self._bm25 = BM25Okapi(self._tokens) if any(self._tokens) else None
@@ -107,13 +112,16 @@ class ExampleIndex:
             return np.zeros(len(self.examples))
         # a repeated query word adds its weight each time (as get_scores does): once, times its count;
         # all matching postings are summed in one bincount rather than one numpy call per word
+        counted = Counter(tokens(text))
+        postings = self._postings
         docs, weights, counts = [], [], []
-        for term, count in Counter(tokens(text)).items():
-            posting = self._postings.get(term)
-            if posting is not None:
-                docs.append(posting[0])
-                weights.append(posting[1])
-                counts.append(count)
+        # most words of a text are in no example: skip them in C. Sorted: the same summing order in
+        # every process (set order follows the per-process string hash), so equal inputs rank alike
+        for term in sorted(counted.keys() & postings.keys()):
+            posting = postings[term]
+            docs.append(posting[0])
+            weights.append(posting[1])
+            counts.append(counted[term])
         if not docs:
             return np.zeros(len(self.examples))
         repeat = np.repeat(counts, [len(d) for d in docs])
@@ -136,6 +144,8 @@ class ExampleIndex:
         the most relevant examples that have it (so coverage still finds a rare label deep in the
         ranking). Computed per label with numpy: a loop over every example cost ~2 ms a task at 1,500."""
         top = SHORTLIST * k
+        if len(ranked) <= top:
+            return ranked.tolist()  # every example is on the shortlist already
         position = np.empty(len(self.examples), dtype=np.int64)
         position[:] = len(self.examples)  # left-out examples rank after everything
         position[ranked] = np.arange(len(ranked))

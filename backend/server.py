@@ -190,7 +190,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         for prediction in predictions:
             metrics.TASKS.labels("labeled" if prediction.result else "empty").inc()
         out = PredictResponse(results=predictions, model_version=response.model_version)
-        return jsonify(out.model_dump(exclude_none=True))
+        return jsonify(out.to_json())
 
     @app.post("/webhook")
     def webhook():

@@ -58,12 +58,23 @@ class NerTask:
         self.target = target
         self.templates = templates
         self.guidelines = guidelines or ""
+        self._json_schema: dict[str, Any] | None = None
+        self._system_prompts: dict[tuple[tuple[str, str], ...], str] = {}
 
     # ---- prompt ----
     def system_prompt(self, examples: Sequence[FewShotExample] = ()) -> str:
         # what annotators deleted from the LLM's drafts of the examples shown: the mistakes not to repeat
-        negatives = list(dict.fromkeys(n for e in examples for n in e.rejected))[:MAX_NEGATIVES]
-        return self.templates.render("system", labels=self.target.labels, guidelines=self.guidelines, negatives=negatives)
+        negatives = tuple(dict.fromkeys(n for e in examples for n in e.rejected))[:MAX_NEGATIVES]
+        # labels and guidelines are fixed for the task: the prompt varies with the negatives only,
+        # and the same few examples (so the same negatives) come back task after task
+        prompt = self._system_prompts.get(negatives)
+        if prompt is None:
+            if len(self._system_prompts) >= 64:
+                self._system_prompts.clear()
+            prompt = self._system_prompts[negatives] = self.templates.render(
+                "system", labels=self.target.labels, guidelines=self.guidelines, negatives=list(negatives)
+            )
+        return prompt
 
     def user_prompt(self, text: str) -> str:
         return self.templates.render("user", text=text)
@@ -85,7 +96,13 @@ class NerTask:
         return self.templates.render("repair", error=error)
 
     def json_schema(self) -> dict[str, Any]:
-        """For `response_format={"type": "json_schema"}`: labels as an enum, strict shape."""
+        """For `response_format={"type": "json_schema"}`: labels as an enum, strict shape (built once:
+        every call and every cache key of the task uses it; callers must not change it)."""
+        if self._json_schema is None:
+            self._json_schema = self._build_json_schema()
+        return self._json_schema
+
+    def _build_json_schema(self) -> dict[str, Any]:
         return {
             "name": "entities",
             "strict": True,
@@ -142,6 +159,12 @@ def parse_answer(content: str | None) -> list[Entity]:
     """
     if content is None or not content.strip():
         raise LLMOutputError("the answer was empty")
+    if content.lstrip().startswith("{"):
+        # the usual answer (structured output): parsed and validated in one pass, in pydantic's Rust
+        try:
+            return Answer.model_validate_json(content).entities
+        except ValidationError:
+            pass  # prose around it, a bare list, a bad field: the tolerant path below tells which
     last_error = "no JSON object was found in the answer"
     validation_error = None  # the most useful message for the repair turn, when there is one
     for candidate in _json_candidates(content):

@@ -129,6 +129,12 @@ class FakeLLM:
             def log_message(self, *args: Any) -> None:  # keep test output quiet
                 pass
 
+            def parse_request(self) -> bool:
+                # the request line has just been read: this is the request's arrival. Parsing headers
+                # and JSON is the fake's own work, not time the client spent (bench_predict overhead).
+                self.arrived = time.monotonic()
+                return super().parse_request()
+
             def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -157,7 +163,7 @@ class FakeLLM:
                 with fake.lock:
                     fake.requests.append(body)
                     fake.auth_headers.append(self.headers.get("Authorization"))
-                    fake.request_times.append(time.monotonic())
+                    fake.request_times.append(self.arrived)
                     if fake.max_concurrency and fake._gate is None:
                         fake._gate = threading.Semaphore(fake.max_concurrency)
                     gate = fake._gate
