@@ -46,6 +46,7 @@ Prefer = Literal["longest", "first"]
 TIERS = ("exact", "case", "normalised")
 _NEAR = 20_000  # characters searched after the cursor before anything else
 _PLAIN_SCANS = 64  # whole-window searches per text before the occurrence lists (word index) are built
+_FEW_SURFACES = 16  # up to this many, every_occurrence scans with str.find instead of an Aho-Corasick automaton
 
 
 class Span(NamedTuple):
@@ -403,20 +404,24 @@ class Aligner:
         One Aho-Corasick pass over the text finds all of them at once (overlapping ones included):
         for thousands of surfaces in a megabyte this beats a search or an index per surface.
         """
-        automaton = ahocorasick.Automaton()
-        for surface in surfaces:
-            if surface:
+        surfaces = [surface for surface in dict.fromkeys(surfaces) if surface]
+        if len(surfaces) <= _FEW_SURFACES:
+            # a few surfaces (a short text's usual case): one str.find scan each beats building an automaton
+            hits = []
+            for surface in surfaces:
+                find, size = self.text.find, len(surface)
+                i = find(surface)
+                while i != -1:
+                    hits.append((i, i + size, surface))
+                    i = find(surface, i + 1)
+        else:
+            automaton = ahocorasick.Automaton()
+            for surface in surfaces:
                 automaton.add_word(surface, surface)
-        if len(automaton) == 0:
-            return []
-        automaton.make_automaton()
-        found = []
-        for last, surface in automaton.iter(self.text):
-            start = last + 1 - len(surface)
-            # most are the listed mentions themselves: the cheap test first
-            if (free is None or free.find(1, start, last + 1) == -1) and self.bounded(start, last + 1):
-                found.append((start, last + 1, surface))
-        return found
+            automaton.make_automaton()
+            hits = [(last + 1 - len(surface), last + 1, surface) for last, surface in automaton.iter(self.text)]
+        # most are the listed mentions themselves: the cheap test first
+        return [hit for hit in hits if (free is None or free.find(1, hit[0], hit[1]) == -1) and self.bounded(hit[0], hit[1])]
 
     # -- the mention walk
     def walk(

@@ -60,7 +60,7 @@ class ResponseCache:
 
     def get(self, key: str) -> dict[str, Any] | None:
         rows = self.db.query("SELECT value FROM llm_cache WHERE key=?", (key,))
-        metrics.CACHE.labels("hit" if rows else "miss").inc()
+        (metrics.CACHE_HITS if rows else metrics.CACHE_MISSES).inc()
         return json.loads(rows[0]["value"]) if rows else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:

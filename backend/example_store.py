@@ -209,7 +209,7 @@ class ExampleStore:
 
         def select(target: NerTarget, text: str) -> list[FewShotExample]:
             index = indexes.get(target.from_name)
-            known = frozenset(target.label_names)
+            known = target.label_set
             if index is None:
                 return []
             chosen = index.select(text, target.label_names, k, token_budget)

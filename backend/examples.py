@@ -167,7 +167,10 @@ class ExampleIndex:
         if k <= 0 or not self.examples:
             return []
         relevance = self.relevance(text)
-        candidates = self._shortlist(self._ranked(relevance, text), labels, k)
+        candidates = self._shortlist(self._ranked(relevance, text), labels, k)  # in ranking order
+        if self._all_fit(candidates, k, token_budget):
+            # the greedy choice below would take every candidate: skip it (the usual case of a small set)
+            return [self.examples[i] for i in reversed(candidates)]
         chosen: list[int] = []
         budget = token_budget
         uncovered = set(labels)
@@ -194,5 +197,12 @@ class ExampleIndex:
             chosen.append(best)
             budget -= self._costs[best]
             uncovered -= self._labels[best]
-        chosen.sort(key=lambda i: relevance[i])
-        return [self.examples[i] for i in chosen]
+        # least relevant first; ties in reverse ranking order too, so the order never depends on the picking
+        taken = set(chosen)
+        return [self.examples[i] for i in reversed(candidates) if i in taken]
+
+    def _all_fit(self, candidates: Sequence[int], k: int, token_budget: int) -> bool:
+        """Whether every candidate can be shown: no more than k, within the budget, no near-duplicates."""
+        if len(candidates) > k or sum(self._costs[i] for i in candidates) > token_budget:
+            return False
+        return all(self.similarity(i, j) < NEAR_DUPLICATE for a, i in enumerate(candidates) for j in candidates[a + 1 :])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from label_studio_sdk.label_interface import LabelInterface
 
@@ -50,9 +50,13 @@ class NerTarget:
     labels: tuple[LabelDef, ...]
     allow_overlap: bool = False
 
-    @property
+    @cached_property
     def label_names(self) -> tuple[str, ...]:
         return tuple(label.name for label in self.labels)
+
+    @cached_property
+    def label_set(self) -> frozenset[str]:
+        return frozenset(self.label_names)
 
 
 @dataclass(frozen=True)

@@ -248,7 +248,7 @@ class LLMClient:
                 attempt += 1
                 continue
             metrics.LLM_SECONDS.observe(time.perf_counter() - started)
-            metrics.LLM_CALLS.labels("ok").inc()
+            metrics.LLM_CALLS_OK.inc()
             usage = _usage_of(response)
             total = usage.prompt_tokens + usage.completion_tokens if response.get("usage") else estimate
             self.limiter.settle(handle, total)

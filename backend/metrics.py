@@ -34,6 +34,11 @@ EXAMPLES = Gauge(
 )
 TASKS = Counter("llm_ner_predicted_tasks_total", "Tasks answered by /predict, by outcome", ["outcome"])
 
+# label sets used for every task, looked up once (`labels()` takes a lock and builds a key each call)
+LLM_CALLS_OK = LLM_CALLS.labels("ok")
+PROMPT_TOKENS, COMPLETION_TOKENS = LLM_TOKENS.labels("prompt"), LLM_TOKENS.labels("completion")
+CACHE_HITS, CACHE_MISSES = CACHE.labels("hit"), CACHE.labels("miss")
+
 
 def render() -> tuple[bytes, str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
