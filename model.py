@@ -82,6 +82,7 @@ class NERModel(LabelStudioMLBase):
             concurrency=self.settings.predict_concurrency,
             deadline_seconds=deadline - time.monotonic(),
         )
+        prelabeler.source.flush()  # this request's answers, for every worker's next request
         costs.account(self.project_id, [None if o.error else o.value.usage for o in outcomes], self.settings)
         predictions = []
         for task, outcome in zip(tasks, outcomes):
@@ -101,6 +102,8 @@ class NERModel(LabelStudioMLBase):
             use_llm=self.settings.interactive_llm, deadline_seconds=self.settings.interactive_deadline,
             templates=self.services.templates, base_guidelines=self.guidelines(),
         )
+        if (cache := self.response_cache()) is not None:
+            cache.flush()
         return PredictionValue(result=results, model_version=version)
 
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> None:

@@ -96,6 +96,11 @@ class EntitySource:
         if self.cache is not None:
             self.cache.put(key, found.to_cache())
 
+    def flush(self) -> None:
+        """Write the answers of this request to the shared cache (see ResponseCache.flush)."""
+        if self.cache is not None:
+            self.cache.flush()
+
     def prefill(self, key: str, found: Found) -> None:
         """An answer got another way (a packed call): served by `find` as if asked alone, and cached."""
         self._prefilled[key] = found

@@ -101,3 +101,28 @@ def test_the_cache_keeps_at_most_llm_cache_max_rows_dropping_the_oldest(make_cli
     llm.requests.clear()
     predict(client, texts[-3:])  # the newest are still there
     assert llm.requests == []
+
+
+def test_the_key_tells_apart_prompts_that_differ_only_in_where_the_text_is_split():
+    from backend.cache import cache_key
+
+    one = [{"role": "user", "content": "ab"}]
+    split = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    moved = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    keys = {cache_key(m, model="m") for m in (one, split, moved)}
+    assert len(keys) == 3
+    assert cache_key(one, model="m") == cache_key([dict(one[0])], model="m")
+    assert cache_key(one, model="m") != cache_key(one, model="n")
+    # a field's value cannot pose as the start of the next field
+    assert cache_key([{"content": "x", "role": "user"}], model="m") != cache_key([{"content": "xrole=4:user", "role": ""}], model="m")
+
+
+def test_answers_are_in_the_shared_database_when_predict_returns(make_client, llm, gazetteer, tmp_path):
+    # answers are written in batches; a /predict writes its own before answering, so a worker in
+    # another process (which has no view of this one's memory) finds them at once
+    import sqlite3
+
+    client = make_client()
+    predict(client, TEXTS)
+    with sqlite3.connect(tmp_path / "model" / "backend.sqlite3") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM llm_cache").fetchone()[0] == len(TEXTS)
