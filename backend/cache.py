@@ -11,6 +11,8 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -20,6 +22,8 @@ from typing import Any
 
 from backend import metrics
 from backend.storage import Database
+
+log = logging.getLogger(__name__)
 
 CACHE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS llm_cache (
@@ -60,6 +64,7 @@ class ResponseCache:
         self.max_rows = max_rows
         self._puts = 0
         self._pending: dict[str, tuple[str, float]] = {}  # key -> (answer JSON, time of put)
+        self._writing: list[dict[str, tuple[str, float]]] = []  # batches being written: still readable
         self._lock = threading.Lock()
 
     @classmethod
@@ -68,12 +73,18 @@ class ResponseCache:
         cache.max_rows = max_rows
         return cache
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def _unwritten(self, key: str) -> tuple[str, float] | None:
         with self._lock:
-            pending = self._pending.get(key)
-        if pending is not None:
+            for batch in (self._pending, *self._writing):
+                if key in batch:
+                    return batch[key]
+        return None
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        unwritten = self._unwritten(key)
+        if unwritten is not None:
             metrics.CACHE_HITS.inc()
-            return json.loads(pending[0])
+            return json.loads(unwritten[0])
         rows = self.db.query("SELECT value FROM llm_cache WHERE key=?", (key,))
         (metrics.CACHE_HITS if rows else metrics.CACHE_MISSES).inc()
         return json.loads(rows[0]["value"]) if rows else None
@@ -86,19 +97,28 @@ class ResponseCache:
             self.flush()
 
     def flush(self) -> None:
-        """Write the answers kept since the last flush (every worker and process sees them after)."""
+        """Write the answers kept since the last flush (every worker and process sees them after).
+        A failed write is logged and dropped: losing cached answers must never fail a request."""
         with self._lock:
-            rows, self._pending = self._pending, {}
-        if not rows:
-            return
-        with self.db.transaction() as conn:
-            conn.executemany(
-                "INSERT OR REPLACE INTO llm_cache(key, value, created_at) VALUES (?, ?, ?)",
-                [(key, value, at) for key, (value, at) in rows.items()],
-            )
-        before, self._puts = self._puts, self._puts + len(rows)
-        if self._puts // PRUNE_EVERY != before // PRUNE_EVERY:
-            self.prune()
+            batch = self._pending
+            if not batch:
+                return
+            self._pending = {}
+            self._writing.append(batch)
+        try:
+            with self.db.transaction() as conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO llm_cache(key, value, created_at) VALUES (?, ?, ?)",
+                    [(key, value, at) for key, (value, at) in batch.items()],
+                )
+            before, self._puts = self._puts, self._puts + len(batch)
+            if self._puts // PRUNE_EVERY != before // PRUNE_EVERY:
+                self.prune()
+        except sqlite3.Error as error:
+            log.warning("response cache: %d answers not written (%s); they will be asked again", len(batch), error)
+        finally:
+            with self._lock:
+                self._writing = [b for b in self._writing if b is not batch]
 
     def prune(self) -> int:
         """Drop the oldest answers beyond `max_rows` (answers of old model versions are never read again)."""

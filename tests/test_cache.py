@@ -126,3 +126,31 @@ def test_answers_are_in_the_shared_database_when_predict_returns(make_client, ll
     predict(client, TEXTS)
     with sqlite3.connect(tmp_path / "model" / "backend.sqlite3") as conn:
         assert conn.execute("SELECT COUNT(*) FROM llm_cache").fetchone()[0] == len(TEXTS)
+
+
+def test_a_cache_that_cannot_be_written_never_fails_predict(make_client, llm, gazetteer, tmp_path, caplog):
+    # e.g. SQLite still "database is locked" after its busy timeout: the answers are lost from the
+    # cache (asked again next time), the annotator still gets them now
+    import sqlite3
+    from contextlib import contextmanager
+
+    from backend import cache
+
+    client = make_client()
+    store = cache.ResponseCache.in_dir(tmp_path / "model")
+
+    @contextmanager
+    def locked():
+        raise sqlite3.OperationalError("database is locked")
+        yield
+
+    store.db.transaction = locked
+    try:
+        body = predict(client, TEXTS)
+    finally:
+        del store.db.transaction
+    assert spans(body)[0] == [("Ada Lovelace", 0, "PER"), ("London", 22, "LOC")]
+    assert "answers not written (database is locked)" in caplog.text
+    llm.requests.clear()
+    predict(client, TEXTS)
+    assert len(llm.requests) == len(TEXTS)  # nothing was cached: every text is asked again
