@@ -134,6 +134,18 @@ def splits_cluster(text: str, i: int) -> bool:
     return _continues(text[i]) or text[i - 1] == ZWJ or (text[i - 1] == "\r" and text[i] == "\n")
 
 
+def _cut_ok(text: str, i: int) -> bool:
+    """Whether a span may start or end at i: not inside a word (of a script written with spaces),
+    not inside a grapheme cluster. The text's ends always qualify."""
+    if i <= 0 or i >= len(text):
+        return True
+    before, after = text[i - 1], text[i]
+    if (before.isalnum() or before == "_") and (after.isalnum() or after == "_"):
+        if not (_unspaced(before) or _unspaced(after)):
+            return False
+    return not ((after >= "\u0300" or before in "\u200d\r") and splits_cluster(text, i))
+
+
 def _fold(piece: str) -> str:
     return unicodedata.normalize("NFKC", piece).casefold().translate(_FOLD_TABLE)
 
@@ -259,24 +271,7 @@ class Aligner:
     def bounded(self, start: int, end: int) -> bool:
         """On word boundaries (where the script has them) and between grapheme clusters."""
         text = self.text
-        if start >= end:
-            return False
-        # the same test at both ends, written out twice: this runs ~100 times a task
-        if start > 0:
-            before, after = text[start - 1], text[start]
-            if (before.isalnum() or before == "_") and (after.isalnum() or after == "_"):
-                if not (_unspaced(before) or _unspaced(after)):
-                    return False
-            if (after >= "\u0300" or before in "\u200d\r") and splits_cluster(text, start):
-                return False
-        if end < len(text):
-            before, after = text[end - 1], text[end]
-            if (before.isalnum() or before == "_") and (after.isalnum() or after == "_"):
-                if not (_unspaced(before) or _unspaced(after)):
-                    return False
-            if (after >= "\u0300" or before in "\u200d\r") and splits_cluster(text, end):
-                return False
-        return True
+        return start < end and _cut_ok(text, start) and _cut_ok(text, end)
 
     # -- the three tiers: every bounded occurrence, computed once per surface and tier
     def _scan(self, haystack: str, needle: str, check: bool = True) -> list[tuple[int, int]]:

@@ -209,9 +209,9 @@ class ExampleStore:
 
         def select(target: NerTarget, text: str) -> list[FewShotExample]:
             index = indexes.get(target.from_name)
-            known = target.label_set
             if index is None:
                 return []
+            known = target.label_set
             chosen = index.select(text, target.label_names, k, token_budget)
             # examples made under an older label config may carry labels this one no longer has
             return [e if e.labels <= known else replace(e, entities=tuple(x for x in e.entities if x[1] in known)) for e in chosen]

@@ -95,26 +95,24 @@ class Prelabeler:
     def aligned(self, target: NerTarget, text: str, outcome: TaskOutcome) -> tuple[Alignment, list[Found]]:
         """One LLM call for a text within the context budget; beyond it, one per overlapping chunk."""
         chunks = split(text, self.context_chars, self.chunk_overlap)
-        if len(chunks) == 1:
-            founds = [self.entities_for(target, text)]
-        else:
-            calls = map_in_order(
-                lambda chunk: self.entities_for(target, text[chunk.start : chunk.end]),
-                chunks,
-                concurrency=min(4, len(chunks)),
-                deadline_seconds=3600.0,  # map_in_order caps it by the deadline of the /predict it runs under
-            )
-            for call in calls:
-                if call.error is not None:
-                    raise call.error  # a text labelled in part would look complete to the annotator
-            founds = [call.value for call in calls]
+        # under a /predict's deadline, map_in_order runs a single chunk inline, in this thread
+        calls = map_in_order(
+            lambda chunk: self.entities_for(target, text[chunk.start : chunk.end]),
+            chunks,
+            concurrency=min(4, len(chunks)),
+            deadline_seconds=3600.0,  # map_in_order caps it by the deadline of the /predict it runs under
+        )
+        founds: list[Found] = []
         answers: list[list[tuple[str, str]]] = []
         known = target.label_set
-        for found in founds:
+        for call in calls:
+            if call.error is not None:
+                raise call.error  # a text labelled in part would look complete to the annotator
+            found = call.value
+            founds.append(found)
             outcome.usage.add(found.usage)
             kept = [(t, l) for t, l in found.entities if l in known]
-            if len(kept) < len(found.entities):
-                outcome.dropped["unknown_label"] += len(found.entities) - len(kept)
+            outcome.dropped["unknown_label"] += len(found.entities) - len(kept)
             answers.append(kept)
         options = {"label_all_mentions": self.label_all_mentions, "allow_overlap": target.allow_overlap}
         if len(chunks) == 1:
@@ -131,13 +129,9 @@ class Prelabeler:
                 continue
             alignment, founds = self.aligned(target, text, outcome)
             scores = {key: score for found in founds for key, score in found.scores.items()}
-            if alignment.dropped:
-                outcome.dropped.update(alignment.dropped)
+            outcome.dropped.update(alignment.dropped)
             outcome.results.extend(span_results(target, alignment.spans, scores))
-            if scores:
-                span_scores.extend(scores.get((s.text, s.label)) for s in alignment.spans)
-            elif alignment.spans:
-                span_scores.append(None)  # spans without a score: the task has none either (task_score)
+            span_scores.extend(scores.get((s.text, s.label)) for s in alignment.spans)
             empties = [found.empty_score for found in founds if found.empty_score is not None]
             if empties:
                 empty_scores.append(min(empties))
