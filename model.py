@@ -14,16 +14,20 @@ import logging
 import time
 from typing import Any
 
-from backend.base import LabelStudioMLBase
-from backend.answers import EntitySource
-from backend.batch import map_in_order
-from backend.cache import ResponseCache
-from backend.example_store import ExampleStore
-from backend.interactive import Marks, interactive_results, read_marks, remember_guidelines
-from backend.labelconfig import parse_label_config
-from backend.prelabel import Prelabeler
-from backend import costs, metrics, packing, warmstart, webhooks
-from backend.wire import ModelResponse, PredictionValue
+from backend.protocol.base import LabelStudioMLBase
+from backend.llm.source import EntitySource
+from backend.infra.deadline import map_in_order
+from backend.llm.cache import ResponseCache
+from backend.learning.store import ExampleStore
+from backend.pipeline.interactive import Marks, interactive_results, read_marks, remember_guidelines
+from backend.ner.labelconfig import parse_label_config
+from backend.pipeline.prelabel import Prelabeler
+from backend.infra import usage
+from backend.infra import metrics
+from backend.ner import packing
+from backend.pipeline import warmstart
+from backend.learning import webhooks
+from backend.protocol.wire import ModelResponse, PredictionValue
 
 log = logging.getLogger("model")
 
@@ -83,7 +87,7 @@ class NERModel(LabelStudioMLBase):
             deadline_seconds=deadline - time.monotonic(),
         )
         prelabeler.source.flush()  # this request's answers, for every worker's next request
-        costs.account(self.project_id, [None if o.error else o.value.usage for o in outcomes], self.settings)
+        usage.account(self.project_id, [None if o.error else o.value.usage for o in outcomes], self.settings)
         predictions = []
         for task, outcome in zip(tasks, outcomes):
             if outcome.error is not None:

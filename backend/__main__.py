@@ -1,3 +1,3 @@
-from backend.cli import main
+from backend.tools.cli import main
 
 raise SystemExit(main())

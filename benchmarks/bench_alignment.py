@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.alignment import align  # noqa: E402
-from backend.conll import build_units, read_conll  # noqa: E402
-from backend.scorer import score  # noqa: E402
+from backend.spans.alignment import align  # noqa: E402
+from backend.tools.conll import build_units, read_conll  # noqa: E402
+from backend.tools.scorer import score  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikigold" / "wikigold.conll.txt"
 QUOTES = str.maketrans({"'": "\u2019", '"': "\u201c"})

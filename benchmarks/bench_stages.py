@@ -36,12 +36,12 @@ time.sleep(3600)
 
 
 def main() -> None:
-    from backend import batch
-    from backend.alignment import align
-    from backend.answers import found_from_answer
-    from backend.prelabel import span_results
-    from backend.server import create_app
-    from backend.settings import load_settings
+    from backend.infra import deadline as batch
+    from backend.spans.alignment import align
+    from backend.llm.source import found_from_answer
+    from backend.pipeline.prelabel import span_results
+    from backend.protocol.server import create_app
+    from backend.infra.settings import load_settings
 
     fake = subprocess.Popen([sys.executable, "-c", FAKE], stdout=subprocess.PIPE, text=True)
     try:

@@ -37,7 +37,7 @@ def llm(fake_llm_server: FakeLLM) -> FakeLLM:
 @pytest.fixture
 def make_settings(tmp_path: Path, llm: FakeLLM):
     """Settings for an app on the fake LLM: make_settings(**fields) overrides any Settings field."""
-    from backend.settings import load_settings
+    from backend.infra.settings import load_settings
 
     def make(**overrides):
         values = dict(
@@ -61,7 +61,7 @@ def make_client(make_settings):
 
     Apps made with the same MODEL_DIR share its SQLite store, as gunicorn workers do.
     """
-    from backend.server import create_app
+    from backend.protocol.server import create_app
 
     def make(setup_project: str | None = None, **overrides):
         client = create_app(make_settings(**overrides)).test_client()
@@ -83,7 +83,7 @@ def predict_texts(client, texts, project="1.1", config=NER_CONFIG) -> list[dict]
 
 @pytest.fixture
 def app(settings):
-    from backend.server import create_app
+    from backend.protocol.server import create_app
 
     return create_app(settings)
 

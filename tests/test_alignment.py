@@ -2,7 +2,7 @@
 
 import time
 
-from backend.alignment import Span, align, normalise
+from backend.spans.alignment import Span, align, normalise
 
 
 def spans(text, entities, **options):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.chunking import Chunk, align_chunks, split
+from backend.spans.chunking import Chunk, align_chunks, split
 from tests.test_alignment_properties import documents
 
 PROSE = (
@@ -97,8 +97,8 @@ def test_chunked_oracle_answers_align_to_exactly_the_gold_spans(docs, budget, al
 
 
 def test_an_overlap_larger_than_half_the_context_budget_is_a_configuration_error():
-    from backend.errors import ConfigError
-    from backend.settings import load_settings
+    from backend.infra.errors import ConfigError
+    from backend.infra.settings import load_settings
 
     with pytest.raises(ConfigError, match="LLM_CHUNK_OVERLAP must be at most half of LLM_CONTEXT_CHARS"):
         load_settings(openai_api_key="x", llm_context_chars=1000, llm_chunk_overlap=600, _env_file=None)

@@ -8,8 +8,8 @@ documented mention rule) must align back to exactly the gold spans.
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend import alignment
-from backend.alignment import align
+from backend.spans import alignment
+from backend.spans.alignment import align
 
 SURFACES = [
     "Apple", "New York", "York", "New York State", "São Paulo", "Zoë", "Jose\u0301 Marti\u0301", "O'Brien",

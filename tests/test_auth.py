@@ -27,7 +27,7 @@ GOOD = basic(USER, PASSWORD)
 
 @pytest.fixture
 def client(settings):
-    from backend.server import create_app
+    from backend.protocol.server import create_app
 
     secured = settings.model_copy(update={"basic_auth_user": USER, "basic_auth_pass": __import__("pydantic").SecretStr(PASSWORD)})
     return create_app(secured).test_client()

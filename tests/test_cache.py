@@ -90,7 +90,7 @@ def test_llm_cache_false_always_asks(make_client, llm, gazetteer):
 
 
 def test_the_cache_keeps_at_most_llm_cache_max_rows_dropping_the_oldest(make_client, llm, gazetteer, tmp_path, monkeypatch):
-    from backend import cache
+    from backend.llm import cache
 
     monkeypatch.setattr(cache, "PRUNE_EVERY", 1)
     client = make_client(llm_cache_max_rows=100)
@@ -104,7 +104,7 @@ def test_the_cache_keeps_at_most_llm_cache_max_rows_dropping_the_oldest(make_cli
 
 
 def test_the_key_tells_apart_prompts_that_differ_only_in_where_the_text_is_split():
-    from backend.cache import cache_key
+    from backend.llm.cache import cache_key
 
     one = [{"role": "user", "content": "ab"}]
     split = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
@@ -134,7 +134,7 @@ def test_a_cache_that_cannot_be_written_never_fails_predict(make_client, llm, ga
     import sqlite3
     from contextlib import contextmanager
 
-    from backend import cache
+    from backend.llm import cache
 
     client = make_client()
     store = cache.ResponseCache.in_dir(tmp_path / "model")

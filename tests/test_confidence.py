@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from backend import confidence
+from backend.ner import confidence
 from tests.conftest import predict_texts
 from tests.fake_llm import Reply
 

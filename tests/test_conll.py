@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.conll import (
+from backend.tools.conll import (
     ConllError,
     Entity,
     build_units,

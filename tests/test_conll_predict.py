@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.conll import build_units, read_conll
+from backend.tools.conll import build_units, read_conll
 from tests.conftest import WIKIGOLD
 from tests.processes import REPO, TEST_API_KEY, backend_env
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from prometheus_client import REGISTRY
 
-from backend.costs import UsageLedger, price_of
+from backend.infra.usage import UsageLedger, price_of
 from tests.conftest import NER_CONFIG, WIKIGOLD
 from tests.processes import REPO
 
@@ -37,8 +37,8 @@ def test_prices_match_a_dated_model_name_by_its_longest_prefix():
 
 
 def test_llm_prices_setting_is_json_and_bad_values_name_the_setting(monkeypatch):
-    from backend.errors import ConfigError
-    from backend.settings import load_settings
+    from backend.infra.errors import ConfigError
+    from backend.infra.settings import load_settings
 
     monkeypatch.setenv("LLM_PRICES", '{"gpt-4o-mini": [0.15, 0.6]}')
     assert load_settings(openai_api_key="k", _env_file=None).llm_prices == {"gpt-4o-mini": (0.15, 0.6)}

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from backend.examples import SHORTLIST, ExampleIndex, FewShotExample, token_cost
+from backend.learning.selection import SHORTLIST, ExampleIndex, FewShotExample, token_cost
 
 LABELS = ("PER", "ORG", "LOC", "MISC")
 
@@ -77,7 +77,7 @@ def test_texts_without_words_are_handled():
 def test_bm25_relevance_equals_rank_bm25s_own_scores():
     from rank_bm25 import BM25Okapi
 
-    from backend.examples import tokens
+    from backend.learning.selection import tokens
 
     corpus = [FOOTBALL, POLITICS, COOKING, NOVEL, EURO, ex("Arsenal Arsenal Arsenal fans.")]
     index = ExampleIndex(corpus)

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from backend.conll import build_units, read_conll
+from backend.tools.conll import build_units, read_conll
 from tests.conftest import NER_CONFIG
 from tests.processes import REPO
 from tests.test_conll_predict import expected_spans, gazetteer_for, wikigold_slice

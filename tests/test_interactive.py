@@ -2,9 +2,9 @@
 
 import time
 
-from backend.alignment import Span
-from backend.interactive import merge_llm, propagate, read_marks
-from backend.labelconfig import parse_label_config
+from backend.spans.alignment import Span
+from backend.pipeline.interactive import merge_llm, propagate, read_marks
+from backend.ner.labelconfig import parse_label_config
 from tests.conftest import NER_CONFIG
 from tests.fake_llm import entities_reply
 
@@ -37,7 +37,7 @@ def test_a_surface_marked_with_two_labels_is_not_propagated():
 
 
 def test_marks_whose_offsets_do_not_match_the_text_are_ignored_and_logged(caplog):
-    caplog.set_level("INFO", logger="backend.interactive")
+    caplog.set_level("INFO", logger="backend.pipeline.interactive")
     marks = marks_of(region(1, 4, "PER", text="Ada"), region(0, 999, "PER", text="x"), region(8, 15, "NOPE"))
     assert marks.spans == {} and marks.ignored == 3
     assert sum("interactive mark ignored" in r.getMessage() for r in caplog.records) == 3

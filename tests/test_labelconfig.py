@@ -2,8 +2,8 @@
 
 import pytest
 
-from backend.errors import UnsupportedLabelConfig
-from backend.labelconfig import parse_label_config
+from backend.infra.errors import UnsupportedLabelConfig
+from backend.ner.labelconfig import parse_label_config
 from tests.conftest import NER_CONFIG
 
 

@@ -87,7 +87,7 @@ def test_retries_stop_after_llm_max_retries(make_client, llm):
 
 
 def test_backoff_is_exponential_with_full_jitter_and_a_cap(settings):
-    from backend.llm import LLMClient
+    from backend.llm.client import LLMClient
 
     client = LLMClient(settings.model_copy(update={"llm_retry_base": 0.5, "llm_retry_cap": 4.0}))
     for attempt, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (10, 4.0)]:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from backend.conll import build_units, read_conll
+from backend.tools.conll import build_units, read_conll
 from tests.conftest import NER_CONFIG, WIKIGOLD, predict_texts
 from tests.fake_llm import Reply
 
@@ -113,7 +113,7 @@ def annotate(client, task_id, unit):
 
 @pytest.mark.skipif(not WIKIGOLD.exists(), reason="wikigold data not present")
 def test_packing_cuts_prompt_tokens_per_conll_sentence_at_least_3x(tmp_path, make_client, llm):
-    from backend.costs import UsageLedger
+    from backend.infra.usage import UsageLedger
 
     units = [u for u in build_units(read_conll(WIKIGOLD), per="sentence") if u.entities][:35]
     llm.gazetteer = {e.text: e.label for u in units for e in u.entities}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend.conll import build_units, read_conll
-from backend.scorer import format_table, score
+from backend.tools.conll import build_units, read_conll
+from backend.tools.scorer import format_table, score
 from tests.conftest import WIKIGOLD
 
 GOLD = [[(0, 5, "PER"), (10, 15, "LOC")], [(3, 8, "ORG")]]

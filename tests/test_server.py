@@ -62,7 +62,7 @@ def test_predict_gives_exact_spans_one_entry_per_task_in_order(client, llm):
 
 
 def test_every_region_has_the_wire_shape_and_a_unique_id(client, llm):
-    from backend.wire import SpanResult
+    from backend.protocol.wire import SpanResult
 
     llm.gazetteer = {"Apple": "ORG", "Cupertino": "LOC"}
     results = predict(client, ["Apple is in Cupertino. Apple again.", "Apple."]).json["results"]

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from backend.errors import LLMOutputError
-from backend.examples import FewShotExample
-from backend.labelconfig import parse_label_config
-from backend.settings import REPO_DIR
-from backend.task import NerTask, parse_answer
-from backend.templates import load_templates
+from backend.infra.errors import LLMOutputError
+from backend.learning.selection import FewShotExample
+from backend.ner.labelconfig import parse_label_config
+from backend.infra.settings import REPO_DIR
+from backend.ner.task import NerTask, parse_answer
+from backend.ner.templates import load_templates
 from tests.conftest import NER_CONFIG
 
 

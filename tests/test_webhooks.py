@@ -70,8 +70,8 @@ def shown_examples(request_body: dict) -> list[tuple[str, list]]:
 
 
 def store(settings, project="7"):
-    from backend.example_store import ExampleStore
-    from backend.storage import Database
+    from backend.learning.store import ExampleStore
+    from backend.infra.storage import Database
 
     return ExampleStore(Database.in_dir(settings.model_dir), project)
 
@@ -263,7 +263,7 @@ def test_the_task_being_predicted_is_not_its_own_example(client, llm):
 
 
 def test_a_rebuild_keeps_what_webhooks_changed_while_it_was_reading_label_studio(client, settings):
-    from backend.alignment import Span
+    from backend.spans.alignment import Span
 
     client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER")]))
     started_at = time.time()  # the rebuild reads Label Studio from here on...
@@ -298,8 +298,8 @@ ALPHABET = "ab AB😀é\r\n\t.,-"
     raw=st.lists(st.tuples(st.integers(-3, 60), st.integers(-3, 60), st.text(alphabet=ALPHABET, max_size=8) | st.none()), max_size=6),
 )
 def test_every_kept_human_span_matches_the_text_whatever_the_offsets(text, raw):
-    from backend.labelconfig import parse_label_config
-    from backend.webhooks import check_spans
+    from backend.ner.labelconfig import parse_label_config
+    from backend.learning.webhooks import check_spans
 
     (target,) = parse_label_config(NER_CONFIG).targets
     results = [{"from_name": "label", "type": "labels", "value": {"start": a, "end": b, "labels": ["PER"], **({} if t is None else {"text": t})}}
@@ -315,8 +315,8 @@ def test_start_training_answers_at_once_and_rebuilds_after_the_answer(tmp_path, 
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from backend.server import create_app
-    from backend.settings import load_settings
+    from backend.protocol.server import create_app
+    from backend.infra.settings import load_settings
     from tests.processes import TEST_API_KEY
 
     seen = []

@@ -45,8 +45,8 @@ def events() -> list[dict]:
 
 
 def store_of(model_dir):
-    from backend.example_store import ExampleStore
-    from backend.storage import Database
+    from backend.learning.store import ExampleStore
+    from backend.infra.storage import Database
 
     return ExampleStore(Database.in_dir(model_dir), "7")
 

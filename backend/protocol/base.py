@@ -12,8 +12,8 @@ from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.services import Services
-from backend.wire import ModelResponse
+from backend.protocol.services import Services
+from backend.protocol.wire import ModelResponse
 
 
 class LabelStudioMLBase:

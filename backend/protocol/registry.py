@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from backend.base import LabelStudioMLBase
-from backend.services import Services
+from backend.protocol.base import LabelStudioMLBase
+from backend.protocol.services import Services
 
 
 class ModelRegistry:

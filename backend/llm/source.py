@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend import confidence
-from backend.cache import ResponseCache, cache_key
-from backend.examples import FewShotExample
-from backend.llm import Answer, LLMClient, Usage
-from backend.task import NerTask
+from backend.ner import confidence
+from backend.llm.cache import ResponseCache, cache_key
+from backend.learning.selection import FewShotExample
+from backend.llm.client import Answer, LLMClient, Usage
+from backend.ner.task import NerTask
 
 Entity = tuple[str, str]
 

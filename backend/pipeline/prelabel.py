@@ -9,17 +9,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend import confidence, metrics
-from backend.alignment import Alignment, Span, align
-from backend.batch import map_in_order
-from backend.chunking import align_chunks, split
-from backend.answers import EntitySource, Found
-from backend.errors import BadRequest
-from backend.examples import FewShotExample
-from backend.labelconfig import NerSchema, NerTarget
-from backend.llm import LLMClient, Usage
-from backend.task import NerTask
-from backend.templates import PromptTemplates
+from backend.ner import confidence
+from backend.infra import metrics
+from backend.spans.alignment import Alignment, Span, align
+from backend.infra.deadline import map_in_order
+from backend.spans.chunking import align_chunks, split
+from backend.llm.source import EntitySource, Found
+from backend.infra.errors import BadRequest
+from backend.learning.selection import FewShotExample
+from backend.ner.labelconfig import NerSchema, NerTarget
+from backend.llm.client import LLMClient, Usage
+from backend.ner.task import NerTask
+from backend.ner.templates import PromptTemplates
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from backend.errors import BackendError
-from backend.example_store import ExampleStore, StoredExample
-from backend.labelconfig import NerSchema, parse_label_config
-from backend.storage import Database
-from backend.task import NerTask, answer_json
-from backend.templates import PromptTemplates, load_templates
+from backend.infra.errors import BackendError
+from backend.learning.store import ExampleStore, StoredExample
+from backend.ner.labelconfig import NerSchema, parse_label_config
+from backend.infra.storage import Database
+from backend.ner.task import NerTask, answer_json
+from backend.ner.templates import PromptTemplates, load_templates
 
 KINDS = ("sft", "preferences")
 
@@ -96,7 +96,7 @@ def export(kind: str, project_id: str, out: Path, model_dir: Path, prompts_dir: 
 
 def export_with_settings(kind: str, project_id: str, out: Path) -> int:
     """`llm-ner export`: MODEL_DIR and PROMPTS_DIR from the settings; no LLM key is needed to export."""
-    from backend.settings import load_settings
+    from backend.infra.settings import load_settings
 
     settings = load_settings(**({} if os.environ.get("OPENAI_API_KEY") else {"openai_api_key": "not-needed-for-export"}))
     return export(kind, project_id, out, settings.model_dir, settings.prompts_dir)

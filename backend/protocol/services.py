@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backend.llm import LLMClient
-from backend.settings import Settings
-from backend.storage import Database
-from backend.templates import PromptTemplates, load_templates
+from backend.llm.client import LLMClient
+from backend.infra.settings import Settings
+from backend.infra.storage import Database
+from backend.ner.templates import PromptTemplates, load_templates
 
 
 @dataclass

@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from backend.alignment import Span
-from backend.examples import ExampleIndex, FewShotExample
-from backend.labelconfig import NerSchema, NerTarget
-from backend.storage import Database
+from backend.spans.alignment import Span
+from backend.learning.selection import ExampleIndex, FewShotExample
+from backend.ner.labelconfig import NerSchema, NerTarget
+from backend.infra.storage import Database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (

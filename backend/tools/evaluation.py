@@ -23,11 +23,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from backend.conll import build_units, labels_of, read_files, write_conll
-from backend.errors import BackendError
-from backend.importer import label_config_for, sdk_errors, target_of, task_data
-from backend.labelconfig import NerTarget
-from backend.scorer import Report, SpanTuple, score
+from backend.tools.conll import build_units, labels_of, read_files, write_conll
+from backend.infra.errors import BackendError
+from backend.tools.importer import label_config_for, sdk_errors, target_of, task_data
+from backend.ner.labelconfig import NerTarget
+from backend.tools.scorer import Report, SpanTuple, score
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,11 @@ def predict_conll(
     scheme: str = "IOB2",
     progress: bool = True,
 ) -> OfflineRun:
-    from backend.batch import map_in_order
-    from backend.labelconfig import parse_label_config
-    from backend.llm import LLMClient
-    from backend.prelabel import Prelabeler
-    from backend.templates import load_templates
+    from backend.infra.deadline import map_in_order
+    from backend.ner.labelconfig import parse_label_config
+    from backend.llm.client import LLMClient
+    from backend.pipeline.prelabel import Prelabeler
+    from backend.ner.templates import load_templates
 
     documents = read_files(paths)
     file_labels = labels_of(documents)

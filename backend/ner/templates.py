@@ -14,7 +14,7 @@ from pathlib import Path
 from jinja2 import StrictUndefined, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
-from backend.errors import ConfigError
+from backend.infra.errors import ConfigError
 
 TEMPLATE_NAMES = ("system", "user", "repair", "marks")
 

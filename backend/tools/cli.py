@@ -10,18 +10,18 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from backend.errors import BackendError, ConfigError
+from backend.infra.errors import BackendError, ConfigError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 # ---- serve ----
 def run_serve(args: argparse.Namespace) -> int:
-    from backend.settings import load_settings
+    from backend.infra.settings import load_settings
 
     settings = load_settings()  # fail here, in one line, before any worker starts
-    from backend.logs import configure_logging, settings_secrets
-    from backend.templates import load_templates
+    from backend.infra.logs import configure_logging, settings_secrets
+    from backend.ner.templates import load_templates
 
     load_templates(settings.prompts_dir)
     settings.model_dir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def run_serve(args: argparse.Namespace) -> int:
                     self.cfg.set("control_socket_disable", True)
 
         def load(self):
-            from backend.server import create_app
+            from backend.protocol.server import create_app
 
             configure_logging(settings.log_level, settings_secrets(settings))
             app = create_app(settings)
@@ -78,7 +78,7 @@ def _mark_worker_dead(server, worker) -> None:
 
 # ---- CoNLL: import-conll, evaluate, predict-conll ----
 def run_import_conll(args: argparse.Namespace) -> int:
-    from backend.importer import connect, import_conll
+    from backend.tools.importer import connect, import_conll
 
     client = connect(args.url, args.api_key)
     summary = import_conll(
@@ -90,9 +90,9 @@ def run_import_conll(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from backend.evaluation import evaluate_project, write_json
-    from backend.importer import connect
-    from backend.scorer import format_table
+    from backend.tools.evaluation import evaluate_project, write_json
+    from backend.tools.importer import connect
+    from backend.tools.scorer import format_table
 
     evaluation = evaluate_project(connect(args.url, args.api_key), args.project, args.model_version)
     print(evaluation.header())
@@ -103,9 +103,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_predict_conll(args: argparse.Namespace) -> int:
-    from backend.evaluation import predict_conll, write_json
-    from backend.scorer import format_table
-    from backend.settings import load_settings
+    from backend.tools.evaluation import predict_conll, write_json
+    from backend.tools.scorer import format_table
+    from backend.infra.settings import load_settings
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
     run = predict_conll(
@@ -122,7 +122,7 @@ def run_predict_conll(args: argparse.Namespace) -> int:
 
 # ---- export: stored corrections as tuning data ----
 def run_export(args: argparse.Namespace) -> int:
-    from backend.exports import export_with_settings
+    from backend.learning.exports import export_with_settings
 
     count = export_with_settings(args.kind, args.project, args.out)
     print(f"wrote {count} {args.kind} records of project {args.project} to {args.out}")
@@ -131,8 +131,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 # ---- estimate ----
 def run_estimate(args: argparse.Namespace) -> int:
-    from backend import costs
-    from backend.settings import load_settings
+    from backend.tools import estimate
+    from backend.infra.settings import load_settings
 
     # a dry run sends nothing, so it needs no key; the rest (model, prompts, prices) is the configuration's
     settings = load_settings(openai_api_key=os.environ.get("OPENAI_API_KEY") or "dry-run")
@@ -140,11 +140,11 @@ def run_estimate(args: argparse.Namespace) -> int:
     if args.project is not None:
         if not (args.url and args.api_key):
             raise ConfigError("--project needs --url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
-        from backend.importer import connect
+        from backend.tools.importer import connect
 
-        result = costs.estimate_project(connect(args.url, args.api_key), args.project, settings, args.examples, pack)
+        result = estimate.estimate_project(connect(args.url, args.api_key), args.project, settings, args.examples, pack)
     elif args.files:
-        result = costs.estimate_conll(args.files, settings, args.per, args.examples, pack)
+        result = estimate.estimate_conll(args.files, settings, args.per, args.examples, pack)
     else:
         raise ConfigError("give CoNLL files or --project")
     print(result.describe())

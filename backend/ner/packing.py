@@ -20,13 +20,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from backend import confidence, metrics
-from backend.answers import EntitySource, Found
-from backend.batch import map_in_order
-from backend.errors import BackendError, LLMOutputError
-from backend.examples import FewShotExample
-from backend.llm import Answer, Usage
-from backend.task import Entity, NerTask
+from backend.ner import confidence
+from backend.infra import metrics
+from backend.llm.source import EntitySource, Found
+from backend.infra.deadline import map_in_order
+from backend.infra.errors import BackendError, LLMOutputError
+from backend.learning.selection import FewShotExample
+from backend.llm.client import Answer, Usage
+from backend.ner.task import Entity, NerTask
 
 log = logging.getLogger(__name__)
 

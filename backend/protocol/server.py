@@ -16,14 +16,15 @@ from flask.json.provider import DefaultJSONProvider
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from backend import __version__, metrics
-from backend.base import LabelStudioMLBase
-from backend.errors import BackendError, BadRequest
-from backend.registry import ModelRegistry
-from backend.services import Services
-from backend.settings import Settings, get_settings
-from backend.labelconfig import parse_label_config
-from backend.wire import (
+from backend import __version__
+from backend.infra import metrics
+from backend.protocol.base import LabelStudioMLBase
+from backend.infra.errors import BackendError, BadRequest
+from backend.protocol.registry import ModelRegistry
+from backend.protocol.services import Services
+from backend.infra.settings import Settings, get_settings
+from backend.ner.labelconfig import parse_label_config
+from backend.protocol.wire import (
     PredictionValue, PredictRequest, PredictResponse, SetupRequest, SetupResponse, TaskIn, WebhookRequest, project_id_of,
 )
 

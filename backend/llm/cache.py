@@ -20,8 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from backend import metrics
-from backend.storage import Database
+from backend.infra import metrics
+from backend.infra.storage import Database
 
 log = logging.getLogger(__name__)
 

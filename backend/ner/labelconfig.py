@@ -12,7 +12,7 @@ from functools import cached_property, lru_cache
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.errors import UnsupportedLabelConfig
+from backend.infra.errors import UnsupportedLabelConfig
 
 SUPPORTED = (
     'a <Labels name="..." toName="X"> tag whose toName is a <Text name="X" value="$key"> object, '

@@ -25,10 +25,12 @@ from typing import Any, Generic, TypeVar
 import openai
 from openai import OpenAI
 
-from backend import batch, metrics
-from backend.errors import LLMError, LLMOutputError
-from backend.ratelimit import RateLimited, RateLimiter
-from backend.settings import Settings
+from backend.infra import deadline
+from backend.infra import metrics
+from backend.infra.errors import LLMError, LLMOutputError
+from backend.infra.usage import Usage
+from backend.llm.ratelimit import RateLimited, RateLimiter
+from backend.infra.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,18 +40,6 @@ MODES = ("json_schema", "json_object", "text")
 _FORMAT_HINTS = ("response_format", "json_schema", "json_object", "schema", "format", "support")
 # a Retry-After longer than this is a quota that ran out, not a hiccup: fail instead of waiting
 MAX_RETRY_AFTER = 60.0
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    calls: int = 0
-
-    def add(self, other: "Usage") -> None:
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.calls += other.calls
 
 
 @dataclass
@@ -199,7 +189,7 @@ class LLMClient:
         estimate = sum(len(str(m.get("content") or "")) for m in kwargs["messages"]) // 4
         attempt = 0
         while True:
-            left = batch.time_left()
+            left = deadline.time_left()
             if left is not None and left <= 0.05:
                 raise LLMCallFailed("the request's deadline passed before the LLM answered", "deadline")
             try:
@@ -237,7 +227,7 @@ class LLMClient:
                     log.warning("LLM call failed (%s): the endpoint asks to wait %.0f s; not waiting", error_class, delay)
                     raise LLMCallFailed(message, error_class) from None
                 delay = self.backoff(attempt) if delay is None else delay
-                left = batch.time_left()
+                left = deadline.time_left()
                 if left is not None and delay >= left:
                     metrics.LLM_CALLS.labels(error_class).inc()
                     log.warning("LLM call failed (%s) and no time is left to retry: %s", error_class, message)

@@ -13,10 +13,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backend.errors import LLMOutputError
-from backend.examples import FewShotExample
-from backend.labelconfig import NerTarget
-from backend.templates import PromptTemplates, render_source
+from backend.infra.errors import LLMOutputError
+from backend.learning.selection import FewShotExample
+from backend.ner.labelconfig import NerTarget
+from backend.ner.templates import PromptTemplates, render_source
 
 
 class Entity(BaseModel):

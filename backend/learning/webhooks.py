@@ -26,10 +26,10 @@ from typing import Any
 from prometheus_client import Counter as PromCounter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backend.alignment import Span
-from backend.errors import BadRequest, ConfigError
-from backend.example_store import ExampleStore, timestamp
-from backend.labelconfig import NerSchema, NerTarget
+from backend.spans.alignment import Span
+from backend.infra.errors import BadRequest, ConfigError
+from backend.learning.store import ExampleStore, timestamp
+from backend.ner.labelconfig import NerSchema, NerTarget
 
 log = logging.getLogger(__name__)
 

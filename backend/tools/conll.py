@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.errors import BackendError
+from backend.infra.errors import BackendError
 
 DOCSTART = "-DOCSTART-"
 OUTSIDE = "O"

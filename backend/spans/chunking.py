@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from backend.alignment import Aligner, Alignment, Prefer, Span, resolve, splits_cluster
+from backend.spans.alignment import Aligner, Alignment, Prefer, Span, resolve, splits_cluster
 
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 _LINE = re.compile(r"\n\s*")

@@ -1,0 +1,105 @@
+"""Usage and cost: tokens per call from the API's `usage`, totals per project, and an optional
+price table (LLM_PRICES) for cost. The figures before anything is sent are `tools/estimate.py`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from backend.infra import metrics
+from backend.infra.storage import Database
+
+log = logging.getLogger(__name__)
+
+USAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS llm_usage (
+    project_id TEXT PRIMARY KEY,
+    tasks INTEGER NOT NULL DEFAULT 0,
+    calls INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0
+);
+"""
+PER_MILLION = 1_000_000
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+
+    def add(self, other: "Usage") -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.calls += other.calls
+
+
+def price_of(prices: dict[str, tuple[float, float]] | None, model: str) -> tuple[float, float] | None:
+    """USD per 1M (prompt, completion) tokens: an exact entry, else the longest entry the model name starts with."""
+    if not prices:
+        return None
+    if model in prices:
+        return prices[model]
+    matches = [name for name in prices if model.startswith(name)]
+    return prices[max(matches, key=len)] if matches else None
+
+
+def cost_usd(usage: Usage, price: tuple[float, float] | None) -> float | None:
+    if price is None:
+        return None
+    return (usage.prompt_tokens * price[0] + usage.completion_tokens * price[1]) / PER_MILLION
+
+
+class UsageLedger:
+    def __init__(self, db: Database):
+        self.db = db
+
+    @classmethod
+    def in_dir(cls, model_dir: Path) -> "UsageLedger":
+        return _open(str(Path(model_dir).resolve()))
+
+    def add(self, project_id: str, usage: Usage, tasks: int, cost: float | None) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO llm_usage(project_id, tasks, calls, prompt_tokens, completion_tokens, cost_usd) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(project_id) DO UPDATE SET tasks=tasks+excluded.tasks, "
+                "calls=calls+excluded.calls, prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
+                "completion_tokens=completion_tokens+excluded.completion_tokens, cost_usd=cost_usd+excluded.cost_usd",
+                (project_id, tasks, usage.calls, usage.prompt_tokens, usage.completion_tokens, cost or 0.0),
+            )
+
+    def totals(self, project_id: str) -> dict[str, Any]:
+        rows = self.db.query("SELECT * FROM llm_usage WHERE project_id=?", (project_id,))
+        if not rows:
+            return {"project_id": project_id, "tasks": 0, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+        return dict(rows[0])
+
+
+@lru_cache(maxsize=8)
+def _open(model_dir: str) -> UsageLedger:
+    return UsageLedger(Database.in_dir(Path(model_dir), extra_schema=(USAGE_SCHEMA,)))
+
+
+def account(project_id: str, usages: Sequence[Usage | None], settings: Any) -> None:
+    """Add one /predict's usage to the project's totals, /metrics and the log (with cost per task)."""
+    total = Usage()
+    for usage in usages:
+        if usage is not None:
+            total.add(usage)
+    cost = cost_usd(total, price_of(settings.llm_prices, settings.llm_model))
+    UsageLedger.in_dir(settings.model_dir).add(project_id, total, len(usages), cost)
+    metrics.PROJECT_TOKENS.labels(project_id, "prompt").inc(total.prompt_tokens)
+    metrics.PROJECT_TOKENS.labels(project_id, "completion").inc(total.completion_tokens)
+    if cost is not None:
+        metrics.PROJECT_COST.labels(project_id).inc(cost)
+    per_task = f", ${cost:.6f} (${cost / max(1, len(usages)):.6f} per task)" if cost is not None else ""
+    log.info(
+        "project %s: %d tasks, %d LLM calls, %d prompt + %d completion tokens%s",
+        project_id, len(usages), total.calls, total.prompt_tokens, total.completion_tokens, per_task,
+    )
