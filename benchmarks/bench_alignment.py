@@ -25,7 +25,7 @@ from backend.spans.alignment import align  # noqa: E402
 from backend.tools.conll import build_units, read_conll  # noqa: E402
 from backend.tools.scorer import score  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikigold" / "wikigold.conll.txt"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "wikigold" / "wikigold.conll.txt"
 QUOTES = str.maketrans({"'": "\u2019", '"': "\u201c"})
 
 

@@ -24,7 +24,7 @@ from backend.learning.selection import ExampleIndex  # noqa: E402
 from backend.ner.labelconfig import parse_label_config  # noqa: E402
 from backend.infra.storage import Database  # noqa: E402
 
-WIKIGOLD = REPO.parent / "shared" / "data" / "wikigold" / "wikigold.conll.txt"
+WIKIGOLD = REPO / "tests" / "data" / "wikigold" / "wikigold.conll.txt"
 CONFIG = """<View><Labels name="label" toName="text"><Label value="PER"/><Label value="ORG"/><Label value="LOC"/>
 <Label value="MISC"/></Labels><Text name="text" value="$text"/></View>"""
 

@@ -7,7 +7,7 @@ import pytest
 from tests.fake_llm import FakeLLM
 from tests.processes import TEST_API_KEY, backend_env, run_backend, run_label_studio
 
-WIKIGOLD = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikigold" / "wikigold.conll.txt"
+WIKIGOLD = Path(__file__).resolve().parent / "data" / "wikigold" / "wikigold.conll.txt"
 
 NER_CONFIG = """<View>
   <Labels name="label" toName="text">

@@ -66,7 +66,6 @@ def small_conll(tmp_path):
     return path
 
 
-@pytest.mark.skipif(not WIKIGOLD.exists(), reason="wikigold data not present")
 def test_estimate_is_a_dry_run_with_tokens_calls_and_cost(small_conll, llm):
     done = run_cli("estimate", str(small_conll), "--examples", "3", LLM_PRICES='{"gpt-4o-mini": [0.15, 0.6]}')
     assert done.returncode == 0, done.stderr

@@ -111,7 +111,6 @@ def annotate(client, task_id, unit):
     assert client.post("/webhook", json=event).status_code in (200, 201)
 
 
-@pytest.mark.skipif(not WIKIGOLD.exists(), reason="wikigold data not present")
 def test_packing_cuts_prompt_tokens_per_conll_sentence_at_least_3x(tmp_path, make_client, llm):
     from backend.infra.usage import UsageLedger
 
