@@ -1,32 +1,23 @@
 """The model Label Studio talks to: LLM pre-labels for NER, improved by every human correction.
 
 This file is the recipe; the machinery lives in `backend/` (the README has a module map):
-  labelconfig.py  what to label (LabelInterface)     task.py         prompt and answer parsing
-  answers.py      cache, then the LLM (llm.py)       alignment.py    entities -> exact spans
-  example_store   corrections kept in SQLite         examples.py     which ones to show
-  webhooks.py     Label Studio's events              interactive.py  the annotator's own marks
+  predict: an annotator's marks? -> interactive answer; else pre-label every task -> record drafts
+  fit:     a submitted annotation -> guidelines and a few-shot example; new tasks -> warm start
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
 from typing import Any
 
-from backend.protocol.base import LabelStudioMLBase
-from backend.llm.source import EntitySource
-from backend.infra.deadline import map_in_order
-from backend.llm.cache import ResponseCache
-from backend.learning.store import ExampleStore
-from backend.pipeline.interactive import Marks, interactive_results, read_marks, remember_guidelines
-from backend.ner.labelconfig import parse_label_config
-from backend.pipeline.prelabel import Prelabeler
-from backend.infra import usage
 from backend.infra import metrics
-from backend.ner import packing
-from backend.pipeline import warmstart
 from backend.learning import webhooks
+from backend.learning.store import ExampleStore
+from backend.ner.labelconfig import parse_label_config
+from backend.pipeline import warmstart
+from backend.pipeline.interactive import Marks, interactive_results, read_marks, submitted_guidelines
+from backend.pipeline.prelabel import Prelabeler
+from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.wire import ModelResponse, PredictionValue
 
 log = logging.getLogger("model")
@@ -38,8 +29,8 @@ class NERModel(LabelStudioMLBase):
     def setup(self) -> None:
         # Raises UnsupportedLabelConfig (answered as 4xx) when there is no <Labels> -> <Text> pair.
         self.schema = parse_label_config(self.label_config)
-        # Human corrections, shared by every worker through SQLite.
-        self.examples = ExampleStore(self.services.db, self.project_id)
+        # Human corrections, shared by every worker through the store.
+        self.examples = ExampleStore(self.services.db, self.project_id, self.services.example_indexes)
 
     def version_inputs(self) -> list[str]:
         # A new LLM, prompt, label config or example set must give a new version,
@@ -53,22 +44,14 @@ class NERModel(LabelStudioMLBase):
         # What annotators typed in the guidelines <TextArea> of their last submitted annotation.
         return self.get("guidelines") or ""
 
-    def prelabeler(self, guidelines: str | None = None, version: str | None = None) -> Prelabeler:
-        # `version`: the caller's model_version, when it has one (computing it reads the store)
-        return Prelabeler(
-            self.schema,
-            self.services.templates,
-            self.services.llm,
-            guidelines=self.guidelines() if guidelines is None else guidelines,
+    def prelabeler(self, version: str, guidelines: str | None = None) -> Prelabeler:
+        return Prelabeler.from_settings(
+            self.settings, self.schema, self.services.templates, self.services.llm,
+            cache=self.services.cache,
+            scope=version,  # a new model_version never reuses an answer cached for an old one
             select_examples=self.examples.selector(self.settings.few_shot_k, self.settings.few_shot_token_budget),
-            label_all_mentions=self.settings.label_all_mentions,
-            context_chars=self.settings.llm_context_chars,
-            chunk_overlap=self.settings.llm_chunk_overlap,
-            source=EntitySource(self.services.llm, self.response_cache(), scope=version or self.model_version),
+            guidelines=self.guidelines() if guidelines is None else guidelines,
         )
-
-    def response_cache(self) -> ResponseCache | None:
-        return ResponseCache.in_dir(self.settings.model_dir, self.settings.llm_cache_max_rows) if self.settings.llm_cache else None
 
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, **kwargs: Any) -> ModelResponse:
         version = self.model_version
@@ -76,18 +59,14 @@ class NERModel(LabelStudioMLBase):
             marks = read_marks(context, self.schema, tasks[0].get("data") or {}, self.settings.guidelines_textarea)
             if marks:
                 return ModelResponse(model_version=version, predictions=[self.predict_interactive(tasks[0], marks, version)])
-        prelabeler = self.prelabeler(version=version)
-        deadline = time.monotonic() + self.settings.predict_deadline
-        if self.settings.pack_size > 1:  # short texts several to a call; each task below finds its answer
-            packing.prefill(prelabeler, tasks, self.settings, deadline)
-        outcomes = map_in_order(
-            lambda task: prelabeler.prelabel(task.get("data") or {}),
+        outcomes = self.prelabeler(version).prelabel_many(
             tasks,
             concurrency=self.settings.predict_concurrency,
-            deadline_seconds=deadline - time.monotonic(),
+            deadline_seconds=self.settings.predict_deadline,
+            pack_size=self.settings.pack_size,
+            pack_max_chars=self.settings.pack_max_chars,
         )
-        prelabeler.source.flush()  # this request's answers, for every worker's next request
-        usage.account(self.project_id, [None if o.error else o.value.usage for o in outcomes], self.settings)
+        self.services.usage.account(self.project_id, [None if o.error else o.value.usage for o in outcomes], self.services.price)
         predictions = []
         for task, outcome in zip(tasks, outcomes):
             if outcome.error is not None:
@@ -102,19 +81,27 @@ class NERModel(LabelStudioMLBase):
 
     def predict_interactive(self, task: dict[str, Any], marks: Marks, version: str) -> PredictionValue:
         results = interactive_results(
-            task.get("data") or {}, marks, self.schema, functools.partial(self.prelabeler, version=version),
+            task.get("data") or {}, marks, self.schema, lambda guidelines: self.prelabeler(version, guidelines),
             use_llm=self.settings.interactive_llm, deadline_seconds=self.settings.interactive_deadline,
             templates=self.services.templates, base_guidelines=self.guidelines(),
         )
-        if (cache := self.response_cache()) is not None:
-            cache.flush()
+        if self.services.cache is not None:
+            self.services.cache.flush()
         return PredictionValue(result=results, model_version=version)
 
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> None:
         if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-            remember_guidelines(self, data)
+            self.remember_guidelines(data)
         if event == "TASKS_CREATED" and self.settings.warm_start:
-            warmstart.start(self, data)  # predicted in the background, so opening a task costs no LLM wait
+            # predicted in the background, so opening a task costs no LLM wait
+            warmstart.start(self, data, self.services.warm_start)
         # Each correction becomes a few-shot example at once: no training job.
-        webhooks.handle(event, data, self.schema, self.examples, self.settings)
+        webhooks.handle(event, data, self.schema, self.examples, self.settings, self.services.rebuilds)
         metrics.EXAMPLES.labels(self.project_id).set(self.examples.count())
+
+    def remember_guidelines(self, payload: dict[str, Any]) -> None:
+        """A submitted annotation's guidelines text becomes the project's guidelines (a new model_version)."""
+        text = submitted_guidelines(payload, self.schema, self.settings.guidelines_textarea)
+        if text is not None and text != self.guidelines():
+            self.set("guidelines", text)
+            log.info("project %s: guidelines updated from annotation %s", self.project_id, payload["annotation"].get("id"))

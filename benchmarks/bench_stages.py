@@ -36,7 +36,7 @@ time.sleep(3600)
 
 
 def main() -> None:
-    from backend.infra import deadline as batch
+    from backend.infra import deadline
     from backend.spans.alignment import align
     from backend.llm.source import found_from_answer
     from backend.pipeline.prelabel import span_results
@@ -72,8 +72,8 @@ def main() -> None:
                 "task": {"id": 1000 + i, "data": {"text": text}},
             })
         model = client.application.extensions["llm_ner"]["registry"].get("3", NER_CONFIG)
-        batch._local.deadline = time.monotonic() + 3600  # as under /predict: nested calls run inline
-        prelabeler = model.prelabeler()
+        deadline._deadline.set(time.monotonic() + 3600)  # as under /predict: nested calls run inline
+        prelabeler = model.prelabeler(model.model_version)
         target = model.schema.targets[0]
         task = prelabeler.tasks[target.from_name]
         source = prelabeler.source

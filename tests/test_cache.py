@@ -134,21 +134,21 @@ def test_a_cache_that_cannot_be_written_never_fails_predict(make_client, llm, ga
     import sqlite3
     from contextlib import contextmanager
 
-    from backend.llm import cache
+    from backend.infra.storage import Database
+
+    class Locked(Database):
+        @contextmanager
+        def transaction(self):
+            raise sqlite3.OperationalError("database is locked")
+            yield
 
     client = make_client()
-    store = cache.ResponseCache.in_dir(tmp_path / "model")
-
-    @contextmanager
-    def locked():
-        raise sqlite3.OperationalError("database is locked")
-        yield
-
-    store.db.transaction = locked
+    store = client.application.extensions["llm_ner"]["services"].cache  # the one the app writes through
+    shared, store.db = store.db, Locked(store.db.path)  # only the cache's writes fail
     try:
         body = predict(client, TEXTS)
     finally:
-        del store.db.transaction
+        store.db = shared
     assert spans(body)[0] == [("Ada Lovelace", 0, "PER"), ("London", 22, "LOC")]
     assert "answers not written (database is locked)" in caplog.text
     llm.requests.clear()

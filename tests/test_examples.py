@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from backend.learning.selection import SHORTLIST, ExampleIndex, FewShotExample, token_cost
+from backend.learning.selection import SHORTLIST, ExampleIndex, token_cost
+from backend.ner.mentions import FewShotExample
 
 LABELS = ("PER", "ORG", "LOC", "MISC")
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from backend.infra.errors import LLMOutputError
-from backend.learning.selection import FewShotExample
+from backend.ner.mentions import FewShotExample
 from backend.ner.labelconfig import parse_label_config
 from backend.infra.settings import REPO_DIR
 from backend.ner.task import NerTask, parse_answer

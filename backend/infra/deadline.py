@@ -1,12 +1,14 @@
 """Run one function over the tasks of a request with bounded concurrency and a deadline.
 
 The answer always has one entry per input, in input order: a value, or the error that replaced it
-(a `DeadlineExceeded` for what did not finish in time).
+(a `DeadlineExceeded` for what did not finish in time). The deadline travels with the work as a
+ContextVar, so the LLM client below can cap its timeouts and skip retries that cannot finish in
+time without being handed the deadline through every layer in between.
 """
 
 from __future__ import annotations
 
-import threading
+import contextvars
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -21,23 +23,19 @@ class DeadlineExceeded(Exception):
     pass
 
 
-_local = threading.local()
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
 def time_left() -> float | None:
-    """Seconds left before the deadline of the work this thread does for a request; None = no deadline."""
-    deadline = getattr(_local, "deadline", None)
+    """Seconds left before the deadline of the work in this context; None = no deadline."""
+    deadline = _deadline.get()
     return None if deadline is None else deadline - time.monotonic()
 
 
 def _under_deadline(func: Callable[[I], O], deadline: float) -> Callable[[I], O]:
-    # the LLM engine reads the deadline to cap request timeouts and skip retries that cannot finish in time
     def run(item: I) -> O:
-        _local.deadline = deadline
-        try:
-            return func(item)
-        finally:
-            _local.deadline = None
+        _deadline.set(deadline)  # in the item's own copy of the context: nothing to undo
+        return func(item)
 
     return run
 
@@ -71,7 +69,7 @@ def map_in_order(
     run = _under_deadline(func, started + deadline_seconds)
     executor = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items))), thread_name_prefix="predict")
     try:
-        futures: list[Future[O]] = [executor.submit(run, item) for item in items]
+        futures: list[Future[O]] = [executor.submit(contextvars.copy_context().run, run, item) for item in items]
         wait(futures, timeout=max(0.0, deadline_seconds - (time.monotonic() - started)))
         outcomes: list[Outcome[O]] = []
         for future in futures:

@@ -1,5 +1,9 @@
 """The project's exceptions: each says what went wrong in words a user can act on."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class BackendError(Exception):
     """Base class for errors this package raises on purpose."""
@@ -32,3 +36,19 @@ class LLMError(BackendError):
 
 class LLMOutputError(LLMError):
     """The LLM answered, but not with entities we can use, even after the repair retry."""
+
+
+def validation_message(
+    error: Any, where: str = "", *, limit: int | None = 5, upper: bool = False, whole: str = "body"
+) -> str:
+    """A pydantic ValidationError in one line, `where.field: what is wrong; ...`: the one wording of
+    bad input for HTTP answers, the LLM's repair turn and configuration errors. It never repeats
+    the offending value (pydantic's messages do not carry it), so secrets and payloads stay out."""
+    parts = []
+    for item in error.errors()[:limit]:
+        field = ".".join(str(p) for p in item["loc"])
+        field = field.upper() if upper else field
+        path = ".".join(x for x in (where, field) if x) or whole  # `whole`: an error about the object itself
+        message = "missing" if item["type"] == "missing" else item["msg"]
+        parts.append(f"{path}: {message}")
+    return "; ".join(parts)

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from backend.infra.errors import ConfigError
+from backend.infra.errors import ConfigError, validation_message
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 
@@ -138,13 +138,7 @@ class Settings(BaseSettings):
 
 def _describe(error: ValidationError) -> str:
     """One line naming each bad setting by its environment variable, never echoing its value."""
-    parts = []
-    for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "settings"
-        name = field.upper() if item["loc"] else "settings"
-        message = "missing" if item["type"] == "missing" else item["msg"]
-        parts.append(f"{name}: {message}")
-    return "invalid configuration: " + "; ".join(parts)
+    return "invalid configuration: " + validation_message(error, limit=None, upper=True, whole="settings")
 
 
 def load_settings(**overrides: object) -> Settings:

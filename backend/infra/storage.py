@@ -16,7 +16,12 @@ from typing import Any, Iterator
 
 DB_NAME = "backend.sqlite3"
 
-SCHEMA = """
+# The schema registry: every table of every store, in one place. Each entry is one version of the
+# schema, applied once and in order (SQLite's user_version counts them); a change is a new entry,
+# never an edit of an old one. Entry 1 says IF NOT EXISTS because stores made before versioning
+# already hold its tables.
+MIGRATIONS: tuple[str, ...] = (
+    """
 CREATE TABLE IF NOT EXISTS projects (
     project_id TEXT PRIMARY KEY,
     label_config TEXT NOT NULL,
@@ -28,23 +33,86 @@ CREATE TABLE IF NOT EXISTS project_values (
     value TEXT NOT NULL,
     PRIMARY KEY (project_id, key)
 );
-"""
+
+CREATE TABLE IF NOT EXISTS examples (
+    project_id TEXT NOT NULL,
+    annotation_id INTEGER NOT NULL,
+    from_name TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    spans TEXT NOT NULL,
+    draft TEXT,
+    updated_at REAL NOT NULL,
+    digest TEXT NOT NULL,
+    stored_at REAL NOT NULL,
+    PRIMARY KEY (project_id, annotation_id, from_name)
+);
+CREATE INDEX IF NOT EXISTS examples_by_task ON examples(project_id, task_id, from_name);
+CREATE TABLE IF NOT EXISTS deleted_annotations (
+    project_id TEXT NOT NULL,
+    annotation_id INTEGER NOT NULL,
+    PRIMARY KEY (project_id, annotation_id)
+);
+CREATE TABLE IF NOT EXISTS drafts (
+    project_id TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    from_name TEXT NOT NULL,
+    text TEXT NOT NULL,
+    spans TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    PRIMARY KEY (project_id, task_id, from_name)
+);
+CREATE TABLE IF NOT EXISTS example_sets (
+    project_id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS llm_cache (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS llm_cache_age ON llm_cache(created_at);
+
+CREATE TABLE IF NOT EXISTS llm_usage (
+    project_id TEXT PRIMARY KEY,
+    tasks INTEGER NOT NULL DEFAULT 0,
+    calls INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0
+);
+""",
+)
 
 
 class Database:
-    """A SQLite file shared by processes; `extra_schema` lets each store add its own tables."""
+    """A SQLite file shared by processes, at the newest schema version. Make one per process
+    (`protocol/services.py` does): it keeps a connection per thread."""
 
-    def __init__(self, path: Path, extra_schema: tuple[str, ...] = ()):
+    def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        conn = self.connection()
-        for script in (SCHEMA, *extra_schema):
-            conn.executescript(script)  # CREATE ... IF NOT EXISTS: safe for every process to run
+        self.migrate()
 
     @classmethod
-    def in_dir(cls, model_dir: Path, extra_schema: tuple[str, ...] = ()) -> "Database":
-        return cls(Path(model_dir) / DB_NAME, extra_schema)
+    def in_dir(cls, model_dir: Path) -> "Database":
+        return cls(Path(model_dir) / DB_NAME)
+
+    def migrate(self) -> int:
+        """Apply the schema versions this file lacks, each in its own transaction (one process at a
+        time: BEGIN IMMEDIATE); returns the version the file is at."""
+        if self.connection().execute("PRAGMA user_version").fetchone()[0] >= len(MIGRATIONS):
+            return len(MIGRATIONS)  # the usual case: no write lock taken
+        for version, script in enumerate(MIGRATIONS, start=1):
+            with self.transaction() as conn:
+                if conn.execute("PRAGMA user_version").fetchone()[0] >= version:
+                    continue
+                for statement in _statements(script):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version}")
+        return len(MIGRATIONS)
 
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -99,3 +167,8 @@ class Database:
                 "ON CONFLICT(project_id, key) DO UPDATE SET value=excluded.value",
                 (project_id, key, json.dumps(value)),
             )
+
+
+def _statements(script: str) -> list[str]:
+    # executescript() would COMMIT the open transaction first: run the statements one by one inside it
+    return [s.strip() for s in script.split(";") if s.strip() and not s.strip().startswith("--")]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,6 @@ from backend.infra.storage import Database
 
 log = logging.getLogger(__name__)
 
-USAGE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS llm_usage (
-    project_id TEXT PRIMARY KEY,
-    tasks INTEGER NOT NULL DEFAULT 0,
-    calls INTEGER NOT NULL DEFAULT 0,
-    prompt_tokens INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0,
-    cost_usd REAL NOT NULL DEFAULT 0
-);
-"""
 PER_MILLION = 1_000_000
 
 
@@ -62,7 +51,8 @@ class UsageLedger:
 
     @classmethod
     def in_dir(cls, model_dir: Path) -> "UsageLedger":
-        return _open(str(Path(model_dir).resolve()))
+        """A ledger on its own connection to MODEL_DIR's store (tools and tests; the server's is in Services)."""
+        return cls(Database.in_dir(model_dir))
 
     def add(self, project_id: str, usage: Usage, tasks: int, cost: float | None) -> None:
         with self.db.transaction() as conn:
@@ -80,26 +70,20 @@ class UsageLedger:
             return {"project_id": project_id, "tasks": 0, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
         return dict(rows[0])
 
-
-@lru_cache(maxsize=8)
-def _open(model_dir: str) -> UsageLedger:
-    return UsageLedger(Database.in_dir(Path(model_dir), extra_schema=(USAGE_SCHEMA,)))
-
-
-def account(project_id: str, usages: Sequence[Usage | None], settings: Any) -> None:
-    """Add one /predict's usage to the project's totals, /metrics and the log (with cost per task)."""
-    total = Usage()
-    for usage in usages:
-        if usage is not None:
-            total.add(usage)
-    cost = cost_usd(total, price_of(settings.llm_prices, settings.llm_model))
-    UsageLedger.in_dir(settings.model_dir).add(project_id, total, len(usages), cost)
-    metrics.PROJECT_TOKENS.labels(project_id, "prompt").inc(total.prompt_tokens)
-    metrics.PROJECT_TOKENS.labels(project_id, "completion").inc(total.completion_tokens)
-    if cost is not None:
-        metrics.PROJECT_COST.labels(project_id).inc(cost)
-    per_task = f", ${cost:.6f} (${cost / max(1, len(usages)):.6f} per task)" if cost is not None else ""
-    log.info(
-        "project %s: %d tasks, %d LLM calls, %d prompt + %d completion tokens%s",
-        project_id, len(usages), total.calls, total.prompt_tokens, total.completion_tokens, per_task,
-    )
+    def account(self, project_id: str, usages: Sequence[Usage | None], price: tuple[float, float] | None) -> None:
+        """Add one /predict's usage to the project's totals, /metrics and the log (with cost per task)."""
+        total = Usage()
+        for usage in usages:
+            if usage is not None:
+                total.add(usage)
+        cost = cost_usd(total, price)
+        self.add(project_id, total, len(usages), cost)
+        metrics.PROJECT_TOKENS.labels(project_id, "prompt").inc(total.prompt_tokens)
+        metrics.PROJECT_TOKENS.labels(project_id, "completion").inc(total.completion_tokens)
+        if cost is not None:
+            metrics.PROJECT_COST.labels(project_id).inc(cost)
+        per_task = f", ${cost:.6f} (${cost / max(1, len(usages)):.6f} per task)" if cost is not None else ""
+        log.info(
+            "project %s: %d tasks, %d LLM calls, %d prompt + %d completion tokens%s",
+            project_id, len(usages), total.calls, total.prompt_tokens, total.completion_tokens, per_task,
+        )

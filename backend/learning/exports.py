@@ -23,7 +23,8 @@ from backend.infra.errors import BackendError
 from backend.learning.store import ExampleStore, StoredExample
 from backend.ner.labelconfig import NerSchema, parse_label_config
 from backend.infra.storage import Database
-from backend.ner.task import NerTask, answer_json
+from backend.ner.mentions import entities_json
+from backend.ner.task import NerTask
 from backend.ner.templates import PromptTemplates, load_templates
 
 KINDS = ("sft", "preferences")
@@ -43,7 +44,7 @@ def sft_records(schema: NerSchema, templates: PromptTemplates, examples: list[St
         task = tasks.get(example.from_name)
         if task is None:  # a target the current label config no longer has
             continue
-        answer = {"role": "assistant", "content": answer_json(_entities(example.spans))}
+        answer = {"role": "assistant", "content": entities_json(_entities(example.spans))}
         yield {"messages": [*_prompt(task, example), answer]}
 
 
@@ -58,8 +59,8 @@ def preference_records(schema: NerSchema, templates: PromptTemplates, examples: 
             continue  # the human accepted the draft: no preference to learn
         yield {
             "prompt": _prompt(task, example),
-            "chosen": [{"role": "assistant", "content": answer_json(chosen)}],
-            "rejected": [{"role": "assistant", "content": answer_json(rejected)}],
+            "chosen": [{"role": "assistant", "content": entities_json(chosen)}],
+            "rejected": [{"role": "assistant", "content": entities_json(rejected)}],
         }
 
 

@@ -1,4 +1,4 @@
-"""Few-shot examples: the type, and choosing which stored corrections to show for a new text.
+"""Few-shot examples: choosing which stored corrections to show for a new text.
 
 Selection (see `ExampleIndex.select`): BM25 relevance to the new text, then label coverage (each
 label shown at least once when some example has it), then diversity (maximal marginal relevance:
@@ -7,15 +7,14 @@ near-duplicates of an example already chosen lose), all under `k` and a token bu
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 from rank_bm25 import BM25Okapi
+
+from backend.ner.mentions import FewShotExample, entities_json
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 # an example that shares this share of its words with one already chosen adds nothing
@@ -26,29 +25,13 @@ DIVERSITY = 0.3
 SHORTLIST = 8
 
 
-@dataclass(frozen=True)
-class FewShotExample:
-    text: str
-    # (surface text, label) for every labeled span, in order of appearance
-    entities: tuple[tuple[str, str], ...]
-    task_id: int | None = None
-    annotation_id: int | None = None
-    # (surface text, label) the LLM proposed here and the annotator deleted: shown as "not entities"
-    rejected: tuple[tuple[str, str], ...] = ()
-
-    @cached_property
-    def labels(self) -> frozenset[str]:
-        return frozenset(label for _, label in self.entities)
-
-
 def tokens(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
 def token_cost(example: FewShotExample) -> int:
     """Rough prompt tokens for the example's two turns: ~4 characters a token, plus the turn framing."""
-    answer = json.dumps({"entities": [{"text": t, "label": l} for t, l in example.entities]}, ensure_ascii=False)
-    return (len(example.text) + len(answer)) // 4 + 30
+    return (len(example.text) + len(entities_json(example.entities))) // 4 + 30
 
 
 def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:

@@ -22,44 +22,10 @@ from datetime import datetime
 from typing import Any
 
 from backend.spans.alignment import Span
-from backend.learning.selection import ExampleIndex, FewShotExample
+from backend.learning.selection import ExampleIndex
+from backend.ner.mentions import FewShotExample
 from backend.ner.labelconfig import NerSchema, NerTarget
 from backend.infra.storage import Database
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS examples (
-    project_id TEXT NOT NULL,
-    annotation_id INTEGER NOT NULL,
-    from_name TEXT NOT NULL,
-    task_id INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    spans TEXT NOT NULL,
-    draft TEXT,
-    updated_at REAL NOT NULL,
-    digest TEXT NOT NULL,
-    stored_at REAL NOT NULL,
-    PRIMARY KEY (project_id, annotation_id, from_name)
-);
-CREATE INDEX IF NOT EXISTS examples_by_task ON examples(project_id, task_id, from_name);
-CREATE TABLE IF NOT EXISTS deleted_annotations (
-    project_id TEXT NOT NULL,
-    annotation_id INTEGER NOT NULL,
-    PRIMARY KEY (project_id, annotation_id)
-);
-CREATE TABLE IF NOT EXISTS drafts (
-    project_id TEXT NOT NULL,
-    task_id INTEGER NOT NULL,
-    from_name TEXT NOT NULL,
-    text TEXT NOT NULL,
-    spans TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    PRIMARY KEY (project_id, task_id, from_name)
-);
-CREATE TABLE IF NOT EXISTS example_sets (
-    project_id TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL
-);
-"""
 
 EMPTY = "0" * 32
 INSERT = (
@@ -104,7 +70,6 @@ def timestamp(value: object) -> float:
 
 
 def _spans_json(spans: Iterable[Span]) -> str:
-    # sorted as tuples: the same order as Span's, without the dataclass's slow generated __lt__
     return json.dumps(sorted([s.start, s.end, s.text, s.label] for s in spans), ensure_ascii=False)
 
 
@@ -119,20 +84,37 @@ def _digest(annotation_id: int, from_name: str, task_id: int, text: str, spans: 
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
-def _xor(a: str, b: str) -> str:
-    return format(int(a, 16) ^ int(b, 16), "032x")
+def _xor(*digests: str) -> str:
+    """The XOR of row digests: adding a row and taking it out are the same operation."""
+    value = 0
+    for digest in digests:
+        value ^= int(digest, 16)
+    return format(value, "032x")
 
 
-# per process: project -> (fingerprint, {from_name: index}); valid only while the fingerprint matches
-_index_cache: dict[tuple[str, str], tuple[str, dict[str, ExampleIndex]]] = {}
-_index_lock = threading.Lock()
+class IndexCache:
+    """A process's BM25 indexes, per project: (fingerprint, {from_name: index}), valid only while
+    the fingerprint in the store is the same. One per process, held by Services."""
+
+    def __init__(self) -> None:
+        self._indexes: dict[str, tuple[str, dict[str, ExampleIndex]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, project_id: str, fingerprint: str) -> dict[str, ExampleIndex] | None:
+        with self._lock:
+            cached = self._indexes.get(project_id)
+        return cached[1] if cached is not None and cached[0] == fingerprint else None
+
+    def put(self, project_id: str, fingerprint: str, indexes: dict[str, ExampleIndex]) -> None:
+        with self._lock:
+            self._indexes[project_id] = (fingerprint, indexes)
 
 
 class ExampleStore:
-    def __init__(self, db: Database, project_id: str):
+    def __init__(self, db: Database, project_id: str, indexes: IndexCache | None = None):
         self.db = db
         self.project_id = str(project_id)
-        self.db.connection().executescript(SCHEMA)  # CREATE ... IF NOT EXISTS: any process may run it
+        self._indexes = indexes or IndexCache()
 
     # ---- reading ----
     def fingerprint(self) -> str:
@@ -189,18 +171,15 @@ class ExampleStore:
         return [(r["annotation_id"], r["from_name"], r["task_id"]) for r in rows]
 
     def indexes(self) -> dict[str, ExampleIndex]:
-        fingerprint = self.fingerprint()
-        with _index_lock:
-            cached = _index_cache.get((str(self.db.path), self.project_id))
-        if cached is not None and cached[0] == fingerprint:
-            return cached[1]
+        cached = self._indexes.get(self.project_id, self.fingerprint())
+        if cached is not None:
+            return cached
         fingerprint, examples = self.snapshot()
         by_target: dict[str, list[FewShotExample]] = {}
         for example in sorted(examples, key=lambda e: e.task_id):
             by_target.setdefault(example.from_name, []).append(example.few_shot())
         indexes = {name: ExampleIndex(items) for name, items in by_target.items()}
-        with _index_lock:
-            _index_cache[(str(self.db.path), self.project_id)] = (fingerprint, indexes)
+        self._indexes.put(self.project_id, fingerprint, indexes)
         return indexes
 
     def selector(self, k: int, token_budget: int):
@@ -219,11 +198,11 @@ class ExampleStore:
         return select
 
     # ---- writing ----
-    def _set_fingerprint(self, conn, change: str) -> None:
+    def _set_fingerprint(self, conn, fingerprint: str) -> None:
         conn.execute(
             "INSERT INTO example_sets(project_id, fingerprint) VALUES (?, ?) ON CONFLICT(project_id) DO UPDATE SET "
             "fingerprint=excluded.fingerprint",
-            (self.project_id, _xor(self.fingerprint(), change)),
+            (self.project_id, fingerprint),
         )
 
     def upsert_annotation(
@@ -251,16 +230,12 @@ class ExampleStore:
                 draft = drafts.get(from_name) or self._draft(conn, task_id, from_name, text)
                 digest = _digest(annotation_id, from_name, task_id, text, spans_json, updated_at)
                 new_rows.append((self.project_id, annotation_id, from_name, task_id, text, spans_json, draft, updated_at, digest, time.time()))
-            change = EMPTY
-            for r in old:
-                change = _xor(change, r["digest"])
-            for row in new_rows:
-                change = _xor(change, row[8])
+            change = _xor(*(r["digest"] for r in old), *(row[8] for row in new_rows))
             if change == EMPTY:
                 return "unchanged"
             conn.execute("DELETE FROM examples WHERE project_id=? AND annotation_id=?", (self.project_id, annotation_id))
             conn.executemany(INSERT, new_rows)
-            self._set_fingerprint(conn, change)
+            self._set_fingerprint(conn, _xor(self.fingerprint(), change))
             return "stored"
 
     def _draft(self, conn, task_id: int, from_name: str, text: str) -> str | None:
@@ -295,11 +270,9 @@ class ExampleStore:
         old = conn.execute(f"SELECT digest FROM examples {where}", params).fetchall()
         if not old:
             return 0
-        change = EMPTY
-        for r in old:
-            change = _xor(change, r["digest"])
+        change = _xor(*(r["digest"] for r in old))
         conn.execute(f"DELETE FROM examples {where}", params)
-        self._set_fingerprint(conn, change)
+        self._set_fingerprint(conn, _xor(self.fingerprint(), change))
         return len(old)
 
     def replace_all(
@@ -318,9 +291,7 @@ class ExampleStore:
             fresh = [r for r in existing if r["stored_at"] >= started_at]
             fresh_ids = {r["annotation_id"] for r in fresh}
             conn.execute("DELETE FROM examples WHERE project_id=? AND stored_at < ?", (self.project_id, started_at))
-            fingerprint = EMPTY
-            for r in fresh:
-                fingerprint = _xor(fingerprint, r["digest"])
+            digests = [r["digest"] for r in fresh]
             count = len(fresh)
             now = time.time()
             for annotation_id, task_id, updated_at, targets in annotations:
@@ -331,13 +302,9 @@ class ExampleStore:
                     draft = drafts.get((annotation_id, from_name)) or self._draft(conn, task_id, from_name, text)
                     digest = _digest(annotation_id, from_name, task_id, text, spans_json, updated_at)
                     conn.execute(INSERT, (self.project_id, annotation_id, from_name, task_id, text, spans_json, draft, updated_at, digest, now))
-                    fingerprint = _xor(fingerprint, digest)
+                    digests.append(digest)
                     count += 1
-            conn.execute(
-                "INSERT INTO example_sets(project_id, fingerprint) VALUES (?, ?) ON CONFLICT(project_id) DO UPDATE SET "
-                "fingerprint=excluded.fingerprint",
-                (self.project_id, fingerprint),
-            )
+            self._set_fingerprint(conn, _xor(*digests))
             return count
 
     def record_drafts(

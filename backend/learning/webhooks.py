@@ -27,7 +27,9 @@ from prometheus_client import Counter as PromCounter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backend.spans.alignment import Span
-from backend.infra.errors import BadRequest, ConfigError
+from backend.infra.guards import OnePerKey
+from backend.infra.settings import Settings
+from backend.infra.errors import BadRequest, ConfigError, validation_message
 from backend.learning.store import ExampleStore, timestamp
 from backend.ner.labelconfig import NerSchema, NerTarget
 
@@ -63,8 +65,7 @@ def _validated(model: type[BaseModel], value: Any, where: str) -> Any:
     try:
         return model.model_validate(value)
     except ValidationError as error:
-        details = "; ".join(f"{where}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5])
-        raise BadRequest(details) from None
+        raise BadRequest(validation_message(error, where)) from None
 
 
 # ---- checking human spans against the text ----
@@ -190,9 +191,6 @@ def on_deleted(payload: dict[str, Any], store: ExampleStore) -> str:
 
 
 # ---- START_TRAINING: rebuild from Label Studio ----
-_rebuilding: set[str] = set()
-_rebuilding_lock = threading.Lock()
-
 
 def _field(obj: Any, name: str, default: Any = None) -> Any:
     return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
@@ -224,15 +222,15 @@ def rebuild(schema: NerSchema, store: ExampleStore, url: str, api_key: str) -> i
     return count
 
 
-def on_start_training(schema: NerSchema, store: ExampleStore, url: str | None, api_key: str | None) -> str:
+def on_start_training(
+    schema: NerSchema, store: ExampleStore, url: str | None, api_key: str | None, rebuilds: OnePerKey
+) -> str:
     if not url or not api_key:
         raise ConfigError(
             "START_TRAINING: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY so the backend can read the project's annotations"
         )
-    with _rebuilding_lock:
-        if store.project_id in _rebuilding:
-            return "already rebuilding"
-        _rebuilding.add(store.project_id)
+    if not rebuilds.claim(store.project_id):
+        return "already rebuilding"
 
     def work() -> None:
         try:
@@ -241,14 +239,15 @@ def on_start_training(schema: NerSchema, store: ExampleStore, url: str | None, a
             # the SDK's errors carry the URL and status, never the key
             log.warning("START_TRAINING: rebuilding project %s failed: %s: %s", store.project_id, type(error).__name__, error)
         finally:
-            with _rebuilding_lock:
-                _rebuilding.discard(store.project_id)
+            rebuilds.release(store.project_id)
 
     threading.Thread(target=work, name=f"rebuild-{store.project_id}", daemon=True).start()
     return "rebuilding"
 
 
-def handle(event: str, payload: dict[str, Any], schema: NerSchema, store: ExampleStore, settings) -> str:
+def handle(
+    event: str, payload: dict[str, Any], schema: NerSchema, store: ExampleStore, settings: Settings, rebuilds: OnePerKey
+) -> str:
     """Apply one webhook event; returns what happened (for logs and tests). Bad payloads raise BadRequest."""
     if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
         return on_annotation(event, payload, schema, store)
@@ -256,6 +255,6 @@ def handle(event: str, payload: dict[str, Any], schema: NerSchema, store: Exampl
         return on_deleted(payload, store)
     if event == "START_TRAINING":
         key = settings.label_studio_api_key.get_secret_value() if settings.label_studio_api_key else None
-        return on_start_training(schema, store, settings.label_studio_url, key)
+        return on_start_training(schema, store, settings.label_studio_url, key, rebuilds)
     log.debug("webhook %s: nothing to learn from", event)
     return "ignored"

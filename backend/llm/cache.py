@@ -8,7 +8,6 @@ change to the prompt, the examples, the label config or the model misses and ask
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import logging
@@ -16,7 +15,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +22,6 @@ from backend.infra import metrics
 from backend.infra.storage import Database
 
 log = logging.getLogger(__name__)
-
-CACHE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS llm_cache (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS llm_cache_age ON llm_cache(created_at);
-"""
-
 
 PRUNE_EVERY = 500  # puts between two size checks: a COUNT(*) per write would cost more than the write
 FLUSH_EVERY = 32  # answers kept in memory before they are written in one transaction
@@ -69,9 +57,8 @@ class ResponseCache:
 
     @classmethod
     def in_dir(cls, model_dir: Path, max_rows: int = 200_000) -> "ResponseCache":
-        cache = _open(str(Path(model_dir).resolve()))
-        cache.max_rows = max_rows
-        return cache
+        """A cache on its own connection to MODEL_DIR's store (tools and tests; the server's is in Services)."""
+        return cls(Database.in_dir(model_dir), max_rows)
 
     def _unwritten(self, key: str) -> tuple[str, float] | None:
         with self._lock:
@@ -134,11 +121,3 @@ class ResponseCache:
     def __len__(self) -> int:
         self.flush()
         return self.db.query("SELECT COUNT(*) AS n FROM llm_cache")[0]["n"]
-
-
-@lru_cache(maxsize=8)
-def _open(model_dir: str) -> ResponseCache:
-    # one per process and directory: the Database keeps a connection per thread
-    cache = ResponseCache(Database.in_dir(Path(model_dir), extra_schema=(CACHE_SCHEMA,)))
-    atexit.register(cache.flush)  # a worker stopped gracefully keeps its last answers
-    return cache

@@ -13,7 +13,6 @@ tried again with exponential backoff, full jitter and a cap; 400/401/403/404 fai
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import random
 import threading
@@ -53,7 +52,6 @@ class Completion:
     content: str | None
     usage: Usage
     mode: str
-    raw: Any = field(default=None, repr=False)
     choices: list[Choice] = field(default_factory=list)
 
 
@@ -153,6 +151,7 @@ class LLMClient:
         self._lock = threading.Lock()
         self._sleep = sleep
         self.model = settings.llm_model
+        self.max_tokens = settings.llm_max_tokens
         self.limiter = RateLimiter(settings.llm_rpm, settings.llm_tpm)
         self.client = client or OpenAI(
             api_key=settings.openai_api_key.get_secret_value(),
@@ -193,7 +192,7 @@ class LLMClient:
             if left is not None and left <= 0.05:
                 raise LLMCallFailed("the request's deadline passed before the LLM answered", "deadline")
             try:
-                handle = self.limiter.acquire(estimate + self.settings.llm_max_tokens // 4, left)
+                handle = self.limiter.acquire(estimate + self.max_tokens // 4, left)
             except RateLimited as error:
                 metrics.LLM_ERRORS.labels("local_rate_limit").inc()
                 raise LLMCallFailed(str(error), "local_rate_limit") from None
@@ -258,7 +257,7 @@ class LLMClient:
                 "model": self.model,
                 "messages": messages,
                 "temperature": temperature,
-                "max_tokens": self.settings.llm_max_tokens,
+                "max_tokens": self.max_tokens,
             }
             if n > 1:
                 kwargs["n"] = n
@@ -298,7 +297,7 @@ class LLMClient:
             if not isinstance(raw_choices, list) or not raw_choices:
                 raise LLMOutputError("the LLM endpoint returned no choices")
             choices = [Choice(_content_of(c), _token_logprobs(c)) for c in raw_choices]
-            return Completion(choices[0].content, usage, mode, raw=response, choices=choices)
+            return Completion(choices[0].content, usage, mode, choices=choices)
 
     def ask_full(
         self,
@@ -334,16 +333,6 @@ class LLMClient:
         usage.add(completion.usage)
         return Answer([parse(completion.content)], completion, usage)
 
-    def ask(
-        self,
-        messages: list[dict[str, str]],
-        parse: Callable[[str | None], T],
-        repair_prompt: Callable[[str], str],
-        json_schema: dict[str, Any] | None = None,
-    ) -> tuple[T, Usage]:
-        answer = self.ask_full(messages, parse, repair_prompt, json_schema)
-        return answer.value, answer.usage
-
 
 def _usage_of(response: dict[str, Any]) -> Usage:
     usage = response.get("usage")
@@ -370,8 +359,3 @@ def _token_logprobs(choice: Any) -> list[tuple[str, float]] | None:
         for item in content
         if isinstance(item, dict) and isinstance(item.get("token"), str) and isinstance(item.get("logprob"), (int, float))
     ]
-
-
-def request_key(payload: dict[str, Any]) -> str:
-    """A stable text for hashing a request (sorted keys, no whitespace variance)."""
-    return json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

@@ -6,7 +6,6 @@ Every `<Labels>` tag that points at a `<Text>` (or `<HyperText>`-free plain text
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
@@ -64,7 +63,6 @@ class NerSchema:
     targets: tuple[NerTarget, ...]
     # <TextArea name=...> per <Text> name: where annotators may type guidelines (issue: interactive)
     textareas: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
-    config_hash: str = ""
 
 
 def _data_key(value: str | None) -> str | None:
@@ -113,9 +111,7 @@ def parse_label_config(config: str) -> NerSchema:
 
     if not targets:
         raise UnsupportedLabelConfig("the label config has no <Labels> for a <Text> object; supported: " + SUPPORTED)
-    digest = hashlib.sha256(config.encode("utf-8")).hexdigest()[:16]
     return NerSchema(
         targets=tuple(targets),
         textareas={k: tuple(v) for k, v in textareas.items()},
-        config_hash=digest,
     )

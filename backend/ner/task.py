@@ -1,6 +1,6 @@
 """The NER task: builds the prompt for one text and parses the LLM's answer into entities.
 
-It knows nothing of HTTP or providers (that is `llm.py`) nor of offsets (that is `alignment.py`).
+It knows nothing of HTTP or providers (that is `llm/`) nor of offsets (that is `spans/`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backend.infra.errors import LLMOutputError
-from backend.learning.selection import FewShotExample
+from backend.infra.errors import LLMOutputError, validation_message
+from backend.ner.mentions import FewShotExample, Mention, entities_json
 from backend.ner.labelconfig import NerTarget
 from backend.ner.templates import PromptTemplates, render_source
 
 
-class Entity(BaseModel):
-    """One entity as the LLM lists it. Further keys (a reason, a confidence...) are allowed and ignored."""
+class ListedMention(BaseModel):
+    """One entity as the LLM writes it. Further keys (a reason, a confidence...) are allowed and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -28,26 +28,15 @@ class Entity(BaseModel):
     label: str = Field(min_length=1)
 
 
-class Answer(BaseModel):
+class _Answer(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    entities: list[Entity]
-
-
-def answer_json(entities: Sequence[tuple[str, str]]) -> str:
-    """The assistant turn for (surface, label) pairs: what a perfect answer looks like."""
-    return _answer_json(tuple(entities))
+    entities: list[ListedMention]
 
 
 @lru_cache(maxsize=256)  # a few selected examples per task; task texts themselves are never cached
 def _example_prompt(source: str, text: str) -> str:
     return render_source(source, text=text)
-
-
-@lru_cache(maxsize=256)
-def _answer_json(entities: tuple[tuple[str, str], ...]) -> str:
-    # the same few-shot examples are rendered for task after task
-    return json.dumps({"entities": [{"text": t, "label": l} for t, l in entities]}, ensure_ascii=False)
 
 
 MAX_NEGATIVES = 10
@@ -88,7 +77,7 @@ class NerTask:
         messages = [{"role": "system", "content": self.system_prompt(examples)}]
         for example in examples:
             messages.append({"role": "user", "content": self.example_prompt(example.text)})
-            messages.append({"role": "assistant", "content": answer_json(example.entities)})
+            messages.append({"role": "assistant", "content": entities_json(example.entities)})
         messages.append({"role": "user", "content": self.user_prompt(text)})
         return messages
 
@@ -128,7 +117,7 @@ class NerTask:
         }
 
     # ---- answer ----
-    def parse(self, content: str | None) -> list[Entity]:
+    def parse(self, content: str | None) -> list[Mention]:
         return parse_answer(content)
 
 
@@ -152,7 +141,7 @@ def _json_candidates(content: str):
             yield value
 
 
-def parse_answer(content: str | None) -> list[Entity]:
+def parse_answer(content: str | None) -> list[Mention]:
     """Tolerant parsing: plain JSON, code fences, prose around the JSON, or a bare list of entities.
 
     Raises LLMOutputError with a message meant for the model's repair turn.
@@ -162,7 +151,7 @@ def parse_answer(content: str | None) -> list[Entity]:
     if content.lstrip().startswith("{"):
         # the usual answer (structured output): parsed and validated in one pass, in pydantic's Rust
         try:
-            return Answer.model_validate_json(content).entities
+            return _mentions(_Answer.model_validate_json(content))
         except ValidationError:
             pass  # prose around it, a bare list, a bad field: the tolerant path below tells which
     last_error = "no JSON object was found in the answer"
@@ -180,9 +169,11 @@ def parse_answer(content: str | None) -> list[Entity]:
             continue
 
         try:
-            return Answer.model_validate(candidate).entities
+            return _mentions(_Answer.model_validate(candidate))
         except ValidationError as error:
-            validation_error = validation_error or "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
-            )
+            validation_error = validation_error or validation_message(error)
     raise LLMOutputError(validation_error or last_error)
+
+
+def _mentions(answer: _Answer) -> list[Mention]:
+    return [Mention(e.text, e.label) for e in answer.entities]

@@ -16,7 +16,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from backend.infra.errors import ConfigError
 
-TEMPLATE_NAMES = ("system", "user", "repair", "marks")
+TEMPLATE_NAMES = ("system", "user", "repair", "marks", "pack", "pack_repair")
 
 
 @dataclass(frozen=True)

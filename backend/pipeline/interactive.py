@@ -191,21 +191,15 @@ def interactive_results(
     return results
 
 
-def remember_guidelines(model: Any, payload: dict[str, Any]) -> None:
-    """A submitted annotation's guidelines text becomes the project's guidelines (a new model_version).
-
-    An annotation without the <TextArea> leaves them as they are; an emptied box clears them.
-    """
+def submitted_guidelines(payload: dict[str, Any], schema: NerSchema, textarea_name: str) -> str | None:
+    """The guidelines a submitted annotation carries (an emptied box: ""), or None when it has no
+    guidelines <TextArea> result (the project's guidelines then stay as they are)."""
     annotation = payload.get("annotation") if isinstance(payload, dict) else None
     if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
-        return
+        return None
     results = annotation.get("result")
     if not isinstance(results, list):
-        return
-    name = model.settings.guidelines_textarea
-    if not any(isinstance(r, dict) and r.get("from_name") == name for r in results):
-        return
-    text = guidelines_from_results(results, model.schema, name)
-    if text != (model.get("guidelines") or ""):
-        model.set("guidelines", text)
-        log.info("project %s: guidelines updated from annotation %s", model.project_id, annotation.get("id"))
+        return None
+    if not any(isinstance(r, dict) and r.get("from_name") == textarea_name for r in results):
+        return None
+    return guidelines_from_results(results, schema, textarea_name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,13 +13,16 @@ from typing import Any
 from backend.ner import confidence
 from backend.infra import metrics
 from backend.spans.alignment import Alignment, Span, align
-from backend.infra.deadline import map_in_order
+from backend.infra.deadline import Outcome, map_in_order
 from backend.spans.chunking import align_chunks, split
-from backend.llm.source import EntitySource, Found
+from backend.llm.source import EntitySource, Found, TextRequest
 from backend.infra.errors import BadRequest
-from backend.learning.selection import FewShotExample
+from backend.infra.settings import Settings
+from backend.llm.cache import ResponseCache
+from backend.ner.mentions import FewShotExample
 from backend.ner.labelconfig import NerSchema, NerTarget
-from backend.llm.client import LLMClient, Usage
+from backend.infra.usage import Usage
+from backend.llm.client import LLMClient
 from backend.ner.task import NerTask
 from backend.ner.templates import PromptTemplates
 
@@ -88,6 +92,63 @@ class Prelabeler:
         self.context_chars = context_chars
         self.chunk_overlap = chunk_overlap
         self.tasks = {t.from_name: NerTask(t, templates, guidelines) for t in schema.targets}
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        schema: NerSchema,
+        templates: PromptTemplates,
+        llm: LLMClient,
+        cache: ResponseCache | None = None,
+        scope: str = "",
+        select_examples: ExampleSelector | None = None,
+        guidelines: str | None = None,
+    ) -> "Prelabeler":
+        """The pre-labeler the settings describe: what /predict, warm start and the command-line tools use."""
+        return cls(
+            schema, templates, llm,
+            select_examples=select_examples,
+            guidelines=guidelines,
+            label_all_mentions=settings.label_all_mentions,
+            context_chars=settings.llm_context_chars,
+            chunk_overlap=settings.llm_chunk_overlap,
+            source=EntitySource(llm, cache, scope, settings.llm_samples, settings.llm_sample_temperature),
+        )
+
+    def prelabel_many(
+        self, tasks: Sequence[dict[str, Any]], *, concurrency: int, deadline_seconds: float, pack_size: int = 1,
+        pack_max_chars: int = 1000,
+    ) -> list[Outcome[TaskOutcome]]:
+        """Every task's pre-labels under one deadline: one outcome per task, in task order, each a
+        TaskOutcome or the error that replaced it (DeadlineExceeded for what did not finish)."""
+        deadline = time.monotonic() + deadline_seconds
+        if pack_size > 1:  # short texts several to a call; each task below finds its answer
+            self.prefill(tasks, pack_size, pack_max_chars, concurrency, deadline)
+        outcomes = map_in_order(
+            lambda task: self.prelabel(task.get("data") or {}),
+            tasks,
+            concurrency=concurrency,
+            deadline_seconds=deadline - time.monotonic(),
+        )
+        self.source.flush()  # this request's answers, for every worker's next request
+        return outcomes
+
+    def prefill(self, tasks: Sequence[dict[str, Any]], pack_size: int, max_chars: int, concurrency: int, deadline: float) -> int:
+        """Answer the short, uncached texts of these tasks `pack_size` to an LLM call, ahead of the
+        per-task pass, which then finds them answered (PACK_SIZE > 1; see ner/packing.py)."""
+        # a text long enough to be chunked is asked chunk by chunk, under other keys: never pack it
+        max_chars = min(max_chars, self.context_chars)
+        requests = []
+        for task in tasks:
+            data = task.get("data") or {}
+            for target in self.schema.targets:
+                text = data.get(target.data_key)
+                if isinstance(text, str) and text.strip() and len(text) <= max_chars:
+                    requests.append(TextRequest(self.tasks[target.from_name], text, self.select_examples(target, text)))
+        # leave the per-task pass time to build the results of what the packs answered
+        reserve = min(2.0, 0.1 * max(0.0, deadline - time.monotonic()))
+        return self.source.find_packed(requests, pack_size, concurrency, max(0.0, deadline - reserve - time.monotonic()))
 
     def entities_for(self, target: NerTarget, text: str) -> Found:
         task = self.tasks[target.from_name]

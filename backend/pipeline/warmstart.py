@@ -15,7 +15,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CHUNK = 50  # tasks per background predict: each chunk gets its own deadline
-_one_at_a_time = threading.Lock()
 
 
 def new_tasks(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -25,10 +24,10 @@ def new_tasks(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return [t for t in tasks if isinstance(t, dict) and isinstance(t.get("data"), dict)]
 
 
-def precompute(model: Any, tasks: Sequence[dict[str, Any]]) -> int:
+def precompute(model: Any, tasks: Sequence[dict[str, Any]], one_at_a_time: threading.Lock) -> int:
     """Predict (and so cache) these tasks; returns how many got a non-empty prediction."""
     labeled = 0
-    with _one_at_a_time:
+    with one_at_a_time:
         for start in range(0, len(tasks), CHUNK):
             chunk = list(tasks[start : start + CHUNK])
             try:
@@ -41,11 +40,11 @@ def precompute(model: Any, tasks: Sequence[dict[str, Any]]) -> int:
     return labeled
 
 
-def start(model: Any, payload: dict[str, Any]) -> threading.Thread | None:
+def start(model: Any, payload: dict[str, Any], one_at_a_time: threading.Lock) -> threading.Thread | None:
     tasks = new_tasks(payload)
     if not tasks:
         log.info("warm start: TASKS_CREATED without task data; nothing to pre-compute")
         return None
-    thread = threading.Thread(target=precompute, args=(model, tasks), name="warm-start", daemon=True)
+    thread = threading.Thread(target=precompute, args=(model, tasks, one_at_a_time), name="warm-start", daemon=True)
     thread.start()
     return thread

@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from backend import __version__
 from backend.infra import metrics
 from backend.protocol.base import LabelStudioMLBase
-from backend.infra.errors import BackendError, BadRequest
+from backend.infra.errors import BackendError, BadRequest, validation_message
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.services import Services
 from backend.infra.settings import Settings, get_settings
@@ -37,14 +37,6 @@ OPEN_ROUTES = {"/", "/health", "/webhook"}
 def load_model_class(path: str = "model:NERModel") -> type[LabelStudioMLBase]:
     module_name, _, class_name = path.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
-
-
-def _validation_message(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors()[:5]:
-        where = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
 
 
 def _json_payload() -> Any:
@@ -67,7 +59,7 @@ def _body(model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(payload)
     except ValidationError as error:
-        raise BadRequest(_validation_message(error)) from None
+        raise BadRequest(validation_message(error)) from None
 
 
 def _discard_body(environ: dict, limit: int) -> None:

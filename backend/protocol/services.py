@@ -1,12 +1,24 @@
-"""What one process builds once and every model object shares: settings, store, templates, LLM."""
+"""Everything one process creates once and every model object shares: the single home of process state.
+
+One `Database` per process (SQLite keeps a connection per thread), and on it the response cache and
+the usage ledger; the per-process example indexes; the guards that keep a project's rebuild and the
+warm start from running twice at once. Nothing below this layer keeps state of its own: each piece
+is handed what it needs from here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import atexit
+import threading
+from dataclasses import dataclass, field
 
-from backend.llm.client import LLMClient
+from backend.infra.guards import OnePerKey
 from backend.infra.settings import Settings
 from backend.infra.storage import Database
+from backend.infra.usage import UsageLedger, price_of
+from backend.learning.store import IndexCache
+from backend.llm.cache import ResponseCache
+from backend.llm.client import LLMClient
 from backend.ner.templates import PromptTemplates, load_templates
 
 
@@ -16,12 +28,28 @@ class Services:
     db: Database
     templates: PromptTemplates
     llm: LLMClient
+    cache: ResponseCache | None  # None with LLM_CACHE=false
+    usage: UsageLedger
+    example_indexes: IndexCache = field(default_factory=IndexCache)
+    rebuilds: OnePerKey = field(default_factory=OnePerKey)  # START_TRAINING: one rebuild per project
+    warm_start: threading.Lock = field(default_factory=threading.Lock)  # one warm-start batch at a time
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
+        db = Database.in_dir(settings.model_dir)
+        cache = ResponseCache(db, settings.llm_cache_max_rows) if settings.llm_cache else None
+        if cache is not None:
+            atexit.register(cache.flush)  # a worker stopped gracefully keeps its last answers
         return cls(
             settings=settings,
-            db=Database.in_dir(settings.model_dir),
+            db=db,
             templates=load_templates(settings.prompts_dir),
             llm=LLMClient(settings),
+            cache=cache,
+            usage=UsageLedger(db),
         )
+
+    @property
+    def price(self) -> tuple[float, float] | None:
+        """USD per 1M (prompt, completion) tokens of the configured model, when LLM_PRICES has it."""
+        return price_of(self.settings.llm_prices, self.settings.llm_model)

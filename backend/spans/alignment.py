@@ -389,9 +389,6 @@ class Aligner:
             self._occurrences[key] = cached
         return cached
 
-    def all_exact(self, surface: str) -> list[tuple[int, int]]:
-        return self.occurrences("exact", surface)[1]
-
     def every_occurrence(self, surfaces: Iterable[str], free: bytearray | None = None) -> list[tuple[int, int, str]]:
         """(start, end, surface) of every bounded occurrence of any of the surfaces, as they are;
         with `free`, only those touching no marked (non-zero) byte of it.

@@ -16,10 +16,11 @@ from typing import Any
 import bpe_openai
 
 from backend.infra.usage import Usage, cost_usd, price_of
-from backend.learning.selection import FewShotExample
+from backend.ner.mentions import FewShotExample
 from backend.ner.labelconfig import parse_label_config
 from backend.ner.packing import pack_messages, packed_answer
-from backend.ner.task import NerTask, answer_json
+from backend.ner.mentions import entities_json
+from backend.ner.task import NerTask
 from backend.ner.templates import load_templates
 from backend.tools.conll import build_units, labels_of, read_files
 from backend.tools.importer import label_config_for, sdk_errors
@@ -103,12 +104,12 @@ def estimate(
         if all(isinstance(a, list) for a in answers):
             completion += count_tokens(packed_answer(answers), model)  # type: ignore[arg-type]
         else:
-            completion += sum(a if isinstance(a, int) else count_tokens(answer_json(a), model) for a in answers) + 10 * len(pack)
+            completion += sum(a if isinstance(a, int) else count_tokens(entities_json(a), model) for a in answers) + 10 * len(pack)
     for text, gold in alone:
         calls += 1
         prompt += count_message_tokens(task.messages(text, examples), model)
         answer = _expected_answer(text, gold, model)
-        completion += answer if isinstance(answer, int) else count_tokens(answer_json(answer), model)
+        completion += answer if isinstance(answer, int) else count_tokens(entities_json(answer), model)
     return Estimate(model, len(usable), calls, prompt, completion, price_of(settings.llm_prices, model))
 
 

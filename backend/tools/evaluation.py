@@ -196,7 +196,7 @@ def predict_conll(
     target = schema.targets[0]
     units = build_units(documents, per=per)
     llm = LLMClient(settings)
-    prelabeler = Prelabeler(schema, load_templates(settings.prompts_dir), llm, label_all_mentions=settings.label_all_mentions)
+    prelabeler = Prelabeler.from_settings(settings, schema, load_templates(settings.prompts_dir), llm)
 
     bar = tqdm(total=len(units), unit="task", desc="pre-labeling", file=sys.stderr, disable=not progress)
 
