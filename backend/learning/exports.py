@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from backend.infra.errors import BackendError
+from backend.infra.storage import Database
 from backend.learning.store import ExampleStore, StoredExample
 from backend.ner.labelconfig import NerSchema, parse_label_config
-from backend.infra.storage import Database
 from backend.ner.mentions import entities_json
 from backend.ner.task import NerTask
 from backend.ner.templates import PromptTemplates, load_templates

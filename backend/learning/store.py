@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from backend.spans.alignment import Span
-from backend.learning.selection import ExampleIndex
-from backend.ner.mentions import FewShotExample
-from backend.ner.labelconfig import NerSchema, NerTarget
 from backend.infra.storage import Database
+from backend.learning.selection import ExampleIndex
+from backend.ner.labelconfig import NerSchema, NerTarget
+from backend.ner.mentions import FewShotExample
+from backend.spans.alignment import Span
 
 EMPTY = "0" * 32
 INSERT = (

@@ -24,25 +24,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter as PromCounter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from backend.spans.alignment import Span
+from backend.infra.errors import BadRequest, ConfigError
 from backend.infra.guards import OnePerKey
+from backend.infra.payloads import Lenient, validated
 from backend.infra.settings import Settings
-from backend.infra.errors import BadRequest, ConfigError, validation_message
 from backend.learning.store import ExampleStore, timestamp
 from backend.ner.labelconfig import NerSchema, NerTarget
+from backend.spans.alignment import Span
 
 log = logging.getLogger(__name__)
 
 SPANS = PromCounter("llm_ner_example_spans_total", "Spans of human annotations, by outcome", ["outcome"])
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class AnnotationIn(_Lenient):
+class EventAnnotation(Lenient):
     id: int
     task: int | dict[str, Any] | None = None
     result: list[dict[str, Any]] = Field(default_factory=list)
@@ -50,22 +47,13 @@ class AnnotationIn(_Lenient):
     updated_at: str | float | None = None
 
 
-class TaskIn(_Lenient):
+class EventTask(Lenient):
     id: int
     data: dict[str, Any]
 
 
-class DeletedIn(_Lenient):
+class DeletedAnnotation(Lenient):
     id: int
-
-
-def _validated(model: type[BaseModel], value: Any, where: str) -> Any:
-    if not isinstance(value, dict):
-        raise BadRequest(f"{where}: an object is required")
-    try:
-        return model.model_validate(value)
-    except ValidationError as error:
-        raise BadRequest(validation_message(error, where)) from None
 
 
 # ---- checking human spans against the text ----
@@ -161,12 +149,12 @@ def annotation_targets(schema: NerSchema, data: dict[str, Any], results: Sequenc
 
 # ---- the events ----
 def on_annotation(event: str, payload: dict[str, Any], schema: NerSchema, store: ExampleStore) -> str:
-    annotation: AnnotationIn = _validated(AnnotationIn, payload.get("annotation"), "annotation")
+    annotation = validated(EventAnnotation, payload.get("annotation"), "annotation")
     if annotation.was_cancelled:
         removed = store.forget_annotation(annotation.id)
         log.info("%s: annotation %s was skipped: not an example (%d rows removed)", event, annotation.id, removed)
         return "skipped"
-    task: TaskIn = _validated(TaskIn, payload.get("task"), "task")
+    task = validated(EventTask, payload.get("task"), "task")
     task_ref = annotation.task.get("id") if isinstance(annotation.task, dict) else annotation.task
     if task_ref is not None and task_ref != task.id:
         raise BadRequest(f"annotation.task ({task_ref}) is not task.id ({task.id})")
@@ -184,7 +172,7 @@ def on_deleted(payload: dict[str, Any], store: ExampleStore) -> str:
     items = payload.get("annotations")
     if not isinstance(items, list):
         raise BadRequest("ANNOTATIONS_DELETED: 'annotations' must be a list of {id}")
-    ids = [_validated(DeletedIn, item, f"annotations[{i}]").id for i, item in enumerate(items)]
+    ids = [validated(DeletedAnnotation, item, f"annotations[{i}]").id for i, item in enumerate(items)]
     removed = store.delete_annotations(ids)
     log.info("ANNOTATIONS_DELETED: %d annotations, %d example rows removed", len(ids), removed)
     return "deleted"

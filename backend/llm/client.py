@@ -24,12 +24,11 @@ from typing import Any, Generic, TypeVar
 import openai
 from openai import OpenAI
 
-from backend.infra import deadline
-from backend.infra import metrics
+from backend.infra import deadline, metrics
 from backend.infra.errors import LLMError, LLMOutputError
+from backend.infra.settings import Settings
 from backend.infra.usage import Usage
 from backend.llm.ratelimit import RateLimited, RateLimiter
-from backend.infra.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

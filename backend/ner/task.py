@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backend.infra.errors import LLMOutputError, validation_message
-from backend.ner.mentions import FewShotExample, Mention, entities_json
 from backend.ner.labelconfig import NerTarget
+from backend.ner.mentions import FewShotExample, Mention, entities_json
 from backend.ner.templates import PromptTemplates, render_source
 
 

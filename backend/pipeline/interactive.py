@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.spans.alignment import Span, align
 from backend.infra.deadline import map_in_order
 from backend.ner.labelconfig import NerSchema, NerTarget
-from backend.pipeline.prelabel import Prelabeler, span_results
 from backend.ner.templates import PromptTemplates
+from backend.pipeline.prelabel import Prelabeler, span_results
+from backend.spans.alignment import Span, align
 
 log = logging.getLogger(__name__)
 

@@ -10,21 +10,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.ner import confidence
 from backend.infra import metrics
-from backend.spans.alignment import Alignment, Span, align
 from backend.infra.deadline import Outcome, map_in_order
-from backend.spans.chunking import align_chunks, split
-from backend.llm.source import EntitySource, Found, TextRequest
 from backend.infra.errors import BadRequest
 from backend.infra.settings import Settings
-from backend.llm.cache import ResponseCache
-from backend.ner.mentions import FewShotExample
-from backend.ner.labelconfig import NerSchema, NerTarget
 from backend.infra.usage import Usage
+from backend.llm.cache import ResponseCache
 from backend.llm.client import LLMClient
+from backend.llm.source import EntitySource, Found, TextRequest
+from backend.ner import confidence
+from backend.ner.labelconfig import NerSchema, NerTarget
+from backend.ner.mentions import FewShotExample
 from backend.ner.task import NerTask
 from backend.ner.templates import PromptTemplates
+from backend.spans.alignment import Alignment, Span, align
+from backend.spans.chunking import align_chunks, split
 
 log = logging.getLogger(__name__)
 

@@ -13,19 +13,27 @@ from typing import Any
 import orjson
 from flask import Flask, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend import __version__
 from backend.infra import metrics
-from backend.protocol.base import LabelStudioMLBase
-from backend.infra.errors import BackendError, BadRequest, validation_message
-from backend.protocol.registry import ModelRegistry
-from backend.protocol.services import Services
+from backend.infra.errors import BackendError, BadRequest
+from backend.infra.payloads import validated
 from backend.infra.settings import Settings, get_settings
 from backend.ner.labelconfig import parse_label_config
+from backend.protocol.base import LabelStudioMLBase
+from backend.protocol.registry import ModelRegistry
+from backend.protocol.services import Services
 from backend.protocol.wire import (
-    PredictionValue, PredictRequest, PredictResponse, SetupRequest, SetupResponse, TaskIn, WebhookRequest, project_id_of,
+    PredictionValue,
+    PredictRequest,
+    PredictResponse,
+    SetupRequest,
+    SetupResponse,
+    TaskIn,
+    WebhookRequest,
+    project_id_of,
 )
 
 log = logging.getLogger(__name__)
@@ -56,10 +64,7 @@ def _body(model: type[BaseModel]) -> Any:
     payload = _json_payload()
     if not isinstance(payload, dict):
         raise BadRequest("the body must be a JSON object")
-    try:
-        return model.model_validate(payload)
-    except ValidationError as error:
-        raise BadRequest(validation_message(error)) from None
+    return validated(model, payload, "")
 
 
 def _discard_body(environ: dict, limit: int) -> None:

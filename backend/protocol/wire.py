@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, SkipValidation, field_validator
 
+from backend.infra.payloads import Lenient
 
 _PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -22,11 +23,6 @@ def project_id_of(value: object) -> str:
     return head
 
 
-class _Lenient(BaseModel):
-    # Label Studio adds fields over time: accept and ignore what we do not use
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-
 def _parse_extra_params(value: object) -> object:
     """`extra_params` arrives as a JSON string or as an object (upstream crashes on the latter)."""
     if value is None or value == "":
@@ -39,7 +35,7 @@ def _parse_extra_params(value: object) -> object:
     return value
 
 
-class SetupRequest(_Lenient):
+class SetupRequest(Lenient):
     project: str
     label_config: str = Field(alias="schema", min_length=1)
     hostname: str | None = None
@@ -62,16 +58,16 @@ class SetupResponse(BaseModel):
     model_version: str
 
 
-class TaskIn(_Lenient):
+class TaskIn(Lenient):
     id: int | None = None
     data: dict[str, Any]
 
 
-class PredictParams(_Lenient):
+class PredictParams(Lenient):
     context: dict[str, Any] | None = None
 
 
-class PredictRequest(_Lenient):
+class PredictRequest(Lenient):
     tasks: list[TaskIn]
     project: str | None = None
     label_config: str | None = None
@@ -151,6 +147,6 @@ class PredictResponse(BaseModel):
         return out
 
 
-class WebhookRequest(_Lenient):
+class WebhookRequest(Lenient):
     action: str = Field(min_length=1)
     project: dict[str, Any] | None = None

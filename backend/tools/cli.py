@@ -103,9 +103,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_predict_conll(args: argparse.Namespace) -> int:
+    from backend.infra.settings import load_settings
     from backend.tools.evaluation import predict_conll, write_json
     from backend.tools.scorer import format_table
-    from backend.infra.settings import load_settings
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
     run = predict_conll(
@@ -131,8 +131,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 # ---- estimate ----
 def run_estimate(args: argparse.Namespace) -> int:
-    from backend.tools import estimate
     from backend.infra.settings import load_settings
+    from backend.tools import estimate
 
     # a dry run sends nothing, so it needs no key; the rest (model, prompts, prices) is the configuration's
     settings = load_settings(openai_api_key=os.environ.get("OPENAI_API_KEY") or "dry-run")

@@ -16,10 +16,9 @@ from typing import Any
 import bpe_openai
 
 from backend.infra.usage import Usage, cost_usd, price_of
-from backend.ner.mentions import FewShotExample
 from backend.ner.labelconfig import parse_label_config
+from backend.ner.mentions import FewShotExample, entities_json
 from backend.ner.packing import pack_messages, packed_answer
-from backend.ner.mentions import entities_json
 from backend.ner.task import NerTask
 from backend.ner.templates import load_templates
 from backend.tools.conll import build_units, labels_of, read_files

@@ -23,10 +23,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from backend.tools.conll import build_units, labels_of, read_files, write_conll
 from backend.infra.errors import BackendError
-from backend.tools.importer import label_config_for, sdk_errors, target_of, task_data
 from backend.ner.labelconfig import NerTarget
+from backend.tools.conll import build_units, labels_of, read_files, write_conll
+from backend.tools.importer import label_config_for, sdk_errors, target_of, task_data
 from backend.tools.scorer import Report, SpanTuple, score
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,10 @@ def predict_conll(
     progress: bool = True,
 ) -> OfflineRun:
     from backend.infra.deadline import map_in_order
-    from backend.ner.labelconfig import parse_label_config
     from backend.llm.client import LLMClient
-    from backend.pipeline.prelabel import Prelabeler
+    from backend.ner.labelconfig import parse_label_config
     from backend.ner.templates import load_templates
+    from backend.pipeline.prelabel import Prelabeler
 
     documents = read_files(paths)
     file_labels = labels_of(documents)

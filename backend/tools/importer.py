@@ -18,11 +18,11 @@ from xml.sax.saxutils import quoteattr
 
 from tqdm import tqdm
 
-from backend.spans.alignment import Span
-from backend.tools.conll import Unit, build_units, labels_of, read_files
 from backend.infra.errors import BackendError
 from backend.ner.labelconfig import NerTarget, parse_label_config
 from backend.pipeline.prelabel import span_results
+from backend.spans.alignment import Span
+from backend.tools.conll import Unit, build_units, labels_of, read_files
 
 GOLD_MODES = ("annotations", "predictions", "none")
 GOLD_MODEL_VERSION = "gold"
