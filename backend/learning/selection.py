@@ -77,7 +77,7 @@ class ExampleIndex:
 
     def _build_postings(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """term -> (documents, BM25 term weights): rank_bm25 scores by looping over every document
-        for every query word (20 ms a task at 1,500 examples); postings touch only documents that match."""
+        for every query word; postings touch only documents that match."""
         bm25 = self._bm25
         docs: dict[str, list[int]] = {}
         weights: dict[str, list[float]] = {}
@@ -125,7 +125,7 @@ class ExampleIndex:
     def _shortlist(self, ranked: np.ndarray, labels: Sequence[str], k: int) -> list[int]:
         """The greedy choice below is quadratic: run it on the most relevant few, plus, for each label,
         the most relevant examples that have it (so coverage still finds a rare label deep in the
-        ranking). Computed per label with numpy: a loop over every example cost ~2 ms a task at 1,500."""
+        ranking). Computed per label with numpy: a Python loop over every example was the slowest part."""
         top = SHORTLIST * k
         if len(ranked) <= top:
             return ranked.tolist()  # every example is on the shortlist already

@@ -44,8 +44,8 @@ def cache_key(messages: Sequence[dict[str, str]] = (), **parts: Any) -> str:
 class ResponseCache:
     """Answers are written in batches: `put` keeps them in memory (where `get` finds them at once) and
     every FLUSH_EVERY answers, or at `flush()` (the end of each /predict), they go to SQLite in one
-    transaction. A write per answer cost ~0.1 ms a task; what a killed worker loses is at most a
-    batch of answers that will simply be asked again."""
+    transaction, as a transaction per answer cost more than the rest of the cache's work; what a
+    killed worker loses is at most a batch of answers that will simply be asked again."""
 
     def __init__(self, db: Database, max_rows: int = 200_000):
         self.db = db

@@ -199,9 +199,9 @@ class LLMClient:
             started = time.perf_counter()
             try:
                 # The client's documented low-level call (same auth and errors as
-                # chat.completions.create) skips create()'s recursive re-typing of the messages: ~6 ms
-                # a call for a prompt with five 2 KB examples, more than the rest of a task's work.
-                # cast_to=dict: we read four fields, and building the typed ChatCompletion cost 0.2 ms.
+                # chat.completions.create) skips create()'s recursive re-typing of the messages,
+                # which for a prompt with long examples cost more than the rest of a task's work.
+                # cast_to=dict: we read four fields, and building the typed ChatCompletion is not free.
                 response = self.client.post(
                     "/chat/completions", body=kwargs, cast_to=dict, options={"timeout": timeout}
                 )

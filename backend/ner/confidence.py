@@ -21,7 +21,8 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-Entity = tuple[str, str]  # (surface text, label)
+from backend.ner.mentions import Mention
+
 
 
 def _token_offsets(tokens: Sequence[tuple[str, float]]) -> list[tuple[int, int, float]]:
@@ -41,7 +42,7 @@ def _find_json_string(content: str, value: str, start: int, end: int) -> tuple[i
     return None
 
 
-def logprob_scores(content: str | None, tokens: Sequence[tuple[str, float]] | None, entities: Sequence[Entity]) -> list[float | None]:
+def logprob_scores(content: str | None, tokens: Sequence[tuple[str, float]] | None, entities: Sequence[Mention]) -> list[float | None]:
     """One score per entity (in the order the answer lists them), None where it cannot be located."""
     if not content or not tokens or "".join(t for t, _ in tokens) != content:
         return [None] * len(entities)
@@ -71,7 +72,7 @@ def answer_probability(tokens: Sequence[tuple[str, float]] | None) -> float | No
     return round(math.exp(sum(lp for _, lp in tokens)), 4)
 
 
-def agreement(samples: Sequence[Sequence[Entity]]) -> tuple[list[Entity], dict[Entity, float]]:
+def agreement(samples: Sequence[Sequence[Mention]]) -> tuple[list[Mention], dict[Mention, float]]:
     """Entities listed by at least half of the samples, each scored by the share of samples listing it.
 
     The order (and repeated mentions) follow the first sample, then the agreed entities it missed.
@@ -89,7 +90,7 @@ def agreement(samples: Sequence[Sequence[Entity]]) -> tuple[list[Entity], dict[E
     return entities, {e: share[e] for e in kept}
 
 
-def empty_share(samples: Sequence[Sequence[Entity]]) -> float | None:
+def empty_share(samples: Sequence[Sequence[Mention]]) -> float | None:
     return round(sum(1 for s in samples if not s) / len(samples), 4) if samples else None
 
 

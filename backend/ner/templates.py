@@ -34,13 +34,13 @@ def render_source(source: str, **variables: object) -> str:
 
 @lru_cache(maxsize=64)
 def _compiled(source: str):
-    # compiling costs ~1 ms and a prompt renders a template once per example: compile each source once
+    # compiling costs more than rendering, and a prompt renders a template once per example: compile each source once
     return _environment().from_string(source)
 
 
 @lru_cache(maxsize=1)
 def _environment() -> SandboxedEnvironment:
-    # autoescape off: prompts are plain text, not HTML; keep_trailing_newline for faithful rendering
+    # autoescape off: prompts are plain text, not HTML
     return SandboxedEnvironment(undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, autoescape=False)
 
 

@@ -114,8 +114,9 @@ class PredictionValue(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     # Regions in the shape of SpanResult, built by prelabel.span_results (tests validate them there).
-    # Not validated again here, nor walked by model_dump: for a 200-task answer with ~50 regions a task
-    # that took ~0.9 ms a task, more than all of the backend's own work on the task before the LLM call.
+    # Not validated again here, nor walked by model_dump: a 200-task answer carries ~10,000 regions,
+    # and re-validating what we built ourselves cost more than the rest of the task's own work
+    # (figures: the README's "How the per-task time came down").
     result: SkipValidation[list[dict[str, Any]]] = Field(default_factory=list)
     score: float | None = None
     model_version: str | None = None

@@ -61,8 +61,8 @@ def run_serve(args: argparse.Namespace) -> int:
             configure_logging(settings.log_level, settings_secrets(settings))
             app = create_app(settings)
             # What is loaded now (openai, the SDK, pydantic schemas) lives as long as the worker: keep it
-            # out of the garbage collector's scans, which otherwise cost ~0.7 ms of CPU a task
-            # (benchmarks/bench_predict.py overhead, worker CPU per task, three runs each way).
+            # out of the garbage collector's scans, a measurable share of a task's CPU
+            # (benchmarks/bench_predict.py overhead, worker CPU per task, A/B runs).
             gc.freeze()
             return app
 
