@@ -16,7 +16,7 @@ from backend.learning.store import ExampleStore
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline import warmstart
 from backend.pipeline.interactive import Marks, interactive_results, read_marks, submitted_guidelines
-from backend.pipeline.prelabel import Prelabeler
+from backend.pipeline.prelabel import Prelabeler, unanswered_reason
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.wire import ModelResponse, PredictionValue
 
@@ -67,16 +67,18 @@ class NERModel(LabelStudioMLBase):
             pack_max_chars=self.settings.pack_max_chars,
         )
         self.services.usage.account(self.project_id, [None if o.error else o.value.usage for o in outcomes], self.services.price)
-        predictions = []
+        predictions: list[PredictionValue | None] = []
         for task, outcome in zip(tasks, outcomes):
             if outcome.error is not None:
-                # One entry per task, always: a failed task gets an empty result, and a log line.
-                log.warning("task %s: no pre-labels: %s", task.get("id"), outcome.error)
-                predictions.append(PredictionValue(result=[], model_version=version))
+                # One entry per task, always; a failed task gets none (Label Studio asks again later),
+                # never an empty prediction, which it would keep as the task's pre-labels for good.
+                log.warning("task %s: no pre-labels (asked again later): %s", task.get("id"), outcome.error)
+                metrics.UNANSWERED.labels(unanswered_reason(outcome.error)).inc()
+                predictions.append(None)
             else:
                 predictions.append(PredictionValue(result=outcome.value.results, score=outcome.value.score, model_version=version))
         # The LLM's drafts, so a correction can later be paired with what it corrected (preference export).
-        self.examples.record_drafts(self.schema, tasks, [p.result if o.error is None else None for p, o in zip(predictions, outcomes)], version)
+        self.examples.record_drafts(self.schema, tasks, [p.result if p is not None else None for p in predictions], version)
         return ModelResponse(model_version=version, predictions=predictions)
 
     def predict_interactive(self, task: dict[str, Any], marks: Marks, version: str) -> PredictionValue:

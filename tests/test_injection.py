@@ -91,7 +91,9 @@ def test_offsets_or_odd_shapes_in_the_answer_never_become_spans_outside_the_text
     text = "Paris, said the text."
     response = predict(client, [text])
     assert response.status_code == 200
-    for region in response.json["results"][0]["result"]:
+    (entry,) = response.json["results"]
+    regions = entry["result"] if entry != [] else []  # []: the answer was refused whole, asked again later
+    for region in regions:
         value = region["value"]
         assert text[value["start"]:value["end"]] == value["text"] and value["labels"][0] in LABELS
         assert 0 <= value["start"] < value["end"] <= len(text)

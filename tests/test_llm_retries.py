@@ -20,7 +20,8 @@ def make_client(make_client):
 
 
 def predict(client, texts):
-    return [[r["value"]["text"] for r in entry["result"]] for entry in predict_texts(client, texts)]
+    """Each task's entity texts; None for a task /predict left unanswered (`[]`: asked again later)."""
+    return [None if entry == [] else [r["value"]["text"] for r in entry["result"]] for entry in predict_texts(client, texts)]
 
 
 def metric(name, **labels):
@@ -71,7 +72,7 @@ def test_client_errors_fail_at_once_with_a_clear_log_line(make_client, llm, capl
     llm.responder = lambda body: Reply(status=status, error_message=f"Incorrect API key provided: {TEST_API_KEY[:8]}***")
     caplog.set_level(logging.INFO)
     started = time.monotonic()
-    assert predict(make_client(), ["Oslo.", "Rome."]) == [[], []]
+    assert predict(make_client(), ["Oslo.", "Rome."]) == [None, None]
     assert time.monotonic() - started < 1.0
     assert len(llm.requests) == 2  # one try per task, no retry
     assert metric("llm_ner_llm_errors_total", error_class=error_class) == before + 2
@@ -82,7 +83,7 @@ def test_client_errors_fail_at_once_with_a_clear_log_line(make_client, llm, capl
 
 def test_retries_stop_after_llm_max_retries(make_client, llm):
     llm.responder = lambda body: Reply(status=502)
-    assert predict(make_client(llm_max_retries=2), ["Oslo."]) == [[]]
+    assert predict(make_client(llm_max_retries=2), ["Oslo."]) == [None]
     assert len(llm.requests) == 3
 
 
@@ -102,14 +103,14 @@ def test_a_deadline_with_calls_in_flight_answers_every_task_in_order(make_client
     started = time.monotonic()
     result = predict(make_client(predict_deadline=1.5), ["Oslo.", "Slow Rome.", "Rome."])
     elapsed = time.monotonic() - started
-    assert result == [["Oslo"], [], ["Rome"]]
+    assert result == [["Oslo"], None, ["Rome"]]
     assert elapsed < 3.0
 
 
 def test_a_retry_after_beyond_the_deadline_fails_the_task_without_waiting(make_client, llm):
     llm.replies.append(Reply(status=429, headers={"Retry-After": "30"}))
     started = time.monotonic()
-    assert predict(make_client(predict_deadline=5), ["Oslo."]) == [[]]
+    assert predict(make_client(predict_deadline=5), ["Oslo."]) == [None]
     assert time.monotonic() - started < 2.0
     assert len(llm.requests) == 1
 
@@ -119,7 +120,7 @@ def test_requests_per_minute_limit_is_enforced_and_never_overruns_the_deadline(m
     started = time.monotonic()
     result = predict(make_client(llm_rpm=2, predict_deadline=2, predict_concurrency=1), ["Oslo 1.", "Oslo 2.", "Oslo 3."])
     assert time.monotonic() - started < 3.5
-    assert result == [["Oslo"], ["Oslo"], []]
+    assert result == [["Oslo"], ["Oslo"], None]
     assert len(llm.requests) == 2
 
 
@@ -127,5 +128,5 @@ def test_tokens_per_minute_limit_counts_the_usage_the_api_reports(make_client, l
     llm.gazetteer = {"Oslo": "LOC"}
     # each call reports ~200 prompt tokens (the fake: chars / 4): a 300-token budget fits one call a minute
     result = predict(make_client(llm_tpm=300, llm_max_tokens=16, predict_deadline=2, predict_concurrency=1), ["Oslo 1.", "Oslo 2."])
-    assert result == [["Oslo"], []]
+    assert result == [["Oslo"], None]
     assert len(llm.requests) == 1

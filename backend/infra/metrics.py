@@ -33,6 +33,11 @@ EXAMPLES = Gauge(
     "llm_ner_examples", "Few-shot examples stored per project", ["project"], multiprocess_mode="mostrecent"
 )
 TASKS = Counter("llm_ner_predicted_tasks_total", "Tasks answered by /predict, by outcome", ["outcome"])
+UNANSWERED = Counter(
+    "llm_ner_unanswered_tasks_total",
+    "Tasks /predict answered with no prediction (Label Studio asks again later), by reason",
+    ["reason"],
+)
 
 # label sets used for every task, looked up once (`labels()` takes a lock and builds a key each call)
 LLM_CALLS_OK = LLM_CALLS.labels("ok")

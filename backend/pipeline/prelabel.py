@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.infra import metrics
-from backend.infra.deadline import Outcome, map_in_order
-from backend.infra.errors import BadRequest
+from backend.infra.deadline import DeadlineExceeded, Outcome, map_in_order
+from backend.infra.errors import BadRequest, LLMError
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage
 from backend.llm.cache import ResponseCache
@@ -60,6 +60,21 @@ def span_results(target: NerTarget, spans: Sequence[Span], scores: dict[tuple[st
             region["score"] = score
         results.append(region)
     return results
+
+
+def unanswered_reason(error: BaseException) -> str:
+    """Why a task got no pre-labels, as a /metrics label: the deadline, the LLM (by error class), the
+    task's data, or an unexpected error."""
+    if isinstance(error, DeadlineExceeded):
+        return "deadline"
+    error_class = getattr(error, "error_class", None)  # the LLM client's classification of a failed call
+    if error_class:
+        return f"llm_{error_class}"
+    if isinstance(error, LLMError):
+        return "llm_output"
+    if isinstance(error, BadRequest):
+        return "bad_task"
+    return "error"
 
 
 def task_text(data: dict[str, Any], target: NerTarget) -> str:

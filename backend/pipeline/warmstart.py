@@ -35,7 +35,7 @@ def precompute(model: Any, tasks: Sequence[dict[str, Any]], one_at_a_time: threa
             except Exception:  # noqa: BLE001 - a background thread has no caller to report to but the log
                 log.exception("warm start: predicting %d tasks failed", len(chunk))
                 continue
-            labeled += sum(1 for p in response.predictions if p.result)
+            labeled += sum(1 for p in response.predictions if p is not None and p.result)
     log.info("warm start: %d new tasks pre-computed (%d with entities)", len(tasks), labeled)
     return labeled
 

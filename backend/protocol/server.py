@@ -193,10 +193,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         predictions = list(response.predictions)
         if len(predictions) != len(tasks):
             # Label Studio zips results with tasks: a count mismatch would put labels on wrong tasks.
-            log.error("model returned %d predictions for %d tasks; answering empty ones", len(predictions), len(tasks))
-            predictions = [PredictionValue(result=[], model_version=response.model_version) for _ in tasks]
+            log.error("model returned %d predictions for %d tasks; answering none (asked again later)", len(predictions), len(tasks))
+            metrics.UNANSWERED.labels("count_mismatch").inc(len(tasks))
+            predictions = [None for _ in tasks]
         for prediction in predictions:
-            metrics.TASKS.labels("labeled" if prediction.result else "empty").inc()
+            metrics.TASKS.labels("unanswered" if prediction is None else "labeled" if prediction.result else "empty").inc()
         out = PredictResponse(results=predictions, model_version=response.model_version)
         return jsonify(out.to_json())
 

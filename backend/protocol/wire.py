@@ -134,15 +134,22 @@ class ModelResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     model_version: str | None = None
-    predictions: list[PredictionValue]
+    # None: no prediction for that task (its pre-labels failed), see PredictResponse
+    predictions: list[PredictionValue | None]
 
 
 class PredictResponse(BaseModel):
-    results: list[PredictionValue]
+    """`results` has one entry per task, in task order. A task without pre-labels (they failed: the
+    provider, the deadline, a bug) is answered `[]`, an empty list of predictions: Label Studio then
+    stores nothing and asks again on the next open or retrieval. `{"result": []}` would be stored
+    as an empty prediction of the current model_version and block the task for good, so it is only
+    ever sent for a text that really has no entities."""
+
+    results: list[PredictionValue | None]
     model_version: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"results": [prediction.to_json() for prediction in self.results]}
+        out: dict[str, Any] = {"results": [[] if p is None else p.to_json() for p in self.results]}
         if self.model_version is not None:
             out["model_version"] = self.model_version
         return out
