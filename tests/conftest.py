@@ -1,11 +1,28 @@
+"""Fixtures and helpers shared by the test modules (no test module imports another one).
+
+- the fake LLM (`llm`), settings and in-process apps (`make_settings`, `make_client`, `client`);
+- real processes: `backend_factory` (gunicorn), `label_studio` (one per session), and
+  `connected_project`, a Label Studio project with this backend connected as its model;
+- `predict` (POST /predict, checked), `region_tuples` (regions as comparable tuples), `metric`
+  (one Prometheus sample of this process), `shown_examples` (the few-shot exchanges of a prompt);
+- Label Studio webhook payloads (`annotation_event`, `deleted_event`, `span`);
+- Wikigold: `WIKIGOLD`, `wikigold_slice`, and a gazetteer that imitates an imperfect LLM.
+"""
+
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.fake_llm import FakeLLM
-from tests.processes import TEST_API_KEY, backend_env, run_backend, run_label_studio
+from tests.processes import TEST_API_KEY, Backend, LabelStudio, backend_env, run_backend, run_label_studio
 
 WIKIGOLD = Path(__file__).resolve().parent / "data" / "wikigold" / "wikigold.conll.txt"
 
@@ -73,12 +90,132 @@ def make_client(make_settings):
     return make
 
 
-def predict_texts(client, texts, project="1.1", config=NER_CONFIG) -> list[dict]:
-    """POST /predict with one task per text (ids 1..n); the results, after checking the answer is 200."""
-    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
-    response = client.post("/predict", json={"tasks": tasks, "project": project, "label_config": config})
+# ---- talking to an app, reading its answers ----
+
+
+def predict(client, texts: list[str], *, project: str = "1.1", config: str | None = NER_CONFIG, first_id: int = 1,
+            **fields: Any) -> dict:
+    """POST /predict with one task per text (ids first_id, first_id + 1, ...): the JSON answer, after
+    checking it is a 200 with one result per task. config=None sends no label_config (the project's
+    stored one is used); other `fields` go into the request body as they are (e.g. params=...)."""
+    tasks = [{"id": first_id + i, "data": {"text": t}} for i, t in enumerate(texts)]
+    body = {"tasks": tasks, "project": project, **fields}
+    if config is not None:
+        body["label_config"] = config
+    response = client.post("/predict", json=body)
     assert response.status_code == 200, response.json
-    return response.json["results"]
+    assert len(response.json["results"]) == len(texts), response.json
+    return response.json
+
+
+def region_tuples(regions: list[dict], *fields: str) -> list:
+    """The regions of a result (pre-labels or annotations) as tuples of the named fields, in order:
+    region_tuples(entry["result"], "text", "start", "label") == [("Oslo", 0, "LOC")].
+
+    Fields are keys of the region's value ("start", "end", "text"), or "label", its one label. As with
+    operator.itemgetter, a single field gives the values themselves rather than 1-tuples.
+    """
+    assert fields, "name the fields to compare"
+
+    def get(region: dict, name: str):
+        if name == "label":
+            (label,) = region["value"]["labels"]
+            return label
+        return region["value"][name]
+
+    rows = [tuple(get(region, name) for name in fields) for region in regions]
+    return [row[0] for row in rows] if len(fields) == 1 else rows
+
+
+def metric(name: str, **labels: str) -> float:
+    """One sample of this process's Prometheus registry (0 before the first count). Counters add up
+    over the whole test session: compare a value with the one read before the action."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def shown_examples(request_body: dict) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(example text, its entities) for every prior user/assistant exchange of one LLM request."""
+    messages = request_body["messages"]
+    pairs = []
+    for user, assistant in zip(messages[1:-1:2], messages[2:-1:2]):
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        text = user["content"].split("<text>\n", 1)[1].rsplit("\n</text>", 1)[0]
+        pairs.append((text, [(e["text"], e["label"]) for e in json.loads(assistant["content"])["entities"]]))
+    return pairs
+
+
+# ---- what Label Studio 1.23 sends to /webhook (PROTOCOL.md), trimmed to the fields that matter ----
+
+PROJECT_TOKEN = "project-token-9f8e7d6c5b4a"  # what Label Studio puts in project.token; must never be logged
+
+
+def span(text: str, surface: str, label: str, start: int | None = None, end: int | None = None, **extra) -> dict:
+    """A labels region an annotator drew over `surface` (its first occurrence unless start/end are given)."""
+    start = text.index(surface) if start is None else start
+    end = start + len(surface) if end is None else end
+    return {"from_name": "label", "to_name": "text", "type": "labels", "origin": "manual",
+            "value": {"start": start, "end": end, "text": surface, "labels": [label]}, **extra}
+
+
+def annotation_event(action, annotation_id, task_id, text, result, updated_at="2025-01-01T10:00:00Z", was_cancelled=False, project=7):
+    return {
+        "action": action,
+        "annotation": {"id": annotation_id, "task": task_id, "result": result, "was_cancelled": was_cancelled,
+                       "ground_truth": False, "completed_by": 1, "updated_at": updated_at, "lead_time": 3.2},
+        "task": {"id": task_id, "data": {"text": text}, "is_labeled": True},
+        "project": {"id": project, "label_config": NER_CONFIG, "token": PROJECT_TOKEN, "title": "p"},
+    }
+
+
+def deleted_event(*ids, project=7):
+    return {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": i} for i in ids],
+            "project": {"id": project, "label_config": NER_CONFIG, "token": PROJECT_TOKEN}}
+
+
+# ---- Wikigold ----
+
+
+def wikigold_slice(tmp_path: Path, documents: int) -> Path:
+    """The first `documents` documents of wikigold (DOCSTART lines end its documents)."""
+    lines, seen = [], 0
+    for line in WIKIGOLD.read_text(encoding="utf-8").splitlines():
+        lines.append(line)
+        if line.startswith("-DOCSTART-"):
+            seen += 1
+            if seen == documents:
+                break
+    path = tmp_path / "slice.conll"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def gazetteer_for(units, drop_label: str) -> dict[str, str]:
+    """Gold surfaces as an imperfect LLM would know them: one label forgotten, one surface mislabelled.
+
+    Only surfaces that start and end with a letter or digit, have one gold label, and contain no
+    other chosen surface, so that `gazetteer_spans` can compute the expected spans independently.
+    """
+    labels: dict[str, set[str]] = {}
+    for unit in units:
+        for entity in unit.entities:
+            labels.setdefault(entity.text, set()).add(entity.label)
+    chosen = {
+        s: next(iter(ls)) for s, ls in labels.items()
+        if len(ls) == 1 and s[0].isalnum() and s[-1].isalnum() and next(iter(ls)) != drop_label
+    }
+    chosen = {s: l for s, l in chosen.items() if not any(o != s and re.search(rf"(?<!\w){re.escape(o)}(?!\w)", s) for o in chosen)}
+    mislabelled = next(s for s, l in chosen.items() if l == "LOC")
+    chosen[mislabelled] = "ORG"
+    return chosen
+
+
+def gazetteer_spans(text: str, gazetteer: dict[str, str]) -> set[tuple[int, int, str]]:
+    """(start, end, label) of every whole-word occurrence of a gazetteer surface: what the fake LLM answers."""
+    return {
+        (m.start(), m.end(), label)
+        for surface, label in gazetteer.items()
+        for m in re.finditer(rf"(?<!\w){re.escape(surface)}(?!\w)", text)
+    }
 
 
 @pytest.fixture
@@ -113,3 +250,73 @@ def label_studio():
     """A real Label Studio 1.23.2 (SQLite, temp dir, 127.0.0.1), shared by the session's tests."""
     with run_label_studio() as ls:
         yield ls
+
+
+# ---- a Label Studio project connected to this backend ----
+
+
+@dataclass
+class LabelStudioProject:
+    """A project of the session's Label Studio, made for one test, and the backend connected to it (if any)."""
+
+    label_studio: LabelStudio
+    ls: Any  # the SDK client
+    project: Any  # the SDK's project
+    config: str
+    backend: Backend | None = None
+    ml: Any = None  # the SDK's ML backend connection
+
+    @property
+    def id(self) -> int:
+        return self.project.id
+
+    def import_texts(self, texts: list[str]) -> None:
+        self.ls.projects.import_tasks(id=self.id, request=[{"text": t} for t in texts])
+
+    def connect(self, backend: Backend, interactive: bool = False, **options: Any) -> Any:
+        """Connect `backend` as the project's model, as "Add Model" does in the UI; `options` go to the SDK."""
+        options.setdefault("title", "llm-ner")
+        self.backend = backend
+        self.ml = self.ls.ml.create(url=backend.url, project=self.id, is_interactive=interactive, **options)
+        return self.ml
+
+    def tasks(self) -> list:
+        return sorted(self.ls.tasks.list(project=self.id), key=lambda t: t.id)
+
+    def predictions(self, task_id: int) -> list:
+        return list(self.ls.predictions.list(task=task_id))
+
+    def open_next_task(self) -> dict:
+        return self.label_studio.open_next_task(self.id)
+
+    def model_version(self, **request: Any) -> str:
+        """The connected backend's current model_version for this project (what /setup answers)."""
+        response = httpx.post(self.backend.url + "/setup", json={"project": str(self.id), "schema": self.config},
+                              timeout=60, **request)
+        assert response.status_code == 200, response.text
+        return response.json()["model_version"]
+
+
+@pytest.fixture
+def connected_project(label_studio, backend_factory):
+    """connected_project(texts, title=...): a new NER project in the session's Label Studio, `texts` imported
+    as its tasks, and a backend (`backend_factory(workers=2)` unless one is given) connected as its model.
+
+    connect_first=True connects before importing (so Label Studio sends TASKS_CREATED to the backend);
+    connect=False leaves the connection to the test (`project.connect(backend)`), e.g. to annotate
+    before the backend hears of the project. Other keywords go to `LabelStudioProject.connect`.
+    """
+
+    def make(texts: list[str], *, title: str, config: str = NER_CONFIG, backend: Backend | None = None,
+             connect: bool = True, connect_first: bool = False, **connect_options: Any) -> LabelStudioProject:
+        ls = label_studio.client()
+        project = LabelStudioProject(label_studio, ls, ls.projects.create(title=title, label_config=config), config)
+        if connect and connect_first:
+            project.connect(backend or backend_factory(workers=2), **connect_options)
+        project.import_texts(texts)
+        if connect and not connect_first:
+            project.connect(backend or backend_factory(workers=2), **connect_options)
+        assert [t.data["text"] for t in project.tasks()] == list(texts)
+        return project
+
+    return make

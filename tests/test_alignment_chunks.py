@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backend.spans.chunking import Chunk, align_chunks, split
-from tests.test_alignment_properties import documents
+from tests.strategies import documents
 
 PROSE = (
     "Ada Lovelace met Charles Babbage in London. They wrote about the Analytical Engine.\n\n"

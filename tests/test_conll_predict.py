@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,50 +10,8 @@ from pathlib import Path
 import pytest
 
 from backend.tools.conll import build_units, read_conll
-from tests.conftest import WIKIGOLD
+from tests.conftest import gazetteer_for, gazetteer_spans, wikigold_slice
 from tests.processes import REPO, TEST_API_KEY, backend_env
-
-
-def wikigold_slice(tmp_path: Path, documents: int) -> Path:
-    """The first `documents` documents of wikigold (DOCSTART lines end its documents)."""
-    lines, seen = [], 0
-    for line in WIKIGOLD.read_text(encoding="utf-8").splitlines():
-        lines.append(line)
-        if line.startswith("-DOCSTART-"):
-            seen += 1
-            if seen == documents:
-                break
-    path = tmp_path / "slice.conll"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def gazetteer_for(units, drop_label: str) -> dict[str, str]:
-    """Gold surfaces as an imperfect LLM would know them: one label forgotten, one surface mislabelled.
-
-    Only surfaces that start and end with a letter or digit, have one gold label, and contain no
-    other chosen surface, so that the expected spans can be computed independently below.
-    """
-    labels: dict[str, set[str]] = {}
-    for unit in units:
-        for entity in unit.entities:
-            labels.setdefault(entity.text, set()).add(entity.label)
-    chosen = {
-        s: next(iter(ls)) for s, ls in labels.items()
-        if len(ls) == 1 and s[0].isalnum() and s[-1].isalnum() and next(iter(ls)) != drop_label
-    }
-    chosen = {s: l for s, l in chosen.items() if not any(o != s and re.search(rf"(?<!\w){re.escape(o)}(?!\w)", s) for o in chosen)}
-    mislabelled = next(s for s, l in chosen.items() if l == "LOC")
-    chosen[mislabelled] = "ORG"
-    return chosen
-
-
-def expected_spans(text: str, gazetteer: dict[str, str]) -> set[tuple[int, int, str]]:
-    return {
-        (m.start(), m.end(), label)
-        for surface, label in gazetteer.items()
-        for m in re.finditer(rf"(?<!\w){re.escape(surface)}(?!\w)", text)
-    }
 
 
 def run_cli(llm, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -79,7 +36,7 @@ def test_predict_conll_labels_wikigold_with_the_backend_pipeline_and_scores_it(t
         assert sum(unit.text in p for p in prompts) == 1
     # independent computation of what a perfect pipeline makes of this gazetteer, then of the figures
     gold = [{(e.start, e.end, e.label) for e in u.entities} for u in units]
-    predicted = [expected_spans(u.text, llm.gazetteer) for u in units]
+    predicted = [gazetteer_spans(u.text, llm.gazetteer) for u in units]
     correct = sum(len(g & p) for g, p in zip(gold, predicted))
     precision = correct / sum(map(len, predicted))
     recall = correct / sum(map(len, gold))
@@ -92,6 +49,7 @@ def test_predict_conll_labels_wikigold_with_the_backend_pipeline_and_scores_it(t
     # the written file: tokens and gold tags as read, predicted tags (IOB2) giving the predicted spans
     written = read_conll(out)
     lines = out.read_text(encoding="utf-8").split("\n")
+    assert len(written) == len(units)
     for unit, doc, spans in zip(units, written, predicted):
         assert [s.words for s in doc.sentences] == [s.words for s in unit.sentences]
         assert [[lines[t.line - 1].split()[1] for t in s.tokens] for s in doc.sentences] == [s.tags for s in unit.sentences]

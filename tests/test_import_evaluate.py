@@ -11,9 +11,8 @@ import httpx
 import pytest
 
 from backend.tools.conll import build_units, read_conll
-from tests.conftest import NER_CONFIG
+from tests.conftest import NER_CONFIG, gazetteer_for, gazetteer_spans, region_tuples, wikigold_slice
 from tests.processes import REPO
-from tests.test_conll_predict import expected_spans, gazetteer_for, wikigold_slice
 
 pytestmark = pytest.mark.label_studio
 
@@ -32,7 +31,7 @@ def ls_args(label_studio) -> list[str]:
 
 
 def stored(result) -> set[tuple[int, int, str]]:
-    return {(r["value"]["start"], r["value"]["end"], r["value"]["labels"][0]) for r in result}
+    return set(region_tuples(result, "start", "end", "label"))
 
 
 def plain(item) -> dict:
@@ -101,7 +100,7 @@ def test_import_predict_evaluate_on_wikigold_matches_an_independent_computation(
     # independently: gold from the file, predictions as stored in Label Studio and as the gazetteer implies
     gold = [{(e.start, e.end, e.label) for e in u.entities} for u in units]
     predicted = [stored(predictions(t)[0]["result"]) for t in tasks]
-    assert predicted == [expected_spans(u.text, llm.gazetteer) for u in units]
+    assert predicted == [gazetteer_spans(u.text, llm.gazetteer) for u in units]
     correct = sum(len(g & p) for g, p in zip(gold, predicted))
     report = json.loads(figures.read_text())
     assert report["model_version"] == version
