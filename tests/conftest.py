@@ -127,6 +127,12 @@ def region_tuples(regions: list[dict], *fields: str) -> list:
     return [row[0] for row in rows] if len(fields) == 1 else rows
 
 
+def region_tuples_per_task(answer: dict, *fields: str) -> list[list | None]:
+    """`region_tuples` of every task of a /predict answer, in task order; None for a task the answer
+    leaves unanswered (`[]`: its pre-labels failed, Label Studio stores nothing and asks again)."""
+    return [None if entry == [] else region_tuples(entry["result"], *fields) for entry in answer["results"]]
+
+
 def metric(name: str, **labels: str) -> float:
     """One sample of this process's Prometheus registry (0 before the first count). Counters add up
     over the whole test session: compare a value with the one read before the action."""

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client import REGISTRY
 
-from tests.conftest import NER_CONFIG
+from tests.conftest import NER_CONFIG, metric, predict, region_tuples_per_task
 from tests.fake_llm import Reply
 
-
-def predict(client, texts, config=NER_CONFIG):
-    """The whole /predict answer (results and model_version)."""
-    tasks = [{"id": i + 1, "data": {"text": t}} for i, t in enumerate(texts)]
-    response = client.post("/predict", json={"tasks": tasks, "project": "4.1", "label_config": config})
-    assert response.status_code == 200, response.json
-    return response.json
-
-
-def spans(body):
-    return [[(r["value"]["text"], r["value"]["start"], r["value"]["labels"][0]) for r in e["result"]] for e in body["results"]]
-
-
+SPAN = ("text", "start", "label")  # how a pre-label is compared here
 TEXTS = ["Ada Lovelace lived in London.", "Nothing here.", "Paris and London."]
 
 
@@ -33,12 +20,12 @@ def test_repredicting_unchanged_tasks_makes_no_llm_call_and_gives_the_same_spans
     client = make_client()
     first = predict(client, TEXTS)
     assert len(llm.requests) == 3
-    hits = REGISTRY.get_sample_value("llm_ner_cache_total", {"result": "hit"}) or 0
+    hits = metric("llm_ner_cache_total", result="hit")
     second = predict(client, TEXTS)
     assert len(llm.requests) == 3
-    assert spans(second) == spans(first)
+    assert region_tuples_per_task(second, *SPAN) == region_tuples_per_task(first, *SPAN)
     assert second["model_version"] == first["model_version"]
-    assert REGISTRY.get_sample_value("llm_ner_cache_total", {"result": "hit"}) == hits + 3
+    assert metric("llm_ner_cache_total", result="hit") == hits + 3
 
 
 def test_the_cache_survives_a_restart_and_is_shared_by_every_app_on_the_model_dir(make_client, llm, gazetteer):
@@ -54,7 +41,7 @@ def test_only_changed_texts_are_asked_again(make_client, llm, gazetteer):
     body = predict(client, [TEXTS[0], "Paris, again.", TEXTS[2]])
     assert len(llm.requests) == 4
     assert "Paris, again." in llm.requests[-1]["messages"][-1]["content"]
-    assert spans(body)[1] == [("Paris", 0, "LOC")]
+    assert region_tuples_per_task(body, *SPAN)[1] == [("Paris", 0, "LOC")]
 
 
 def test_a_new_model_version_asks_again(make_client, llm, gazetteer):
@@ -77,8 +64,8 @@ def test_another_llm_model_asks_again(make_client, llm, gazetteer):
 def test_failed_calls_are_not_cached(make_client, llm, gazetteer):
     client = make_client(llm_max_retries=0)
     llm.replies.append(Reply(status=500))
-    assert predict(client, [TEXTS[0]])["results"] == [[]]  # unanswered: Label Studio asks again
-    assert spans(predict(client, [TEXTS[0]])) == [[("Ada Lovelace", 0, "PER"), ("London", 22, "LOC")]]
+    assert region_tuples_per_task(predict(client, [TEXTS[0]]), *SPAN) == [None]  # unanswered: Label Studio asks again
+    assert region_tuples_per_task(predict(client, [TEXTS[0]]), *SPAN) == [[("Ada Lovelace", 0, "PER"), ("London", 22, "LOC")]]
     assert len(llm.requests) == 2
 
 
@@ -149,7 +136,7 @@ def test_a_cache_that_cannot_be_written_never_fails_predict(make_client, llm, ga
         body = predict(client, TEXTS)
     finally:
         store.db = shared
-    assert spans(body)[0] == [("Ada Lovelace", 0, "PER"), ("London", 22, "LOC")]
+    assert region_tuples_per_task(body, *SPAN)[0] == [("Ada Lovelace", 0, "PER"), ("London", 22, "LOC")]
     assert "answers not written (database is locked)" in caplog.text
     llm.requests.clear()
     predict(client, TEXTS)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NER_CONFIG
+from tests.conftest import NER_CONFIG, annotation_event, predict, span
 from tests.processes import REPO
-from tests.test_webhooks import TEXT_A, annotation_event, span
 
+TEXT_A = "Jordan signed with the Chicago Bulls in 1984."
 TEXT_B = "Paris is lovely in spring."
 TEXT_C = "Ada Lovelace wrote notes on the engine."
 
@@ -63,8 +63,7 @@ def corrected_project(client, llm, settings):
     """Project 7: the LLM pre-labeled two tasks (Jordan wrongly as ORG); annotators corrected three."""
     assert client.post("/setup", json={"project": "7", "schema": NER_CONFIG}).status_code == 200
     llm.gazetteer = {"Jordan": "ORG", "Chicago Bulls": "ORG"}
-    tasks = [{"id": 1, "data": {"text": TEXT_A}}, {"id": 2, "data": {"text": TEXT_B}}]
-    assert client.post("/predict", json={"tasks": tasks, "project": "7.1", "label_config": NER_CONFIG}).status_code == 200
+    predict(client, [TEXT_A, TEXT_B], project="7.1")
     sent_system_prompt = llm.requests[0]["messages"][0]["content"]
     events = [
         annotation_event("ANNOTATION_CREATED", 11, 1, TEXT_A, [span(TEXT_A, "Jordan", "PER"), span(TEXT_A, "Chicago Bulls", "ORG")]),

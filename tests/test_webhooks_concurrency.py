@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.conftest import NER_CONFIG
+from tests.conftest import NER_CONFIG, annotation_event, region_tuples, span
 from tests.processes import stop
-from tests.test_webhooks import annotation_event, span
 
 TASKS = 50
 VERSIONS = 4  # ANNOTATION_CREATED then three ANNOTATION_UPDATED per task: 200 webhooks
@@ -30,7 +29,7 @@ def version_result(task: int, version: int) -> list[dict]:
 
 
 def expected_latest(task: int) -> list[tuple[str, str]]:
-    return [(s["value"]["text"], s["value"]["labels"][0]) for s in version_result(task, VERSIONS - 1)]
+    return region_tuples(version_result(task, VERSIONS - 1), "text", "label")
 
 
 def events() -> list[dict]:
