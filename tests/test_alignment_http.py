@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import NER_CONFIG, predict_texts
+from tests.conftest import NER_CONFIG, metric, predict, region_tuples
 from tests.fake_llm import entities_reply, last_user_text
 
 
@@ -14,8 +14,7 @@ def make_client(make_client):
     return functools.partial(make_client, llm_cache=False)
 
 
-def regions(entry):
-    return [(r["value"]["start"], r["value"]["end"], r["value"]["text"], r["value"]["labels"][0]) for r in entry["result"]]
+SPAN = ("start", "end", "text", "label")  # how a pre-label is compared here
 
 
 def prompt_text(body):
@@ -29,7 +28,7 @@ def test_a_long_text_is_labelled_in_chunks_within_the_budget_without_duplicates_
         f"Paragraph {i}: Ada Lovelace met Charles Babbage in London 🎉 about the Analytical\u00a0Engine.\r\n"
         for i in range(30)
     )
-    (entry,) = predict_texts(client, [text])
+    (entry,) = predict(client, [text])["results"]
     chunk_texts = [prompt_text(body) for body in llm.requests]
     assert len(chunk_texts) >= len(text) // 400 and all(len(t) <= 400 for t in chunk_texts)
     expected = sorted(
@@ -38,7 +37,7 @@ def test_a_long_text_is_labelled_in_chunks_within_the_budget_without_duplicates_
         for m in re.finditer(re.escape(surface), text)
     )
     # "Analytical\u00a0Engine" is never listed by the fake (it looks for a plain space): only exact names
-    assert regions(entry) == expected
+    assert region_tuples(entry["result"], *SPAN) == expected
 
 
 def test_a_long_text_whose_entities_the_llm_spells_differently_still_gets_exact_spans(make_client, llm):
@@ -50,10 +49,11 @@ def test_a_long_text_whose_entities_the_llm_spells_differently_still_gets_exact_
         return entities_reply([('"Royal Society"', "ORG")] * chunk.count("Royal"))
 
     llm.responder = respond
-    (entry,) = predict_texts(client, [text])
+    (entry,) = predict(client, [text])["results"]
     assert len(llm.requests) > 1
-    assert [r[2] for r in regions(entry)] == ["“Royal\u00a0Society”"] * 20
-    assert all(text[s:e] == t for s, e, t, _ in regions(entry))
+    found = region_tuples(entry["result"], *SPAN)
+    assert [t for _, _, t, _ in found] == ["“Royal\u00a0Society”"] * 20
+    assert all(text[s:e] == t for s, e, t, _ in found)
 
 
 OVERLAP_CONFIG = NER_CONFIG.replace('<Labels name="label" toName="text">', '<Labels name="label" toName="text" allowOverlap="true">')
@@ -63,17 +63,19 @@ def test_nested_entities_are_kept_only_when_the_labels_allow_overlap(make_client
     client = make_client()
     answer = [("Bank of America", "ORG"), ("America", "LOC")]
     llm.replies.append(entities_reply(answer))
-    (strict,) = predict_texts(client, ["Bank of America"])
+    (strict,) = predict(client, ["Bank of America"])["results"]
     llm.replies.append(entities_reply(answer))
-    (nested,) = predict_texts(client, ["Bank of America"], config=OVERLAP_CONFIG)
-    assert regions(strict) == [(0, 15, "Bank of America", "ORG")]
-    assert regions(nested) == [(0, 15, "Bank of America", "ORG"), (8, 15, "America", "LOC")]
+    (nested,) = predict(client, ["Bank of America"], config=OVERLAP_CONFIG)["results"]
+    assert region_tuples(strict["result"], *SPAN) == [(0, 15, "Bank of America", "ORG")]
+    assert region_tuples(nested["result"], *SPAN) == [(0, 15, "Bank of America", "ORG"), (8, 15, "America", "LOC")]
 
 
 def test_dropped_entities_are_counted_by_reason_in_metrics(make_client, llm):
     client = make_client()
     llm.replies.append(entities_reply([("Atlantis", "LOC"), ("Paris", "LOC"), ("Paris", "LOC"), ("Paris", "CITY")]))
-    predict_texts(client, ["Paris"])
-    metrics = client.get("/metrics").data.decode()
-    for reason in ("not_found", "repeated", "unknown_label"):
-        assert re.search(rf'llm_ner_dropped_entities_total{{reason="{reason}"}} [1-9]', metrics), reason
+    reasons = ("not_found", "repeated", "unknown_label")
+    before = {reason: metric("llm_ner_dropped_entities_total", reason=reason) for reason in reasons}
+    predict(client, ["Paris"])
+    dropped = {reason: metric("llm_ner_dropped_entities_total", reason=reason) - before[reason] for reason in reasons}
+    assert dropped == {"not_found": 1, "repeated": 1, "unknown_label": 1}  # Atlantis; the second Paris; CITY
+    assert "llm_ner_dropped_entities_total" in client.get("/metrics").get_data(as_text=True)

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from backend.ner import confidence
-from tests.conftest import predict_texts
+from tests.conftest import predict, region_tuples
 from tests.fake_llm import Reply
 
 
@@ -31,7 +31,7 @@ def test_span_scores_come_from_token_logprobs_and_the_task_score_is_the_lowest(m
     content = json.dumps({"entities": [{"text": "Tim Cook", "label": "PER"}, {"text": "Apple", "label": "ORG"}]})
     tokens = tokenize(content, {"Apple": -1.5, "ORG": -0.7})
     llm.replies.append(Reply(content=content, logprobs=tokens))
-    (entry,) = predict_texts(make_client(), ["Tim Cook runs Apple."], project="2")
+    (entry,) = predict(make_client(), ["Tim Cook runs Apple."], project="2")["results"]
     assert llm.requests[0]["logprobs"] is True
     scores = {r["value"]["text"]: r["score"] for r in entry["result"]}
     # exp(sum of the logprobs of the tokens inside the "text" and "label" strings)
@@ -47,14 +47,14 @@ def test_doubtful_tasks_score_lower_so_sorting_by_score_shows_them_first(make_cl
         Reply(content=sure, logprobs=tokenize(sure, {})),
         Reply(content=unsure, logprobs=tokenize(unsure, {"LOC": -1.1})),
     ])
-    sure_entry, unsure_entry = predict_texts(make_client(predict_concurrency=1), ["Oslo.", "Jordan."], project="2")
+    sure_entry, unsure_entry = predict(make_client(predict_concurrency=1), ["Oslo.", "Jordan."], project="2")["results"]
     assert unsure_entry["score"] < 0.4 < 0.9 < sure_entry["score"]
 
 
 def test_a_task_without_entities_is_scored_by_the_probability_of_its_empty_answer(make_client, llm):
     empty = '{"entities": []}'
     llm.replies.append(Reply(content=empty, logprobs=tokenize(empty, {"]": -0.9})))
-    (entry,) = predict_texts(make_client(), ["Nothing here."], project="2")
+    (entry,) = predict(make_client(), ["Nothing here."], project="2")["results"]
     assert entry["result"] == [] and entry["score"] == pytest.approx(math.exp(-0.9 - 0.01 * (len(tokenize(empty, {})) - 1)), abs=1e-4)
 
 
@@ -63,7 +63,8 @@ def test_with_samples_spans_are_scored_by_agreement_and_minority_entities_left_o
     b = json.dumps({"entities": [{"text": "Paris", "label": "LOC"}, {"text": "Hilton", "label": "PER"}]})
     c = json.dumps({"entities": [{"text": "Paris", "label": "LOC"}, {"text": "Hilton", "label": "ORG"}, {"text": "Ritz", "label": "ORG"}]})
     llm.replies.append(Reply(choices=[a, b, c]))
-    (entry,) = predict_texts(make_client(llm_samples=3, llm_logprobs=False), ["Paris Hilton met at the Ritz."], project="2")
+    client = make_client(llm_samples=3, llm_logprobs=False)
+    (entry,) = predict(client, ["Paris Hilton met at the Ritz."], project="2")["results"]
     request = llm.requests[0]
     assert request["n"] == 3 and request["temperature"] == pytest.approx(0.7)
     scores = {(r["value"]["text"], r["value"]["labels"][0]): r["score"] for r in entry["result"]}
@@ -74,8 +75,8 @@ def test_with_samples_spans_are_scored_by_agreement_and_minority_entities_left_o
 def test_without_logprobs_or_samples_there_is_no_score(make_client, llm):
     llm.gazetteer = {"Oslo": "LOC"}
     llm.reject_logprobs = True
-    (entry,) = predict_texts(make_client(), ["Oslo."], project="2")
-    assert [r["value"]["text"] for r in entry["result"]] == ["Oslo"]
+    (entry,) = predict(make_client(), ["Oslo."], project="2")["results"]
+    assert region_tuples(entry["result"], "text") == ["Oslo"]
     assert "score" not in entry and "score" not in entry["result"][0]
     assert [("logprobs" in r) for r in llm.requests] == [True, False]  # rejected once, then not asked again
 

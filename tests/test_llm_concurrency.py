@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from tests.conftest import predict_texts
+from tests.conftest import predict, region_tuples_per_task
 from tests.fake_llm import Reply
 
 
@@ -13,10 +13,10 @@ def test_llm_calls_in_flight_never_exceed_predict_concurrency_and_reach_it(make_
     llm.gazetteer = {"Oslo": "LOC"}
     llm.latency = 0.15
     started = time.monotonic()
-    results = predict_texts(make_client(predict_concurrency=4), [f"Oslo {i}." for i in range(20)], project="1")
+    answer = predict(make_client(predict_concurrency=4), [f"Oslo {i}." for i in range(20)])
     elapsed = time.monotonic() - started
     assert llm.peak_in_flight == 4
-    assert all(r["result"][0]["value"]["text"] == "Oslo" for r in results)
+    assert region_tuples_per_task(answer, "text") == [["Oslo"]] * 20
     assert 5 * 0.15 <= elapsed < 20 * 0.15  # five waves of four, not twenty calls in a row
 
 
@@ -24,8 +24,7 @@ def test_tasks_cut_by_the_deadline_are_logged_with_their_ids(make_client, llm, c
     llm.gazetteer = {"Oslo": "LOC"}
     llm.responder = lambda body: Reply(delay=5) if "late" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
     caplog.set_level(logging.WARNING)
-    results = predict_texts(make_client(predict_deadline=1), ["Oslo.", "late Oslo.", "Oslo again.", "late too."], project="1")
-    assert [r == [] for r in results] == [False, True, False, True]  # cut tasks: unanswered, asked again later
-    assert results[0]["result"] and results[2]["result"]
+    answer = predict(make_client(predict_deadline=1), ["Oslo.", "late Oslo.", "Oslo again.", "late too."])
+    assert region_tuples_per_task(answer, "text") == [["Oslo"], None, ["Oslo"], None]  # cut tasks: unanswered, asked again later
     cut = [r.getMessage() for r in caplog.records if "no pre-labels" in r.getMessage()]
     assert any(line.startswith("task 2:") for line in cut) and any(line.startswith("task 4:") for line in cut)
