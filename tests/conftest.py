@@ -280,10 +280,10 @@ class LabelStudioProject:
         self.ls.projects.import_tasks(id=self.id, request=[{"text": t} for t in texts])
 
     def connect(self, backend: Backend, interactive: bool = False, **options: Any) -> Any:
-        """Connect `backend` as the project's model, as "Add Model" does in the UI; `options` go to the SDK."""
-        options.setdefault("title", "llm-ner")
+        """Connect `backend` as the project's model, as "Add Model" does in the UI; `options` (e.g. basic
+        auth) go to the SDK's ml.create."""
         self.backend = backend
-        self.ml = self.ls.ml.create(url=backend.url, project=self.id, is_interactive=interactive, **options)
+        self.ml = self.ls.ml.create(url=backend.url, project=self.id, title="llm-ner", is_interactive=interactive, **options)
         return self.ml
 
     def tasks(self) -> list:

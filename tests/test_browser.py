@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import NER_CONFIG
 from tests.processes import REPO
 
 pytestmark = [pytest.mark.label_studio, pytest.mark.browser]
@@ -36,16 +34,13 @@ def browser():
         browser.close()
 
 
-def test_opening_a_task_in_the_labeling_ui_shows_the_predicted_entities_as_regions(label_studio, backend_factory, llm, browser):
+def test_opening_a_task_in_the_labeling_ui_shows_the_predicted_entities_as_regions(label_studio, connected_project, backend_factory, llm, browser):
     llm.gazetteer = {"Grace Hopper": "PER", "Navy": "ORG", "New York": "LOC"}
     backend = backend_factory(workers=2, BASIC_AUTH_USER=USER, BASIC_AUTH_PASS=PASSWORD)
-    ls = label_studio.client()
-    project = ls.projects.create(title="pre-labels in the UI", label_config=NER_CONFIG)
-    ls.projects.import_tasks(id=project.id, request=[{"text": TEXT}])
-    ls.ml.create(url=backend.url, project=project.id, title="llm-ner", is_interactive=False,
-                 auth_method="BASIC_AUTH", basic_auth_user=USER, basic_auth_pass=PASSWORD)
-    (task,) = ls.tasks.list(project=project.id)
-    assert list(ls.predictions.list(task=task.id)) == []  # nothing predicted until the task is opened
+    project = connected_project([TEXT], title="pre-labels in the UI", backend=backend,
+                                auth_method="BASIC_AUTH", basic_auth_user=USER, basic_auth_pass=PASSWORD)
+    (task,) = project.tasks()
+    assert project.predictions(task.id) == []  # nothing predicted until the task is opened
 
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.goto(label_studio.url + "/user/login/")
@@ -74,9 +69,8 @@ def test_opening_a_task_in_the_labeling_ui_shows_the_predicted_entities_as_regio
     assert listed == sorted((label, text) for _, _, label, text in EXPECTED)
 
     # they came from this backend, predicted when the task opened, under its current model_version
-    (prediction,) = ls.predictions.list(task=task.id)
-    version = httpx.post(backend.url + "/setup", json={"project": str(project.id), "schema": NER_CONFIG},
-                         auth=(USER, PASSWORD)).json()["model_version"]
+    (prediction,) = project.predictions(task.id)
+    version = project.model_version(auth=(USER, PASSWORD))
     assert prediction.model_version == version
     tab = page.locator(".lsf-annotation-button__name", has_text="llm-ner-")
     assert tab.count() == 1 and tab.inner_text().endswith(version[-6:])

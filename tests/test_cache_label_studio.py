@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.conftest import NER_CONFIG
+from tests.conftest import region_tuples
 from tests.fake_llm import Reply
 from tests.processes import wait_until
 
@@ -30,39 +30,34 @@ def logprob_reply(body):
     return Reply(content=content, logprobs=tokens)
 
 
-def test_imported_tasks_are_precomputed_so_opening_one_makes_no_llm_call(label_studio, backend_factory, llm):
+def test_imported_tasks_are_precomputed_so_opening_one_makes_no_llm_call(connected_project, backend_factory, llm):
     llm.responder = logprob_reply
     backend = backend_factory(workers=2, WARM_START="true")
-    ls = label_studio.client()
-    project = ls.projects.create(title="warm start", label_config=NER_CONFIG)
-    ls.ml.create(url=backend.url, project=project.id, title="llm-ner", is_interactive=False)
-    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in TEXTS])
+    # connected before the import, so that Label Studio tells the backend of the new tasks
+    project = connected_project(TEXTS, title="warm start", backend=backend, connect_first=True)
     # TASKS_CREATED reached the backend, which asked the LLM once per new task, in the background
     assert wait_until(lambda: len(llm.requests) == len(TEXTS), 60), backend.log()[-2000:]
     assert wait_until(lambda: "warm start: 3 new tasks pre-computed" in backend.log(), 30), backend.log()[-2000:]
 
-    opened = label_studio.open_next_task(project.id)
-    (prediction,) = list(ls.predictions.list(task=opened["id"]))
+    opened = project.open_next_task()
+    assert opened["data"]["text"] == TEXTS[0]  # tasks open in import order (sequential sampling)
+    (prediction,) = project.predictions(opened["id"])
     assert len(llm.requests) == len(TEXTS)  # Label Studio's /predict came from the cache
-    text = opened["data"]["text"]
-    spans = sorted((r["value"]["start"], r["value"]["text"], r["value"]["labels"][0]) for r in prediction.result)
-    assert spans == sorted((text.find(s), s, l) for s, l in GAZETTEER.items() if s in text)
+    assert sorted(region_tuples(prediction.result, "start", "text", "label")) == [(0, "Grace Hopper", "PER"), (23, "Arlington", "LOC")]
     # the logprob score reached Label Studio: per span, and the task's lowest one
-    assert all(0 < r["score"] < 1 for r in prediction.result)
-    if prediction.result:
-        assert prediction.score == pytest.approx(min(r["score"] for r in prediction.result), abs=1e-3)
+    scores = [r["score"] for r in prediction.result]
+    assert all(0 < score < 1 for score in scores)
+    assert prediction.score == pytest.approx(min(scores), abs=1e-3)
 
 
-def test_estimate_reads_a_projects_tasks_and_sends_nothing(label_studio, llm):
+def test_estimate_reads_a_projects_tasks_and_sends_nothing(label_studio, connected_project, llm):
     import os
     import subprocess
     import sys
 
     from tests.processes import REPO
 
-    ls = label_studio.client()
-    project = ls.projects.create(title="estimate", label_config=NER_CONFIG)
-    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in TEXTS])
+    project = connected_project(TEXTS, title="estimate", connect=False)  # estimate needs no backend
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "LABEL_STUDIO"))}
     env["LLM_PRICES"] = '{"gpt-4o-mini": [0.15, 0.6]}'
     done = subprocess.run(

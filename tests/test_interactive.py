@@ -5,7 +5,7 @@ import time
 from backend.spans.alignment import Span
 from backend.pipeline.interactive import merge_llm, propagate, read_marks
 from backend.ner.labelconfig import parse_label_config
-from tests.conftest import NER_CONFIG
+from tests.conftest import NER_CONFIG, predict, region_tuples
 from tests.fake_llm import entities_reply
 
 CONFIG_WITH_GUIDELINES = NER_CONFIG.replace(
@@ -70,17 +70,11 @@ def test_guidelines_come_from_the_configured_textarea_only():
 # ---- through the /predict endpoint (Flask test client, fake LLM over HTTP) ----
 
 
-def interactive_predict(client, *regions, config=CONFIG_WITH_GUIDELINES, text=TEXT):
-    body = {
-        "tasks": [{"id": 1, "data": {"text": text}}],
-        "project": "4.1",
-        "label_config": config,
-        "params": {"context": {"result": list(regions)}},
-    }
-    response = client.post("/predict", json=body)
-    assert response.status_code == 200, response.json
-    (entry,) = response.json["results"]
-    return sorted((r["value"]["start"], r["value"]["text"], r["value"]["labels"][0]) for r in entry["result"])
+def interactive_predict(client, *regions):
+    """What the labeling UI asks after the annotator drew `regions` in TEXT: the pre-labels, sorted."""
+    answer = predict(client, [TEXT], project="4.1", config=CONFIG_WITH_GUIDELINES, params={"context": {"result": list(regions)}})
+    (entry,) = answer["results"]
+    return sorted(region_tuples(entry["result"], "start", "text", "label"))
 
 
 def test_marked_surface_is_propagated_and_the_llm_completes_the_rest(make_client, llm):
@@ -128,8 +122,8 @@ def test_submitted_guidelines_are_stored_and_change_the_model_version(make_clien
     }
     payload = {"action": "ANNOTATION_CREATED", "annotation": annotation, "task": {"id": 1, "data": {"text": TEXT}},
                "project": {"id": 4, "label_config": CONFIG_WITH_GUIDELINES}}
-    assert client.post("/webhook", json=payload).status_code in (200, 201)
+    assert client.post("/webhook", json=payload).status_code == 201
     after = setup()
     assert after != before
-    client.post("/predict", json={"tasks": [{"id": 2, "data": {"text": "Grace Hopper"}}], "project": "4.2"})
+    predict(client, ["Grace Hopper"], project="4.2", config=None, first_id=2)
     assert "Titles are not part of PER" in llm.requests[-1]["messages"][0]["content"]

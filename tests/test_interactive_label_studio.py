@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import NER_CONFIG
+from tests.conftest import region_tuples
 from tests.fake_llm import entities_reply
 
 pytestmark = pytest.mark.label_studio
@@ -24,15 +24,12 @@ DRAWN = {
 }
 
 
-def test_a_drawn_region_is_propagated_and_completed_without_touching_the_region(label_studio, backend_factory, llm):
+def test_a_drawn_region_is_propagated_and_completed_without_touching_the_region(label_studio, connected_project, llm):
     # The LLM labels Babbage and London, and (wrongly) calls a later "Ada" an ORG: the mark must win.
     llm.replies.append(entities_reply([("Ada", "PER"), ("Babbage", "PER"), ("London", "LOC"), ("Ada", "ORG"), ("Babbage", "PER"), ("London", "LOC")]))
-    backend = backend_factory(workers=2)
-    ls = label_studio.client()
-    project = ls.projects.create(title="interactive", label_config=NER_CONFIG)
-    ls.projects.import_tasks(id=project.id, request=[{"text": TEXT}])
-    ml = ls.ml.create(url=backend.url, project=project.id, title="llm-ner", is_interactive=True)
-    (task,) = list(ls.tasks.list(project=project.id))
+    project = connected_project([TEXT], title="interactive", interactive=True)
+    ml = project.ml
+    (task,) = project.tasks()
 
     response = label_studio.api(
         "POST", f"/api/ml/{ml.id}/interactive-annotating", json={"task": task.id, "context": {"result": [DRAWN]}}
@@ -41,16 +38,15 @@ def test_a_drawn_region_is_propagated_and_completed_without_touching_the_region(
     answer = response.json()
     assert "errors" not in answer, answer
     regions = answer["data"]["result"]
-    spans = sorted((r["value"]["start"], r["value"]["text"], r["value"]["labels"][0]) for r in regions)
-    assert spans == [
+    assert sorted(region_tuples(regions, "start", "text", "label")) == [
         (8, "Babbage", "PER"), (19, "London", "LOC"), (33, "Ada", "PER"), (50, "Babbage", "PER"), (71, "London", "LOC"),
     ]
     # the drawn region is not echoed (the editor already has it) and nothing contradicts it
     assert all(r["value"]["start"] != 0 for r in regions)
     # Label Studio passes the answer to the editor and stores nothing for interactive calls
-    assert list(ls.predictions.list(task=task.id)) == []
+    assert project.predictions(task.id) == []
     # the mark reached the LLM as a constraint
     assert '"Ada" is PER' in llm.requests[0]["messages"][0]["content"]
 
     # the SDK's method reaches the same endpoint without error
-    ls.ml.predict_interactive(id=ml.id, task=task.id, context={"result": [DRAWN]})
+    project.ls.ml.predict_interactive(id=ml.id, task=task.id, context={"result": [DRAWN]})

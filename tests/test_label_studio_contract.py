@@ -7,10 +7,9 @@ labeling UI opens it, and the data manager's "Retrieve predictions" action on se
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
-from tests.conftest import NER_CONFIG
+from tests.conftest import region_tuples
 
 pytestmark = pytest.mark.label_studio
 
@@ -34,48 +33,33 @@ def expected_spans(text: str) -> list[tuple[int, int, str, str]]:
 
 
 def stored_spans(prediction) -> list[tuple[int, int, str, str]]:
-    return sorted(
-        (r["value"]["start"], r["value"]["end"], r["value"]["text"], r["value"]["labels"][0]) for r in prediction.result
-    )
+    return sorted(region_tuples(prediction.result, "start", "end", "text", "label"))
 
 
 @pytest.fixture
-def connected_project(label_studio, backend_factory, llm):
-    """A new NER project with TEXTS imported and this backend connected as its model."""
+def project(connected_project, llm):
+    """A new NER project with TEXTS imported and this backend (gunicorn, 2 workers) connected as its model."""
     llm.gazetteer = dict(GAZETTEER)
-    backend = backend_factory(workers=2)
-    ls = label_studio.client()
-    project = ls.projects.create(title="contract", label_config=NER_CONFIG)
-    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in TEXTS])
-    ml = ls.ml.create(url=backend.url, project=project.id, title="llm-ner", is_interactive=False)
-    tasks = sorted(ls.tasks.list(project=project.id), key=lambda t: t.id)
-    yield ls, project, tasks, backend, ml
+    return connected_project(TEXTS, title="contract")
 
 
-def predictions_of(ls, task_id: int):
-    return list(ls.predictions.list(task=task_id))
-
-
-def test_task_opened_in_the_labeling_ui_gets_exact_pre_labels(label_studio, connected_project, llm):
-    ls, project, tasks, backend, _ = connected_project
-    opened = label_studio.open_next_task(project.id)
-    (prediction,) = predictions_of(ls, opened["id"])
+def test_task_opened_in_the_labeling_ui_gets_exact_pre_labels(project, llm):
+    opened = project.open_next_task()
+    (prediction,) = project.predictions(opened["id"])
     assert stored_spans(prediction) == expected_spans(opened["data"]["text"])
-    setup_version = httpx.post(backend.url + "/setup", json={"project": str(project.id), "schema": NER_CONFIG}).json()["model_version"]
-    assert prediction.model_version == setup_version
+    assert prediction.model_version == project.model_version()
     # one LLM request, for exactly the opened task's text
     assert len(llm.requests) == 1
     assert opened["data"]["text"] in llm.requests[0]["messages"][-1]["content"]
 
 
-def test_retrieve_predictions_action_labels_every_task_in_one_call(label_studio, connected_project, llm):
-    ls, project, tasks, backend, _ = connected_project
-    response = label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}",
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
+def test_retrieve_predictions_action_labels_every_task_in_one_call(label_studio, project, llm):
+    retrieve = f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}"
+    response = label_studio.api("POST", retrieve, json={"selectedItems": {"all": True, "excluded": []}})
     assert response.status_code == 200, response.text
+    tasks = project.tasks()
     for task in tasks:
-        predictions = predictions_of(ls, task.id)
+        predictions = project.predictions(task.id)
         assert len(predictions) == 1, f"task {task.id} has {len(predictions)} predictions"
         assert stored_spans(predictions[0]) == expected_spans(task.data["text"])
         for region in predictions[0].result:
@@ -83,6 +67,5 @@ def test_retrieve_predictions_action_labels_every_task_in_one_call(label_studio,
             assert task.data["text"][value["start"]:value["end"]] == value["text"]
     assert len(llm.requests) == len(TEXTS)
     # asking again makes no new predictions: the model_version is unchanged
-    label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}",
-        json={"selectedItems": {"all": True, "excluded": []}})
-    assert all(len(predictions_of(ls, t.id)) == 1 for t in tasks)
+    label_studio.api("POST", retrieve, json={"selectedItems": {"all": True, "excluded": []}})
+    assert [len(project.predictions(t.id)) for t in tasks] == [1] * len(TEXTS)
