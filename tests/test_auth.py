@@ -72,7 +72,7 @@ def test_protected_routes_answer_with_the_right_credentials(client, llm):
     assert client.post("/setup", json=setup_body(), headers=GOOD).status_code == 200
     response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "Oslo"}}], "project": "4"}, headers=GOOD)
     assert response.status_code == 200
-    assert response.json["results"][0]["result"][0]["value"]["text"] == "Oslo"
+    assert region_tuples(response.json["results"][0]["result"], "text") == ["Oslo"]
     assert client.get("/metrics", headers=GOOD).status_code == 200
 
 
@@ -116,7 +116,7 @@ def test_webhook_cannot_swap_a_projects_label_config(client, llm):
     llm.gazetteer = {"Ada": "PER"}
     response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "Ada"}}], "project": "4"}, headers=GOOD)
     assert response.json["model_version"] == version
-    assert response.json["results"][0]["result"][0]["value"]["labels"] == ["PER"]
+    assert region_tuples(response.json["results"][0]["result"], "label") == ["PER"]
 
 
 def test_an_unauthenticated_setup_does_not_make_a_project_known_to_webhooks(client):

@@ -7,26 +7,25 @@ import subprocess
 import sys
 
 import pytest
-from prometheus_client import REGISTRY
 
 from backend.infra.usage import UsageLedger, price_of
-from tests.conftest import NER_CONFIG, WIKIGOLD
+from tests.conftest import WIKIGOLD, metric, predict
 from tests.processes import REPO
 
 
 def test_usage_and_cost_are_totalled_per_project_from_the_apis_usage(make_client, llm, tmp_path):
     llm.gazetteer = {"Oslo": "LOC"}
     client = make_client(llm_prices={"fake-model": (2.0, 8.0)})
-    texts = ["Oslo one.", "Oslo two.", "Three."]
-    tasks = [{"id": i, "data": {"text": t}} for i, t in enumerate(texts)]
-    assert client.post("/predict", json={"tasks": tasks, "project": "12.1", "label_config": NER_CONFIG}).status_code == 200
+    tokens_before = metric("llm_ner_project_tokens_total", project="12", kind="prompt")
+    cost_before = metric("llm_ner_project_cost_usd_total", project="12")
+    predict(client, ["Oslo one.", "Oslo two.", "Three."], project="12.1")
     # what the fake reported, call by call (prompt: characters / 4; completion: answer characters / 4)
     prompt = sum(max(1, sum(len(m["content"]) for m in r["messages"]) // 4) for r in llm.requests)
     totals = UsageLedger.in_dir(tmp_path / "model").totals("12")
     assert (totals["tasks"], totals["calls"], totals["prompt_tokens"]) == (3, 3, prompt)
     assert totals["cost_usd"] == pytest.approx((prompt * 2.0 + totals["completion_tokens"] * 8.0) / 1e6)
-    assert REGISTRY.get_sample_value("llm_ner_project_tokens_total", {"project": "12", "kind": "prompt"}) >= prompt
-    assert REGISTRY.get_sample_value("llm_ner_project_cost_usd_total", {"project": "12"}) >= totals["cost_usd"]
+    assert metric("llm_ner_project_tokens_total", project="12", kind="prompt") - tokens_before == prompt
+    assert metric("llm_ner_project_cost_usd_total", project="12") - cost_before == pytest.approx(totals["cost_usd"])
 
 
 def test_prices_match_a_dated_model_name_by_its_longest_prefix():
