@@ -90,6 +90,110 @@ def make_client(make_settings):
     return make
 
 
+@pytest.fixture
+def app(settings):
+    from backend.protocol.server import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def backend_factory(tmp_path: Path, llm: FakeLLM):
+    """Start `llm-ner serve` (gunicorn) against the fake LLM: backend_factory(workers=2, **env)."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+
+    def start(workers: int = 2, model_dir: Path | None = None, **env: str):
+        environment = backend_env(llm.base_url, model_dir or tmp_path / "model", **env)
+        return stack.enter_context(run_backend(environment, workers=workers, log_path=tmp_path / f"backend-{len(stack._exit_callbacks)}.log"))
+
+    yield start
+    stack.close()
+
+
+@pytest.fixture(scope="session")
+def label_studio():
+    """A real Label Studio 1.23.2 (SQLite, temp dir, 127.0.0.1), shared by the session's tests."""
+    with run_label_studio() as ls:
+        yield ls
+
+
+# ---- a Label Studio project connected to this backend ----
+
+
+@dataclass
+class LabelStudioProject:
+    """A project of the session's Label Studio, made for one test, and the backend connected to it (if any)."""
+
+    label_studio: LabelStudio
+    ls: Any  # the SDK client
+    project: Any  # the SDK's project
+    config: str
+    backend: Backend | None = None
+    ml: Any = None  # the SDK's ML backend connection
+
+    @property
+    def id(self) -> int:
+        return self.project.id
+
+    def import_texts(self, texts: list[str]) -> None:
+        self.ls.projects.import_tasks(id=self.id, request=[{"text": t} for t in texts])
+
+    def connect(self, backend: Backend, interactive: bool = False, **options: Any) -> Any:
+        """Connect `backend` as the project's model, as "Add Model" does in the UI; `options` (e.g. basic
+        auth) go to the SDK's ml.create."""
+        self.backend = backend
+        self.ml = self.ls.ml.create(url=backend.url, project=self.id, title="llm-ner", is_interactive=interactive, **options)
+        return self.ml
+
+    def tasks(self) -> list:
+        return sorted(self.ls.tasks.list(project=self.id), key=lambda t: t.id)
+
+    def predictions(self, task_id: int) -> list:
+        return list(self.ls.predictions.list(task=task_id))
+
+    def open_next_task(self) -> dict:
+        return self.label_studio.open_next_task(self.id)
+
+    def model_version(self, **request: Any) -> str:
+        """The connected backend's current model_version for this project (what /setup answers)."""
+        response = httpx.post(self.backend.url + "/setup", json={"project": str(self.id), "schema": self.config},
+                              timeout=60, **request)
+        assert response.status_code == 200, response.text
+        return response.json()["model_version"]
+
+
+@pytest.fixture
+def connected_project(label_studio, backend_factory):
+    """connected_project(texts, title=...): a new NER project in the session's Label Studio, `texts` imported
+    as its tasks, and a backend (`backend_factory(workers=2)` unless one is given) connected as its model.
+
+    connect_first=True connects before importing (so Label Studio sends TASKS_CREATED to the backend);
+    connect=False leaves the connection to the test (`project.connect(backend)`), e.g. to annotate
+    before the backend hears of the project. Other keywords go to `LabelStudioProject.connect`.
+    """
+
+    def make(texts: list[str], *, title: str, config: str = NER_CONFIG, backend: Backend | None = None,
+             connect: bool = True, connect_first: bool = False, **connect_options: Any) -> LabelStudioProject:
+        ls = label_studio.client()
+        project = LabelStudioProject(label_studio, ls, ls.projects.create(title=title, label_config=config), config)
+        if connect and connect_first:
+            project.connect(backend or backend_factory(workers=2), **connect_options)
+        project.import_texts(texts)
+        if connect and not connect_first:
+            project.connect(backend or backend_factory(workers=2), **connect_options)
+        assert [t.data["text"] for t in project.tasks()] == list(texts)
+        return project
+
+    return make
+
+
 # ---- talking to an app, reading its answers ----
 
 
@@ -222,107 +326,3 @@ def gazetteer_spans(text: str, gazetteer: dict[str, str]) -> set[tuple[int, int,
         for surface, label in gazetteer.items()
         for m in re.finditer(rf"(?<!\w){re.escape(surface)}(?!\w)", text)
     }
-
-
-@pytest.fixture
-def app(settings):
-    from backend.protocol.server import create_app
-
-    return create_app(settings)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture
-def backend_factory(tmp_path: Path, llm: FakeLLM):
-    """Start `llm-ner serve` (gunicorn) against the fake LLM: backend_factory(workers=2, **env)."""
-    from contextlib import ExitStack
-
-    stack = ExitStack()
-
-    def start(workers: int = 2, model_dir: Path | None = None, **env: str):
-        environment = backend_env(llm.base_url, model_dir or tmp_path / "model", **env)
-        return stack.enter_context(run_backend(environment, workers=workers, log_path=tmp_path / f"backend-{len(stack._exit_callbacks)}.log"))
-
-    yield start
-    stack.close()
-
-
-@pytest.fixture(scope="session")
-def label_studio():
-    """A real Label Studio 1.23.2 (SQLite, temp dir, 127.0.0.1), shared by the session's tests."""
-    with run_label_studio() as ls:
-        yield ls
-
-
-# ---- a Label Studio project connected to this backend ----
-
-
-@dataclass
-class LabelStudioProject:
-    """A project of the session's Label Studio, made for one test, and the backend connected to it (if any)."""
-
-    label_studio: LabelStudio
-    ls: Any  # the SDK client
-    project: Any  # the SDK's project
-    config: str
-    backend: Backend | None = None
-    ml: Any = None  # the SDK's ML backend connection
-
-    @property
-    def id(self) -> int:
-        return self.project.id
-
-    def import_texts(self, texts: list[str]) -> None:
-        self.ls.projects.import_tasks(id=self.id, request=[{"text": t} for t in texts])
-
-    def connect(self, backend: Backend, interactive: bool = False, **options: Any) -> Any:
-        """Connect `backend` as the project's model, as "Add Model" does in the UI; `options` (e.g. basic
-        auth) go to the SDK's ml.create."""
-        self.backend = backend
-        self.ml = self.ls.ml.create(url=backend.url, project=self.id, title="llm-ner", is_interactive=interactive, **options)
-        return self.ml
-
-    def tasks(self) -> list:
-        return sorted(self.ls.tasks.list(project=self.id), key=lambda t: t.id)
-
-    def predictions(self, task_id: int) -> list:
-        return list(self.ls.predictions.list(task=task_id))
-
-    def open_next_task(self) -> dict:
-        return self.label_studio.open_next_task(self.id)
-
-    def model_version(self, **request: Any) -> str:
-        """The connected backend's current model_version for this project (what /setup answers)."""
-        response = httpx.post(self.backend.url + "/setup", json={"project": str(self.id), "schema": self.config},
-                              timeout=60, **request)
-        assert response.status_code == 200, response.text
-        return response.json()["model_version"]
-
-
-@pytest.fixture
-def connected_project(label_studio, backend_factory):
-    """connected_project(texts, title=...): a new NER project in the session's Label Studio, `texts` imported
-    as its tasks, and a backend (`backend_factory(workers=2)` unless one is given) connected as its model.
-
-    connect_first=True connects before importing (so Label Studio sends TASKS_CREATED to the backend);
-    connect=False leaves the connection to the test (`project.connect(backend)`), e.g. to annotate
-    before the backend hears of the project. Other keywords go to `LabelStudioProject.connect`.
-    """
-
-    def make(texts: list[str], *, title: str, config: str = NER_CONFIG, backend: Backend | None = None,
-             connect: bool = True, connect_first: bool = False, **connect_options: Any) -> LabelStudioProject:
-        ls = label_studio.client()
-        project = LabelStudioProject(label_studio, ls, ls.projects.create(title=title, label_config=config), config)
-        if connect and connect_first:
-            project.connect(backend or backend_factory(workers=2), **connect_options)
-        project.import_texts(texts)
-        if connect and not connect_first:
-            project.connect(backend or backend_factory(workers=2), **connect_options)
-        assert [t.data["text"] for t in project.tasks()] == list(texts)
-        return project
-
-    return make
