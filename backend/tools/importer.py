@@ -164,6 +164,7 @@ def import_conll(
     project_id: int | None = None,
     create_title: str | None = None,
     per: str = "document",
+    join: str = "auto",
     gold: str = "annotations",
     batch_size: int = 100,
     progress: bool = True,
@@ -176,7 +177,7 @@ def import_conll(
         raise ImportRefused("--batch-size must be at least 1")
     documents = read_files(paths)  # a malformed file stops everything here
     labels = labels_of(documents)
-    units = build_units(documents, per=per)
+    units = build_units(documents, per=per, join=join)
 
     with sdk_errors("import"):
         return _import(client, units, labels, project_id, create_title, gold, batch_size, progress)
