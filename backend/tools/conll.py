@@ -8,12 +8,14 @@ type name is kept as written (`PER`, `creative-work`, ...).
 A malformed file raises `ConllError` with `file:line: what is wrong`, before anything else happens.
 
 Joining tokens into task text (`join`): "space" puts one space between tokens, "none" nothing, and
-"auto" (the default) decides per file. A file whose tokens of unspaced scripts (Chinese, Japanese,
-Thai, Lao, Khmer, Myanmar) are, nine times in ten or more, single characters is character-per-line
-(MSRA, Resume, Weibo, People's Daily): its tokens join without spaces, digits and Latin letters
-included (`1 9 9 7 年` -> `1997年`), except that two whole words of a spaced script keep one
-(`Bill Gates`). Any other file joins with one space, except next to a character of an unspaced
-script or of CJK punctuation and full-width forms (`東京 に 住む John Smith` -> `東京に住むJohn Smith`).
+"auto" (the default) decides per file. A file where fewer than half of the tokens holding letters
+are of scripts written without spaces (Chinese, Japanese, Thai, Lao, Khmer, Myanmar) is of a spaced
+language: one space, as always (an English file quoting `虎牢之戰` stays as it was). Otherwise, when
+nine in ten or more of those tokens are single characters, the file is character-per-line (MSRA,
+Resume, Weibo, People's Daily): its tokens join without spaces, digits and Latin letters included
+(`1 9 9 7 年` -> `1997年`), except that two whole words of a spaced script keep one (`Bill Gates`).
+Else it is word-segmented: one space, except next to a character of an unspaced script or of CJK
+punctuation and full-width forms (`東京 に 住む John Smith` -> `東京に住むJohn Smith`).
 Hangul counts as spaced: Korean puts spaces between words.
 """
 
@@ -54,7 +56,7 @@ _UNSPACED = (
     (0x20000, 0x3FFFF),
 )
 # of a file's tokens holding a letter of an unspaced script, the share of single characters from
-# which it is read as character-per-line (word-segmented Chinese or Japanese has about half)
+# which it is read as character-per-line (word-segmented Chinese or Japanese has about half of them)
 CHARACTER_PER_LINE = 0.9
 
 
@@ -332,17 +334,22 @@ def _one_character(token: str) -> bool:
 
 def join_mode(tokens: Iterable[str], join: str = "auto") -> str:
     """How to join these tokens (one file's): "space", "none", "characters" (a character-per-line
-    file) or "mixed" ("auto" on anything else: a space unless an unspaced script touches it)."""
+    file) or "mixed" (a space unless an unspaced script touches it); see the module's docstring."""
     if join not in JOINS:
         raise ValueError(f"join must be one of {', '.join(JOINS)}, not {join!r}")
     if join != "auto":
         return join
-    unspaced = single = 0
+    words = unspaced = single = 0
     for token in tokens:
-        if any(_unspaced(ch) and unicodedata.category(ch)[0] == "L" for ch in token):
+        if token.isascii():  # the usual token of a spaced language: no need to look at its characters
+            words += any(ch.isalpha() for ch in token)
+            continue
+        if any(_unspaced(ch) and ch.isalpha() for ch in token):
             unspaced += 1
             single += _one_character(token)
-    if not unspaced:
+        elif any(ch.isalpha() for ch in token):
+            words += 1
+    if unspaced * 2 <= words + unspaced or not unspaced:
         return "space"
     return "characters" if single >= CHARACTER_PER_LINE * unspaced else "mixed"
 
