@@ -278,6 +278,14 @@ def normalise(surface: str) -> str:
 # ---------------------------------------------------------------- finding occurrences
 
 
+def _inner(context: str, surface: str) -> list[int]:
+    """Where the surface sits in a hint's context, the places nearest its middle first: a context
+    is copied around its mention, so of two 中 in `五年中，中美关系经历` the second is meant."""
+    places = [j for j in range(len(context) - len(surface) + 1) if context.startswith(surface, j)]
+    middle = len(context) - len(surface)  # twice the centred start, to stay in integers
+    return sorted(places, key=lambda j: (abs(2 * j - middle), j))
+
+
 class Aligner:
     """Finds occurrences of surfaces in one text; caches its lowered copy, folded view and word index."""
 
@@ -509,7 +517,7 @@ class Aligner:
     def _hint_candidates(self, surface: str, context: str, cursor: int, lo: int, hi: int) -> Iterator[tuple[int, int]]:
         """Occurrences of `surface` inside occurrences of `context` in [lo, hi): after the cursor
         first, then from lo; as they are, else (the context found nowhere) in the folded view."""
-        inner = [j for j in range(len(context) - len(surface) + 1) if context.startswith(surface, j)]
+        inner = _inner(context, surface)
         found_context = False
         if inner:
             find, size, width = self.text.find, len(surface), len(context)
@@ -526,7 +534,7 @@ class Aligner:
         if found_context:
             return
         needle, haystack = normalise(surface), normalise(context)
-        inner = [j for j in range(len(haystack) - len(needle) + 1) if needle and haystack.startswith(needle, j)]
+        inner = _inner(haystack, needle) if needle else []
         if not inner:
             return
         view = self.view()
@@ -538,7 +546,6 @@ class Aligner:
                 if span is not None and lo <= span[0] and span[1] <= hi and self.bounded(*span):
                     spans.append(span)
             i = view.text.find(haystack, i + 1)
-        spans.sort()
         yield from (span for span in spans if span[0] >= cursor)
         yield from (span for span in spans if span[0] < cursor)
 
