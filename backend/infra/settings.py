@@ -35,7 +35,14 @@ class Settings(BaseSettings):
 
     # --- where state lives ---
     model_dir: Path = Field(default=Path("./data"), description="SQLite stores and logs")
-    prompts_dir: Path = Field(default=REPO_DIR / "prompts")
+    prompts_dir: Path = Field(default=REPO_DIR / "prompts", description="the prompt templates; when set, wins over PROMPT_LANGUAGE")
+    prompt_language: Literal["en", "zh"] = Field(
+        default="en", description="the prompt set shipped with the project: en (prompts/) or zh (prompts/zh/, Chinese)"
+    )
+    occurrence_hints: bool = Field(
+        default=False,
+        description="ask the LLM for a little context around short or repeated entities, to place them; on by default with PROMPT_LANGUAGE=zh",
+    )
 
     # --- calling Label Studio back (START_TRAINING, CLI) ---
     label_studio_url: str | None = None
@@ -122,6 +129,15 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value
+
+    @model_validator(mode="after")
+    def _prompt_language(self) -> "Settings":
+        # a language picks its prompt set and its defaults; settings given explicitly win
+        if "prompts_dir" not in self.model_fields_set and self.prompt_language != "en":
+            self.prompts_dir = REPO_DIR / "prompts" / self.prompt_language
+        if "occurrence_hints" not in self.model_fields_set:
+            self.occurrence_hints = self.prompt_language == "zh"
+        return self
 
     @model_validator(mode="after")
     def _chunk_overlap_fits(self) -> "Settings":

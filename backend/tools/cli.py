@@ -23,7 +23,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from backend.infra.logs import configure_logging, settings_secrets
     from backend.ner.templates import load_templates
 
-    load_templates(settings.prompts_dir)
+    load_templates(settings.prompts_dir, settings.occurrence_hints)
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     # prometheus_client's multiprocess mode: every worker writes its samples here, /metrics sums them
     prom_dir = settings.model_dir / "prometheus"

@@ -197,7 +197,7 @@ def predict_conll(
     target = schema.targets[0]
     units = build_units(documents, per=per, join=join)
     llm = LLMClient(settings)
-    prelabeler = Prelabeler.from_settings(settings, schema, load_templates(settings.prompts_dir), llm)
+    prelabeler = Prelabeler.from_settings(settings, schema, load_templates(settings.prompts_dir, settings.occurrence_hints), llm)
 
     bar = tqdm(total=len(units), unit="task", desc="pre-labeling", file=sys.stderr, disable=not progress)
 
