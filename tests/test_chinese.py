@@ -107,6 +107,24 @@ def test_hints_are_kept_in_the_response_cache(make_client, llm):
     ]
 
 
+def test_packed_answers_keep_their_hints(make_client, llm):
+    from tests.conftest import predict_texts
+    from tests.fake_llm import PACKED_TEXT
+
+    texts = ["年中，中美两国", "月中，中日两国"]
+
+    def responder(body):
+        assert "context" in body["messages"][0]["content"]  # the Chinese packing instructions ask for it
+        hinted = {t: [{"text": "中", "label": "LOC", "context": "，中" + t[4]}] for t in texts}
+        results = [{"id": i, "entities": hinted[t]} for i, t in PACKED_TEXT.findall(body["messages"][-1]["content"])]
+        return Reply(content=json.dumps({"results": results}, ensure_ascii=False))
+
+    llm.responder = responder
+    answers = predict_texts(make_client(setup_project="1.1", prompt_language="zh", pack_size=4), texts)
+    assert len(llm.requests) == 1
+    assert [[(r["value"]["start"], r["value"]["text"]) for r in a["result"]] for a in answers] == [[(3, "中")], [(3, "中")]]
+
+
 # ---- a real Label Studio ----
 @pytest.mark.label_studio
 # one gold name the fake LLM does not know, found once in the file

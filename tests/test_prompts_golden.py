@@ -90,6 +90,14 @@ def test_chinese_prompt_with_hints_examples_negatives_and_guidelines(golden):
     golden("zh/marks.txt", task.templates.render("marks", marks=marks) + "\n")
 
 
+def test_chinese_packed_prompt(golden):
+    from backend.ner.packing import pack_messages, pack_repair_prompt
+
+    task = zh_task()
+    golden("zh/packed.txt", as_text(pack_messages(task, [ZH_TEXT, "马上要开会了，马主任说。"], ZH_EXAMPLES)))
+    golden("zh/pack_repair.txt", pack_repair_prompt(task, "results: Field required") + "\n")
+
+
 def test_chinese_prompt_without_hints(golden):
     task = zh_task(occurrence_hints=False)
     golden("zh/messages-no-hints.txt", as_text(task.messages(ZH_TEXT, ZH_EXAMPLES)))
