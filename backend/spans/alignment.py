@@ -99,6 +99,7 @@ _UNSPACED = (
     (0x20000, 0x3FFFF),
 )
 _UNSPACED_CLASS = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _UNSPACED)
+UNSPACED_CLASS = _UNSPACED_CLASS  # for a regex character class: [{UNSPACED_CLASS}]
 # a run of word characters of scripts written with spaces: the unit of the word index
 _WORD_RUN = re.compile(f"[^\\W{_UNSPACED_CLASS}]+")
 _WORD_RUN_SPLIT = re.compile(f"([^\\W{_UNSPACED_CLASS}]+)")
