@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_alignment import lazy, oracle, run  # noqa: E402
 
-from backend.ner.task import needs_hint  # noqa: E402
-from backend.spans.alignment import occurrence_context  # noqa: E402
+from backend.ner.task import needs_hint, occurrence_context  # noqa: E402
 from backend.tools.conll import build_units, read_conll  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "zh" / "news.bio.conll"

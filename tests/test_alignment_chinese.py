@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend.spans.alignment import align, occurrence_context
+from backend.ner.task import occurrence_context
+from backend.spans.alignment import align
 from backend.spans.chunking import align_chunks, split
 
 

@@ -17,7 +17,6 @@ from backend.infra.errors import LLMOutputError, validation_message
 from backend.ner.labelconfig import NerTarget
 from backend.ner.mentions import FewShotExample, Listing, Mention, entities_json
 from backend.ner.templates import PromptTemplates, render_source
-from backend.spans.alignment import occurrence_context
 
 
 class ListedMention(BaseModel):
@@ -46,6 +45,17 @@ class _Answer(BaseModel):
 @lru_cache(maxsize=256)  # a few selected examples per task; task texts themselves are never cached
 def _example_prompt(source: str, text: str) -> str:
     return render_source(source, text=text)
+
+
+def occurrence_context(text: str, start: int, end: int, width: int = 2, most: int = 8) -> str:
+    """The mention text[start:end] with `width` characters on each side, widened up to `most` until it
+    occurs once in the text: an occurrence hint as the prompts ask for it (spans/alignment.py reads it)."""
+    for size in range(width, most + 1):
+        context = text[max(0, start - size) : end + size]
+        first = text.find(context)
+        if text.find(context, first + 1) == -1:
+            break
+    return context
 
 
 def needs_hint(text: str, surface: str) -> bool:

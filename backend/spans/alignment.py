@@ -128,17 +128,6 @@ def _unspaced(ch: str) -> bool:
     return any(a <= o <= b for a, b in _UNSPACED) if o >= 0x0E00 else False
 
 
-def occurrence_context(text: str, start: int, end: int, width: int = 2, most: int = 8) -> str:
-    """The mention text[start:end] with `width` characters on each side, widened up to `most` until it
-    occurs once in the text: what an occurrence hint should look like (few-shot answers, benchmarks)."""
-    for size in range(width, most + 1):
-        context = text[max(0, start - size) : end + size]
-        first = text.find(context)
-        if text.find(context, first + 1) == -1:
-            break
-    return context
-
-
 def _continues(ch: str) -> bool:
     """A character that belongs to the grapheme cluster before it."""
     o = ord(ch)
