@@ -134,6 +134,10 @@ def test_chinese_conll_through_label_studio_the_backend_and_evaluate(label_studi
     client = label_studio.client()
     title = f"中文 {source.stem}"
 
+    # Label Studio wants titles of 3 characters or more: its reason is shown, not just "Validation error"
+    short = cli("import-conll", str(source), *ls_args(label_studio), "--create", "简历", "--quiet")
+    assert short.returncode == 1 and "title" in short.stderr and "3" in short.stderr, short.stderr
+
     done = cli("import-conll", str(source), *ls_args(label_studio), "--create", title, "--per", "sentence", "--quiet")
     assert done.returncode == 0, done.stderr
     project_id = project_id_from(done.stdout)

@@ -35,9 +35,11 @@ class Settings(BaseSettings):
 
     # --- where state lives ---
     model_dir: Path = Field(default=Path("./data"), description="SQLite stores and logs")
-    prompts_dir: Path = Field(default=REPO_DIR / "prompts", description="the prompt templates; when set, wins over PROMPT_LANGUAGE")
+    prompts_dir: Path = Field(default=REPO_DIR / "prompts", description="the prompt templates")
     prompt_language: Literal["en", "zh"] = Field(
-        default="en", description="the prompt set shipped with the project: en (prompts/) or zh (prompts/zh/, Chinese)"
+        default="en",
+        description="en: the templates of PROMPTS_DIR; zh: those of its zh/ folder (prompts/zh/, Chinese), or of"
+        " PROMPTS_DIR itself when it has no zh/ folder (a copy of the Chinese set)",
     )
     occurrence_hints: bool = Field(
         default=False,
@@ -132,9 +134,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _prompt_language(self) -> "Settings":
-        # a language picks its prompt set and its defaults; settings given explicitly win
-        if "prompts_dir" not in self.model_fields_set and self.prompt_language != "en":
-            self.prompts_dir = REPO_DIR / "prompts" / self.prompt_language
+        # a language picks its prompt set (so PROMPTS_DIR=/app/prompts, as in the Docker image, still
+        # works) and its defaults; a setting given explicitly wins
+        if self.prompt_language != "en" and (self.prompts_dir / self.prompt_language).is_dir():
+            self.prompts_dir = self.prompts_dir / self.prompt_language
         if "occurrence_hints" not in self.model_fields_set:
             self.occurrence_hints = self.prompt_language == "zh"
         return self

@@ -53,7 +53,10 @@ def connect(url: str, api_key: str) -> Any:
 
 def _detail(body: Any) -> str:
     if isinstance(body, dict):
-        for key in ("detail", "validation_errors", "message", "error"):
+        # "Validation error" alone says nothing: what failed is in validation_errors
+        if body.get("validation_errors"):
+            return f"{body.get('detail') or 'invalid'}: {body['validation_errors']}"[:300]
+        for key in ("detail", "message", "error"):
             if body.get(key):
                 return str(body[key])[:300]
     return str(body)[:300] if body else ""
