@@ -125,6 +125,29 @@ def test_packed_answers_keep_their_hints(make_client, llm):
     assert [[(r["value"]["start"], r["value"]["text"]) for r in a["result"]] for a in answers] == [[(3, "中")], [(3, "中")]]
 
 
+def test_estimate_counts_the_natural_chinese_text_and_the_chinese_prompts(llm):
+    from backend.infra.settings import load_settings
+    from backend.ner.labelconfig import parse_label_config
+    from backend.ner.task import NerTask
+    from backend.ner.templates import load_templates
+    from backend.tools.estimate import count_message_tokens
+    from backend.tools.importer import label_config_for
+    from tests.test_costs import figures
+    from tests.test_costs import run_cli as estimate_cli
+
+    natural = figures(estimate_cli("estimate", str(BIO), "--examples", "0", PROMPT_LANGUAGE="zh").stdout)
+    spaced = figures(estimate_cli("estimate", str(BIO), "--examples", "0", "--join", "space", PROMPT_LANGUAGE="zh").stdout)
+    # independently: the Chinese messages of each natural sentence, counted with the same tokenizer
+    settings = load_settings(openai_api_key="unused", prompt_language="zh", _env_file=None)
+    units = build_units(read_conll(BIO), per="sentence")
+    task = NerTask(parse_label_config(label_config_for(["LOC", "ORG", "PER"])).targets[0],
+                   load_templates(settings.prompts_dir, settings.occurrence_hints))
+    expected = sum(count_message_tokens(task.messages(u.text), settings.llm_model) for u in units)
+    assert natural["prompt tokens"].startswith(f"{expected} ")
+    assert int(spaced["prompt tokens"].split()[0]) > expected  # spaced characters cost more tokens
+    assert llm.requests == []
+
+
 # ---- a real Label Studio ----
 @pytest.mark.label_studio
 # one gold name the fake LLM does not know, found once in the file
