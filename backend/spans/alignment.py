@@ -476,18 +476,21 @@ class Aligner:
         entities = list(entities)
         self.expect(item[0].strip() for item in entities if item[0])
         for item in entities:
-            surface, label = item[0], item[1]
-            surface = (surface or "").strip()
-            if surface and (surface[0] in _CJK_STOPS or surface[-1] in _CJK_STOPS):
+            surface = (item[0] or "").strip()
+            label = item[1]
+            if surface and (surface[0] >= "\u3001" or surface[-1] >= "\u3001") and (
+                surface[0] in _CJK_STOPS or surface[-1] in _CJK_STOPS
+            ):
                 surface = surface.strip(_CJK_STOPS).strip()
             if not surface:
                 dropped["empty"] += 1
                 continue
-            context = item[2] if len(item) > 2 else None
             hit = None
-            if context and context.strip() and context.strip() != surface:
-                hit = self._locate_hinted(surface, context.strip(), cursor, lo, hi, taken, occupied, allow_overlap)
-                self.hinted += hit is not None
+            if len(item) > 2 and item[2]:
+                context = item[2].strip()
+                if context and context != surface:
+                    hit = self._locate_hinted(surface, context, cursor, lo, hi, taken, occupied, allow_overlap)
+                    self.hinted += hit is not None
             if hit is None:
                 hit = self._locate(surface, cursor, lo, hi, taken, occupied, allow_overlap, tiers)
             if hit is None:
@@ -659,7 +662,7 @@ def resolve(
         extras = [
             (s - e, s, e, surface, wanted[surface])
             for s, e, surface in aligner.every_occurrence(wanted, occupied)
-            if not aligner.undecidable(s, e)
+            if e - s > 1 or not aligner.undecidable(s, e)
         ]
         extras.sort()
         for _, s, e, surface, label in extras:
