@@ -25,6 +25,8 @@ from tests.fake_llm import FakeLLM
 from tests.processes import TEST_API_KEY, Backend, LabelStudio, backend_env, run_backend, run_label_studio
 
 WIKIGOLD = Path(__file__).resolve().parent / "data" / "wikigold" / "wikigold.conll.txt"
+# small Chinese samples written for this project (tests/data/zh/README.md)
+ZH_DATA = Path(__file__).resolve().parent / "data" / "zh"
 
 NER_CONFIG = """<View>
   <Labels name="label" toName="text">

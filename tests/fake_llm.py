@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 PACKED_TEXT = re.compile(r'<text id="([^"]+)">\n(.*?)\n</text>', re.DOTALL)
+ONE_TEXT = re.compile(r"<text>\n(.*)\n</text>", re.DOTALL)  # the text of a single-text request
 
 
 @dataclass

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backend.tools.conll import (
+    JOINS,
     ConllError,
     Entity,
     build_units,
@@ -20,7 +21,7 @@ from backend.tools.conll import (
     read_files,
     write_conll,
 )
-from tests.conftest import WIKIGOLD
+from tests.conftest import WIKIGOLD, ZH_DATA
 
 
 def write(tmp_path: Path, content: str | bytes, name: str = "data.conll") -> Path:
@@ -234,17 +235,130 @@ def tagged_sentence(draw):
     return tokens, entities
 
 
+# characters of every script, Chinese and full-width forms among them, one to six to a token
+cjk_words = st.text(alphabet=st.sampled_from("中美关系日本東京にタイไทย１９Ａa1，。·（）"), min_size=1, max_size=3)
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(tagged_sentence(), min_size=1, max_size=4), st.sampled_from(["IOB1", "IOB2", "BIOES"]))
-def test_round_trip_in_every_scheme_gives_back_the_same_entities(tmp_path_factory, sentences, scheme):
+@given(
+    st.lists(tagged_sentence(), min_size=1, max_size=4),
+    st.sampled_from(["IOB1", "IOB2", "BIOES", "BMES"]),
+    st.sampled_from(JOINS),
+)
+def test_round_trip_in_every_scheme_gives_back_the_same_entities(tmp_path_factory, sentences, scheme, join):
     tmp = tmp_path_factory.mktemp("prop")
     text = "\n\n".join("\n".join(f"{t}\t{tag}" for t, tag in zip(toks, encode(len(toks), ents, scheme))) for toks, ents in sentences)
     documents = read_conll(write(tmp, text))
     assert [decode(s.tags) for s in documents[0].sentences] == [ents for _, ents in sentences]
-    unit = build_units(documents)[0]
+    unit = build_units(documents, join=join)[0]
+    for sentence, offsets in zip(unit.sentences, unit.token_spans):
+        assert [unit.text[a:b] for a, b in offsets] == sentence.words
     for entity in unit.entities:
         assert unit.text[entity.start:entity.end] == entity.text
     out = tmp / "out.conll"
     write_conll(out, [unit], [[(e.start, e.end, e.label) for e in unit.entities]], scheme=scheme)
     again = read_conll(out)
     assert [s.tags for s in again[0].sentences] == [encode(len(t), e, scheme) for t, e in sentences]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(cjk_words, min_size=1, max_size=10), min_size=1, max_size=3), st.sampled_from(JOINS))
+def test_any_join_keeps_every_token_at_its_offsets_and_only_joins_with_nothing_or_one_space(tmp_path_factory, sentences, join):
+    tmp = tmp_path_factory.mktemp("join")
+    path = write(tmp, "\n\n".join("\n".join(f"{t} O" for t in tokens) for tokens in sentences))
+    (unit,) = build_units(read_conll(path), join=join)
+    for tokens, offsets in zip(sentences, unit.token_spans, strict=True):
+        assert [unit.text[a:b] for a, b in offsets] == tokens
+        assert all(unit.text[b:a2] in ("", " ") for (_, b), (a2, _) in zip(offsets, offsets[1:]))
+        if join == "none":
+            assert all(b == a2 for (_, b), (a2, _) in zip(offsets, offsets[1:]))
+
+
+# ---- Chinese and other scripts written without spaces ----
+ZH_SAMPLE = [
+    ("新华社北京１２月３日电，中美两国代表在华盛顿举行会谈。",
+     [("新华社", "ORG"), ("北京", "LOC"), ("中", "LOC"), ("美", "LOC"), ("华盛顿", "LOC")]),
+    ("1997年，张伟加入IBM中国研究院。", [("张伟", "PER"), ("IBM中国研究院", "ORG")]),
+    ("姚明曾效力于ＮＢＡ休斯敦火箭队。", [("姚明", "PER"), ("ＮＢＡ", "ORG"), ("休斯敦火箭队", "ORG")]),
+    ("联合国秘书长安东尼奥·古特雷斯呼吁各方保持克制。", [("联合国", "ORG"), ("安东尼奥·古特雷斯", "PER")]),
+    ("星海科技（上海）有限公司宣布在深圳设立研发中心。", [("星海科技（上海）有限公司", "ORG"), ("深圳", "LOC")]),
+]
+
+
+def test_a_chinese_character_per_line_file_becomes_text_without_spaces_with_exact_gold():
+    path = ZH_DATA / "sample.bio.conll"
+    units = build_units(read_conll(path), per="sentence")
+    assert [(u.text, spans(u)) for u in units] == ZH_SAMPLE
+    for unit in units:
+        for entity in unit.entities:
+            assert unit.text[entity.start:entity.end] == entity.text
+    assert len({u.key for u in units}) == len(units)
+    (document,) = build_units(read_conll(path))
+    assert document.text == "\n".join(text for text, _ in ZH_SAMPLE)
+    assert spans(document) == [entity for _, entities in ZH_SAMPLE for entity in entities]
+    # the key is computed from the text: the same reading gives the same keys, another join other keys
+    assert [u.key for u in build_units(read_conll(path), per="sentence")] == [u.key for u in units]
+    assert {u.key for u in build_units(read_conll(path), per="sentence", join="space")}.isdisjoint(u.key for u in units)
+
+
+def test_join_space_and_none_override_the_automatic_choice(tmp_path):
+    path = ZH_DATA / "sample.bio.conll"
+    spaced = build_units(read_conll(path), per="sentence", join="space")[1]
+    assert spaced.text == "1 9 9 7 年 ， 张 伟 加 入 I B M 中 国 研 究 院 。"
+    assert spans(spaced) == [("张 伟", "PER"), ("I B M 中 国 研 究 院", "ORG")]
+    english = write(tmp_path, "Ada B-PER\nLovelace I-PER\nsmiled O\n")
+    assert build_units(read_conll(english), join="none")[0].text == "AdaLovelacesmiled"
+    assert build_units(read_conll(english))[0].text == "Ada Lovelace smiled"
+
+
+def test_bmes_reads_like_bioes_and_is_written_back_tag_for_tag(tmp_path):
+    path = ZH_DATA / "resume.bmes.conll"
+    documents = read_conll(path)
+    assert detect_scheme(t for d in documents for s in d.sentences for t in s.tags) == "BMES"
+    units = build_units(documents, per="sentence")
+    assert [spans(u) for u in units] == [
+        [("王小明", "NAME"), ("汉族", "RACE"), ("清华大学", "EDU")],
+        [("ＡＢＣ科技有限公司", "ORG"), ("首席执行官", "TITLE"), ("星海科技（上海）有限公司", "ORG"), ("技术总监", "TITLE")],
+        [("李", "NAME"), ("中国国籍", "CONT"), ("MBA", "EDU"), ("高级工程师", "TITLE")],
+    ]
+    assert units[2].text == "李先生，中国国籍，MBA学历，高级工程师。"
+    assert decode(["B-NAME", "M-NAME", "E-NAME", "S-NAME", "O"]) == [Entity(0, 3, "NAME"), Entity(3, 4, "NAME")]
+    out = tmp_path / "out.conll"
+    write_conll(out, units, [[(e.start, e.end, e.label) for e in u.entities] for u in units], scheme="BMES")
+    written = [line.split() for line in out.read_text(encoding="utf-8").splitlines() if line]
+    original = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line]
+    assert [[token, gold] for token, gold, _ in written] == original
+    assert [predicted for _, _, predicted in written] == [tag for _, tag in original]
+
+
+def test_word_segmented_text_gets_no_space_next_to_an_unspaced_script_only(tmp_path):
+    japanese = write(tmp_path, "東京 B-LOC\nに O\n住む O\nJohn B-PER\nSmith I-PER\n。 O\n", "ja.conll")
+    (unit,) = build_units(read_conll(japanese))
+    assert unit.text == "東京に住むJohn Smith。"
+    assert spans(unit) == [("東京", "LOC"), ("John Smith", "PER")]
+    chinese = write(tmp_path, "我们 O\n在 O\n北京 B-LOC\n使用 O\nWindows B-MISC\nXP I-MISC\n系统 O\n", "zh.conll")
+    assert build_units(read_conll(chinese))[0].text == "我们在北京使用Windows XP系统"
+    # Korean is written with spaces between words: its word-level files keep them
+    korean = write(tmp_path, "서울에서 B-LOC\n살았다 O\n", "ko.conll")
+    assert build_units(read_conll(korean))[0].text == "서울에서 살았다"
+
+
+def test_character_per_line_files_keep_a_space_only_between_two_whole_words(tmp_path):
+    tokens = "我 们 使 用 Windows XP 系 统 ， 由 B B C 在 2 0 2 4 年 报 道".split()
+    tags = {"Windows": "B-MISC", "XP": "I-MISC"}
+    content = "".join(f"{t} {tags.get(t, 'O')}\n" for t in tokens).replace("B O\nB O\nC O", "B B-ORG\nB I-ORG\nC I-ORG")
+    (unit,) = build_units(read_conll(write(tmp_path, content)))
+    assert unit.text == "我们使用Windows XP系统，由BBC在2024年报道"
+    assert spans(unit) == [("Windows XP", "MISC"), ("BBC", "ORG")]
+
+
+def test_a_spaced_language_file_quoting_chinese_keeps_its_spaces(tmp_path):
+    content = "The O\nBattle B-MISC\nof I-MISC\nHulao I-MISC\n( O\n虎牢之戰 B-MISC\n) O\nwas O\nfought O\n"
+    (unit,) = build_units(read_conll(write(tmp_path, content)))
+    assert unit.text == "The Battle of Hulao ( 虎牢之戰 ) was fought"
+
+
+def test_each_file_is_joined_by_its_own_kind(tmp_path):
+    english = write(tmp_path, "Ada B-PER\nsmiled O\n", "en.conll")
+    chinese = write(tmp_path, "2 O\n0 O\n张 B-PER\n伟 I-PER\n", "zh.conll")
+    assert [u.text for u in build_units(read_files([english, chinese]))] == ["Ada smiled", "20张伟"]

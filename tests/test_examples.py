@@ -126,3 +126,16 @@ def test_the_shortlist_is_the_one_the_plain_loop_gives(stored, query, k, query_i
     text = examples[0].text if query_is_stored else query
     fast = index._shortlist(index._ranked(index.relevance(text), text), LABELS, k)
     assert fast == reference_shortlist(index, text, LABELS, k)
+
+
+def test_chinese_text_is_matched_by_character_pairs():
+    from backend.learning.selection import tokens
+
+    assert tokens("中美关系，IBM中国") == ["中美", "美关", "关系", "ibm", "中国"]
+    trade = ex("中美两国的贸易额增长了百分之十二。", ("中", "LOC"), ("美", "LOC"))
+    sport = ex("姚明曾效力于休斯敦火箭队。", ("姚明", "PER"), ("休斯敦火箭队", "ORG"))
+    weather = ex("今天北京的天气晴朗。", ("北京", "LOC"))
+    index = ExampleIndex([sport, weather, trade])
+    # the closest sits last; with a whole clause as one word, nothing would be close to anything
+    assert index.select("中日两国的贸易额大幅增长。", LABELS, k=3, token_budget=10_000)[-1] == trade
+    assert index.select("易建联也曾效力于火箭队。", LABELS, k=3, token_budget=10_000)[-1] == sport

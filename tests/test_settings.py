@@ -32,3 +32,27 @@ def test_basic_auth_needs_both_halves():
     result = serve_with({"OPENAI_API_KEY": "x", "BASIC_AUTH_USER": "admin"})
     assert result.returncode == 2
     assert "BASIC_AUTH_USER and BASIC_AUTH_PASS" in result.stderr
+
+
+def test_prompt_language_picks_the_zh_folder_of_the_prompts_dir_and_turns_hints_on(tmp_path):
+    from backend.infra.settings import REPO_DIR, load_settings
+
+    def load(**values):
+        return load_settings(openai_api_key="x", _env_file=None, **values)
+
+    english = load()
+    assert (english.prompts_dir, english.occurrence_hints) == (REPO_DIR / "prompts", False)
+    chinese = load(prompt_language="zh")
+    assert (chinese.prompts_dir, chinese.occurrence_hints) == (REPO_DIR / "prompts" / "zh", True)
+    # a copy of the whole prompts folder (the Docker image's /app/prompts): its zh/ folder
+    (tmp_path / "all" / "zh").mkdir(parents=True)
+    assert load(prompt_language="zh", prompts_dir=tmp_path / "all").prompts_dir == tmp_path / "all" / "zh"
+    # a copy of the Chinese set alone: itself
+    assert load(prompt_language="zh", prompts_dir=tmp_path / "mine").prompts_dir == tmp_path / "mine"
+    assert load(prompt_language="zh", occurrence_hints=False).occurrence_hints is False
+
+
+def test_an_unknown_prompt_language_fails_in_one_line_naming_it():
+    result = serve_with({"OPENAI_API_KEY": "x", "PROMPT_LANGUAGE": "fr"})
+    assert result.returncode == 2
+    assert "PROMPT_LANGUAGE: Input should be 'en' or 'zh'" in result.stderr and "Traceback" not in result.stderr

@@ -35,7 +35,16 @@ class Settings(BaseSettings):
 
     # --- where state lives ---
     model_dir: Path = Field(default=Path("./data"), description="SQLite stores and logs")
-    prompts_dir: Path = Field(default=REPO_DIR / "prompts")
+    prompts_dir: Path = Field(default=REPO_DIR / "prompts", description="the prompt templates")
+    prompt_language: Literal["en", "zh"] = Field(
+        default="en",
+        description="en: the templates of PROMPTS_DIR; zh: those of its zh/ folder (prompts/zh/, Chinese), or of"
+        " PROMPTS_DIR itself when it has no zh/ folder (a copy of the Chinese set)",
+    )
+    occurrence_hints: bool = Field(
+        default=False,
+        description="ask the LLM for a little context around short or repeated entities, to place them; on by default with PROMPT_LANGUAGE=zh",
+    )
 
     # --- calling Label Studio back (START_TRAINING, CLI) ---
     label_studio_url: str | None = None
@@ -122,6 +131,16 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value
+
+    @model_validator(mode="after")
+    def _prompt_language(self) -> "Settings":
+        # a language picks its prompt set (so PROMPTS_DIR=/app/prompts, as in the Docker image, still
+        # works) and its defaults; a setting given explicitly wins
+        if self.prompt_language != "en" and (self.prompts_dir / self.prompt_language).is_dir():
+            self.prompts_dir = self.prompts_dir / self.prompt_language
+        if "occurrence_hints" not in self.model_fields_set:
+            self.occurrence_hints = self.prompt_language == "zh"
+        return self
 
     @model_validator(mode="after")
     def _chunk_overlap_fits(self) -> "Settings":

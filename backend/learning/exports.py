@@ -64,7 +64,7 @@ def preference_records(schema: NerSchema, templates: PromptTemplates, examples: 
         }
 
 
-def export(kind: str, project_id: str, out: Path, model_dir: Path, prompts_dir: Path) -> int:
+def export(kind: str, project_id: str, out: Path, model_dir: Path, prompts_dir: Path, hints: bool = False) -> int:
     """Write the project's examples as JSONL to `out` (replaced whole, never half-written); returns the line count."""
     if kind not in KINDS:
         raise BackendError(f"unknown export '{kind}': use one of {', '.join(KINDS)}")
@@ -76,7 +76,7 @@ def export(kind: str, project_id: str, out: Path, model_dir: Path, prompts_dir: 
     if not label_config:
         raise BackendError(f"project {project_id} is unknown in {db_path}: connect the backend to it in Label Studio first")
     schema = parse_label_config(label_config)
-    templates = load_templates(prompts_dir)
+    templates = load_templates(prompts_dir, hints)
     examples = ExampleStore(db, str(project_id)).examples()
     records = sft_records if kind == "sft" else preference_records
     out = Path(out)
@@ -100,4 +100,4 @@ def export_with_settings(kind: str, project_id: str, out: Path) -> int:
     from backend.infra.settings import load_settings
 
     settings = load_settings(**({} if os.environ.get("OPENAI_API_KEY") else {"openai_api_key": "not-needed-for-export"}))
-    return export(kind, project_id, out, settings.model_dir, settings.prompts_dir)
+    return export(kind, project_id, out, settings.model_dir, settings.prompts_dir, settings.occurrence_hints)

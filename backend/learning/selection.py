@@ -3,6 +3,10 @@
 Selection (see `ExampleIndex.select`): BM25 relevance to the new text, then label coverage (each
 label shown at least once when some example has it), then diversity (maximal marginal relevance:
 near-duplicates of an example already chosen lose), all under `k` and a token budget.
+
+Words are runs of word characters; in scripts written without spaces (Chinese, Japanese, Thai...)
+a run is a whole clause, so there the words are its overlapping character pairs (中美关系 -> 中美,
+美关, 关系), the usual stand-in for words in Chinese retrieval.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import numpy as np
 from rank_bm25 import BM25Okapi
 
 from backend.ner.mentions import FewShotExample, entities_json
+from backend.spans.alignment import UNSPACED_CLASS
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_UNSPACED_RUN = re.compile(f"[{UNSPACED_CLASS}]+")
 # an example that shares this share of its words with one already chosen adds nothing
 NEAR_DUPLICATE = 0.9
 # weight of "unlike what is already chosen" against "like the new text" (MMR's 1 - lambda)
@@ -26,7 +32,19 @@ SHORTLIST = 8
 
 
 def tokens(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    words = _WORD.findall(text.lower())
+    if text.isascii():
+        return words
+    found: list[str] = []
+    for word in words:
+        runs = _UNSPACED_RUN.split(word) if _UNSPACED_RUN.search(word) else None
+        if runs is None:
+            found.append(word)
+            continue
+        found.extend(run for run in runs if run)  # what sits between the runs: Latin words, digits
+        for run in _UNSPACED_RUN.findall(word):
+            found.extend([run] if len(run) == 1 else [run[i : i + 2] for i in range(len(run) - 1)])
+    return found
 
 
 def token_cost(example: FewShotExample) -> int:

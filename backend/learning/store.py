@@ -48,7 +48,8 @@ class StoredExample:
 
     def few_shot(self) -> FewShotExample:
         return FewShotExample(
-            self.text, tuple((s.text, s.label) for s in self.spans), self.task_id, self.annotation_id, self.rejected()
+            self.text, tuple((s.text, s.label) for s in self.spans), self.task_id, self.annotation_id, self.rejected(),
+            tuple(s.start for s in self.spans),
         )
 
     def rejected(self) -> tuple[tuple[str, str], ...]:
@@ -82,6 +83,13 @@ def _spans(value: str | None) -> tuple[Span, ...] | None:
 def _digest(annotation_id: int, from_name: str, task_id: int, text: str, spans: str, updated_at: float) -> str:
     payload = json.dumps([annotation_id, from_name, task_id, updated_at, text, spans], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def _known_only(example: FewShotExample, known: frozenset[str]) -> FewShotExample:
+    """The example without the entities of labels the current config no longer has."""
+    keep = [i for i, (_, label) in enumerate(example.entities) if label in known]
+    starts = tuple(example.starts[i] for i in keep) if example.starts else ()
+    return replace(example, entities=tuple(example.entities[i] for i in keep), starts=starts)
 
 
 def _xor(*digests: str) -> str:
@@ -193,7 +201,7 @@ class ExampleStore:
             known = target.label_set
             chosen = index.select(text, target.label_names, k, token_budget)
             # examples made under an older label config may carry labels this one no longer has
-            return [e if e.labels <= known else replace(e, entities=tuple(x for x in e.entities if x[1] in known)) for e in chosen]
+            return [e if e.labels <= known else _known_only(e, known) for e in chosen]
 
         return select
 

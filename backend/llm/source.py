@@ -34,13 +34,18 @@ class Found:
     empty_score: float | None = None  # confidence that the text has no entity, when it has none
     usage: Usage = field(default_factory=Usage)
     cached: bool = False
+    # the occurrence hint of each entity (None: none given); empty when the answer gave none at all
+    contexts: list[str | None] = field(default_factory=list)
 
     def to_cache(self) -> dict[str, Any]:
-        return {
+        value = {
             "entities": [list(e) for e in self.entities],
             "scores": [[t, l, s] for (t, l), s in self.scores.items()],
             "empty_score": self.empty_score,
         }
+        if self.contexts:
+            value["contexts"] = self.contexts
+        return value
 
     @classmethod
     def from_cache(cls, value: dict[str, Any]) -> "Found":
@@ -49,7 +54,14 @@ class Found:
             scores={Mention(t, l): s for t, l, s in value.get("scores", [])},
             empty_score=value.get("empty_score"),
             cached=True,
+            contexts=list(value.get("contexts") or []),
         )
+
+    def hinted(self) -> list[tuple[str, str]] | list[tuple[str, str, str | None]]:
+        """The entities as alignment takes them: with their hints when the answer gave some."""
+        if len(self.contexts) != len(self.entities) or not self.contexts:
+            return list(self.entities)
+        return [(t, l, c) for (t, l), c in zip(self.entities, self.contexts)]
 
 
 @dataclass
@@ -81,7 +93,8 @@ def found_from_answer(answer: Answer[list[Mention]]) -> Found:
     content = choice.content if choice is not None else None
     scores = _min_scores(entities, confidence.logprob_scores(content, tokens, entities))
     empty = confidence.answer_probability(tokens) if not entities else None
-    return Found(entities, scores, empty, answer.usage)
+    contexts = getattr(entities, "contexts", [])  # a Listing: the answer gave occurrence hints
+    return Found(entities, scores, empty, answer.usage, contexts=contexts)
 
 
 def _share(usage: Usage, parts: int) -> list[Usage]:
@@ -116,7 +129,7 @@ def found_per_text(answer: Answer[dict[str, list[Mention]]], ids: Sequence[str])
         for (owner, entity), score in zip(flat, scores):
             if owner == i and score is not None:
                 per[entity] = min(score, per.get(entity, score))
-        found[i] = Found(list(samples[0][i]), per, None, usage)
+        found[i] = Found(list(samples[0][i]), per, None, usage, contexts=getattr(samples[0][i], "contexts", []))
     return found
 
 

@@ -19,6 +19,16 @@ class Mention(NamedTuple):
     label: str
 
 
+class Listing(list):
+    """The mentions of one answer, in its order, with the occurrence hint the LLM gave each (a little
+    of the text around it, see spans/alignment.py; None where it gave none). A list of `Mention`
+    like any other: what does not use hints need not know of them."""
+
+    def __init__(self, mentions: Sequence[Mention] = (), contexts: Sequence[str | None] = ()):
+        super().__init__(mentions)
+        self.contexts = list(contexts)
+
+
 @dataclass(frozen=True)
 class FewShotExample:
     text: str
@@ -28,6 +38,8 @@ class FewShotExample:
     annotation_id: int | None = None
     # mentions the LLM proposed here and the annotator deleted: shown as "not entities"
     rejected: tuple[Mention, ...] = ()
+    # where each entity starts in `text`, when known: lets a prompt show occurrence hints
+    starts: tuple[int, ...] = ()
 
     @cached_property
     def labels(self) -> frozenset[str]:

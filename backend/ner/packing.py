@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from backend.infra.errors import LLMOutputError, validation_message
 from backend.ner.mentions import FewShotExample, Mention, entities_list
-from backend.ner.task import ListedMention, NerTask
+from backend.ner.task import ListedMention, NerTask, listing
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
 
@@ -38,7 +38,7 @@ class _Packed(BaseModel):
 
 
 def pack_repair_prompt(task: NerTask, error: str) -> str:
-    return task.templates.render("pack_repair", error=error)
+    return task.templates.render("pack_repair", error=error, hints=task.templates.hints)
 
 
 def packed_user(texts: Sequence[str]) -> str:
@@ -53,7 +53,7 @@ def packed_answer(answers: Sequence[Sequence[tuple[str, str]]]) -> str:
 
 def pack_messages(task: NerTask, texts: Sequence[str], examples: Sequence[FewShotExample] = ()) -> list[dict[str, str]]:
     """The system prompt with packing instructions, the examples as one packed exchange, then the texts."""
-    messages = [{"role": "system", "content": task.system_prompt() + "\n\n" + task.templates.render("pack")}]
+    messages = [{"role": "system", "content": task.system_prompt() + "\n\n" + task.templates.render("pack", hints=task.templates.hints)}]
     if examples:
         messages.append({"role": "user", "content": packed_user([e.text for e in examples])})
         messages.append({"role": "assistant", "content": packed_answer([e.entities for e in examples])})
@@ -111,5 +111,5 @@ def parse_packed(content: str | None) -> dict[str, list[Mention]]:
         except ValidationError as invalid:
             error = validation_message(invalid)
             continue
-        return {item.id: [Mention(e.text, e.label) for e in item.entities] for item in packed.results}
+        return {item.id: listing(item.entities) for item in packed.results}
     raise LLMOutputError(error)

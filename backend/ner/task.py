@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from backend.infra.errors import LLMOutputError, validation_message
 from backend.ner.labelconfig import NerTarget
-from backend.ner.mentions import FewShotExample, Mention, entities_json
+from backend.ner.mentions import FewShotExample, Listing, Mention, entities_json
 from backend.ner.templates import PromptTemplates, render_source
 
 
@@ -26,6 +26,14 @@ class ListedMention(BaseModel):
 
     text: str = Field(min_length=1)
     label: str = Field(min_length=1)
+    # occurrence hint: a little of the text around this mention (see alignment.py); optional
+    context: str | None = None
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _context_is_only_a_hint(cls, value: Any) -> Any:
+        # a malformed hint is no reason to ask the model again: it is simply not used
+        return value if isinstance(value, str) else None
 
 
 class _Answer(BaseModel):
@@ -37,6 +45,32 @@ class _Answer(BaseModel):
 @lru_cache(maxsize=256)  # a few selected examples per task; task texts themselves are never cached
 def _example_prompt(source: str, text: str) -> str:
     return render_source(source, text=text)
+
+
+def occurrence_context(text: str, start: int, end: int, width: int = 2, most: int = 8) -> str:
+    """The mention text[start:end] with `width` characters on each side, widened up to `most` until it
+    occurs once in the text: an occurrence hint as the prompts ask for it (spans/alignment.py reads it)."""
+    for size in range(width, most + 1):
+        context = text[max(0, start - size) : end + size]
+        first = text.find(context)
+        if text.find(context, first + 1) == -1:
+            break
+    return context
+
+
+def needs_hint(text: str, surface: str) -> bool:
+    """The entities the prompt asks a context for: one or two characters long, or repeated in the text."""
+    return len(surface) <= 2 or text.count(surface) > 1
+
+
+@lru_cache(maxsize=256)
+def hinted_answer_json(text: str, entities: tuple[tuple[str, str], ...], starts: tuple[int, ...]) -> str:
+    """A perfect answer with occurrence hints, as the hinting prompts ask for it (`context` or null)."""
+    items = []
+    for (surface, label), start in zip(entities, starts, strict=True):
+        hint = occurrence_context(text, start, start + len(surface)) if needs_hint(text, surface) else None
+        items.append({"text": surface, "label": label, "context": hint})
+    return json.dumps({"entities": items}, ensure_ascii=False)
 
 
 MAX_NEGATIVES = 10
@@ -61,7 +95,8 @@ class NerTask:
             if len(self._system_prompts) >= 64:
                 self._system_prompts.clear()
             prompt = self._system_prompts[negatives] = self.templates.render(
-                "system", labels=self.target.labels, guidelines=self.guidelines, negatives=list(negatives)
+                "system", labels=self.target.labels, guidelines=self.guidelines, negatives=list(negatives),
+                hints=self.templates.hints,
             )
         return prompt
 
@@ -77,12 +112,18 @@ class NerTask:
         messages = [{"role": "system", "content": self.system_prompt(examples)}]
         for example in examples:
             messages.append({"role": "user", "content": self.example_prompt(example.text)})
-            messages.append({"role": "assistant", "content": entities_json(example.entities)})
+            messages.append({"role": "assistant", "content": self.example_answer(example)})
         messages.append({"role": "user", "content": self.user_prompt(text)})
         return messages
 
+    def example_answer(self, example: FewShotExample) -> str:
+        """The assistant turn of a few-shot example: its entities, with hints when the prompt asks for them."""
+        if self.templates.hints and len(example.starts) == len(example.entities):
+            return hinted_answer_json(example.text, tuple(example.entities), tuple(example.starts))
+        return entities_json(example.entities)
+
     def repair_prompt(self, error: str) -> str:
-        return self.templates.render("repair", error=error)
+        return self.templates.render("repair", error=error, hints=self.templates.hints)
 
     def json_schema(self) -> dict[str, Any]:
         """For `response_format={"type": "json_schema"}`: labels as an enum, strict shape (built once:
@@ -92,6 +133,13 @@ class NerTask:
         return self._json_schema
 
     def _build_json_schema(self) -> dict[str, Any]:
+        properties: dict[str, Any] = {
+            "text": {"type": "string"},
+            "label": {"type": "string", "enum": list(self.target.label_names)},
+        }
+        if self.templates.hints:
+            # strict schemas list every property as required: "no hint" is null
+            properties["context"] = {"type": ["string", "null"]}
         return {
             "name": "entities",
             "strict": True,
@@ -102,11 +150,8 @@ class NerTask:
                         "type": "array",
                         "items": {
                             "type": "object",
-                            "properties": {
-                                "text": {"type": "string"},
-                                "label": {"type": "string", "enum": list(self.target.label_names)},
-                            },
-                            "required": ["text", "label"],
+                            "properties": properties,
+                            "required": list(properties),
                             "additionalProperties": False,
                         },
                     }
@@ -176,4 +221,12 @@ def parse_answer(content: str | None) -> list[Mention]:
 
 
 def _mentions(answer: _Answer) -> list[Mention]:
-    return [Mention(e.text, e.label) for e in answer.entities]
+    return listing(answer.entities)
+
+
+def listing(entities: Sequence[ListedMention]) -> list[Mention]:
+    """The mentions as written; a `Listing` carrying their occurrence hints when there are any."""
+    mentions = [Mention(e.text, e.label) for e in entities]
+    if any(e.context for e in entities):
+        return Listing(mentions, [e.context for e in entities])
+    return mentions

@@ -23,6 +23,8 @@ TEMPLATE_NAMES = ("system", "user", "repair", "marks", "pack", "pack_repair")
 class PromptTemplates:
     sources: dict[str, str]
     fingerprint: str
+    # ask for occurrence hints (a `context` per short or repeated entity): the templates get `hints`
+    hints: bool = False
 
     def render(self, name: str, **variables: object) -> str:
         return render_source(self.sources[name], **variables)
@@ -44,7 +46,7 @@ def _environment() -> SandboxedEnvironment:
     return SandboxedEnvironment(undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, autoescape=False)
 
 
-def load_templates(directory: Path) -> PromptTemplates:
+def load_templates(directory: Path, hints: bool = False) -> PromptTemplates:
     """Read and compile every template; a missing file or a syntax error names the file."""
     sources: dict[str, str] = {}
     for name in TEMPLATE_NAMES:
@@ -57,5 +59,8 @@ def load_templates(directory: Path) -> PromptTemplates:
             _environment().parse(sources[name])
         except TemplateSyntaxError as error:
             raise ConfigError(f"PROMPTS_DIR: {path}:{error.lineno}: {error.message}") from None
-    digest = hashlib.sha256("\0".join(sources[n] for n in TEMPLATE_NAMES).encode("utf-8")).hexdigest()[:16]
-    return PromptTemplates(sources=sources, fingerprint=digest)
+    # hints change the prompt and the answer's schema, so they are part of the fingerprint (and so of
+    # the model_version); without them the fingerprint is what it always was
+    parts = [sources[n] for n in TEMPLATE_NAMES] + (["hints"] if hints else [])
+    digest = hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]
+    return PromptTemplates(sources=sources, fingerprint=digest, hints=hints)

@@ -188,7 +188,7 @@ class Prelabeler:
             found = call.value
             founds.append(found)
             outcome.usage.add(found.usage)
-            kept = [(t, l) for t, l in found.entities if l in known]
+            kept = [item for item in found.hinted() if item[1] in known]
             outcome.dropped["unknown_label"] += len(found.entities) - len(kept)
             answers.append(kept)
         options = {"label_all_mentions": self.label_all_mentions, "allow_overlap": target.allow_overlap}

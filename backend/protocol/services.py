@@ -43,7 +43,7 @@ class Services:
         return cls(
             settings=settings,
             db=db,
-            templates=load_templates(settings.prompts_dir),
+            templates=load_templates(settings.prompts_dir, settings.occurrence_hints),
             llm=LLMClient(settings),
             cache=cache,
             usage=UsageLedger(db),

@@ -9,7 +9,8 @@ Finding a surface, in three tiers (the first tier that finds a usable occurrence
   3. `normalised`: on a folded view of the text (NFKC, case-folded, whitespace runs collapsed to
      one space, curly quotes and dash variants made ASCII, soft hyphens, zero-width and bidi
      control characters removed), mapped back to original offsets through an offset table.
-Every occurrence must sit on word boundaries (`Apple` never matches inside `Pineapple`) and must not
+A surface is stripped of surrounding whitespace, and of CJK sentence punctuation (、。，：；！？ and
+their full-width forms) at its ends. Every occurrence must sit on word boundaries (`Apple` never matches inside `Pineapple`) and must not
 split a grapheme cluster (a base and its combining marks, an emoji ZWJ sequence, CRLF). Scripts
 written without spaces (CJK, Thai, Lao, Khmer, Myanmar, Hangul with its particles) need no word
 boundary; punctuation at a surface's edge needs none either.
@@ -20,9 +21,20 @@ the next occurrence of its surface at or after the previous item's match that no
 occurrence from the start of the text (the LLM listed out of order). So two mentions of one string
 can carry two labels.
 
+Occurrence hints: an item may come with a `context`, a little of the text around the mention copied
+by the LLM (`中美关系` for the `中` of 中美关系). Its surface is then looked for inside the occurrences
+of the context (as is, else in the folded view), after the cursor first, then from the start; when
+the context is not found, or every mention inside it is taken, the item is placed as above. This is
+what tells apart the one-character names of unspaced scripts (中 China, 美 USA) from the same
+character inside an ordinary word (年中, 美好).
+
 `label_all_mentions`: afterwards, every other occurrence of a matched surface is labelled too, unless
 the LLM gave that (normalised) surface more than one label. Such added spans never displace or
-overlap a span the LLM listed.
+overlap a span the LLM listed. One exception: an occurrence of a one-character surface of an
+unspaced script (a Chinese character, a Thai letter) that touches a letter of such a script on
+either side is never added, since without word boundaries there is no telling a name (中 in 中美)
+from a piece of a longer word (中 in 年中); standing alone (between punctuation, spaces, digits or
+Latin letters) it is added.
 
 Overlaps (one `<Labels>`): unless `allow_overlap`, of two overlapping listed spans the longest wins
 (`prefer="longest"`, ties: the earlier start, then the earlier listed) or the earlier listed
@@ -65,6 +77,7 @@ class Alignment:
     dropped: Counter = field(default_factory=Counter)  # reason -> count
     matched: Counter = field(default_factory=Counter)  # tier -> count of listed items found by it
     added: int = 0  # spans added by label_all_mentions
+    hinted: int = 0  # listed items placed by their occurrence hint
 
 
 # ---------------------------------------------------------------- characters
@@ -86,6 +99,7 @@ _UNSPACED = (
     (0x20000, 0x3FFFF),
 )
 _UNSPACED_CLASS = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _UNSPACED)
+UNSPACED_CLASS = _UNSPACED_CLASS  # for a regex character class: [{UNSPACED_CLASS}]
 # a run of word characters of scripts written with spaces: the unit of the word index
 _WORD_RUN = re.compile(f"[^\\W{_UNSPACED_CLASS}]+")
 _WORD_RUN_SPLIT = re.compile(f"([^\\W{_UNSPACED_CLASS}]+)")
@@ -102,6 +116,8 @@ _FOLD_TABLE = str.maketrans(
         **{c: None for c in _IGNORABLE},
     }
 )
+# sentence punctuation of CJK text: never part of a name, but LLMs copy it along (`北京。`)
+_CJK_STOPS = "\u3001\u3002\uff01\uff0c\uff0e\uff1a\uff1b\uff1f"
 # what the folded view must handle char by char; everything else is ASCII copied in place (lowered)
 _SPECIAL = re.compile(r"\s{2,}|[^\S ]|[^\x00-\x7f\s]+")
 _NEEDS_FOLD = re.compile("[" + "".join(re.escape(chr(c)) for c in _FOLD_TABLE) + "]")
@@ -252,6 +268,14 @@ def normalise(surface: str) -> str:
 # ---------------------------------------------------------------- finding occurrences
 
 
+def _inner(context: str, surface: str) -> list[int]:
+    """Where the surface sits in a hint's context, the places nearest its middle first: a context
+    is copied around its mention, so of two 中 in `五年中，中美关系经历` the second is meant."""
+    places = [j for j in range(len(context) - len(surface) + 1) if context.startswith(surface, j)]
+    middle = len(context) - len(surface)  # twice the centred start, to stay in integers
+    return sorted(places, key=lambda j: (abs(2 * j - middle), j))
+
+
 class Aligner:
     """Finds occurrences of surfaces in one text; caches its lowered copy, folded view and word index."""
 
@@ -266,6 +290,17 @@ class Aligner:
         self._folded: dict[str, str] = {}
         self._plain_scans = 0
         self._occurrences: dict[tuple[str, str], tuple[list[int], list[tuple[int, int]]]] = {}
+        self.hinted = 0  # listed items placed by their occurrence hint
+
+    def undecidable(self, start: int, end: int) -> bool:
+        """A one-character span of an unspaced script touching a letter of one: a name (中 in 中美)
+        or a piece of a longer word (中 in 年中), no telling which."""
+        text = self.text
+        if end - start != 1 or not _unspaced(text[start]):
+            return False
+        return (start > 0 and _unspaced(text[start - 1]) and text[start - 1].isalpha()) or (
+            end < len(text) and _unspaced(text[end]) and text[end].isalpha()
+        )
 
     # -- boundaries
     def bounded(self, start: int, end: int) -> bool:
@@ -418,7 +453,7 @@ class Aligner:
     # -- the mention walk
     def walk(
         self,
-        entities: Iterable[tuple[str, str]],
+        entities: Iterable[tuple[str, str] | tuple[str, str, str | None]],
         *,
         lo: int = 0,
         hi: int | None = None,
@@ -427,6 +462,7 @@ class Aligner:
     ) -> tuple[list[tuple[Span, str]], Counter, Counter]:
         """Listed items -> (span, surface as listed) in listing order, drops by reason, finds by tier.
 
+        Items are (surface, label) or (surface, label, context): see "Occurrence hints" above.
         Only occurrences inside the window [lo, hi) are considered (a chunk of a long text); word
         boundaries are still judged on the whole text.
         """
@@ -438,13 +474,25 @@ class Aligner:
         occupied = bytearray(hi - lo)
         cursor = lo
         entities = list(entities)
-        self.expect(surface.strip() for surface, _ in entities if surface)
-        for surface, label in entities:
-            surface = (surface or "").strip()
+        self.expect(item[0].strip() for item in entities if item[0])
+        for item in entities:
+            surface = (item[0] or "").strip()
+            label = item[1]
+            if surface and (surface[0] >= "\u3001" or surface[-1] >= "\u3001") and (
+                surface[0] in _CJK_STOPS or surface[-1] in _CJK_STOPS
+            ):
+                surface = surface.strip(_CJK_STOPS).strip()
             if not surface:
                 dropped["empty"] += 1
                 continue
-            hit = self._locate(surface, cursor, lo, hi, taken, occupied, allow_overlap, tiers)
+            hit = None
+            if len(item) > 2 and item[2]:
+                context = item[2].strip()
+                if context and context != surface:
+                    hit = self._locate_hinted(surface, context, cursor, lo, hi, taken, occupied, allow_overlap)
+                    self.hinted += hit is not None
+            if hit is None:
+                hit = self._locate(surface, cursor, lo, hi, taken, occupied, allow_overlap, tiers)
             if hit is None:
                 dropped["not_found"] += 1
                 continue
@@ -458,6 +506,53 @@ class Aligner:
             found.append((Span(start, end, self.text[start:end], label), surface))
             cursor = start
         return found, dropped, matched
+
+    def _hint_candidates(self, surface: str, context: str, cursor: int, lo: int, hi: int) -> Iterator[tuple[int, int]]:
+        """Occurrences of `surface` inside occurrences of `context` in [lo, hi): after the cursor
+        first, then from lo; as they are, else (the context found nowhere) in the folded view."""
+        inner = _inner(context, surface)
+        found_context = False
+        if inner:
+            find, size, width = self.text.find, len(surface), len(context)
+            # pass 1: mentions starting at or after the cursor; pass 2: those before it
+            for begin, stop, after in ((max(lo, cursor - width + 1), hi, True), (lo, min(hi, cursor + width - 1), False)):
+                i = find(context, begin, stop)
+                while i != -1:
+                    found_context = True
+                    for j in inner:
+                        start = i + j
+                        if (start >= cursor) == after and self.bounded(start, start + size):
+                            yield start, start + size
+                    i = find(context, i + 1, stop)
+        if found_context:
+            return
+        needle, haystack = normalise(surface), normalise(context)
+        inner = _inner(haystack, needle) if needle else []
+        if not inner:
+            return
+        view = self.view()
+        spans = []
+        i = view.text.find(haystack)
+        while i != -1:
+            for j in inner:
+                span = view.to_original(i + j, i + j + len(needle))
+                if span is not None and lo <= span[0] and span[1] <= hi and self.bounded(*span):
+                    spans.append(span)
+            i = view.text.find(haystack, i + 1)
+        yield from (span for span in spans if span[0] >= cursor)
+        yield from (span for span in spans if span[0] < cursor)
+
+    def _locate_hinted(self, surface, context, cursor, lo, hi, taken, occupied, allow_overlap):
+        """The first free mention the hint points at, with the tier its characters match by; None to
+        fall back to the plain walk."""
+        for start, end in self._hint_candidates(surface, context, cursor, lo, hi):
+            if (start, end) in taken:
+                continue
+            if allow_overlap or occupied.find(1, start - lo, end - lo) == -1:
+                found = self.text[start:end]
+                tier = "exact" if found == surface else "case" if found.lower() == surface.lower() else "normalised"
+                return start, end, tier
+        return None
 
     def _candidates(self, tier: str, surface: str, cursor: int, lo: int, hi: int) -> Iterator[tuple[int, int]]:
         """Occurrences in [lo, hi): after the cursor first, then from lo (the LLM listed out of order)."""
@@ -564,7 +659,11 @@ def resolve(
             if len(names) == 1:  # more than one: the LLM itself told mentions apart, trust only its list
                 (label,) = names
                 wanted.update(dict.fromkeys(surfaces[folded], label))
-        extras = [(s - e, s, e, surface, wanted[surface]) for s, e, surface in aligner.every_occurrence(wanted, occupied)]
+        extras = [
+            (s - e, s, e, surface, wanted[surface])
+            for s, e, surface in aligner.every_occurrence(wanted, occupied)
+            if e - s > 1 or not aligner.undecidable(s, e)
+        ]
         extras.sort()
         for _, s, e, surface, label in extras:
             if occupied.find(1, s, e) == -1:
@@ -577,7 +676,7 @@ def resolve(
 
 def align(
     text: str,
-    entities: Iterable[tuple[str, str]],
+    entities: Iterable[tuple[str, str] | tuple[str, str, str | None]],
     *,
     label_all_mentions: bool = True,
     allow_overlap: bool = False,
@@ -588,4 +687,4 @@ def align(
     spans, added = resolve(
         aligner, listed, label_all_mentions=label_all_mentions, allow_overlap=allow_overlap, prefer=prefer, dropped=dropped
     )
-    return Alignment(spans=spans, dropped=dropped, matched=matched, added=added)
+    return Alignment(spans=spans, dropped=dropped, matched=matched, added=added, hinted=aligner.hinted)

@@ -90,7 +90,7 @@ def split(text: str, budget: int, overlap: int = 0) -> list[Chunk]:
 def align_chunks(
     text: str,
     chunks: Sequence[Chunk],
-    answers: Sequence[Sequence[tuple[str, str]]],
+    answers: Sequence[Sequence[tuple[str, str] | tuple[str, str, str | None]]],
     *,
     label_all_mentions: bool = True,
     allow_overlap: bool = False,
@@ -142,4 +142,4 @@ def align_chunks(
     spans, added = resolve(
         aligner, listed, label_all_mentions=label_all_mentions, allow_overlap=allow_overlap, prefer=prefer, dropped=dropped
     )
-    return Alignment(spans=spans, dropped=+dropped, matched=matched, added=added)
+    return Alignment(spans=spans, dropped=+dropped, matched=matched, added=added, hinted=aligner.hinted)

@@ -23,7 +23,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from backend.infra.logs import configure_logging, settings_secrets
     from backend.ner.templates import load_templates
 
-    load_templates(settings.prompts_dir)
+    load_templates(settings.prompts_dir, settings.occurrence_hints)
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     # prometheus_client's multiprocess mode: every worker writes its samples here, /metrics sums them
     prom_dir = settings.model_dir / "prometheus"
@@ -82,7 +82,7 @@ def run_import_conll(args: argparse.Namespace) -> int:
 
     client = connect(args.url, args.api_key)
     summary = import_conll(
-        client, args.files, project_id=args.project, create_title=args.create, per=args.per,
+        client, args.files, project_id=args.project, create_title=args.create, per=args.per, join=args.join,
         gold=args.gold, batch_size=args.batch_size, progress=not args.quiet,
     )
     print(summary.describe())
@@ -110,7 +110,7 @@ def run_predict_conll(args: argparse.Namespace) -> int:
     labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
     run = predict_conll(
         args.files, args.out, settings=load_settings(), per=args.per, labels=labels, scheme=args.scheme,
-        progress=not args.quiet,
+        join=args.join, progress=not args.quiet,
     )
     print(f"{run.units} tasks pre-labeled with {run.model} ({run.failed} failed), written to {args.out}")
     if run.report is not None:
@@ -144,7 +144,7 @@ def run_estimate(args: argparse.Namespace) -> int:
 
         result = estimate.estimate_project(connect(args.url, args.api_key), args.project, settings, args.examples, pack)
     elif args.files:
-        result = estimate.estimate_conll(args.files, settings, args.per, args.examples, pack)
+        result = estimate.estimate_conll(args.files, settings, args.per, args.examples, pack, args.join)
     else:
         raise ConfigError("give CoNLL files or --project")
     print(result.describe())
@@ -158,6 +158,15 @@ def _label_studio_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
                          required=not os.environ.get("LABEL_STUDIO_API_KEY"),
                          help="Label Studio access token (default $LABEL_STUDIO_API_KEY)")
+
+
+def _join_arg(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--join", choices=("auto", "space", "none"), default="auto",
+        help="how tokens become text: auto (default) joins a character-per-line file of Chinese, Japanese,"
+             " Thai... without spaces and anything else with one space, except next to such a character;"
+             " space: always one space; none: never a space",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--project", type=int, metavar="ID", help="an existing project (its config must have the file's labels)")
     where.add_argument("--create", metavar="TITLE", help="create a project with a label config for the file's labels")
     imp.add_argument("--per", choices=("document", "sentence"), default="document", help="one task per document (default) or sentence")
+    _join_arg(imp)
     imp.add_argument("--gold", choices=("annotations", "predictions", "none"), default="annotations",
                      help="gold tags as ground-truth annotations (default), as predictions of model version 'gold', or not at all")
     imp.add_argument("--batch-size", type=int, default=100, help="tasks per import call (default 100)")
@@ -196,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--out", required=True, metavar="OUT.conll", help="CoNLL with columns: token, gold tag (if any), predicted tag")
     offline.add_argument("--per", choices=("document", "sentence"), default="document")
     offline.add_argument("--labels", help="comma-separated labels to predict (default: the file's tag types)")
-    offline.add_argument("--scheme", choices=("IOB1", "IOB2", "BIOES"), default="IOB2", help="tags of the predicted column")
+    offline.add_argument("--scheme", choices=("IOB1", "IOB2", "BIOES", "BMES"), default="IOB2", help="tags of the predicted column")
+    _join_arg(offline)
     offline.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     offline.add_argument("--quiet", action="store_true", help="no progress bar")
     offline.set_defaults(handler=run_predict_conll)
@@ -214,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), help="Label Studio URL (default $LABEL_STUDIO_URL)")
     est.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"), help="default $LABEL_STUDIO_API_KEY")
     est.add_argument("--per", choices=("document", "sentence"), default="sentence", help="CoNLL: one task per sentence (default) or document")
+    _join_arg(est)
     est.add_argument("--examples", type=int, default=3, help="few-shot examples per prompt (default 3)")
     est.add_argument("--pack", type=int, metavar="N", help="texts per LLM call (default PACK_SIZE)")
     est.set_defaults(handler=run_estimate)

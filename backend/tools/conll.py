@@ -1,16 +1,28 @@
 """CoNLL files: read every common variant, build task texts with exact entity spans, write tags back.
 
 Reading accepts 2 to 4+ columns (space or tab separated; the token is the first column, the tag the
-last), IOB1, IOB2, BIOES/BILOU tags, `-DOCSTART-` lines at the start or the end of documents (or
+last), IOB1, IOB2, BIOES/BILOU and BMES tags, `-DOCSTART-` lines at the start or the end of documents (or
 none: the file is one document), blank-line sentences, CRLF and a missing final newline. Any entity
 type name is kept as written (`PER`, `creative-work`, ...).
 
 A malformed file raises `ConllError` with `file:line: what is wrong`, before anything else happens.
+
+Joining tokens into task text (`join`): "space" puts one space between tokens, "none" nothing, and
+"auto" (the default) decides per file. A file where fewer than half of the tokens holding letters
+are of scripts written without spaces (Chinese, Japanese, Thai, Lao, Khmer, Myanmar) is of a spaced
+language: one space, as always (an English file quoting `虎牢之戰` stays as it was). Otherwise, when
+nine in ten or more of those tokens are single characters, the file is character-per-line (MSRA,
+Resume, Weibo, People's Daily): its tokens join without spaces, digits and Latin letters included
+(`1 9 9 7 年` -> `1997年`), except that two whole words of a spaced script keep one (`Bill Gates`).
+Else it is word-segmented: one space, except next to a character of an unspaced script or of CJK
+punctuation and full-width forms (`東京 に 住む John Smith` -> `東京に住むJohn Smith`).
+Hangul counts as spaced: Korean puts spaces between words.
 """
 
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +31,33 @@ from backend.infra.errors import BackendError
 
 DOCSTART = "-DOCSTART-"
 OUTSIDE = "O"
-# BILOU's L/U are BIOES's E/S under other names
-_PREFIXES = {"B": "B", "I": "I", "E": "E", "S": "S", "L": "E", "U": "S"}
+# BILOU's L/U are BIOES's E/S under other names, BMES's M is BIOES's I
+_PREFIXES = {"B": "B", "I": "I", "E": "E", "S": "S", "L": "E", "U": "S", "M": "I"}
+SCHEMES = ("IOB1", "IOB2", "BIOES", "BMES")
+JOINS = ("auto", "space", "none")
+# scripts written without spaces between words, with CJK punctuation, symbols and full-width forms
+# (Hangul is left out: Korean is written with spaces between words)
+_UNSPACED = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x2E80, 0x2FDF),  # CJK radicals
+    (0x3000, 0x303F),  # CJK punctuation: 、。〈〉「」【】
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3100, 0x312F),  # Bopomofo
+    (0x31C0, 0x31FF),
+    (0x3200, 0x33FF),  # enclosed and compatibility CJK
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xF900, 0xFAFF),
+    (0xFE10, 0xFE1F),  # vertical forms
+    (0xFE30, 0xFE4F),  # CJK compatibility forms
+    (0xFF00, 0xFFEF),  # full-width ASCII (，！１Ａ), half-width Katakana
+    (0x20000, 0x3FFFF),
+)
+# of a file's tokens holding a letter of an unspaced script, the share of single characters from
+# which it is read as character-per-line (word-segmented Chinese or Japanese has about half of them)
+CHARACTER_PER_LINE = 0.9
 
 
 class ConllError(BackendError):
@@ -75,20 +112,26 @@ def split_tag(tag: str) -> tuple[str, str | None]:
         return OUTSIDE, None
     if len(tag) > 2 and tag[1] in "-_" and tag[0] in _PREFIXES:
         return _PREFIXES[tag[0]], tag[2:]
-    raise ValueError(f"tag {tag!r} is neither O nor a B-/I-/E-/S-/L-/U- prefix with a type")
+    raise ValueError(f"tag {tag!r} is neither O nor a B-/I-/E-/S-/M-/L-/U- prefix with a type")
 
 
 def detect_scheme(tags: Iterable[str]) -> str:
-    """"BIOES" if any E-/S- (or L-/U-) tag, "IOB2" if every entity starts with B-, else "IOB1"."""
+    """"BMES" if any M- tag, else "BIOES" if any E-/S- (or L-/U-) tag, "IOB2" if every entity starts
+    with B-, else "IOB1"."""
     previous: tuple[str, str | None] = (OUTSIDE, None)
     iob1 = False
+    ends = False
     for tag in tags:
         prefix, label = split_tag(tag)
+        if tag[0] == "M":
+            return "BMES"
         if prefix in "ES":
-            return "BIOES"
+            ends = True
         if prefix == "I" and (previous[0] == OUTSIDE or previous[1] != label):
             iob1 = True
         previous = (prefix, label)
+    if ends:
+        return "BIOES"
     return "IOB1" if iob1 else "IOB2"
 
 
@@ -123,18 +166,21 @@ def decode(tags: Sequence[str]) -> list[Entity]:
 
 
 def encode(length: int, entities: Iterable[Entity], scheme: str = "IOB2") -> list[str]:
-    """Tags for `length` tokens carrying `entities` (non-overlapping), in IOB1, IOB2 or BIOES."""
+    """Tags for `length` tokens carrying `entities` (non-overlapping), in IOB1, IOB2, BIOES or BMES."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
     tags = [OUTSIDE] * length
     previous_end, previous_label = -1, None
     for entity in sorted(entities, key=lambda e: e.start):
         size = entity.end - entity.start
-        if scheme == "BIOES":
+        if scheme in ("BIOES", "BMES"):
+            inside = "M" if scheme == "BMES" else "I"
             if size == 1:
                 tags[entity.start] = f"S-{entity.label}"
             else:
                 tags[entity.start] = f"B-{entity.label}"
                 for i in range(entity.start + 1, entity.end - 1):
-                    tags[i] = f"I-{entity.label}"
+                    tags[i] = f"{inside}-{entity.label}"
                 tags[entity.end - 1] = f"E-{entity.label}"
         else:
             # IOB1 uses B- only where an entity directly follows one of the same type
@@ -276,7 +322,51 @@ class Unit:
         return f"{self.source}#d{self.document}{suffix}"
 
 
-def _unit(document: Document, sentences: list[Sentence], sentence: int | None) -> Unit:
+def _unspaced(ch: str) -> bool:
+    o = ord(ch)
+    return o >= 0x0E00 and any(a <= o <= b for a, b in _UNSPACED)
+
+
+def _one_character(token: str) -> bool:
+    """One character with its combining marks (a Thai consonant and its vowel signs count as one)."""
+    return sum(1 for ch in token if unicodedata.category(ch)[0] != "M") == 1
+
+
+def join_mode(tokens: Iterable[str], join: str = "auto") -> str:
+    """How to join these tokens (one file's): "space", "none", "characters" (a character-per-line
+    file) or "mixed" (a space unless an unspaced script touches it); see the module's docstring."""
+    if join not in JOINS:
+        raise ValueError(f"join must be one of {', '.join(JOINS)}, not {join!r}")
+    if join != "auto":
+        return join
+    words = unspaced = single = 0
+    for token in tokens:
+        if token.isascii():  # the usual token of a spaced language: no need to look at its characters
+            words += any(ch.isalpha() for ch in token)
+            continue
+        if any(_unspaced(ch) and ch.isalpha() for ch in token):
+            unspaced += 1
+            single += _one_character(token)
+        elif any(ch.isalpha() for ch in token):
+            words += 1
+    if unspaced * 2 <= words + unspaced or not unspaced:
+        return "space"
+    return "characters" if single >= CHARACTER_PER_LINE * unspaced else "mixed"
+
+
+def separator(left: str, right: str, mode: str) -> str:
+    """What goes between two consecutive tokens of a sentence under a join mode."""
+    if mode == "space":
+        return " "
+    if mode == "none" or _unspaced(left[-1]) or _unspaced(right[0]):
+        return ""
+    if mode == "characters":
+        # two whole words of a spaced script on their lines (`Bill` `Gates`) were two words
+        return " " if not (_one_character(left) or _one_character(right)) else ""
+    return " "
+
+
+def _unit(document: Document, sentences: list[Sentence], sentence: int | None, mode: str = "space") -> Unit:
     parts: list[str] = []
     offsets: list[list[tuple[int, int]]] = []
     entities: list[SpanEntity] = []
@@ -286,13 +376,16 @@ def _unit(document: Document, sentences: list[Sentence], sentence: int | None) -
             parts.append("\n")
             cursor += 1
         spans = []
-        for t_index, token in enumerate(sent.tokens):
-            if t_index:
-                parts.append(" ")
-                cursor += 1
+        previous = None
+        for token in sent.tokens:
+            if previous is not None:
+                gap = separator(previous, token.text, mode)
+                parts.append(gap)
+                cursor += len(gap)
             spans.append((cursor, cursor + len(token.text)))
             parts.append(token.text)
             cursor += len(token.text)
+            previous = token.text
         offsets.append(spans)
     text = "".join(parts)
     for sent, spans in zip(sentences, offsets):
@@ -302,17 +395,24 @@ def _unit(document: Document, sentences: list[Sentence], sentence: int | None) -
     return Unit(text, sentences, offsets, document.source, document.index, sentence, entities, document.has_docstart)
 
 
-def build_units(documents: Iterable[Document], per: str = "document") -> list[Unit]:
-    """One unit per document (sentences joined by newlines) or per sentence; tokens joined by one space."""
+def build_units(documents: Iterable[Document], per: str = "document", join: str = "auto") -> list[Unit]:
+    """One unit per document (sentences joined by newlines) or per sentence; tokens joined as `join`
+    says (see the module's docstring), decided once per file so that all its tasks read alike."""
     if per not in ("document", "sentence"):
         raise ValueError(f"per must be 'document' or 'sentence', not {per!r}")
+    documents = list(documents)
+    by_file: dict[str, list[str]] = {}
+    for document in documents:
+        by_file.setdefault(document.source, []).extend(t.text for s in document.sentences for t in s.tokens)
+    modes = {source: join_mode(tokens, join) for source, tokens in by_file.items()}
     units: list[Unit] = []
     for document in documents:
+        mode = modes[document.source]
         if per == "document":
-            units.append(_unit(document, document.sentences, None))
+            units.append(_unit(document, document.sentences, None, mode))
         else:
             for index, sentence in enumerate(document.sentences):
-                units.append(_unit(document, [sentence], index))
+                units.append(_unit(document, [sentence], index, mode))
     return units
 
 

@@ -113,15 +113,20 @@ def estimate(
 
 
 def _ner_task(label_config: str, settings: Any) -> NerTask:
-    return NerTask(parse_label_config(label_config).targets[0], load_templates(settings.prompts_dir))
+    return NerTask(parse_label_config(label_config).targets[0], load_templates(settings.prompts_dir, settings.occurrence_hints))
 
 
-def estimate_conll(files: Sequence[str], settings: Any, per: str = "sentence", examples: int = 3, pack_size: int = 1) -> Estimate:
+def estimate_conll(
+    files: Sequence[str], settings: Any, per: str = "sentence", examples: int = 3, pack_size: int = 1, join: str = "auto"
+) -> Estimate:
     """A CoNLL file as tasks (one per sentence or document); its first `examples` units serve as few-shot examples."""
     documents = read_files(files)
-    units = build_units(documents, per=per)
+    units = build_units(documents, per=per, join=join)
     task = _ner_task(label_config_for(labels_of(documents)), settings)
-    shots = [FewShotExample(u.text, tuple((e.text, e.label) for e in u.entities)) for u in units[:examples]]
+    shots = [
+        FewShotExample(u.text, tuple((e.text, e.label) for e in u.entities), starts=tuple(e.start for e in u.entities))
+        for u in units[:examples]
+    ]
     texts = [(u.text, [(e.text, e.label) for e in u.entities]) for u in units]
     return estimate(task, texts, shots, settings, pack_size)
 

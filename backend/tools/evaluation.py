@@ -179,6 +179,7 @@ def predict_conll(
     per: str = "document",
     labels: Sequence[str] | None = None,
     scheme: str = "IOB2",
+    join: str = "auto",
     progress: bool = True,
 ) -> OfflineRun:
     from backend.infra.deadline import map_in_order
@@ -194,9 +195,9 @@ def predict_conll(
         raise EvaluationError("the file has no entity tags: give the labels to predict with --labels PER,ORG,...")
     schema = parse_label_config(label_config_for(chosen))
     target = schema.targets[0]
-    units = build_units(documents, per=per)
+    units = build_units(documents, per=per, join=join)
     llm = LLMClient(settings)
-    prelabeler = Prelabeler.from_settings(settings, schema, load_templates(settings.prompts_dir), llm)
+    prelabeler = Prelabeler.from_settings(settings, schema, load_templates(settings.prompts_dir, settings.occurrence_hints), llm)
 
     bar = tqdm(total=len(units), unit="task", desc="pre-labeling", file=sys.stderr, disable=not progress)
 

@@ -53,7 +53,10 @@ def connect(url: str, api_key: str) -> Any:
 
 def _detail(body: Any) -> str:
     if isinstance(body, dict):
-        for key in ("detail", "validation_errors", "message", "error"):
+        # "Validation error" alone says nothing: what failed is in validation_errors
+        if body.get("validation_errors"):
+            return f"{body.get('detail') or 'invalid'}: {body['validation_errors']}"[:300]
+        for key in ("detail", "message", "error"):
             if body.get(key):
                 return str(body[key])[:300]
     return str(body)[:300] if body else ""
@@ -164,6 +167,7 @@ def import_conll(
     project_id: int | None = None,
     create_title: str | None = None,
     per: str = "document",
+    join: str = "auto",
     gold: str = "annotations",
     batch_size: int = 100,
     progress: bool = True,
@@ -176,7 +180,7 @@ def import_conll(
         raise ImportRefused("--batch-size must be at least 1")
     documents = read_files(paths)  # a malformed file stops everything here
     labels = labels_of(documents)
-    units = build_units(documents, per=per)
+    units = build_units(documents, per=per, join=join)
 
     with sdk_errors("import"):
         return _import(client, units, labels, project_id, create_title, gold, batch_size, progress)
