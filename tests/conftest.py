@@ -12,6 +12,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.fake_llm import FakeLLM
-from tests.processes import TEST_API_KEY, Backend, LabelStudio, backend_env, run_backend, run_label_studio
+from tests.processes import REPO, TEST_API_KEY, Backend, LabelStudio, backend_env, run_backend, run_label_studio
 
 WIKIGOLD = Path(__file__).resolve().parent / "data" / "wikigold" / "wikigold.conll.txt"
 # small Chinese samples written for this project (tests/data/zh/README.md)
@@ -328,3 +331,50 @@ def gazetteer_spans(text: str, gazetteer: dict[str, str]) -> set[tuple[int, int,
         for surface, label in gazetteer.items()
         for m in re.finditer(rf"(?<!\w){re.escape(surface)}(?!\w)", text)
     }
+
+
+# ---- the llm-ner command and Label Studio projects it makes ----
+def run_cli(llm, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`llm-ner ARGS` on the fake LLM, settings from `env`."""
+    environment = backend_env(llm.base_url, Path("/nonexistent"), **env)
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`llm-ner ARGS` with no LABEL_STUDIO_* or OPENAI_* from the environment but `env`."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "OPENAI_"))}
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+def ls_args(label_studio) -> list[str]:
+    return ["--url", label_studio.url, "--api-key", label_studio.token]
+
+
+def stored(result) -> set[tuple[int, int, str]]:
+    return set(region_tuples(result, "start", "end", "label"))
+
+
+def plain(item) -> dict:
+    # the SDK gives annotations as dicts but predictions as pydantic models
+    return item if isinstance(item, dict) else item.model_dump()
+
+
+def predictions(task) -> list[dict]:
+    return [plain(p) for p in task.predictions]
+
+
+def tasks_of(client, project_id: int):
+    return sorted(client.tasks.list(project=project_id), key=lambda t: t.id)
+
+
+def project_id_from(output: str) -> int:
+    # "created project 7: imported ..."
+    return int(output.split("project ", 1)[1].split(":", 1)[0])
+
+
+def figures(output):
+    """The estimate's table: a name padded to 16 characters, then its value."""
+    return {line[:16].strip(): line[16:].strip() for line in output.strip().splitlines()}

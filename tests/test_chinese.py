@@ -10,10 +10,8 @@ import httpx
 import pytest
 
 from backend.tools.conll import build_units, read_conll
-from tests.conftest import ZH_DATA
+from tests.conftest import ZH_DATA, cli, figures, ls_args, predictions, project_id_from, run_cli, stored, tasks_of
 from tests.fake_llm import ONE_TEXT, Reply, last_user_text
-from tests.test_conll_predict import run_cli
-from tests.test_import_evaluate import cli, ls_args, predictions, project_id_from, stored, tasks_of
 
 BIO = ZH_DATA / "sample.bio.conll"
 BMES = ZH_DATA / "resume.bmes.conll"
@@ -92,15 +90,15 @@ def test_an_occurrence_hint_from_the_llm_places_a_one_character_name_end_to_end(
 
 
 def test_hints_are_kept_in_the_response_cache(make_client, llm):
-    from tests.conftest import predict_texts
+    from tests.conftest import predict
     from tests.fake_llm import entities_reply
 
     llm.replies.append(Reply(content=json.dumps({"entities": [{"text": "中", "label": "LOC", "context": "，中美"}]})))
     text = "年中，中美两国"
-    first = predict_texts(make_client(setup_project="1.1", prompt_language="zh"), [text])
+    first = predict(make_client(setup_project="1.1", prompt_language="zh"), [text])["results"]
     # a second app on the same MODEL_DIR answers from the shared cache: the hint must have been kept
     llm.replies.append(entities_reply([("中", "LOC")]))
-    again = predict_texts(make_client(setup_project="1.1", prompt_language="zh"), [text])
+    again = predict(make_client(setup_project="1.1", prompt_language="zh"), [text])["results"]
     assert len(llm.requests) == 1
     assert [[(r["value"]["start"], r["value"]["text"]) for r in answer["result"]] for answer in (first[0], again[0])] == [
         [(3, "中")], [(3, "中")]
@@ -108,7 +106,7 @@ def test_hints_are_kept_in_the_response_cache(make_client, llm):
 
 
 def test_packed_answers_keep_their_hints(make_client, llm):
-    from tests.conftest import predict_texts
+    from tests.conftest import predict
     from tests.fake_llm import PACKED_TEXT
 
     texts = ["年中，中美两国", "月中，中日两国"]
@@ -120,7 +118,7 @@ def test_packed_answers_keep_their_hints(make_client, llm):
         return Reply(content=json.dumps({"results": results}, ensure_ascii=False))
 
     llm.responder = responder
-    answers = predict_texts(make_client(setup_project="1.1", prompt_language="zh", pack_size=4), texts)
+    answers = predict(make_client(setup_project="1.1", prompt_language="zh", pack_size=4), texts)["results"]
     assert len(llm.requests) == 1
     assert [[(r["value"]["start"], r["value"]["text"]) for r in a["result"]] for a in answers] == [[(3, "中")], [(3, "中")]]
 
@@ -132,11 +130,9 @@ def test_estimate_counts_the_natural_chinese_text_and_the_chinese_prompts(llm):
     from backend.ner.templates import load_templates
     from backend.tools.estimate import count_message_tokens
     from backend.tools.importer import label_config_for
-    from tests.test_costs import figures
-    from tests.test_costs import run_cli as estimate_cli
 
-    natural = figures(estimate_cli("estimate", str(BIO), "--examples", "0", PROMPT_LANGUAGE="zh").stdout)
-    spaced = figures(estimate_cli("estimate", str(BIO), "--examples", "0", "--join", "space", PROMPT_LANGUAGE="zh").stdout)
+    natural = figures(cli("estimate", str(BIO), "--examples", "0", env={"PROMPT_LANGUAGE": "zh"}).stdout)
+    spaced = figures(cli("estimate", str(BIO), "--examples", "0", "--join", "space", env={"PROMPT_LANGUAGE": "zh"}).stdout)
     # independently: the Chinese messages of each natural sentence, counted with the same tokenizer
     settings = load_settings(openai_api_key="unused", prompt_language="zh", _env_file=None)
     units = build_units(read_conll(BIO), per="sentence")

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from backend.tools.conll import build_units, read_conll
-from tests.conftest import gazetteer_for, gazetteer_spans, wikigold_slice
-from tests.processes import REPO, TEST_API_KEY, backend_env
-
-
-def run_cli(llm, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environment = backend_env(llm.base_url, Path("/nonexistent"), **env)
-    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=300)
+from tests.conftest import gazetteer_for, gazetteer_spans, run_cli, wikigold_slice
+from tests.processes import TEST_API_KEY
 
 
 def test_predict_conll_labels_wikigold_with_the_backend_pipeline_and_scores_it(tmp_path, llm):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from backend.infra.usage import UsageLedger, price_of
-from tests.conftest import WIKIGOLD, metric, predict
+from tests.conftest import WIKIGOLD, figures, metric, predict
 from tests.processes import REPO
 
 
@@ -50,11 +50,6 @@ def run_cli(*args, **env):
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "PACK_"))}
     environment.update(env)
     return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
-
-
-def figures(output):
-    """The estimate's table: a name padded to 16 characters, then its value."""
-    return {line[:16].strip(): line[16:].strip() for line in output.strip().splitlines()}
 
 
 @pytest.fixture

@@ -4,52 +4,17 @@ evaluate with the CLI, and check the figures against an independent computation.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import httpx
 import pytest
 
 from backend.tools.conll import build_units, read_conll
-from tests.conftest import NER_CONFIG, gazetteer_for, gazetteer_spans, region_tuples, wikigold_slice
-from tests.processes import REPO
+from tests.conftest import (
+    NER_CONFIG, cli, gazetteer_for, gazetteer_spans, ls_args, predictions, project_id_from, stored, tasks_of,
+    wikigold_slice,
+)
 
 pytestmark = pytest.mark.label_studio
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "OPENAI_"))}
-    environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=600)
-
-
-def ls_args(label_studio) -> list[str]:
-    return ["--url", label_studio.url, "--api-key", label_studio.token]
-
-
-def stored(result) -> set[tuple[int, int, str]]:
-    return set(region_tuples(result, "start", "end", "label"))
-
-
-def plain(item) -> dict:
-    # the SDK gives annotations as dicts but predictions as pydantic models
-    return item if isinstance(item, dict) else item.model_dump()
-
-
-def predictions(task) -> list[dict]:
-    return [plain(p) for p in task.predictions]
-
-
-def tasks_of(client, project_id: int):
-    return sorted(client.tasks.list(project=project_id), key=lambda t: t.id)
-
-
-def project_id_from(output: str) -> int:
-    # "created project 7: imported ..."
-    return int(output.split("project ", 1)[1].split(":", 1)[0])
 
 
 def test_import_predict_evaluate_on_wikigold_matches_an_independent_computation(label_studio, backend_factory, llm, tmp_path):
