@@ -15,6 +15,7 @@ from backend.learning import webhooks
 from backend.learning.store import ExampleStore
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline import warmstart
+from backend.pipeline.delivery import Delivery
 from backend.pipeline.interactive import Marks, interactive_results, read_marks, submitted_guidelines
 from backend.pipeline.prelabel import Prelabeler, unanswered_reason
 from backend.protocol.base import LabelStudioMLBase
@@ -59,12 +60,15 @@ class NERModel(LabelStudioMLBase):
             marks = read_marks(context, self.schema, tasks[0].get("data") or {}, self.settings.guidelines_textarea)
             if marks:
                 return ModelResponse(model_version=version, predictions=[self.predict_interactive(tasks[0], marks, version)])
-        outcomes = self.prelabeler(version).prelabel_many(
+        prelabeler = self.prelabeler(version)
+        outcomes = prelabeler.prelabel_many(
             tasks,
             concurrency=self.settings.predict_concurrency,
             deadline_seconds=self.settings.predict_deadline,
             pack_size=self.settings.pack_size,
             pack_max_chars=self.settings.pack_max_chars,
+            # tasks the deadline cuts run on (PREDICT_BACKLOG): cached, and written into Label Studio
+            keep_late=(lambda i: self.keep_late(prelabeler, tasks[i], version)) if self.settings.predict_backlog else None,
         )
         self.services.usage.account(self.project_id, [None if o.error else o.value.usage for o in outcomes], self.services.price)
         predictions: list[PredictionValue | None] = []
@@ -77,9 +81,41 @@ class NERModel(LabelStudioMLBase):
                 predictions.append(None)
             else:
                 predictions.append(PredictionValue(result=outcome.value.results, score=outcome.value.score, model_version=version))
+        if self.services.writer is not None:
+            predictions = self.claim_deliveries(tasks, predictions, version)
         # The LLM's drafts, so a correction can later be paired with what it corrected (preference export).
         self.examples.record_drafts(self.schema, tasks, [p.result if p is not None else None for p in predictions], version)
         return ModelResponse(model_version=version, predictions=predictions)
+
+    def keep_late(self, prelabeler: Prelabeler, task: dict[str, Any], version: str):
+        """A task the deadline cut keeps running in the background, within PREDICT_BACKLOG; its answer
+        reaches the cache (a second Retrieve Predictions is answered from it) and, with Label Studio
+        credentials, Label Studio itself."""
+        backlog = self.services.backlog
+        if not backlog.admit():
+            return None
+        metrics.BACKLOG.inc()
+
+        def done(outcome) -> None:
+            backlog.done()
+            metrics.BACKLOG.dec()
+            prelabeler.source.flush()  # every worker's next request finds the answer
+            if outcome.error is not None:
+                log.warning("task %s: no pre-labels after the deadline either: %s", task.get("id"), outcome.error)
+                return
+            results, task_id = outcome.value.results, task.get("id")
+            self.examples.record_drafts(self.schema, [task], [results], version)
+            if self.services.writer is not None and isinstance(task_id, int):
+                self.services.writer.submit(Delivery(self.project_id, task_id, version, results, outcome.value.score))
+
+        return done
+
+    def claim_deliveries(self, tasks: list[dict[str, Any]], predictions: list[PredictionValue | None], version: str):
+        """A task whose prediction of this version the backend already wrote into Label Studio (work a
+        deadline cut, or a project job) is answered [], so Label Studio never holds it twice."""
+        answered = [t["id"] for t, p in zip(tasks, predictions) if p is not None and isinstance(t.get("id"), int)]
+        mine = self.services.deliveries.claim(self.project_id, version, answered)
+        return [p if p is None or not isinstance(t.get("id"), int) or t["id"] in mine else None for t, p in zip(tasks, predictions)]
 
     def predict_interactive(self, task: dict[str, Any], marks: Marks, version: str) -> PredictionValue:
         results = interactive_results(

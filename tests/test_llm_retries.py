@@ -134,16 +134,18 @@ def test_a_deadline_with_calls_in_flight_answers_every_task_in_order(make_client
     assert elapsed < 3.0
 
 
+# With PREDICT_BACKLOG=0 a task the deadline cuts is dropped, so no wait or call that cannot finish
+# in time is even started. (With a backlog, the default, cut tasks run on: tests/test_backlog.py.)
 def test_a_retry_after_beyond_the_deadline_fails_the_task_without_waiting(make_client, llm, clock):
     llm.replies.append(Reply(status=429, headers={"Retry-After": "30"}))
-    assert region_tuples_per_task(predict(make_client(predict_deadline=5), ["Oslo."]), "text") == [None]
+    assert region_tuples_per_task(predict(make_client(predict_deadline=5, predict_backlog=0), ["Oslo."]), "text") == [None]
     assert clock.sleeps == []
     assert len(llm.requests) == 1
 
 
 def test_requests_per_minute_limit_is_enforced_and_never_overruns_the_deadline(make_client, llm, clock):
     llm.gazetteer = {"Oslo": "LOC"}
-    client = make_client(llm_rpm=2, predict_deadline=2, predict_concurrency=1)
+    client = make_client(llm_rpm=2, predict_deadline=2, predict_concurrency=1, predict_backlog=0)
     result = region_tuples_per_task(predict(client, ["Oslo 1.", "Oslo 2.", "Oslo 3."]), "text")
     assert result == [["Oslo"], ["Oslo"], None]
     assert len(llm.requests) == 2
@@ -162,7 +164,7 @@ def test_a_call_over_the_requests_per_minute_limit_waits_for_room_when_the_deadl
 def test_tokens_per_minute_limit_counts_the_usage_the_api_reports(make_client, llm, clock):
     llm.gazetteer = {"Oslo": "LOC"}
     # each call reports ~200 prompt tokens (the fake: chars / 4): a 300-token budget fits one call a minute
-    client = make_client(llm_tpm=300, llm_max_tokens=16, predict_deadline=2, predict_concurrency=1)
+    client = make_client(llm_tpm=300, llm_max_tokens=16, predict_deadline=2, predict_concurrency=1, predict_backlog=0)
     result = region_tuples_per_task(predict(client, ["Oslo 1.", "Oslo 2."]), "text")
     assert result == [["Oslo"], None]
     assert len(llm.requests) == 1 and clock.sleeps == []

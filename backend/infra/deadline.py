@@ -53,34 +53,56 @@ def _inline(func: Callable[[I], O], item: I) -> Outcome[O]:
         return Outcome(error=error)
 
 
+def _outcome(future: Future[O]) -> Outcome[O]:
+    if future.cancelled():
+        return Outcome(error=DeadlineExceeded("cancelled"))
+    if future.exception() is not None:
+        return Outcome(error=future.exception())
+    return Outcome(value=future.result())
+
+
 def map_in_order(
-    func: Callable[[I], O], items: Sequence[I], *, concurrency: int, deadline_seconds: float
+    func: Callable[[I], O],
+    items: Sequence[I],
+    *,
+    concurrency: int,
+    deadline_seconds: float,
+    keep_late: Callable[[int], Callable[[Outcome[O]], None] | None] | None = None,
 ) -> list[Outcome[O]]:
+    """`func` over `items`, `concurrency` at a time; what is not done at the deadline is reported as
+    DeadlineExceeded. Without `keep_late`, work still running then is abandoned (its thread finishes
+    its current call) and work not started is cancelled. With it, the items run free of the deadline
+    and `keep_late(i)` is asked for each late item: a callback keeps it running in the background and
+    gets its outcome when it ends; None cancels it (what has not started never starts)."""
     if not items:
         return []
     started = time.monotonic()
     outer = time_left()  # nested under another request's deadline: never outlive it
-    if outer is not None:
+    if outer is not None and keep_late is None:
         deadline_seconds = min(deadline_seconds, max(0.0, outer))
         if len(items) == 1:
             # the outer map already abandons this thread at its deadline: a thread of our own
             # would only add its start-up time (milliseconds) to every task
             return [_inline(func, items[0])]
-    run = _under_deadline(func, started + deadline_seconds)
+    # kept work must not be cut by the request's deadline: it runs on, without one
+    run = func if keep_late is not None else _under_deadline(func, started + deadline_seconds)
     executor = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items))), thread_name_prefix="predict")
     try:
         futures: list[Future[O]] = [executor.submit(contextvars.copy_context().run, run, item) for item in items]
         wait(futures, timeout=max(0.0, deadline_seconds - (time.monotonic() - started)))
         outcomes: list[Outcome[O]] = []
-        for future in futures:
-            if not future.done():
+        for i, future in enumerate(futures):
+            if future.done():
+                outcomes.append(_outcome(future))
+                continue
+            on_end = keep_late(i) if keep_late is not None else None
+            if on_end is None:
                 future.cancel()
-                outcomes.append(Outcome(error=DeadlineExceeded(f"not finished within {deadline_seconds:g} s")))
-            elif future.exception() is not None:
-                outcomes.append(Outcome(error=future.exception()))
             else:
-                outcomes.append(Outcome(value=future.result()))
+                future.add_done_callback(lambda f, on_end=on_end: on_end(_outcome(f)))
+            outcomes.append(Outcome(error=DeadlineExceeded(f"not finished within {deadline_seconds:g} s")))
         return outcomes
     finally:
-        # do not wait for calls still in flight: their answers are no longer wanted
-        executor.shutdown(wait=False, cancel_futures=True)
+        # never wait for work in flight; without keep_late, what has not started is no longer wanted
+        # (with it, the cancelled futures above never start and the kept ones run on)
+        executor.shutdown(wait=False, cancel_futures=keep_late is None)

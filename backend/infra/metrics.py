@@ -33,6 +33,13 @@ EXAMPLES = Gauge(
     "llm_ner_examples", "Few-shot examples stored per project", ["project"], multiprocess_mode="mostrecent"
 )
 TASKS = Counter("llm_ner_predicted_tasks_total", "Tasks answered by /predict, by outcome", ["outcome"])
+DELIVERED = Counter(
+    "llm_ner_delivered_predictions_total", "Predictions written into Label Studio by the backend, by source", ["source"]
+)
+DELIVERY_FAILURES = Counter("llm_ner_delivery_failures_total", "Predictions that could not be written into Label Studio")
+BACKLOG = Gauge(
+    "llm_ner_backlog_tasks", "Tasks still being pre-labeled after their /predict's deadline", multiprocess_mode="livesum"
+)
 UNANSWERED = Counter(
     "llm_ner_unanswered_tasks_total",
     "Tasks /predict answered with no prediction (Label Studio asks again later), by reason",

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     predict_deadline: float = Field(
         default=90.0, gt=0, description="seconds; below Label Studio's 100 s ML_TIMEOUT_PREDICT"
     )
+    predict_backlog: int = Field(
+        default=10_000, ge=0, le=1_000_000,
+        description="tasks per worker kept pre-labeling after their /predict's deadline (0 = drop them)",
+    )
 
     # --- the LLM call engine: retries, limits, cache, packing, cost, confidence ---
     llm_max_retries: int = Field(default=4, ge=0, le=20, description="retries of 429/5xx/timeouts/connection errors")

@@ -83,6 +83,16 @@ CREATE TABLE IF NOT EXISTS llm_usage (
     cost_usd REAL NOT NULL DEFAULT 0
 );
 """,
+    """
+-- pipeline/delivery.py: which (task, model_version) pre-labels were delivered to Label Studio, and by whom first
+CREATE TABLE deliveries (
+    project_id TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    model_version TEXT NOT NULL,
+    delivered_at REAL NOT NULL,
+    PRIMARY KEY (project_id, model_version, task_id)
+);
+""",
 )
 
 
@@ -171,4 +181,5 @@ class Database:
 
 def _statements(script: str) -> list[str]:
     # executescript() would COMMIT the open transaction first: run the statements one by one inside it
-    return [s.strip() for s in script.split(";") if s.strip() and not s.strip().startswith("--")]
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in code.split(";") if s.strip()]

@@ -134,9 +134,11 @@ class Prelabeler:
     def prelabel_many(
         self, tasks: Sequence[dict[str, Any]], *, concurrency: int, deadline_seconds: float, pack_size: int = 1,
         pack_max_chars: int = 1000,
+        keep_late: Callable[[int], Callable[[Outcome[TaskOutcome]], None] | None] | None = None,
     ) -> list[Outcome[TaskOutcome]]:
         """Every task's pre-labels under one deadline: one outcome per task, in task order, each a
-        TaskOutcome or the error that replaced it (DeadlineExceeded for what did not finish)."""
+        TaskOutcome or the error that replaced it (DeadlineExceeded for what did not finish).
+        `keep_late`: see `map_in_order` (tasks the deadline cuts may run on in the background)."""
         deadline = time.monotonic() + deadline_seconds
         if pack_size > 1:  # short texts several to a call; each task below finds its answer
             self.prefill(tasks, pack_size, pack_max_chars, concurrency, deadline)
@@ -145,6 +147,7 @@ class Prelabeler:
             tasks,
             concurrency=concurrency,
             deadline_seconds=deadline - time.monotonic(),
+            keep_late=keep_late,
         )
         self.source.flush()  # this request's answers, for every worker's next request
         return outcomes

@@ -26,7 +26,6 @@ from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.services import Services
 from backend.protocol.wire import (
-    PredictionValue,
     PredictRequest,
     PredictResponse,
     SetupRequest,

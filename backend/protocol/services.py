@@ -20,6 +20,7 @@ from backend.learning.store import IndexCache
 from backend.llm.cache import ResponseCache
 from backend.llm.client import LLMClient
 from backend.ner.templates import PromptTemplates, load_templates
+from backend.pipeline.delivery import Backlog, Deliveries, PredictionWriter, label_studio_client
 
 
 @dataclass
@@ -33,6 +34,9 @@ class Services:
     example_indexes: IndexCache = field(default_factory=IndexCache)
     rebuilds: OnePerKey = field(default_factory=OnePerKey)  # START_TRAINING: one rebuild per project
     warm_start: threading.Lock = field(default_factory=threading.Lock)  # one warm-start batch at a time
+    deliveries: Deliveries | None = None  # who delivered which pre-labels to Label Studio
+    backlog: Backlog = field(default_factory=lambda: Backlog(0))  # tasks pre-labeled past their deadline
+    writer: PredictionWriter | None = None  # writes late pre-labels into Label Studio (needs its credentials)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
@@ -40,6 +44,11 @@ class Services:
         cache = ResponseCache(db, settings.llm_cache_max_rows) if settings.llm_cache else None
         if cache is not None:
             atexit.register(cache.flush)  # a worker stopped gracefully keeps its last answers
+        deliveries = Deliveries(db)
+        writer = None
+        if settings.label_studio_url and settings.label_studio_api_key:
+            client = label_studio_client(settings.label_studio_url, settings.label_studio_api_key.get_secret_value())
+            writer = PredictionWriter(client, deliveries)
         return cls(
             settings=settings,
             db=db,
@@ -47,6 +56,9 @@ class Services:
             llm=LLMClient(settings),
             cache=cache,
             usage=UsageLedger(db),
+            deliveries=deliveries,
+            backlog=Backlog(settings.predict_backlog),
+            writer=writer,
         )
 
     @property
