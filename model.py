@@ -16,6 +16,7 @@ from backend.learning.store import ExampleStore
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline import warmstart
 from backend.pipeline.delivery import Delivery
+from backend.pipeline.jobs import JobSpec, ProjectJob
 from backend.pipeline.interactive import Marks, interactive_results, read_marks, submitted_guidelines
 from backend.pipeline.prelabel import Prelabeler, unanswered_reason
 from backend.protocol.base import LabelStudioMLBase
@@ -86,6 +87,15 @@ class NERModel(LabelStudioMLBase):
         # The LLM's drafts, so a correction can later be paired with what it corrected (preference export).
         self.examples.record_drafts(self.schema, tasks, [p.result if p is not None else None for p in predictions], version)
         return ModelResponse(model_version=version, predictions=predictions)
+
+    def prelabel_project(self, client: Any, spec: JobSpec, total: int | None = None, on_progress=None) -> ProjectJob:
+        """A job that pre-labels the project's tasks in `spec.scope` with this model (`job.run()` runs it)."""
+        version = self.model_version
+        return ProjectJob(
+            self.services.jobs, self.services.jobs.create(spec, version, total), spec, client, self.prelabeler(version),
+            version, self.services.deliveries, self.services.usage, self.services.price, on_progress,
+            record_drafts=lambda tasks, results: self.examples.record_drafts(self.schema, tasks, results, version),
+        )
 
     def keep_late(self, prelabeler: Prelabeler, task: dict[str, Any], version: str):
         """A task the deadline cut keeps running in the background, within PREDICT_BACKLOG; its answer

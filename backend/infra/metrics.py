@@ -40,6 +40,7 @@ DELIVERY_FAILURES = Counter("llm_ner_delivery_failures_total", "Predictions that
 BACKLOG = Gauge(
     "llm_ner_backlog_tasks", "Tasks still being pre-labeled after their /predict's deadline", multiprocess_mode="livesum"
 )
+JOB_TASKS = Counter("llm_ner_job_tasks_total", "Tasks handled by project jobs, by outcome", ["outcome"])
 UNANSWERED = Counter(
     "llm_ner_unanswered_tasks_total",
     "Tasks /predict answered with no prediction (Label Studio asks again later), by reason",

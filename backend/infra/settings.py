@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     predict_deadline: float = Field(
         default=90.0, gt=0, description="seconds; below Label Studio's 100 s ML_TIMEOUT_PREDICT"
     )
+    prelabel_confirm_usd: float = Field(
+        default=1.0, ge=0, allow_inf_nan=False, description="llm-ner prelabel asks before spending more than this"
+    )
     predict_backlog: int = Field(
         default=10_000, ge=0, le=1_000_000,
         description="tasks per worker kept pre-labeling after their /predict's deadline (0 = drop them)",

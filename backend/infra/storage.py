@@ -93,6 +93,36 @@ CREATE TABLE deliveries (
     PRIMARY KEY (project_id, model_version, task_id)
 );
 """,
+    """
+-- pipeline/jobs.py: project jobs (pre-label a whole project), their progress and the tasks that failed
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    total INTEGER,
+    seen INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    skipped INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    calls INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE job_failures (
+    job_id TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (job_id, task_id)
+);
+""",
 )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.infra import metrics
+from backend.infra.errors import BadRequest
 from backend.infra.storage import Database
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,18 @@ def label_studio_client(url: str, api_key: str) -> Any:
     from label_studio_sdk.client import LabelStudio
 
     return LabelStudio(base_url=url, api_key=api_key)
+
+
+def read_project(client: Any, project_id: int) -> Any:
+    """The project as Label Studio has it; a BadRequest naming the project when it cannot be read."""
+    try:
+        return client.projects.get(id=project_id)
+    except Exception as error:  # noqa: BLE001 - the SDK's errors: status and body, never the key
+        status = getattr(error, "status_code", None)
+        if status == 404:
+            raise BadRequest(f"Label Studio has no project {project_id}", status=404) from None
+        why = f"HTTP {status}" if status else type(error).__name__
+        raise BadRequest(f"cannot read project {project_id} from Label Studio ({why})", status=502) from None
 
 
 def import_predictions(client: Any, deliveries: Deliveries, items: list[Delivery]) -> int:

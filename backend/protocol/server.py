@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -18,11 +19,13 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend import __version__
 from backend.infra import metrics
-from backend.infra.errors import BackendError, BadRequest
+from backend.infra.errors import BackendError, BadRequest, ConfigError
 from backend.infra.payloads import validated
 from backend.infra.settings import Settings, get_settings
 from backend.ner.labelconfig import parse_label_config
 from backend.protocol.base import LabelStudioMLBase
+from backend.pipeline.delivery import read_project
+from backend.pipeline.jobs import JobSpec
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.services import Services
 from backend.protocol.wire import (
@@ -31,6 +34,7 @@ from backend.protocol.wire import (
     SetupRequest,
     SetupResponse,
     TaskIn,
+    JobRequest,
     WebhookRequest,
     project_id_of,
 )
@@ -222,6 +226,42 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         model = registry.get(project_id, label_config)
         model.fit(body.action, payload)
         return jsonify(status="ok"), 201
+
+    # ---- project jobs: pre-label a whole project where the backend runs (pipeline/jobs.py) ----
+    @app.post("/jobs")
+    def start_job():
+        body: JobRequest = _body(JobRequest)
+        client = services.label_studio
+        if client is None:
+            raise ConfigError("jobs write into Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        project = read_project(client, body.project)
+        model = registry.get(str(body.project), project.label_config)
+        if not hasattr(model, "prelabel_project"):
+            raise BadRequest(f"{type(model).__name__} does not run project jobs", status=501)
+        spec = JobSpec(body.project, body.scope, body.limit, body.concurrency or settings.predict_concurrency, body.max_cost)
+        job = model.prelabel_project(client, spec, total=getattr(project, "task_number", None))
+        threading.Thread(target=job.run, name=f"job-{job.job_id}", daemon=True).start()
+        return jsonify(services.jobs.get(job.job_id)), 202
+
+    @app.get("/jobs")
+    def list_jobs():
+        return jsonify(jobs=services.jobs.list())
+
+    @app.get("/jobs/<job_id>")
+    def get_job(job_id: str):
+        job = services.jobs.get(job_id)
+        if job is None:
+            raise BadRequest(f"no job {job_id[:40]!r}", status=404)
+        return jsonify(job)
+
+    @app.delete("/jobs/<job_id>")
+    def cancel_job(job_id: str):
+        job = services.jobs.get(job_id)
+        if job is None:
+            raise BadRequest(f"no job {job_id[:40]!r}", status=404)
+        if not services.jobs.cancel(job_id):
+            raise BadRequest(f"job {job_id} is {job['state']}: nothing to cancel", status=409)
+        return jsonify(services.jobs.get(job_id)), 202
 
     @app.get("/metrics")
     def metrics_endpoint():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from backend.infra.guards import OnePerKey
 from backend.infra.settings import Settings
@@ -21,6 +22,7 @@ from backend.llm.cache import ResponseCache
 from backend.llm.client import LLMClient
 from backend.ner.templates import PromptTemplates, load_templates
 from backend.pipeline.delivery import Backlog, Deliveries, PredictionWriter, label_studio_client
+from backend.pipeline.jobs import Jobs
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Services:
     deliveries: Deliveries | None = None  # who delivered which pre-labels to Label Studio
     backlog: Backlog = field(default_factory=lambda: Backlog(0))  # tasks pre-labeled past their deadline
     writer: PredictionWriter | None = None  # writes late pre-labels into Label Studio (needs its credentials)
+    label_studio: Any = None  # the SDK client, with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY
+    jobs: Jobs | None = None  # project jobs' records
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
@@ -45,7 +49,7 @@ class Services:
         if cache is not None:
             atexit.register(cache.flush)  # a worker stopped gracefully keeps its last answers
         deliveries = Deliveries(db)
-        writer = None
+        client = writer = None
         if settings.label_studio_url and settings.label_studio_api_key:
             client = label_studio_client(settings.label_studio_url, settings.label_studio_api_key.get_secret_value())
             writer = PredictionWriter(client, deliveries)
@@ -59,6 +63,8 @@ class Services:
             deliveries=deliveries,
             backlog=Backlog(settings.predict_backlog),
             writer=writer,
+            label_studio=client,
+            jobs=Jobs(db),
         )
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, SkipValidation, field_validator
 
@@ -153,6 +153,18 @@ class PredictResponse(BaseModel):
         if self.model_version is not None:
             out["model_version"] = self.model_version
         return out
+
+
+class JobRequest(BaseModel):
+    """POST /jobs: pre-label a whole project (see pipeline/jobs.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: int = Field(ge=1, le=2**53)
+    scope: Literal["missing", "unannotated", "stale", "all"] = "missing"
+    limit: int | None = Field(default=None, ge=1, le=10**9)
+    concurrency: int | None = Field(default=None, ge=1, le=256)
+    max_cost: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class WebhookRequest(Lenient):

@@ -151,6 +151,41 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- prelabel: a whole project ----
+def run_prelabel(args: argparse.Namespace) -> int:
+    from backend.infra.logs import configure_logging, settings_secrets
+    from backend.infra.settings import load_settings
+    from backend.pipeline.jobs import JobSpec
+    from backend.tools.importer import connect
+    from backend.tools.prelabel import Options, run_prelabel
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings_secrets(settings))
+    spec = JobSpec(args.project, args.scope, args.limit, args.concurrency or settings.predict_concurrency, args.max_cost)
+    options = Options(dry_run=args.dry_run, yes=args.yes, confirm_usd=settings.prelabel_confirm_usd, progress=not args.quiet)
+    return run_prelabel(connect(args.url, args.api_key), spec, settings, options)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 1 <= number <= 10**9:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 1000000000")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not (number > 0 and number < float("inf")):  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"{value} is not a positive amount")
+    return number
+
+
 def _label_studio_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), required=not os.environ.get("LABEL_STUDIO_URL"),
                          help="Label Studio URL (default $LABEL_STUDIO_URL)")
@@ -218,6 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--project", required=True, help="Label Studio project id")
     exp.add_argument("out", type=Path, help="output .jsonl file (replaced)")
     exp.set_defaults(handler=run_export)
+
+    from backend.pipeline.jobs import SCOPE_HELP, SCOPES
+
+    pre = commands.add_parser("prelabel", help="pre-label a whole Label Studio project (resumable; writes predictions)")
+    pre.add_argument("--project", type=int, required=True)
+    pre.add_argument("--scope", choices=SCOPES, default="missing",
+                     help="; ".join(f"{name}: {text}" for name, text in SCOPE_HELP.items()))
+    pre.add_argument("--limit", type=_positive_int, help="pre-label at most this many tasks")
+    pre.add_argument("--concurrency", type=_positive_int, help="LLM calls in flight (default PREDICT_CONCURRENCY)")
+    pre.add_argument("--max-cost", type=_positive_float, help="USD: refuse a job whose estimate is above, stop one that spends it")
+    pre.add_argument("--dry-run", action="store_true", help="print the estimate and exit; sends nothing to the LLM")
+    pre.add_argument("--yes", action="store_true", help="do not ask before spending more than PRELABEL_CONFIRM_USD")
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    _label_studio_args(pre)
+    pre.set_defaults(handler=run_prelabel)
 
     est = commands.add_parser("estimate", help="dry run: LLM calls, tokens and cost for CoNLL files or a project; sends nothing")
     est.add_argument("files", nargs="*", metavar="FILE", help="CoNLL files")

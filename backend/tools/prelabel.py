@@ -1,0 +1,115 @@
+"""`llm-ner prelabel`: pre-label a whole Label Studio project from the command line.
+
+The job itself is `pipeline/jobs.py` (the same one `POST /jobs` runs inside the backend); this
+module adds what a person at a terminal needs: the estimate first (`--dry-run` stops there,
+`--max-cost` refuses a job that would cost more), a question before spending above
+PRELABEL_CONFIRM_USD, a progress bar, and the failures at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from backend.infra.errors import BackendError
+from backend.infra.settings import Settings
+from backend.pipeline.delivery import read_project
+from backend.pipeline.jobs import JobSpec, Progress, _field, project_tasks, wanted
+from backend.protocol.registry import ModelRegistry
+from backend.protocol.server import load_model_class
+from backend.protocol.services import Services
+from backend.tools.estimate import Estimate, estimate
+
+log = logging.getLogger(__name__)
+
+CONFIRM_CALLS = 1000  # with no price for the model, ask before this many LLM calls
+
+
+class PrelabelError(BackendError):
+    """The job was refused before it started (cost, no confirmation)."""
+
+
+@dataclass
+class Options:
+    dry_run: bool = False
+    yes: bool = False
+    confirm_usd: float = 1.0
+    progress: bool = True
+
+
+def _estimate(model: Any, client: Any, spec: JobSpec, settings: Settings) -> Estimate:
+    """What the job would send: the tasks in scope, each with the examples the model would pick for it."""
+    prelabeler = model.prelabeler(model.model_version)
+    target = model.schema.targets[0]
+    task = prelabeler.tasks[target.from_name]
+    texts: list[tuple[str, None]] = []
+    examples: list = []
+    for item in project_tasks(client, spec.project_id):
+        if not wanted(item, model.model_version, spec.scope):
+            continue
+        text = (_field(item, "data") or {}).get(target.data_key)
+        if isinstance(text, str):
+            if not texts:
+                # the first task's examples stand for every task's: their number and size vary little
+                examples = list(prelabeler.select_examples(target, text))
+            texts.append((text, None))
+        if spec.limit is not None and len(texts) >= spec.limit:
+            break
+    return estimate(task, texts, examples, settings, settings.pack_size)
+
+
+def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Options,
+                 ask: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+    services = Services.from_settings(settings)
+    project = read_project(client, spec.project_id)
+    model = ModelRegistry(load_model_class(), services).get(str(spec.project_id), project.label_config)
+    services.db.save_label_config(str(spec.project_id), project.label_config)
+    needs_estimate = options.dry_run or spec.max_cost is not None or not options.yes
+    if needs_estimate:
+        figures = _estimate(model, client, spec, settings)
+        print(f"project {spec.project_id}, scope {spec.scope}, model version {model.model_version}", file=out)
+        print(figures.describe(), file=out)
+        if options.dry_run:
+            return 0
+        cost = figures.cost_usd
+        if spec.max_cost is not None and cost is not None and cost > spec.max_cost:
+            raise PrelabelError(f"the estimate (${cost:.4f}) is above --max-cost ${spec.max_cost:g}: nothing was sent")
+        big = (cost is not None and cost > options.confirm_usd) or (cost is None and figures.calls > CONFIRM_CALLS)
+        if big and not options.yes:
+            if not ask.isatty():
+                raise PrelabelError("this job is above PRELABEL_CONFIRM_USD: run it with --yes to confirm")
+            print("Proceed? [y/N] ", end="", file=out, flush=True)
+            if ask.readline().strip().lower() not in ("y", "yes"):
+                print("nothing was sent", file=out)
+                return 1
+    total = getattr(project, "task_number", None)
+    bar = tqdm(total=total, unit="task", desc="pre-labeling", file=sys.stderr, disable=not options.progress)
+
+    def show(progress: Progress) -> None:
+        bar.n = progress.seen
+        usage = progress.usage
+        bar.set_postfix(done=progress.done, failed=progress.failed, tokens=(usage.prompt_tokens + usage.completion_tokens) if usage else 0,
+                        cost=f"${progress.cost_usd:.4f}", refresh=False)
+        bar.refresh()
+
+    job = model.prelabel_project(client, spec, total=total, on_progress=show)
+    print(f"job {job.job_id}: pre-labeling project {spec.project_id} (scope {spec.scope})", file=out)
+    try:
+        result = job.run()
+    finally:
+        bar.close()
+    print(
+        f"job {result['id']} {result['state']}: {result['done']} pre-labeled, {result['failed']} failed, "
+        f"{result['skipped']} skipped of {result['seen']} read; {result['prompt_tokens']} prompt + "
+        f"{result['completion_tokens']} completion tokens, ${result['cost_usd']:.4f}" + (f" ({result['message']})" if result["message"] else ""),
+        file=out,
+    )
+    for failure in result["failures"][:20]:
+        print(f"  task {failure['task']}: {failure['reason']}", file=out)
+    if result["failed"] > 20:
+        print(f"  ... and {result['failed'] - 20} more (GET /jobs/{result['id']})", file=out)
+    return 0 if result["state"] == "done" and not result["failed"] else 1

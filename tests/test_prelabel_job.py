@@ -1,0 +1,168 @@
+"""Pre-labeling a whole project (`llm-ner prelabel`, `POST /jobs`) against a real Label Studio 1.23,
+the LLM being the fake server: exact predictions, one per task and version, resumable after kill -9,
+cancellable, `--scope stale` after a correction, failures reported and never written empty."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.conftest import cli, gazetteer_spans, ls_args, region_tuples, span
+from tests.fake_llm import Reply
+from tests.processes import REPO, backend_env, wait_until
+
+pytestmark = pytest.mark.label_studio
+
+GAZETTEER = {"Ada Lovelace": "PER", "Oslo": "LOC", "Royal Society": "ORG"}
+
+
+def texts(n: int) -> list[str]:
+    return [f"Note {i}: Ada Lovelace wrote to the Royal Society from Oslo." if i % 4 else f"Note {i}: nothing here." for i in range(n)]
+
+
+def job_env(llm, model_dir, label_studio, **extra) -> dict[str, str]:
+    return backend_env(llm.base_url, model_dir, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token,
+                       LLM_RETRY_BASE="0.01", **extra)
+
+
+def prelabel(llm, model_dir, label_studio, *args, **env) -> subprocess.CompletedProcess:
+    return cli("prelabel", *args, "--quiet", env=job_env(llm, model_dir, label_studio, **env))
+
+
+def all_predictions(project) -> dict[int, list]:
+    return {t.id: project.predictions(t.id) for t in project.tasks()}
+
+
+def predictions_written(project) -> int:
+    return len(list(project.ls.predictions.list(project=project.id)))  # one call for the whole project
+
+
+def assert_exact(project, version):
+    for task in project.tasks():
+        (prediction,) = project.predictions(task.id)
+        assert prediction.model_version == version
+        assert set(region_tuples(prediction.result, "start", "end", "label")) == gazetteer_spans(task.data["text"], GAZETTEER)
+
+
+def test_a_job_pre_labels_every_task_once_with_the_backends_version_and_opening_a_task_asks_nothing(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    llm.gazetteer = dict(GAZETTEER)
+    model_dir = tmp_path / "model"
+    backend = backend_factory(workers=1, model_dir=model_dir)
+    project = connected_project(texts(120), title="job", backend=backend)
+    done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "120 pre-labeled, 0 failed, 0 skipped of 120 read" in done.stdout
+    assert len(llm.requests) == 120
+    assert_exact(project, project.model_version())
+    opened = project.open_next_task()  # holds a prediction of the current version: Label Studio asks nothing
+    assert len(project.predictions(opened["id"])) == 1 and len(llm.requests) == 120
+    again = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes")
+    assert "0 pre-labeled, 0 failed, 120 skipped of 120 read" in again.stdout and len(llm.requests) == 120
+
+
+def test_kill_9_mid_job_then_run_again_continues_without_duplicates_or_paying_twice(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    llm.gazetteer = dict(GAZETTEER)
+    llm.latency = 0.1
+    model_dir = tmp_path / "model"
+    project = connected_project(texts(200), title="resume", backend=backend_factory(workers=1, model_dir=model_dir))
+    args = [sys.executable, "-m", "backend", "prelabel", "--project", str(project.id), "--yes", "--quiet", "--concurrency", "4",
+            *ls_args(label_studio)]
+    proc = subprocess.Popen(args, cwd=REPO, env=job_env(llm, model_dir, label_studio), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: predictions_written(project) >= 50, timeout=120, interval=0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    calls_before = len(llm.requests)
+    assert calls_before < 200
+    done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_exact(project, project.model_version())
+    # every text asked once, but for the few in flight at the kill (answered, not yet cached)
+    assert 200 <= len(llm.requests) <= 200 + 50 + 4  # a chunk written after its answers is the most redone
+
+
+def test_a_failing_task_is_reported_with_its_reason_and_never_written_empty(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    llm.gazetteer = dict(GAZETTEER)
+    llm.responder = lambda body: Reply(status=500) if "poison" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
+    model_dir = tmp_path / "model"
+    project = connected_project(["Ada Lovelace in Oslo.", "poison pill", "Royal Society."], title="failing",
+                                backend=backend_factory(workers=1, model_dir=model_dir))
+    done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes", LLM_MAX_RETRIES="0")
+    assert done.returncode == 1
+    poisoned = project.tasks()[1]
+    assert "2 pre-labeled, 1 failed" in done.stdout
+    assert f"task {poisoned.id}: llm_server: HTTP 500" in done.stdout
+    assert project.predictions(poisoned.id) == []
+
+
+def test_dry_run_and_max_cost_send_nothing(label_studio, backend_factory, connected_project, llm, tmp_path):
+    llm.gazetteer = dict(GAZETTEER)
+    model_dir = tmp_path / "model"
+    project = connected_project(texts(8), title="estimate", backend=backend_factory(workers=1, model_dir=model_dir))
+    dry = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--dry-run")
+    assert dry.returncode == 0 and "texts           8" in dry.stdout and "LLM calls       8" in dry.stdout
+    costly = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--max-cost", "0.000001",
+                      LLM_PRICES='{"fake-model": [1000, 1000]}')
+    assert costly.returncode == 1 and "above --max-cost" in costly.stderr and "Traceback" not in costly.stderr
+    unconfirmed = prelabel(llm, model_dir, label_studio, "--project", str(project.id), LLM_PRICES='{"fake-model": [1000, 1000]}')
+    assert unconfirmed.returncode == 1 and "--yes" in unconfirmed.stderr
+    assert llm.requests == [] and all(p == [] for p in all_predictions(project).values())
+
+
+def test_scope_stale_re_pre_labels_unannotated_tasks_after_a_correction(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    llm.gazetteer = dict(GAZETTEER)
+    model_dir = tmp_path / "model"
+    backend = backend_factory(workers=1, model_dir=model_dir)
+    project = connected_project(texts(6), title="stale", backend=backend)
+    assert prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes").returncode == 0
+    old = project.model_version()
+    first = project.tasks()[1]
+    corrected = [span(first.data["text"], "Ada Lovelace", "PER")]  # the human keeps only the person
+    project.ls.annotations.create(id=first.id, result=corrected)
+    # Label Studio sends the webhook itself; the example changes the model_version
+    assert wait_until(lambda: project.model_version() != old, timeout=30)
+    new = project.model_version()
+    done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "stale", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "5 pre-labeled, 0 failed, 1 skipped of 6 read" in done.stdout
+    for task in project.tasks():
+        versions = sorted(p.model_version for p in project.predictions(task.id))
+        assert versions == ([old] if task.id == first.id else sorted([old, new]))
+
+
+def test_a_job_runs_inside_the_backend_over_http_with_progress_and_cancel(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    llm.gazetteer = dict(GAZETTEER)
+    llm.latency, llm.max_concurrency = 0.2, 2
+    backend = backend_factory(workers=2, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
+    project = connected_project(texts(150), title="http job", backend=backend)
+    started = httpx.post(backend.url + "/jobs", json={"project": project.id, "concurrency": 2}, timeout=60)
+    assert started.status_code == 202, started.text
+    job = started.json()
+    assert job["state"] == "running" and job["total"] == 150
+    assert wait_until(lambda: httpx.get(f"{backend.url}/jobs/{job['id']}").json()["done"] >= 50, timeout=120)
+    progress = httpx.get(f"{backend.url}/jobs/{job['id']}").json()  # any worker answers: the record is shared
+    assert progress["tasks_per_second"] > 0 and progress["eta_seconds"] is not None and progress["prompt_tokens"] > 0
+    assert httpx.delete(f"{backend.url}/jobs/{job['id']}").status_code == 202
+    final = wait_until(lambda: (j := httpx.get(f"{backend.url}/jobs/{job['id']}").json())["state"] != "running" and j, timeout=60)
+    assert final["state"] == "cancelled" and 50 <= final["done"] < 150
+    assert predictions_written(project) == final["done"]
+    assert httpx.get(backend.url + "/jobs").json()["jobs"][0]["id"] == job["id"]
+    bad = httpx.post(backend.url + "/jobs", json={"project": project.id, "scope": "everything"})
+    assert bad.status_code == 400 and "scope" in bad.json()["error"]
+    assert httpx.get(backend.url + "/jobs/nope").status_code == 404
