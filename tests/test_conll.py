@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from backend.tools.conll import (
     JOINS,
     ConllError,
-    Entity,
+    TokenRun,
     build_units,
     decode,
     detect_scheme,
@@ -159,7 +159,7 @@ def test_any_tag_set_including_wnut_types_with_hyphens(tmp_path):
 
 def test_iob1_adjacent_entities_of_one_type_are_split_by_b():
     assert decode(["I-PER", "I-PER", "B-PER", "O", "I-LOC", "I-ORG"]) == [
-        Entity(0, 2, "PER"), Entity(2, 3, "PER"), Entity(4, 5, "LOC"), Entity(5, 6, "ORG")
+        TokenRun(0, 2, "PER"), TokenRun(2, 3, "PER"), TokenRun(4, 5, "LOC"), TokenRun(5, 6, "ORG")
     ]
 
 
@@ -228,7 +228,7 @@ def tagged_sentence(draw):
     while i < n:
         if draw(st.booleans()):
             size = draw(st.integers(1, min(3, n - i)))
-            entities.append(Entity(i, i + size, draw(st.sampled_from(["PER", "LOC", "creative-work"]))))
+            entities.append(TokenRun(i, i + size, draw(st.sampled_from(["PER", "LOC", "creative-work"]))))
             i += size
         else:
             i += 1
@@ -322,7 +322,7 @@ def test_bmes_reads_like_bioes_and_is_written_back_tag_for_tag(tmp_path):
         [("李", "NAME"), ("中国国籍", "CONT"), ("MBA", "EDU"), ("高级工程师", "TITLE")],
     ]
     assert units[2].text == "李先生，中国国籍，MBA学历，高级工程师。"
-    assert decode(["B-NAME", "M-NAME", "E-NAME", "S-NAME", "O"]) == [Entity(0, 3, "NAME"), Entity(3, 4, "NAME")]
+    assert decode(["B-NAME", "M-NAME", "E-NAME", "S-NAME", "O"]) == [TokenRun(0, 3, "NAME"), TokenRun(3, 4, "NAME")]
     out = tmp_path / "out.conll"
     write_conll(out, units, [[(e.start, e.end, e.label) for e in u.entities] for u in units], scheme="BMES")
     written = [line.split() for line in out.read_text(encoding="utf-8").splitlines() if line]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.infra.errors import BackendError
+from backend.spans.alignment import Span
 
 DOCSTART = "-DOCSTART-"
 OUTSIDE = "O"
@@ -72,7 +73,7 @@ class Token:
 
 
 @dataclass(frozen=True)
-class Entity:
+class TokenRun:
     """Tokens [start, end) of one sentence carry one entity of type `label`."""
 
     start: int
@@ -135,20 +136,20 @@ def detect_scheme(tags: Iterable[str]) -> str:
     return "IOB1" if iob1 else "IOB2"
 
 
-def decode(tags: Sequence[str]) -> list[Entity]:
+def decode(tags: Sequence[str]) -> list[TokenRun]:
     """Entities of one sentence; one reading serves IOB1, IOB2 and BIOES.
 
     B- and S- always start an entity; I- and E- continue the open entity of the same type, or start
     one (IOB1, or a slightly inconsistent file); E- and S- close it.
     """
-    entities: list[Entity] = []
+    entities: list[TokenRun] = []
     open_start: int | None = None
     open_label: str | None = None
 
     def close(end: int) -> None:
         nonlocal open_start, open_label
         if open_start is not None and open_label is not None:
-            entities.append(Entity(open_start, end, open_label))
+            entities.append(TokenRun(open_start, end, open_label))
         open_start, open_label = None, None
 
     for i, tag in enumerate(tags):
@@ -165,7 +166,7 @@ def decode(tags: Sequence[str]) -> list[Entity]:
     return entities
 
 
-def encode(length: int, entities: Iterable[Entity], scheme: str = "IOB2") -> list[str]:
+def encode(length: int, entities: Iterable[TokenRun], scheme: str = "IOB2") -> list[str]:
     """Tags for `length` tokens carrying `entities` (non-overlapping), in IOB1, IOB2, BIOES or BMES."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
@@ -288,7 +289,7 @@ def labels_of(documents: Iterable[Document]) -> list[str]:
 
 # ---- tasks ----
 @dataclass(frozen=True)
-class SpanEntity:
+class Span:
     """A character span of a task text: `text[start:end] == self.text`."""
 
     start: int
@@ -307,7 +308,7 @@ class Unit:
     source: str
     document: int
     sentence: int | None  # None for a whole document
-    entities: list[SpanEntity] = field(default_factory=list)
+    entities: list[Span] = field(default_factory=list)
     has_docstart: bool = False
 
     @property
@@ -369,7 +370,7 @@ def separator(left: str, right: str, mode: str) -> str:
 def _unit(document: Document, sentences: list[Sentence], sentence: int | None, mode: str = "space") -> Unit:
     parts: list[str] = []
     offsets: list[list[tuple[int, int]]] = []
-    entities: list[SpanEntity] = []
+    entities: list[Span] = []
     cursor = 0
     for s_index, sent in enumerate(sentences):
         if s_index:
@@ -391,7 +392,7 @@ def _unit(document: Document, sentences: list[Sentence], sentence: int | None, m
     for sent, spans in zip(sentences, offsets):
         for entity in decode(sent.tags):
             start, end = spans[entity.start][0], spans[entity.end - 1][1]
-            entities.append(SpanEntity(start, end, text[start:end], entity.label))
+            entities.append(Span(start, end, text[start:end], entity.label))
     return Unit(text, sentences, offsets, document.source, document.index, sentence, entities, document.has_docstart)
 
 
@@ -416,13 +417,13 @@ def build_units(documents: Iterable[Document], per: str = "document", join: str 
     return units
 
 
-def token_entities(unit: Unit, spans: Iterable[tuple[int, int, str]]) -> list[list[Entity]]:
+def token_entities(unit: Unit, spans: Iterable[tuple[int, int, str]]) -> list[list[TokenRun]]:
     """Character spans (start, end, label) -> token entities per sentence of the unit.
 
     A token belongs to a span when their characters overlap, so a span cutting a token
     (`Obama` in `Obama's`) tags the whole token. Where spans would share a token, the first wins.
     """
-    result: list[list[Entity]] = [[] for _ in unit.sentences]
+    result: list[list[TokenRun]] = [[] for _ in unit.sentences]
     taken: list[set[int]] = [set() for _ in unit.sentences]
     for start, end, label in sorted(spans):
         for s_index, offsets in enumerate(unit.token_spans):
@@ -435,7 +436,7 @@ def token_entities(unit: Unit, spans: Iterable[tuple[int, int, str]]) -> list[li
                 if i != run[-1] + 1:
                     break
                 run.append(i)
-            result[s_index].append(Entity(run[0], run[-1] + 1, label))
+            result[s_index].append(TokenRun(run[0], run[-1] + 1, label))
             taken[s_index].update(run)
     return result
 
