@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from backend.infra import metrics
 from backend.infra.storage import Database
 from backend.infra.usage import Usage, UsageLedger, cost_usd
 from backend.pipeline.delivery import Deliveries, Delivery, import_predictions
-from backend.pipeline.prelabel import Prelabeler, unanswered_reason
+from backend.pipeline.prelabel import Prelabeler, TaskOutcome, unanswered_reason
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ SCOPE_HELP = {
     "stale": "tasks with no annotation whose newest prediction is of an older model_version",
     "all": "every task without a prediction of the current model_version, annotated or not",
 }
-CHUNK = 50  # tasks pre-labeled and written together
+CHUNK = 50  # finished tasks written to Label Studio together
 PAGE = 100  # tasks read from Label Studio per request
 HEARTBEAT = 60.0  # a running job not heard of for this long was interrupted (its process died)
 
@@ -221,77 +222,95 @@ class ProjectJob:
         self.record_drafts = record_drafts
         self.sleep = sleep
         self.progress = Progress(usage=Usage())
+        self.failures: dict[int, str] = {}  # task id -> why its last try failed
 
     def run(self) -> dict[str, Any]:
-        """Pre-label the project's tasks in scope; returns the job's final record."""
+        """Pre-label the project's tasks in scope; returns the job's final record.
+
+        A stream, not rounds: `concurrency` tasks are in flight at all times (the next one starts
+        as soon as one ends, never waiting for the slowest of a batch) while finished ones are
+        written to Label Studio CHUNK at a time from this thread."""
         state, message = "running", ""
+        pool = ThreadPoolExecutor(self.spec.concurrency, thread_name_prefix=f"job-{self.job_id}")
         try:
-            chunk: list[dict[str, Any]] = []
-            for task in project_tasks(self.client, self.spec.project_id):
-                self.progress.seen += 1
-                if not wanted(task, self.version, self.spec.scope):
-                    self.progress.skipped += 1
-                    continue
-                chunk.append({"id": int(_field(task, "id")), "data": dict(_field(task, "data") or {})})
-                if self.spec.limit is not None and self.progress.done + self.progress.failed + len(chunk) >= self.spec.limit:
-                    break
-                if len(chunk) >= CHUNK:
-                    state, message = self._chunk(chunk)
-                    chunk = []
-                    if state != "running":
-                        break
-            if chunk and state == "running":
-                state, message = self._chunk(chunk)
+            tasks = self._in_scope()
+            in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
+            finished: list[tuple[dict[str, Any], TaskOutcome]] = []
+
+            def fill() -> None:
+                while len(in_flight) < 2 * self.spec.concurrency and (task := next(tasks, None)) is not None:
+                    in_flight[pool.submit(self._attempt, task, 0)] = (task, 0)
+
+            fill()
+            while in_flight and state == "running":
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task, attempt = in_flight.pop(future)
+                    error = future.exception()
+                    if error is None:
+                        finished.append((task, future.result()))
+                        self.failures.pop(task["id"], None)
+                        continue
+                    self._account([getattr(error, "usage", None)])
+                    self.failures[task["id"]] = f"{unanswered_reason(error)}: {error}"
+                    if attempt + 1 < self.spec.attempts:  # an outage may pass: try it again, later
+                        in_flight[pool.submit(self._attempt, task, attempt + 1)] = (task, attempt + 1)
+                if len(finished) >= CHUNK or (not in_flight and finished):
+                    state, message = self._write(finished)
+                    finished = []
+                fill()
             if state == "running":
                 state = "done"
         except Exception as error:  # noqa: BLE001 - recorded on the job: the caller reads the state
             state, message = "failed", f"{type(error).__name__}: {str(error)[:300]}"
             log.warning("job %s failed: %s", self.job_id, message)
+        finally:
+            # a cancelled or stopped job lets the calls in flight end (their answers are cached) and
+            # starts nothing more
+            pool.shutdown(wait=True, cancel_futures=True)
+        for task_id, reason in self.failures.items():
+            self.jobs.fail_task(self.job_id, task_id, reason)
+        self.progress.failed = len(self.failures)
+        metrics.JOB_TASKS.labels("failed").inc(len(self.failures))
         self.jobs.progress(self.job_id, **self.progress.figures())
         self.jobs.finish(self.job_id, state, message)
         self.on_progress(self.progress)
         return self.jobs.get(self.job_id) or {}
 
-    def _chunk(self, tasks: list[dict[str, Any]]) -> tuple[str, str]:
-        """Pre-label and write one chunk; returns ("running", "") to go on, or why the job stops."""
-        if self.jobs.cancel_requested(self.job_id):
-            return "cancelled", "cancelled on request"
-        results: dict[int, Any] = {}
-        failures: dict[int, str] = {}
-        todo = tasks
-        for attempt in range(self.spec.attempts):
-            outcomes = self.prelabeler.prelabel_many(todo, concurrency=self.spec.concurrency, deadline_seconds=3600.0)
-            usages = [o.value.usage if o.error is None else getattr(o.error, "usage", None) for o in outcomes]
-            self._account(usages)
-            retry = []
-            for task, outcome in zip(todo, outcomes):
-                if outcome.error is None:
-                    results[task["id"]] = outcome.value
-                    failures.pop(task["id"], None)
-                else:
-                    failures[task["id"]] = f"{unanswered_reason(outcome.error)}: {outcome.error}"
-                    retry.append(task)
-            if not retry or attempt + 1 == self.spec.attempts:
-                break
-            self.sleep(min(30.0, 2.0 * 2**attempt))  # an outage may pass: try the failed ones again later
-            todo = retry
-        written = [t for t in tasks if t["id"] in results]
-        deliveries = [
-            Delivery(str(self.spec.project_id), t["id"], self.version, results[t["id"]].results, results[t["id"]].score)
-            for t in written
-        ]
+    def _in_scope(self) -> Iterator[dict[str, Any]]:
+        """The project's tasks the scope wants, at most `limit`, as {"id", "data"}; counts what it reads."""
+        taken = 0
+        for task in project_tasks(self.client, self.spec.project_id):
+            if self.spec.limit is not None and taken >= self.spec.limit:
+                return
+            self.progress.seen += 1
+            if not wanted(task, self.version, self.spec.scope):
+                self.progress.skipped += 1
+                continue
+            taken += 1
+            yield {"id": int(_field(task, "id")), "data": dict(_field(task, "data") or {})}
+
+    def _attempt(self, task: dict[str, Any], attempt: int) -> TaskOutcome:
+        if attempt:
+            self.sleep(min(30.0, 2.0 * 2 ** (attempt - 1)))
+        return self.prelabeler.prelabel(task["data"])
+
+    def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> tuple[str, str]:
+        """Write finished tasks into Label Studio; returns ("running", "") to go on, or why the job stops."""
+        self.prelabeler.source.flush()  # answers in the shared cache first: a killed job asks nothing twice
+        deliveries = [Delivery(str(self.spec.project_id), t["id"], self.version, o.results, o.score) for t, o in finished]
         import_predictions(self.client, self.deliveries, deliveries)
-        if self.record_drafts is not None and written:
-            self.record_drafts(written, [results[t["id"]].results for t in written])
-        for task_id, reason in failures.items():
-            self.jobs.fail_task(self.job_id, task_id, reason)
-        self.progress.done += len(written)
-        self.progress.failed += len(failures)
-        metrics.JOB_TASKS.labels("done").inc(len(written))
-        metrics.JOB_TASKS.labels("failed").inc(len(failures))
-        metrics.DELIVERED.labels("job").inc(len(written))
+        if self.record_drafts is not None:
+            self.record_drafts([t for t, _ in finished], [o.results for _, o in finished])
+        self._account([o.usage for _, o in finished])
+        self.progress.done += len(finished)
+        self.progress.failed = len(self.failures)
+        metrics.JOB_TASKS.labels("done").inc(len(finished))
+        metrics.DELIVERED.labels("job").inc(len(finished))
         self.jobs.progress(self.job_id, **self.progress.figures())
         self.on_progress(self.progress)
+        if self.jobs.cancel_requested(self.job_id):
+            return "cancelled", "cancelled on request"
         if self.spec.max_cost is not None and self.progress.cost_usd >= self.spec.max_cost:
             return "stopped", f"spent ${self.progress.cost_usd:.4f}, the --max-cost of ${self.spec.max_cost:g}"
         return "running", ""
