@@ -77,6 +77,8 @@ class ProjectEvaluation:
     without_annotation: int
     without_prediction: int
     other_versions: list[str] = field(default_factory=list)
+    # per evaluated task, for the error table and the worst tasks: (name, text, gold, predicted)
+    items: list[tuple[str, str, list[SpanTuple], list[SpanTuple]]] = field(default_factory=list)
 
     def header(self) -> str:
         lines = [
@@ -88,8 +90,13 @@ class ProjectEvaluation:
             lines.append(f"other model versions in the project: {', '.join(self.other_versions)}")
         return "\n".join(lines)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, worst: int = 5) -> dict[str, Any]:
+        from backend.tools.diagnosis import error_table, task_counts, worst_tasks
+
+        names, texts, gold, predicted = (list(column) for column in zip(*self.items)) if self.items else ([], [], [], [])
+        labels = list(self.report.labels)
         return {
+            "kind": "evaluate",
             "project": self.project_id,
             "model_version": self.model_version,
             "tasks": self.tasks,
@@ -97,6 +104,8 @@ class ProjectEvaluation:
             "without_annotation": self.without_annotation,
             "without_prediction": self.without_prediction,
             **self.report.to_json(),
+            "errors": error_table(gold, predicted, labels),
+            "worst_tasks": worst_tasks(names, texts, gold, predicted, task_counts(gold, predicted, labels), worst),
         }
 
 
@@ -123,6 +132,7 @@ def evaluate_project(client: Any, project_id: int, model_version: str | None = N
 
     gold: list[list[SpanTuple]] = []
     predicted: list[list[SpanTuple]] = []
+    items = []
     without_annotation = without_prediction = 0
     for task in sorted(tasks, key=lambda t: _get(t, "id") or 0):
         truth = ground_truth(_get(task, "annotations") or [])
@@ -137,6 +147,8 @@ def evaluate_project(client: Any, project_id: int, model_version: str | None = N
         # several predictions of one version happen when a task is re-predicted: the newest counts
         newest = max(ours, key=lambda p: _get(p, "id") or 0)
         predicted.append(result_spans(_get(newest, "result"), target))
+        text = (_get(task, "data") or {}).get(target.data_key)
+        items.append((f"task {_get(task, 'id')}", text if isinstance(text, str) else "", gold[-1], predicted[-1]))
     if not gold:
         raise EvaluationError(
             f"project {project_id}: no task has both a ground-truth annotation and a prediction of"
@@ -151,6 +163,7 @@ def evaluate_project(client: Any, project_id: int, model_version: str | None = N
         without_annotation=without_annotation,
         without_prediction=without_prediction,
         other_versions=sorted(v for v in versions if v != model_version),
+        items=items,
     )
 
 
