@@ -28,6 +28,8 @@ from tests.fake_llm import FakeLLM
 from tests.processes import REPO, TEST_API_KEY, Backend, LabelStudio, backend_env, run_backend, run_label_studio
 
 WIKIGOLD = Path(__file__).resolve().parent / "data" / "wikigold" / "wikigold.conll.txt"
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
 # small Chinese samples written for this project (tests/data/zh/README.md)
 ZH_DATA = Path(__file__).resolve().parent / "data" / "zh"
 
@@ -378,3 +380,75 @@ def project_id_from(output: str) -> int:
 def figures(output):
     """The estimate's table: a name padded to 16 characters, then its value."""
     return {line[:16].strip(): line[16:].strip() for line in output.strip().splitlines()}
+
+
+# ---- headless Chromium and the HTML reports ----
+
+
+@pytest.fixture
+def browser():
+    """Headless Debian chromium through Playwright (no browser download)."""
+    if not CHROMIUM.exists():
+        pytest.fail("chromium is not installed: `apt-get install -y chromium` (make test does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        yield browser
+        browser.close()
+
+
+VOID_TAGS = {"meta", "img", "br", "hr", "link", "input", "col", "wbr", "source"}
+
+
+def check_html_report(path: Path) -> list:
+    """Parse a report written by --html: well nested, self-contained (no external resource), and its
+    plots real PNG images of some size with more than a handful of colours. Returns the images (PIL)."""
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    class Checker(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack: list[str] = []
+            self.images: list[tuple[str, str]] = []  # (alt, src)
+            self.external: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            for name in ("src", "href"):
+                if attrs.get(name) and not attrs[name].startswith("data:"):
+                    self.external.append(attrs[name])
+            if tag == "img":
+                self.images.append((attrs.get("alt") or "", attrs.get("src") or ""))
+            if tag not in VOID_TAGS:
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
+            self.stack.pop()
+
+    checker = Checker()
+    checker.feed(path.read_text(encoding="utf-8"))
+    checker.close()
+    assert checker.stack == [], f"unclosed tags: {checker.stack}"
+    assert checker.external == [], f"the report loads external resources: {checker.external}"
+    images = []
+    for alt, src in checker.images:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix), alt
+        image = Image.open(io.BytesIO(base64.b64decode(src[len(prefix):])))
+        image.load()
+        assert image.format == "PNG"
+        assert image.width >= 400 and image.height >= 150, (alt, image.size)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 50, f"{alt}: a nearly blank plot ({len(colours or [])} colours)"
+        images.append((alt, image))
+    return images

@@ -89,6 +89,7 @@ class Simulation:
             "labels": self.labels,
             "seed": self.seed,
             "holdout": len(self.holdout),
+            "holdout_tasks": [t.name for t in self.holdout],
             "stream": len(self.stream),
             "schedule_left_out": self.left_out,
             "target_f1": self.target,
