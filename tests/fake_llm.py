@@ -15,6 +15,8 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
 - `skill`: a function (few-shot examples in the prompt) -> share in [0, 1] of the gazetteer's surfaces
   the answer lists; which surfaces is fixed by a hash of each, so a higher share lists a superset
   (a model that gets better with more examples);
+- `recall_examples`: also list the surfaces the prompt's few-shot answers labelled, with their labels
+  (a model that picks up names from similar corrected examples);
 - `requests`: every request body received, so tests can assert on prompts.
 """
 
@@ -67,6 +69,7 @@ class FakeLLM:
             self.gazetteer: dict[str, str] = {}
             self.model_gazetteers: dict[str, dict[str, str]] = {}
             self.skill: Callable[[int], float] | None = None
+            self.recall_examples = False
             self.replies: deque[Reply] = deque()
             self.responder: Callable[[dict[str, Any]], Reply] | None = None
             self.latency = 0.0
@@ -98,6 +101,8 @@ class FakeLLM:
         if self.skill is not None:
             share = self.skill(few_shot_count(body))
             gazetteer = {s: l for s, l in gazetteer.items() if surface_rank(s) < share}
+        if self.recall_examples:
+            gazetteer = {**example_entities(body), **gazetteer}
         packed = PACKED_TEXT.findall(text)
         if packed:  # several texts in one request: answer each id on its own
             results = [{"id": i, "entities": [{"text": s, "label": l} for s, l in self.gazetteer_entities(t, gazetteer)]} for i, t in packed]
@@ -250,6 +255,20 @@ def few_shot_count(body: dict[str, Any]) -> int:
     """Few-shot examples in a request: the assistant turns before its last message (each example is a
     user/assistant exchange; a packed request shows its examples as one exchange)."""
     return sum(1 for message in body.get("messages", [])[:-1] if message.get("role") == "assistant")
+
+
+def example_entities(body: dict[str, Any]) -> dict[str, str]:
+    """{surface: label} of the few-shot answers (assistant turns) in a request."""
+    found: dict[str, str] = {}
+    for message in body.get("messages", [])[:-1]:
+        if message.get("role") != "assistant":
+            continue
+        try:
+            entities = json.loads(message.get("content") or "").get("entities", [])
+        except (ValueError, AttributeError):
+            continue
+        found.update({e["text"]: e["label"] for e in entities if isinstance(e, dict) and "text" in e and "label" in e})
+    return found
 
 
 def surface_rank(surface: str) -> float:

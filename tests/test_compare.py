@@ -215,3 +215,25 @@ def test_per_task_counts_sum_to_the_scorers_micro_figures(tmp_path):
     assert report.micro["partial"].partial > 0
     assert micro_f1(totals, "strict") == pytest.approx(report.micro["strict"].f1)
     assert micro_f1(totals, "partial") == pytest.approx(report.micro["partial"].f1)
+
+
+def test_a_packed_configuration_scores_the_same_from_fewer_requests_and_reports_every_answers_wait(tmp_path, llm):
+    source = wikigold_slice(tmp_path, 2)
+    units = build_units(read_conll(source), per="sentence")
+    gazetteer = gazetteer_for(units, drop_label="MISC")
+    llm.model_gazetteers = {"fake-alone": gazetteer, "fake-packed": gazetteer}
+    alone = write_config(tmp_path, "alone", "LLM_MODEL=fake-alone\n")
+    packed = write_config(tmp_path, "packed", "LLM_MODEL=fake-packed\nPACK_SIZE=8\n")
+    figures = tmp_path / "packing.json"
+    done = run_cli(llm, tmp_path, "compare", str(source), "--per", "sentence", "--examples", "none", "--config", str(alone),
+                   "--config", str(packed), "--json", str(figures), "--quiet")
+    assert done.returncode == 0, done.stderr
+    systems = {s["name"]: s for s in json.loads(figures.read_text())["systems"]}
+    requests = {model: [r for r in llm.requests if r["model"] == model] for model in ("fake-alone", "fake-packed")}
+    assert len(requests["fake-alone"]) == len(units)
+    # the first task is asked alone (it probes the endpoint), the others 8 to a request
+    assert len(requests["fake-packed"]) == 1 + -(-(len(units) - 1) // 8)
+    assert systems["packed"]["micro"] == systems["alone"]["micro"]
+    assert systems["packed"]["micro"]["strict"]["f1"] == pytest.approx(strict_figures(units, gazetteer)[2])
+    assert systems["packed"]["usage"]["prompt_tokens"] < systems["alone"]["usage"]["prompt_tokens"] / 2
+    assert systems["packed"]["latency"]["answers"] == systems["alone"]["latency"]["answers"] == len(units)

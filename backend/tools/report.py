@@ -141,8 +141,9 @@ def curve_plot(points: Sequence[dict[str, Any]], target: float | None, reached_a
         ax.axvline(reached_at, color="#b22", linewidth=1, alpha=0.5)
     positive = [x for x in xs if x > 0]
     if positive and max(xs) / min(positive) > 20:
-        ax.set_xscale("symlog", linthresh=max(1, min(positive)))
-    ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xscale("symlog", linthresh=1)  # 0 stays on the axis; each decade of corrections gets the same room
+    ax.set_xticks(xs, [str(x) for x in xs], rotation=45 if len(xs) > 7 else 0)
+    ax.minorticks_off()
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("corrections learned (few-shot examples in the store)")
     ax.set_ylabel("F1 on the held-out tasks")
@@ -150,16 +151,19 @@ def curve_plot(points: Sequence[dict[str, Any]], target: float | None, reached_a
     twin = ax.twinx()
     costs = [p["usage"]["cost_usd"] for p in points]
     if all(c is not None for c in costs):
-        twin.plot(xs, costs, "x-", color="#999", linewidth=1)
-        twin.set_ylabel("cost of the held-out pre-labels, USD (grey)")
+        twin.plot(xs, costs, "x-", color="#999", linewidth=1, label="cost (right axis)")
+        twin.set_ylabel("cost of the held-out pre-labels, USD")
     else:
         tokens = [p["usage"]["prompt_tokens"] + p["usage"]["completion_tokens"] for p in points]
-        twin.plot(xs, tokens, "x-", color="#999", linewidth=1)
-        twin.set_ylabel("tokens for the held-out pre-labels (grey)")
+        twin.plot(xs, tokens, "x-", color="#999", linewidth=1, label="tokens (right axis)")
+        twin.set_ylabel("tokens for the held-out pre-labels")
     twin.set_ylim(bottom=0)
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
-    ax.legend(loc="lower right", fontsize=9)
+    handles, names = ax.get_legend_handles_labels()
+    twin_handles, twin_names = twin.get_legend_handles_labels()
+    ax.legend(handles + twin_handles, names + twin_names, loc="upper center", bbox_to_anchor=(0.5, -0.2 if len(xs) > 7 else -0.14),
+              ncol=5, fontsize=9, frameon=False)
     ax.set_title("Learning curve")
     return _png(fig)
 
@@ -320,16 +324,24 @@ def compare_html(payload: dict[str, Any]) -> str:
     systems, labels = payload["systems"], payload["labels"]
     subtitle = [f"ground truth: {payload['source']}; {payload['tasks']} tasks, the same for every system"
                 + (f" ({payload['limit']} drawn with seed {payload['seed']})" if payload.get("limit") else "")]
+    if any(s["kind"] == "configuration" for s in systems):
+        subtitle.append("few-shot examples: " + ("selected from the other annotated tasks (never the task's own text)"
+                                                 if payload.get("examples") == "others" else "none"))
     if payload.get("without_prediction"):
         subtitle.append(f"{payload['without_prediction']} annotated tasks left out: a compared model version has no prediction for them")
     summary = ['<table><tr><th class="name">system</th><th class="name">what</th><th>strict P</th><th>R</th><th>F1</th>'
                "<th>partial F1</th><th>macro F1</th><th>tokens</th><th>cost $</th><th>answers from cache</th>"
                "<th>latency p50 s</th><th>p95 s</th><th>failed</th></tr>"]
+    configured = [s["details"] for s in systems if s["kind"] == "configuration"]
+    # the settings that tell the configurations apart (all of them are in the JSON and the cell's tooltip)
+    differing = [k for k in (configured[0] if configured else {}) if k != "file" and len({str(d.get(k)) for d in configured}) > 1]
     for s in systems:
         strict = s["micro"]["strict"]
-        what = ", ".join(f"{k}={v}" for k, v in s["details"].items() if k not in ("file",))
+        shown = {k: s["details"][k] for k in (differing or ["model"]) if k in s["details"]} if s["kind"] == "configuration" else s["details"]
+        what = ", ".join(f"{k}={v}" for k, v in shown.items())
+        everything = ", ".join(f"{k}={v}" for k, v in s["details"].items())
         summary.append(
-            f'<tr><td class="name">{escape(s["name"])}</td><td class="name">{escape(s["kind"])}: {escape(what)}</td>'
+            f'<tr><td class="name">{escape(s["name"])}</td><td class="name" title="{escape(everything)}">{escape(s["kind"])}: {escape(what)}</td>'
             f"<td>{_fmt(strict['precision'])}</td><td>{_fmt(strict['recall'])}</td><td>{_fmt(strict['f1'])}</td>"
             f"<td>{_fmt(s['micro']['partial']['f1'])}</td><td>{_fmt(s['macro']['strict']['f1'])}</td>{_usage_cells(s)}</tr>"
         )

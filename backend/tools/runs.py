@@ -176,7 +176,7 @@ class TimedLLM(LLMClient):
 class MeasuredSource(EntitySource):
     """The backend's EntitySource, keeping with each answer the tokens and seconds it took."""
 
-    def __init__(self, llm: LLMClient, cache: ResponseCache, scope: str):
+    def __init__(self, llm: LLMClient, cache: ResponseCache | None, scope: str):
         super().__init__(llm, cache, scope)
         self._lock = threading.Lock()
         self._pack_seconds: dict[str, float] = {}
@@ -188,18 +188,19 @@ class MeasuredSource(EntitySource):
     def remember(self, key: str, found: Found) -> None:
         seconds = getattr(_calls, "seconds", None)
         usage = found.usage
-        self.cache.put(key, {**found.to_cache(), "usage": [usage.prompt_tokens, usage.completion_tokens, usage.calls], "seconds": seconds})
+        if self.cache is not None:
+            tokens = [usage.prompt_tokens, usage.completion_tokens, usage.calls]
+            self.cache.put(key, {**found.to_cache(), "usage": tokens, "seconds": seconds})
         with self._lock:
             self.spent.add(usage)
-            if key not in self._prefilled or seconds is None:
-                return
-            self._pack_seconds[key] = seconds  # a packed answer: `find` serves it later, in another thread
+            if key in self._prefilled and seconds is not None:
+                self._pack_seconds[key] = seconds  # a packed answer: `find` serves it later, in another thread
 
     def find(self, task, text, examples=()):
         key = self.key(task, task.messages(text, examples))
         packed = key in self._prefilled
         found = super().find(task, text, examples)
-        if found.cached:
+        if found.cached and self.cache is not None:
             value = self.cache.get(key) or {}
             tokens = value.get("usage") or (0, 0, 0)
             found.usage = Usage(*tokens)  # what it cost when it was asked
@@ -277,7 +278,8 @@ def run_configuration(
         raise ConfigError(f"configuration {configuration.name}: {error}") from None
     llm = TimedLLM(settings)
     # the endpoint is part of the scope: one model name served by two endpoints gives two answers
-    source = MeasuredSource(llm, workspace.cache, scope=f"llm-ner evaluation|{settings.openai_base_url or 'openai'}")
+    cache = workspace.cache if settings.llm_cache else None  # LLM_CACHE=false: every request is sent
+    source = MeasuredSource(llm, cache, scope=f"llm-ner evaluation|{settings.openai_base_url or 'openai'}")
     select = store.selector(settings.few_shot_k, settings.few_shot_token_budget) if store is not None else None
     target = schema.targets[0]
     prelabeler = Prelabeler(
