@@ -80,7 +80,7 @@ def main() -> None:
     fake.skill = lambda examples: 0.35
     fake.recall_examples = True
     os.environ["LLM_MODEL"] = "fake-learner"
-    run("simulate", str(WIKIGOLD), "--per", "sentence", "--holdout", "200", "--target", "0.6",
+    run("simulate", str(WIKIGOLD), "--per", "sentence", "--holdout", "200", "--target", "0.5",
         "--schedule", "0,5,10,20,50,100,200,500,1000,1496",
         "--json", str(OUT / "simulate.json"), "--html", str(OUT / "simulate.html"))
     print(f"LLM requests: {len(fake.requests)}")

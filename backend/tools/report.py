@@ -68,7 +68,7 @@ def per_label_plot(systems: Sequence[dict[str, Any]], labels: Sequence[str]) -> 
     """Strict P, R and F1 per label (and micro, macro), one bar per system; partial F1 as a black tick."""
     groups = list(labels) + ["micro", "macro"]
     width = 0.8 / max(1, len(systems))
-    fig = Figure(figsize=(max(7.0, 1.1 * len(groups) * max(1, len(systems)) ** 0.5 * 1.6), 7.2))
+    fig = Figure(figsize=(min(13.0, max(7.0, 1.0 + 0.45 * len(groups) * len(systems))), 6.8), layout="constrained")
     axes = fig.subplots(3, 1, sharex=True)
     for ax, measure in zip(axes, ("precision", "recall", "f1")):
         for i, system in enumerate(systems):
@@ -88,14 +88,14 @@ def per_label_plot(systems: Sequence[dict[str, Any]], labels: Sequence[str]) -> 
         ax.grid(axis="y", alpha=0.3)
         ax.axvline(len(labels) - 0.5, color="#999", linewidth=0.8, linestyle=":")
     axes[-1].set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 8 else 0)
-    axes[-1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=min(6, len(systems) + 1), frameon=False)
+    fig.legend(*axes[-1].get_legend_handles_labels(), loc="outside lower center", ncol=min(6, len(systems) + 1), frameon=False)
     fig.suptitle("Per label: strict precision, recall and F1 (black tick: partial)")
     return _png(fig)
 
 
 def errors_plot(systems: Sequence[dict[str, Any]]) -> str:
     """Matched spans by kind, one stacked bar per system."""
-    fig = Figure(figsize=(9, 0.8 + 0.6 * len(systems)))
+    fig = Figure(figsize=(9, 1.3 + 0.6 * len(systems)), layout="constrained")
     ax = fig.subplots()
     names = [s["name"] for s in systems]
     left = [0] * len(systems)
@@ -105,14 +105,14 @@ def errors_plot(systems: Sequence[dict[str, Any]]) -> str:
         left = [a + b for a, b in zip(left, values)]
     ax.invert_yaxis()
     ax.set_xlabel("spans (a matched gold/predicted pair counts once)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / max(1, len(systems))), ncol=6, frameon=False, fontsize=8)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=6, frameon=False, fontsize=8)
     ax.set_title("What happened to each span")
     return _png(fig)
 
 
 def differences_plot(differences: Sequence[dict[str, Any]]) -> str:
     """Each pair's difference in micro F1 with its 95% bootstrap interval; 0 is marked."""
-    fig = Figure(figsize=(8, 0.9 + 0.45 * len(differences)))
+    fig = Figure(figsize=(8, 1.2 + 0.45 * len(differences)), layout="constrained")
     ax = fig.subplots()
     for row, d in enumerate(differences):
         color = "#2a7d2a" if d["significant"] and d["difference"] > 0 else "#b22" if d["significant"] else "#888"
@@ -130,7 +130,7 @@ def differences_plot(differences: Sequence[dict[str, Any]]) -> str:
 def curve_plot(points: Sequence[dict[str, Any]], target: float | None, reached_at: int | None) -> str:
     """F1 against corrections learned, with the cost of pre-labeling the held-out part on a second axis."""
     xs = [p["corrections"] for p in points]
-    fig = Figure(figsize=(9, 4.8))
+    fig = Figure(figsize=(9, 5.2), layout="constrained")
     ax = fig.subplots()
     ax.plot(xs, [p["strict_f1"] for p in points], "o-", color=_color(0), label="strict micro F1")
     ax.plot(xs, [p["partial_f1"] for p in points], "s--", color=_color(1), label="partial micro F1")
@@ -162,8 +162,7 @@ def curve_plot(points: Sequence[dict[str, Any]], target: float | None, reached_a
     ax.patch.set_visible(False)
     handles, names = ax.get_legend_handles_labels()
     twin_handles, twin_names = twin.get_legend_handles_labels()
-    ax.legend(handles + twin_handles, names + twin_names, loc="upper center", bbox_to_anchor=(0.5, -0.2 if len(xs) > 7 else -0.14),
-              ncol=5, fontsize=9, frameon=False)
+    fig.legend(handles + twin_handles, names + twin_names, loc="outside lower center", ncol=5, fontsize=9, frameon=False)
     ax.set_title("Learning curve")
     return _png(fig)
 
