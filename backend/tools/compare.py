@@ -60,7 +60,7 @@ class Difference:
     def verdict(self) -> str:
         if not self.significant:
             return "noise: the interval contains 0"
-        better, worse = (self.a, self.b) if self.observed > 0 else (self.b, self.a)
+        better, worse = (self.a, self.b) if self.low > 0 else (self.b, self.a)
         return f"{better} is better than {worse}"
 
     def to_json(self) -> dict[str, Any]:
@@ -97,7 +97,8 @@ class Comparison:
     systems: list[System]
     differences: list[Difference] = field(default_factory=list)
     seed: int = 0
-    limit: int | None = None
+    drawn: bool = False  # the tasks are a --limit sample drawn with the seed
+    without_ground_truth: int = 0  # a project's tasks without a submitted annotation
     without_prediction: int = 0  # annotated tasks left out: a compared model version has no prediction for them
     examples: str = "others"
 
@@ -118,8 +119,9 @@ class Comparison:
             "source": self.source,
             "tasks": len(self.tasks),
             "task_names": names,
-            "limit": self.limit,
+            "drawn": self.drawn,
             "seed": self.seed,
+            "without_ground_truth": self.without_ground_truth,
             "without_prediction": self.without_prediction,
             "examples": self.examples,
             "labels": self.labels,
@@ -128,8 +130,9 @@ class Comparison:
         }
 
     def describe(self) -> str:
-        lines = [f"ground truth: {self.source}; {len(self.tasks)} tasks compared"
-                 + (f" ({self.limit} drawn with seed {self.seed})" if self.limit and self.limit <= len(self.tasks) else "")]
+        lines = [f"ground truth: {self.source}; {len(self.tasks)} tasks compared" + (f", drawn with seed {self.seed}" if self.drawn else "")]
+        if self.without_ground_truth:
+            lines.append(f"{self.without_ground_truth} tasks without ground truth left out")
         if self.without_prediction:
             lines.append(f"{self.without_prediction} annotated tasks left out: a compared model version has no prediction for them")
         if any(s.run is not None for s in self.systems):
@@ -231,5 +234,5 @@ def compare(
                 differences.append(Difference(a.name, b.name, scheme, observed, low, high, share, resamples))
     return Comparison(
         source=gold.description, tasks=tasks, labels=gold.labels, systems=systems, differences=differences,
-        seed=seed, limit=limit, without_prediction=len(gold.tasks) - len(usable), examples=examples,
+        seed=seed, drawn=len(tasks) < len(usable), without_ground_truth=gold.without_ground_truth, without_prediction=len(gold.tasks) - len(usable), examples=examples,
     )

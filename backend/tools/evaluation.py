@@ -26,6 +26,7 @@ from tqdm import tqdm
 from backend.infra.errors import BackendError
 from backend.ner.labelconfig import NerTarget
 from backend.tools.conll import build_units, labels_of, read_files, write_conll
+from backend.tools.diagnosis import error_table, task_counts, worst_tasks
 from backend.tools.importer import label_config_for, sdk_errors, target_of, task_data
 from backend.tools.scorer import Report, SpanTuple, score
 
@@ -91,8 +92,6 @@ class ProjectEvaluation:
         return "\n".join(lines)
 
     def to_json(self, worst: int = 5) -> dict[str, Any]:
-        from backend.tools.diagnosis import error_table, task_counts, worst_tasks
-
         names, texts, gold, predicted = (list(column) for column in zip(*self.items)) if self.items else ([], [], [], [])
         labels = list(self.report.labels)
         return {

@@ -322,10 +322,12 @@ def _usage_cells(system: dict[str, Any]) -> str:
 def compare_html(payload: dict[str, Any]) -> str:
     systems, labels = payload["systems"], payload["labels"]
     subtitle = [f"ground truth: {payload['source']}; {payload['tasks']} tasks, the same for every system"
-                + (f" ({payload['limit']} drawn with seed {payload['seed']})" if payload.get("limit") else "")]
+                + (f", drawn with seed {payload['seed']}" if payload.get("drawn") else "")]
     if any(s["kind"] == "configuration" for s in systems):
         subtitle.append("few-shot examples: " + ("selected from the other annotated tasks (never the task's own text)"
                                                  if payload.get("examples") == "others" else "none"))
+    if payload.get("without_ground_truth"):
+        subtitle.append(f"{payload['without_ground_truth']} tasks without ground truth left out")
     if payload.get("without_prediction"):
         subtitle.append(f"{payload['without_prediction']} annotated tasks left out: a compared model version has no prediction for them")
     summary = ['<table><tr><th class="name">system</th><th class="name">what</th><th>strict P</th><th>R</th><th>F1</th>'
