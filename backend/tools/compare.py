@@ -234,5 +234,6 @@ def compare(
                 differences.append(Difference(a.name, b.name, scheme, observed, low, high, share, resamples))
     return Comparison(
         source=gold.description, tasks=tasks, labels=gold.labels, systems=systems, differences=differences,
-        seed=seed, drawn=len(tasks) < len(usable), without_ground_truth=gold.without_ground_truth, without_prediction=len(gold.tasks) - len(usable), examples=examples,
+        seed=seed, drawn=len(tasks) < len(usable), without_ground_truth=gold.without_ground_truth,
+        without_prediction=len(gold.tasks) - len(usable), examples=examples,
     )
