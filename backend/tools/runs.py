@@ -27,15 +27,15 @@ from pydantic_settings import DotEnvSettingsSource
 
 from backend.infra.deadline import map_in_order
 from backend.infra.errors import BackendError, ConfigError, LLMError, LLMOutputError
+from backend.infra.guards import OnePerKey
 from backend.infra.settings import Settings, _describe
 from backend.infra.storage import Database
 from backend.infra.usage import Usage, cost_usd, price_of
 from backend.learning import webhooks
-from backend.learning.store import ExampleStore
-from backend.llm.cache import CACHE_SCHEMA, ResponseCache
+from backend.learning.store import ExampleStore, IndexCache
+from backend.llm.cache import ResponseCache
 from backend.llm.client import LLMClient
 from backend.llm.source import EntitySource, Found
-from backend.ner import packing
 from backend.ner.labelconfig import NerSchema
 from backend.ner.templates import load_templates
 from backend.pipeline.prelabel import Prelabeler
@@ -128,14 +128,14 @@ class Workspace:
         self._tmp = tempfile.TemporaryDirectory(prefix="llm-ner-eval-")
         self.dir = Path(self._tmp.name)
         self.db = Database.in_dir(self.dir)
-        cache_home = Path(cache_dir) if cache_dir else self.dir / "cache"
-        self.cache = ResponseCache(Database.in_dir(cache_home, extra_schema=(CACHE_SCHEMA,)))
+        self.cache = ResponseCache(Database.in_dir(Path(cache_dir))) if cache_dir else ResponseCache(self.db)
+        self.indexes = IndexCache()
         self._stores = 0
 
     def store(self) -> ExampleStore:
         """A new, empty example store (a fresh project id in the workspace's own database)."""
         self._stores += 1
-        return ExampleStore(self.db, f"evaluation-{self._stores}")
+        return ExampleStore(self.db, f"evaluation-{self._stores}", self.indexes)
 
     def close(self) -> None:
         self.cache.flush()
@@ -151,13 +151,14 @@ class Workspace:
 def replay(store: ExampleStore, schema: NerSchema, tasks: Sequence[GoldTask], settings: Settings, first_id: int = 1) -> None:
     """Each task's ground truth submitted as an annotation, through the webhook handler the backend's
     fit() runs: the spans are checked and stored exactly as a real correction's would be."""
+    rebuilds = OnePerKey()  # what handle() needs for START_TRAINING, never sent here
     for offset, task in enumerate(tasks):
         annotation_id = first_id + offset
         payload = {
             "annotation": {"id": annotation_id, "task": task.task_id, "result": task.regions, "updated_at": float(annotation_id)},
             "task": {"id": task.task_id, "data": task.data},
         }
-        webhooks.handle("ANNOTATION_CREATED", payload, schema, store, settings)
+        webhooks.handle("ANNOTATION_CREATED", payload, schema, store, settings, rebuilds)
 
 
 # ---- measuring an answer's cost and time, from the LLM or from the cache ----
@@ -176,8 +177,8 @@ class TimedLLM(LLMClient):
 class MeasuredSource(EntitySource):
     """The backend's EntitySource, keeping with each answer the tokens and seconds it took."""
 
-    def __init__(self, llm: LLMClient, cache: ResponseCache | None, scope: str):
-        super().__init__(llm, cache, scope)
+    def __init__(self, llm: LLMClient, cache: ResponseCache | None, scope: str, samples: int, temperature: float):
+        super().__init__(llm, cache, scope, samples, temperature)
         self._lock = threading.Lock()
         self._pack_seconds: dict[str, float] = {}
         self.seconds: list[float] = []  # per text answered: the seconds of the request that answered it
@@ -279,7 +280,8 @@ def run_configuration(
     llm = TimedLLM(settings)
     # the endpoint is part of the scope: one model name served by two endpoints gives two answers
     cache = workspace.cache if settings.llm_cache else None  # LLM_CACHE=false: every request is sent
-    source = MeasuredSource(llm, cache, scope=f"llm-ner evaluation|{settings.openai_base_url or 'openai'}")
+    source = MeasuredSource(llm, cache, f"llm-ner evaluation|{settings.openai_base_url or 'openai'}",
+                            settings.llm_samples, settings.llm_sample_temperature)
     select = store.selector(settings.few_shot_k, settings.few_shot_token_budget) if store is not None else None
     target = schema.targets[0]
     prelabeler = Prelabeler(
@@ -316,7 +318,8 @@ def run_configuration(
     for begin in range(0, len(rest), CHUNK):
         chunk = rest[begin : begin + CHUNK]
         if settings.pack_size > 1:
-            packing.prefill(prelabeler, [{"data": tasks[i].data} for i in chunk], settings, time.monotonic() + OFFLINE_DEADLINE)
+            prelabeler.prefill([{"data": tasks[i].data} for i in chunk], settings.pack_size, settings.pack_max_chars,
+                               settings.predict_concurrency, time.monotonic() + OFFLINE_DEADLINE)
         outcomes = map_in_order(one, chunk, concurrency=settings.predict_concurrency, deadline_seconds=OFFLINE_DEADLINE)
         failed += sum(1 for o in outcomes if o.error is not None)
     workspace.cache.flush()
