@@ -105,7 +105,10 @@ class FakeLLM:
             gazetteer = {**example_entities(body), **gazetteer}
         packed = PACKED_TEXT.findall(text)
         if packed:  # several texts in one request: answer each id on its own
-            results = [{"id": i, "entities": [{"text": s, "label": l} for s, l in self.gazetteer_entities(t, gazetteer)]} for i, t in packed]
+            results = [
+                {"id": i, "entities": [{"text": s, "label": l} for s, l in self.gazetteer_entities(t, gazetteer)]}
+                for i, t in packed
+            ]
             return Reply(content=json.dumps({"results": results}))
         return entities_reply(self.gazetteer_entities(text, gazetteer))
 

@@ -157,7 +157,8 @@ def test_compare_names_an_unreachable_endpoint_and_stops_at_the_first_task(tmp_p
     down = write_config(tmp_path, "down", f"OPENAI_BASE_URL={closed}\nLLM_MAX_RETRIES=1\n")
     done = run_cli(llm, tmp_path, "compare", str(source), "--config", str(down), "--quiet")
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith(f"llm-ner: configuration down: the LLM endpoint ({closed}, model fake-model) failed on the first task")
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"llm-ner: configuration down: the LLM endpoint ({closed}, model fake-model) failed on the first task")
     assert "could not connect to the LLM endpoint (check OPENAI_BASE_URL)" in done.stderr
     assert "Traceback" not in done.stderr and TEST_API_KEY not in done.stderr
 

@@ -87,7 +87,9 @@ def test_the_compare_report_renders_in_chromium_with_every_plot(tmp_path, llm, b
     errors: list[str] = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.goto(report.as_uri())
-    sizes = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.getBoundingClientRect().width])")
+    sizes = page.evaluate(
+        "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.getBoundingClientRect().width])"
+    )
     assert [alt for alt, *_ in sizes] == ["differences", "per-label bars", "error breakdown"]
     assert all(complete and natural > 400 and shown > 300 for _, complete, natural, shown in sizes), sizes
     assert page.locator("h1").inner_text() == "Comparison"

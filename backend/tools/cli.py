@@ -271,7 +271,8 @@ def _ground_truth_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--project", type=int, metavar="ID", help="a Label Studio project's annotated tasks instead of files")
     command.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), help="Label Studio URL (default $LABEL_STUDIO_URL)")
     command.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"), help="default $LABEL_STUDIO_API_KEY")
-    command.add_argument("--per", choices=("document", "sentence"), default="document", help="CoNLL: one task per document (default) or sentence")
+    command.add_argument("--per", choices=("document", "sentence"), default="document",
+                         help="CoNLL: one task per document (default) or sentence")
 
 
 def _run_args(command: argparse.ArgumentParser) -> None:
@@ -332,13 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     _report_args(comp)
     comp.set_defaults(handler=run_compare)
 
-    sim = commands.add_parser("simulate", help="learning curve: replay ground truth as corrections, score a held-out part as they accrue")
+    sim = commands.add_parser("simulate",
+                              help="learning curve: replay ground truth as corrections, score a held-out part as they accrue")
     _ground_truth_args(sim)
     sim.add_argument("--config", metavar="FILE.env", help="settings over the environment (default: the environment alone)")
-    sim.add_argument("--schedule", default="0,5,10,20,50,100,200", help="corrections after which to score (default 0,5,10,20,50,100,200)")
+    sim.add_argument("--schedule", default="0,5,10,20,50,100,200",
+                     help="corrections after which to score (default 0,5,10,20,50,100,200)")
     sim.add_argument("--holdout", type=int, metavar="N", help="held-out tasks scored at every point (default: 20%% of the tasks)")
     sim.add_argument("--target", type=float, metavar="F1", help="report the first point whose strict micro F1 reaches this")
-    sim.add_argument("--shuffle", action="store_true", help="replay the corrections in an order drawn with --seed, not task order")
+    sim.add_argument("--shuffle", action="store_true",
+                     help="replay the corrections in an order drawn with --seed, not task order")
     _run_args(sim)
     _report_args(sim)
     sim.set_defaults(handler=run_simulate)

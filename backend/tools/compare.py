@@ -71,6 +71,10 @@ class Difference:
         }
 
 
+def _figure(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def paired_bootstrap(
     counts_a: np.ndarray, counts_b: np.ndarray, scheme: str = "strict", resamples: int = 1000, seed: int = 0
 ) -> tuple[float, float, float, float]:
@@ -130,11 +134,13 @@ class Comparison:
         }
 
     def describe(self) -> str:
-        lines = [f"ground truth: {self.source}; {len(self.tasks)} tasks compared" + (f", drawn with seed {self.seed}" if self.drawn else "")]
+        drawn = f", drawn with seed {self.seed}" if self.drawn else ""
+        lines = [f"ground truth: {self.source}; {len(self.tasks)} tasks compared{drawn}"]
         if self.without_ground_truth:
             lines.append(f"{self.without_ground_truth} tasks without ground truth left out")
         if self.without_prediction:
-            lines.append(f"{self.without_prediction} annotated tasks left out: a compared model version has no prediction for them")
+            lines.append(f"{self.without_prediction} annotated tasks left out: a compared model version has no prediction"
+                         " for them")
         if any(s.run is not None for s in self.systems):
             lines.append("few-shot examples: " + ("the other annotated tasks (each task's own text is never its example)"
                                                   if self.examples == "others" else "none"))
@@ -151,8 +157,7 @@ class Comparison:
                 tokens = s.run.usage.prompt_tokens + s.run.usage.completion_tokens
                 cost = figures["usage"]["cost_usd"]
                 p50, p95 = figures["latency"]["p50"], figures["latency"]["p95"]
-                row += (f"{tokens:>10}{(f'{cost:.4f}' if cost is not None else '-'):>10}"
-                        f"{(f'{p50:.2f}' if p50 is not None else '-'):>8}{(f'{p95:.2f}' if p95 is not None else '-'):>8}{s.run.failed:>8}")
+                row += (f"{tokens:>10}{_figure(cost, 4):>10}{_figure(p50, 2):>8}{_figure(p95, 2):>8}{s.run.failed:>8}")
             else:
                 row += f"{'-':>10}{'-':>10}{'-':>8}{'-':>8}{'-':>8}"
             lines.append(row)

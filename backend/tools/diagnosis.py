@@ -29,7 +29,10 @@ KINDS = ("correct", "label_swap", "boundary_same_label", "boundary_other_label",
 STRICT_CORRECT, PARTIAL_CORRECT, PARTIAL_OVERLAP, GOLD, PREDICTED = range(5)
 
 
-def task_counts(gold: Sequence[Sequence[SpanTuple]], predicted: Sequence[Sequence[SpanTuple]], labels: Sequence[str]) -> np.ndarray:
+Spans = Sequence[Sequence[SpanTuple]]  # per task, its spans
+
+
+def task_counts(gold: Spans, predicted: Spans, labels: Sequence[str]) -> np.ndarray:
     """One row per task: nervaluate's strict correct, partial correct, partial overlaps, gold and predicted
     entities. nervaluate sums documents, so the columns' sums give exactly `score(...)`'s micro figures."""
     rows = np.zeros((len(gold), 5), dtype=np.int64)
@@ -44,7 +47,10 @@ def task_counts(gold: Sequence[Sequence[SpanTuple]], predicted: Sequence[Sequenc
 
 def micro_f1(counts: np.ndarray, scheme: str = "strict") -> np.ndarray:
     """Micro F1 from summed task counts (last axis = the 5 columns); works on one sum or on many."""
-    hits = counts[..., STRICT_CORRECT] if scheme == "strict" else counts[..., PARTIAL_CORRECT] + 0.5 * counts[..., PARTIAL_OVERLAP]
+    if scheme == "strict":
+        hits = counts[..., STRICT_CORRECT]
+    else:
+        hits = counts[..., PARTIAL_CORRECT] + 0.5 * counts[..., PARTIAL_OVERLAP]
     total = counts[..., GOLD] + counts[..., PREDICTED]
     return np.divide(2.0 * hits, total, out=np.zeros(np.shape(total), dtype=float), where=total > 0)
 
@@ -90,7 +96,7 @@ def match(gold: Sequence[SpanTuple], predicted: Sequence[SpanTuple]) -> list[Mat
     return matches
 
 
-def error_table(gold: Sequence[Sequence[SpanTuple]], predicted: Sequence[Sequence[SpanTuple]], labels: Sequence[str]) -> dict[str, Any]:
+def error_table(gold: Spans, predicted: Spans, labels: Sequence[str]) -> dict[str, Any]:
     """The confusion table (gold label x predicted label, for spans with the same boundaries, plus
     missed and spurious) and boundary errors per gold label, with totals per kind."""
     names = list(labels)
@@ -119,8 +125,7 @@ def error_table(gold: Sequence[Sequence[SpanTuple]], predicted: Sequence[Sequenc
 
 
 def worst_tasks(
-    names: Sequence[str], texts: Sequence[str], gold: Sequence[Sequence[SpanTuple]],
-    predicted: Sequence[Sequence[SpanTuple]], counts: np.ndarray, n: int,
+    names: Sequence[str], texts: Sequence[str], gold: Spans, predicted: Spans, counts: np.ndarray, n: int,
 ) -> list[dict[str, Any]]:
     """The `n` tasks with the lowest strict F1 (most errors first among equals); tasks without an error never."""
     f1 = micro_f1(counts)

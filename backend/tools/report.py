@@ -29,10 +29,14 @@ KIND_NAMES = {
     "boundary_other_label": "boundary and label", "missed": "missed", "spurious": "spurious",
 }
 
+PER_LABEL_CAPTION = "Strict precision, recall and F1 per label; black ticks: partial."
+ERRORS_CAPTION = "Every gold and predicted span, by what happened to it."
+
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; margin: 0; background: #fafafa; }
 main { max-width: 1180px; margin: 0 auto; padding: 24px 32px 64px; background: #fff; }
-h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 34px 0 10px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+h1 { font-size: 24px; margin: 0 0 4px; }
+h2 { font-size: 19px; margin: 34px 0 10px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 h3 { font-size: 15px; margin: 22px 0 8px; }
 .meta { color: #666; margin: 0 0 4px; }
 table { border-collapse: collapse; margin: 8px 0 14px; font-variant-numeric: tabular-nums; }
@@ -46,7 +50,8 @@ figcaption { color: #666; font-size: 13px; }
 .task header { font-weight: 600; margin-bottom: 6px; } .task header span { font-weight: 400; color: #666; margin-left: 10px; }
 .sides { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; }
 .side h4 { margin: 0 0 4px; font-size: 13px; color: #555; }
-.text { white-space: pre-wrap; font-size: 13px; max-height: 22em; overflow: auto; background: #fcfcfc; padding: 6px 8px; border: 1px solid #eee; }
+.text { white-space: pre-wrap; font-size: 13px; max-height: 22em; overflow: auto; background: #fcfcfc;
+        padding: 6px 8px; border: 1px solid #eee; }
 mark { border-radius: 3px; padding: 0 1px; } mark.off { outline: 2px dashed #c00; }
 mark sup { font-size: 9px; font-weight: 700; margin-left: 2px; }
 .legend span { display: inline-block; margin-right: 14px; }
@@ -74,7 +79,7 @@ def per_label_plot(systems: Sequence[dict[str, Any]], labels: Sequence[str]) -> 
         for i, system in enumerate(systems):
             xs, values, partial = [], [], []
             for g, group in enumerate(groups):
-                scores = system["micro"] if group == "micro" else system["macro"] if group == "macro" else system["per_label"].get(group)
+                scores = system[group] if group in ("micro", "macro") else system["per_label"].get(group)
                 if scores is None:
                     continue
                 xs.append(g - 0.4 + width * (i + 0.5))
@@ -226,7 +231,8 @@ def confusion_table(errors: dict[str, Any]) -> str:
                 style = ""
             out.append(f"<td{style}>{value if value else ''}</td>" if not (r == SPURIOUS and c == MISSED) else "<td></td>")
         boundary = errors["boundary"].get(r, {})
-        out.append(f"<td>{boundary.get('boundary_same_label', '') or ''}</td><td>{boundary.get('boundary_other_label', '') or ''}</td></tr>")
+        out += [f"<td>{boundary.get(kind) or ''}</td>" for kind in ("boundary_same_label", "boundary_other_label")]
+        out.append("</tr>")
     out.append("</table>")
     totals = errors["totals"]
     out.append("<p>" + ", ".join(f"{escape(KIND_NAMES[k])}: {totals.get(k, 0)}" for k in KINDS) + "</p>")
@@ -249,7 +255,8 @@ def marked_text(text: str, spans: Sequence[Sequence[Any]], other: Sequence[Seque
         wrong = any(tuple(s) not in other_set for s in covering)
         ends = "".join(f"<sup>{escape(s[2])}</sup>" for s in covering if s[1] == b)
         title = escape(", ".join(f"{s[2]} [{s[0]}:{s[1]}]" for s in covering))
-        out.append(f'<mark class="{"off" if wrong else ""}" title="{title}" style="background:{colors.get(span[2], "#ddd")}55">{piece}{ends}</mark>')
+        style = f"background:{colors.get(span[2], '#ddd')}55"
+        out.append(f'<mark class="{"off" if wrong else ""}" title="{title}" style="{style}">{piece}{ends}</mark>')
     return "".join(out)
 
 
@@ -262,7 +269,8 @@ def worst_tasks_html(tasks: Sequence[dict[str, Any]], labels: Sequence[str]) -> 
     out.append('<span><mark class="off" style="background:none">dashed</mark>: not on the other side</span></p>')
     for task in tasks:
         errors = ", ".join(f"{KIND_NAMES[k]} {v}" for k, v in task["errors"].items() if v)
-        out.append(f'<section class="task"><header>{escape(task["task"])}<span>strict F1 {task["f1"]:.3f}; {escape(errors)}</span></header>')
+        summary = f"strict F1 {task['f1']:.3f}; {errors}"
+        out.append(f'<section class="task"><header>{escape(task["task"])}<span>{escape(summary)}</span></header>')
         out.append('<div class="sides">')
         out.append(f'<div class="side"><h4>gold ({len(task["gold"])} spans)</h4><div class="text">'
                    f'{marked_text(task["text"], task["gold"], task["predicted"], colors)}</div></div>')
@@ -302,9 +310,9 @@ def evaluate_html(payload: dict[str, Any]) -> str:
     ]
     body = [
         "<h2>Scores</h2>", scores_table(system),
-        _image(per_label_plot([system], labels), "per-label bars", "Strict precision, recall and F1 per label; black ticks: partial."),
+        _image(per_label_plot([system], labels), "per-label bars", PER_LABEL_CAPTION),
         "<h2>Errors</h2>",
-        _image(errors_plot([system]), "error breakdown", "Every gold and predicted span, by what happened to it."),
+        _image(errors_plot([system]), "error breakdown", ERRORS_CAPTION),
         *_system_sections(system, labels, payload["model_version"]),
     ]
     return _page(f"Evaluation of project {payload['project']}", subtitle, body)
@@ -329,7 +337,8 @@ def compare_html(payload: dict[str, Any]) -> str:
     if payload.get("without_ground_truth"):
         subtitle.append(f"{payload['without_ground_truth']} tasks without ground truth left out")
     if payload.get("without_prediction"):
-        subtitle.append(f"{payload['without_prediction']} annotated tasks left out: a compared model version has no prediction for them")
+        subtitle.append(f"{payload['without_prediction']} annotated tasks left out: a compared model version has no"
+                        " prediction for them")
     summary = ['<table><tr><th class="name">system</th><th class="name">what</th><th>strict P</th><th>R</th><th>F1</th>'
                "<th>partial F1</th><th>macro F1</th><th>tokens</th><th>cost $</th><th>answers from cache</th>"
                "<th>latency p50 s</th><th>p95 s</th><th>failed</th></tr>"]
@@ -338,11 +347,14 @@ def compare_html(payload: dict[str, Any]) -> str:
     differing = [k for k in (configured[0] if configured else {}) if k != "file" and len({str(d.get(k)) for d in configured}) > 1]
     for s in systems:
         strict = s["micro"]["strict"]
-        shown = {k: s["details"][k] for k in (differing or ["model"]) if k in s["details"]} if s["kind"] == "configuration" else s["details"]
+        shown = s["details"]
+        if s["kind"] == "configuration":
+            shown = {k: s["details"][k] for k in (differing or ["model"]) if k in s["details"]}
         what = ", ".join(f"{k}={v}" for k, v in shown.items())
         everything = ", ".join(f"{k}={v}" for k, v in s["details"].items())
         summary.append(
-            f'<tr><td class="name">{escape(s["name"])}</td><td class="name" title="{escape(everything)}">{escape(s["kind"])}: {escape(what)}</td>'
+            f'<tr><td class="name">{escape(s["name"])}</td>'
+            f'<td class="name" title="{escape(everything)}">{escape(s["kind"])}: {escape(what)}</td>'
             f"<td>{_fmt(strict['precision'])}</td><td>{_fmt(strict['recall'])}</td><td>{_fmt(strict['f1'])}</td>"
             f"<td>{_fmt(s['micro']['partial']['f1'])}</td><td>{_fmt(s['macro']['strict']['f1'])}</td>{_usage_cells(s)}</tr>"
         )
@@ -362,12 +374,13 @@ def compare_html(payload: dict[str, Any]) -> str:
         body += ["<h2>Differences</h2>",
                  f"<p>Paired bootstrap over tasks ({payload['differences'][0]['resamples']} resamples): the same resampled tasks"
                  " for both systems; a difference whose interval contains 0 is noise.</p>",
-                 "".join(rows), _image(differences_plot(payload["differences"]), "differences", "Differences with their intervals.")]
+                 "".join(rows),
+                 _image(differences_plot(payload["differences"]), "differences", "Differences with their intervals.")]
     body += ["<h2>Per label</h2>",
-             _image(per_label_plot(systems, labels), "per-label bars", "Strict precision, recall and F1 per label; black ticks: partial.")]
+             _image(per_label_plot(systems, labels), "per-label bars", PER_LABEL_CAPTION)]
     for s in systems:
         body += [f"<h3>{escape(s['name'])}</h3>", scores_table(s)]
-    body += ["<h2>Errors</h2>", _image(errors_plot(systems), "error breakdown", "Every gold and predicted span, by what happened to it.")]
+    body += ["<h2>Errors</h2>", _image(errors_plot(systems), "error breakdown", ERRORS_CAPTION)]
     for s in systems:
         body += _system_sections(s, labels, s["name"])
     return _page("Comparison", subtitle, body)
@@ -394,7 +407,8 @@ def simulate_html(payload: dict[str, Any]) -> str:
         rows.append(
             f"<tr{css}><td>{p['corrections']}</td><td>{p['examples_per_prompt']:.1f}</td><td>{_fmt(p['strict_precision'])}</td>"
             f"<td>{_fmt(p['strict_recall'])}</td><td>{_fmt(p['strict_f1'])}</td><td>{_fmt(p['partial_f1'])}</td>"
-            f"<td>{_fmt(p['macro_f1'])}</td><td>{tokens}</td><td>{_fmt(p['usage']['cost_usd'], 4)}</td><td>{p['failed']}</td></tr>"
+            f"<td>{_fmt(p['macro_f1'])}</td><td>{tokens}</td><td>{_fmt(p['usage']['cost_usd'], 4)}</td>"
+            f"<td>{p['failed']}</td></tr>"
         )
     rows.append("</table>")
     body = [
@@ -403,10 +417,10 @@ def simulate_html(payload: dict[str, Any]) -> str:
                "F1 of the held-out pre-labels after each number of corrections; grey: what they cost."),
         "".join(rows),
         f"<h2>Per label, {escape(final['name'])}</h2>",
-        _image(per_label_plot([final], labels), "per-label bars", "Strict precision, recall and F1 per label; black ticks: partial."),
+        _image(per_label_plot([final], labels), "per-label bars", PER_LABEL_CAPTION),
         scores_table(final),
         "<h2>Errors</h2>",
-        _image(errors_plot([final]), "error breakdown", "Every gold and predicted span, by what happened to it."),
+        _image(errors_plot([final]), "error breakdown", ERRORS_CAPTION),
         *_system_sections(final, labels, final["name"]),
     ]
     return _page("Learning curve", subtitle, body)

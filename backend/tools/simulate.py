@@ -114,7 +114,8 @@ class Simulation:
         if self.left_out:
             lines.append(f"schedule points beyond the {len(self.stream)} corrections available, left out: "
                          + ", ".join(map(str, self.left_out)))
-        header = f"{'corrections':>11}{'examples':>10}{'strict P':>10}{'R':>7}{'F1':>7}{'partial F1':>12}{'macro F1':>10}{'tokens':>10}{'cost $':>10}{'failed':>8}"
+        header = (f"{'corrections':>11}{'examples':>10}{'strict P':>10}{'R':>7}{'F1':>7}{'partial F1':>12}{'macro F1':>10}"
+                  f"{'tokens':>10}{'cost $':>10}{'failed':>8}")
         lines += ["", header, "-" * len(header)]
         for p in self.points:
             figures = p.run.to_json()
@@ -139,7 +140,9 @@ def split(tasks: Sequence[GoldTask], holdout: int | None, seed: int, shuffle: bo
     """(held-out tasks, the stream of corrections): a random held-out part drawn with `seed`, the rest in
     task order (shuffled with the same seed when asked)."""
     if len(tasks) < 2:
-        raise EvaluationError(f"simulate needs at least 2 annotated tasks (one to learn from, one to score); there are {len(tasks)}")
+        raise EvaluationError(
+            f"simulate needs at least 2 annotated tasks (one to learn from, one to score); there are {len(tasks)}"
+        )
     size = holdout if holdout is not None else max(1, round(len(tasks) * 0.2))
     if not 1 <= size < len(tasks):
         raise EvaluationError(f"--holdout must be between 1 and {len(tasks) - 1} (the other tasks are the corrections)")
@@ -171,7 +174,9 @@ def simulate(
     left_out = [k for k in sorted(set(schedule)) if k > len(stream)]
     if not points:
         raise EvaluationError(f"no schedule point is within the {len(stream)} corrections available")
-    simulation = Simulation(gold.description, configuration, gold.labels, held, stream, target=target, seed=seed, left_out=left_out)
+    simulation = Simulation(
+        gold.description, configuration, gold.labels, held, stream, target=target, seed=seed, left_out=left_out
+    )
     bar = tqdm(total=len(points) * len(held), unit="task", desc="simulating", file=sys.stderr, disable=not progress)
     try:
         with Workspace(cache_dir) as workspace:
