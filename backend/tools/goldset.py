@@ -94,7 +94,7 @@ def from_project(client: Any, project_id: int) -> GoldSet:
         config = project.label_config or ""
         raw = list(client.tasks.list(project=project_id, fields="all", page_size=200))
     full = parse_label_config(config)
-    schema = NerSchema(targets=full.targets[:1], config_hash=full.config_hash)
+    schema = replace(full, targets=full.targets[:1])
     target = schema.targets[0]
     tasks: list[GoldTask] = []
     versions: set[str] = set()
