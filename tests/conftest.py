@@ -6,7 +6,9 @@
 - `predict` (POST /predict, checked), `region_tuples` (regions as comparable tuples), `metric`
   (one Prometheus sample of this process), `shown_examples` (the few-shot exchanges of a prompt);
 - Label Studio webhook payloads (`annotation_event`, `deleted_event`, `span`);
-- Wikigold: `WIKIGOLD`, `wikigold_slice`, and a gazetteer that imitates an imperfect LLM.
+- Wikigold: `WIKIGOLD`, `wikigold_slice`, and a gazetteer that imitates an imperfect LLM;
+- the `llm-ner` command (`run_cli`, `cli`, `cli_on_fake`, `ls_args`, ...), configuration files for
+  `compare`, headless Chromium (`browser`) and `check_html_report` for the HTML reports.
 """
 
 from __future__ import annotations
@@ -129,6 +131,23 @@ def label_studio():
     """A real Label Studio 1.23.2 (SQLite, temp dir, 127.0.0.1), shared by the session's tests."""
     with run_label_studio() as ls:
         yield ls
+
+
+@pytest.fixture
+def browser():
+    """Headless Debian chromium through Playwright (no browser download)."""
+    if not CHROMIUM.exists():
+        pytest.fail("chromium is not installed: `apt-get install -y chromium` (make test does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        yield browser
+        browser.close()
 
 
 # ---- a Label Studio project connected to this backend ----
@@ -382,24 +401,33 @@ def figures(output):
     return {line[:16].strip(): line[16:].strip() for line in output.strip().splitlines()}
 
 
-# ---- headless Chromium and the HTML reports ----
+def cli_on_fake(llm: FakeLLM, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`llm-ner ARGS` on the fake LLM with MODEL_DIR at tmp_path/"model" (so a test can show that a
+    command never created it) and quick retries; `env` adds or overrides settings."""
+    return cli(*args, env=backend_env(llm.base_url, tmp_path / "model", LLM_RETRY_BASE="0.01", **env))
 
 
-@pytest.fixture
-def browser():
-    """Headless Debian chromium through Playwright (no browser download)."""
-    if not CHROMIUM.exists():
-        pytest.fail("chromium is not installed: `apt-get install -y chromium` (make test does it)")
-    from playwright.sync_api import sync_playwright
+# ---- compare, simulate and their reports ----
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )
-        yield browser
-        browser.close()
+# USD per 1M prompt / completion tokens for every fake-* model (LLM_PRICES matches a name's prefix)
+FAKE_PRICES = '{"fake": [0.15, 0.6]}'
+
+
+def write_config(tmp_path: Path, name: str, text: str) -> Path:
+    """A configuration file for `compare` / `simulate`: tmp_path/NAME.env holding `text`."""
+    path = tmp_path / f"{name}.env"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def gazetteer_figures(units, gazetteer: dict[str, str]) -> tuple[float, float, float, int, int]:
+    """Micro strict P, R, F1, gold and predicted entities of the fake's gazetteer answers on these
+    CoNLL units, computed without the scorer."""
+    gold = [{(e.start, e.end, e.label) for e in u.entities} for u in units]
+    predicted = [gazetteer_spans(u.text, gazetteer) for u in units]
+    correct = sum(len(g & p) for g, p in zip(gold, predicted))
+    n_gold, n_pred = sum(map(len, gold)), sum(map(len, predicted))
+    return correct / n_pred, correct / n_gold, 2 * correct / (n_gold + n_pred), n_gold, n_pred
 
 
 VOID_TAGS = {"meta", "img", "br", "hr", "link", "input", "col", "wbr", "source"}

@@ -4,9 +4,6 @@ configuration files."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,32 +14,10 @@ from backend.tools.conll import build_units, read_conll
 from backend.tools.diagnosis import micro_f1, task_counts
 from backend.tools.runs import load_configuration
 from backend.tools.scorer import score
-from tests.conftest import check_html_report
-from tests.processes import REPO, TEST_API_KEY, backend_env, free_port
-from tests.test_conll_predict import expected_spans, gazetteer_for, wikigold_slice
-
-PRICES = '{"fake-good": [0.15, 0.6], "fake-bad": [0.15, 0.6]}'
-
-
-def run_cli(llm, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environment = backend_env(llm.base_url, tmp_path / "model", LLM_RETRY_BASE="0.01", **env)
-    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=300)
-
-
-def write_config(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / f"{name}.env"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def strict_figures(units, gazetteer) -> tuple[float, float, float, int, int]:
-    """Micro strict P, R, F1 and entity counts of a gazetteer's answers, computed without the scorer."""
-    gold = [{(e.start, e.end, e.label) for e in u.entities} for u in units]
-    predicted = [expected_spans(u.text, gazetteer) for u in units]
-    correct = sum(len(g & p) for g, p in zip(gold, predicted))
-    n_gold, n_pred = sum(map(len, gold)), sum(map(len, predicted))
-    return correct / n_pred, correct / n_gold, 2 * correct / (n_gold + n_pred), n_gold, n_pred
+from tests.conftest import (
+    FAKE_PRICES, check_html_report, cli_on_fake, gazetteer_figures, gazetteer_for, gazetteer_spans, wikigold_slice, write_config,
+)
+from tests.processes import TEST_API_KEY, free_port
 
 
 def test_compare_tells_a_worse_configuration_from_noise_on_the_same_wikigold_tasks(tmp_path, llm):
@@ -52,14 +27,14 @@ def test_compare_tells_a_worse_configuration_from_noise_on_the_same_wikigold_tas
     bad = {surface: label for surface, label in good.items() if label != "PER"}  # worse by construction: no people
     llm.model_gazetteers = {"fake-good": good, "fake-bad": bad}
     configs = [
-        write_config(tmp_path, "good", f"LLM_MODEL=fake-good\nLLM_PRICES={PRICES}\n"),
-        write_config(tmp_path, "bad", f"# the same model family, without PER\nLLM_MODEL=fake-bad\nLLM_PRICES={PRICES}\n"),
+        write_config(tmp_path, "good", f"LLM_MODEL=fake-good\nLLM_PRICES={FAKE_PRICES}\n"),
+        write_config(tmp_path, "bad", f"# the same model family, without PER\nLLM_MODEL=fake-bad\nLLM_PRICES={FAKE_PRICES}\n"),
         # identical requests to "good" (labelling every mention or not changes nothing the fake answers)
-        write_config(tmp_path, "again", f"LLM_MODEL=fake-good\nLABEL_ALL_MENTIONS=false\nLLM_PRICES={PRICES}\n"),
+        write_config(tmp_path, "again", f"LLM_MODEL=fake-good\nLABEL_ALL_MENTIONS=false\nLLM_PRICES={FAKE_PRICES}\n"),
     ]
     figures, report = tmp_path / "compare.json", tmp_path / "compare.html"
 
-    done = run_cli(llm, tmp_path, "compare", str(source), *[a for c in configs for a in ("--config", str(c))],
+    done = cli_on_fake(llm, tmp_path, "compare", str(source), *[a for c in configs for a in ("--config", str(c))],
                    "--limit", "8", "--seed", "3", "--json", str(figures), "--html", str(report))
 
     assert done.returncode == 0, done.stderr
@@ -80,7 +55,7 @@ def test_compare_tells_a_worse_configuration_from_noise_on_the_same_wikigold_tas
 
     systems = {s["name"]: s for s in data["systems"]}
     for name, gazetteer in (("good", good), ("bad", bad), ("again", good)):
-        precision, recall, f1, n_gold, n_pred = strict_figures(chosen, gazetteer)
+        precision, recall, f1, n_gold, n_pred = gazetteer_figures(chosen, gazetteer)
         strict = systems[name]["micro"]["strict"]
         assert (strict["precision"], strict["recall"], strict["f1"]) == pytest.approx((precision, recall, f1))
         assert (strict["gold"], strict["predicted"]) == (n_gold, n_pred)
@@ -97,7 +72,7 @@ def test_compare_tells_a_worse_configuration_from_noise_on_the_same_wikigold_tas
 
     differences = {(d["a"], d["b"], d["metric"]): d for d in data["differences"]}
     worse = differences[("good", "bad", "strict micro F1")]
-    assert worse["difference"] == pytest.approx(strict_figures(chosen, good)[2] - strict_figures(chosen, bad)[2])
+    assert worse["difference"] == pytest.approx(gazetteer_figures(chosen, good)[2] - gazetteer_figures(chosen, bad)[2])
     assert 0 < worse["low"] <= worse["difference"] <= worse["high"]  # the interval excludes 0
     assert worse["significant"] and worse["verdict"] == "good is better than bad"
     same = differences[("good", "again", "strict micro F1")]
@@ -145,7 +120,7 @@ def test_compare_stops_before_any_llm_call_on_an_unknown_setting(tmp_path, llm):
     source = wikigold_slice(tmp_path, 1)
     good = write_config(tmp_path, "good", "LLM_MODEL=fake-good\n")
     typo = write_config(tmp_path, "typo", "LLM_MODEL=fake-good\nPACKSIZE=4\n")
-    done = run_cli(llm, tmp_path, "compare", str(source), "--config", str(good), "--config", str(typo), "--quiet")
+    done = cli_on_fake(llm, tmp_path, "compare", str(source), "--config", str(good), "--config", str(typo), "--quiet")
     assert done.returncode == 2
     assert done.stderr.strip() == f"llm-ner: {typo}:2: unknown setting PACKSIZE (did you mean PACK_SIZE?)"
     assert llm.requests == []
@@ -155,7 +130,7 @@ def test_compare_names_an_unreachable_endpoint_and_stops_at_the_first_task(tmp_p
     source = wikigold_slice(tmp_path, 2)
     closed = f"http://127.0.0.1:{free_port()}/v1"
     down = write_config(tmp_path, "down", f"OPENAI_BASE_URL={closed}\nLLM_MAX_RETRIES=1\n")
-    done = run_cli(llm, tmp_path, "compare", str(source), "--config", str(down), "--quiet")
+    done = cli_on_fake(llm, tmp_path, "compare", str(source), "--config", str(down), "--quiet")
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"llm-ner: configuration down: the LLM endpoint ({closed}, model fake-model) failed on the first task")
@@ -167,11 +142,11 @@ def test_compare_needs_ground_truth_and_something_to_compare(tmp_path, llm):
     raw = tmp_path / "raw.conll"
     raw.write_text("Ada O\nsmiled O\n", encoding="utf-8")
     config = write_config(tmp_path, "a", "LLM_MODEL=fake-model\n")
-    untagged = run_cli(llm, tmp_path, "compare", str(raw), "--config", str(config), "--quiet")
+    untagged = cli_on_fake(llm, tmp_path, "compare", str(raw), "--config", str(config), "--quiet")
     assert untagged.returncode == 1 and "raw.conll: no entity tags, so no ground truth" in untagged.stderr
-    nothing = run_cli(llm, tmp_path, "compare", str(wikigold_slice(tmp_path, 1)), "--quiet")
+    nothing = cli_on_fake(llm, tmp_path, "compare", str(wikigold_slice(tmp_path, 1)), "--quiet")
     assert nothing.returncode == 1 and "give --config FILE and/or --model-version V" in nothing.stderr
-    versions = run_cli(llm, tmp_path, "compare", str(raw), "--model-version", "v1", "--quiet")
+    versions = cli_on_fake(llm, tmp_path, "compare", str(raw), "--model-version", "v1", "--quiet")
     assert versions.returncode == 2 and "--model-version needs --project" in versions.stderr
     for done in (untagged, nothing, versions):
         assert "Traceback" not in done.stderr
@@ -209,7 +184,7 @@ def test_per_task_counts_sum_to_the_scorers_micro_figures(tmp_path):
     gazetteer = gazetteer_for(units, drop_label="MISC")
     gold = [[(e.start, e.end, e.label) for e in u.entities] for u in units]
     # boundaries cut short on some spans, so partial matches exist too
-    predicted = [sorted((s, e - 1 if (s + e) % 3 == 0 else e, l) for s, e, l in expected_spans(u.text, gazetteer)) for u in units]
+    predicted = [sorted((s, e - 1 if (s + e) % 3 == 0 else e, l) for s, e, l in gazetteer_spans(u.text, gazetteer)) for u in units]
     labels = ["LOC", "MISC", "ORG", "PER"]
     report = score(gold, predicted, labels=labels)
     totals = task_counts(gold, predicted, labels).sum(axis=0)
@@ -226,7 +201,7 @@ def test_a_packed_configuration_scores_the_same_from_fewer_requests_and_reports_
     alone = write_config(tmp_path, "alone", "LLM_MODEL=fake-alone\n")
     packed = write_config(tmp_path, "packed", "LLM_MODEL=fake-packed\nPACK_SIZE=8\n")
     figures = tmp_path / "packing.json"
-    done = run_cli(llm, tmp_path, "compare", str(source), "--per", "sentence", "--examples", "none", "--config", str(alone),
+    done = cli_on_fake(llm, tmp_path, "compare", str(source), "--per", "sentence", "--examples", "none", "--config", str(alone),
                    "--config", str(packed), "--json", str(figures), "--quiet")
     assert done.returncode == 0, done.stderr
     systems = {s["name"]: s for s in json.loads(figures.read_text())["systems"]}
@@ -235,6 +210,6 @@ def test_a_packed_configuration_scores_the_same_from_fewer_requests_and_reports_
     # the first task is asked alone (it probes the endpoint), the others 8 to a request
     assert len(requests["fake-packed"]) == 1 + -(-(len(units) - 1) // 8)
     assert systems["packed"]["micro"] == systems["alone"]["micro"]
-    assert systems["packed"]["micro"]["strict"]["f1"] == pytest.approx(strict_figures(units, gazetteer)[2])
+    assert systems["packed"]["micro"]["strict"]["f1"] == pytest.approx(gazetteer_figures(units, gazetteer)[2])
     assert systems["packed"]["usage"]["prompt_tokens"] < systems["alone"]["usage"]["prompt_tokens"] / 2
     assert systems["packed"]["latency"]["answers"] == systems["alone"]["latency"]["answers"] == len(units)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from backend.tools.conll import build_units, read_conll
 from backend.tools.diagnosis import MISSED, SPURIOUS, error_table, match, task_counts, worst_tasks
 from backend.tools.report import marked_text
-from tests.conftest import ARTIFACTS, check_html_report
-from tests.test_compare import run_cli, write_config
-from tests.test_conll_predict import gazetteer_for, wikigold_slice
-from backend.tools.conll import build_units, read_conll
+from tests.conftest import ARTIFACTS, check_html_report, cli_on_fake, gazetteer_for, wikigold_slice, write_config
 
 GOLD = [(0, 3, "PER"), (10, 15, "ORG"), (20, 28, "LOC"), (30, 35, "LOC"), (40, 44, "PER"), (50, 55, "ORG")]
 PREDICTED = [
@@ -78,7 +76,7 @@ def test_the_compare_report_renders_in_chromium_with_every_plot(tmp_path, llm, b
     llm.model_gazetteers = {"fake-good": good, "fake-bad": {s: l for s, l in good.items() if l != "ORG"}}
     configs = [write_config(tmp_path, "good", "LLM_MODEL=fake-good\n"), write_config(tmp_path, "bad", "LLM_MODEL=fake-bad\n")]
     report = tmp_path / "report.html"
-    done = run_cli(llm, tmp_path, "compare", str(source), "--config", str(configs[0]), "--config", str(configs[1]),
+    done = cli_on_fake(llm, tmp_path, "compare", str(source), "--config", str(configs[0]), "--config", str(configs[1]),
                    "--html", str(report), "--quiet")
     assert done.returncode == 0, done.stderr
     assert len(check_html_report(report)) == 3

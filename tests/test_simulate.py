@@ -8,10 +8,8 @@ import json
 import pytest
 
 from backend.tools.conll import build_units, read_conll
-from tests.conftest import check_html_report
+from tests.conftest import check_html_report, cli_on_fake, gazetteer_for, gazetteer_spans, wikigold_slice
 from tests.fake_llm import few_shot_count, surface_rank
-from tests.test_compare import run_cli
-from tests.test_conll_predict import expected_spans, gazetteer_for, wikigold_slice
 
 # share of the gazetteer the fake knows with 0, 1, 2, 3 and 4 or more examples in the prompt
 SKILL = (0.15, 0.35, 0.55, 0.75, 1.0)
@@ -20,7 +18,7 @@ K = 4  # FEW_SHOT_K
 
 def strict_f1(units, gazetteer) -> float:
     gold = [{(e.start, e.end, e.label) for e in u.entities} for u in units]
-    predicted = [expected_spans(u.text, gazetteer) for u in units]
+    predicted = [gazetteer_spans(u.text, gazetteer) for u in units]
     correct = sum(len(g & p) for g, p in zip(gold, predicted))
     return 2 * correct / (sum(map(len, gold)) + sum(map(len, predicted)))
 
@@ -31,7 +29,7 @@ def test_simulate_draws_a_rising_learning_curve_from_corrections_replayed_into_a
     llm.skill = lambda examples: SKILL[min(examples, len(SKILL) - 1)]
     figures, report = tmp_path / "curve.json", tmp_path / "curve.html"
 
-    done = run_cli(llm, tmp_path, "simulate", str(tmp_path / "slice.conll"), "--per", "sentence", "--limit", "40",
+    done = cli_on_fake(llm, tmp_path, "simulate", str(tmp_path / "slice.conll"), "--per", "sentence", "--limit", "40",
                    "--seed", "2", "--holdout", "15", "--schedule", "0,1,2,3,4,8", "--target", "0.6",
                    "--json", str(figures), "--html", str(report), FEW_SHOT_K=str(K))
 
@@ -79,11 +77,11 @@ def test_simulate_refuses_a_bad_schedule_or_split_with_a_clear_message(tmp_path,
         (["--target", "1.5"], "--target must be an F1 between 0 and 1"),
     ]
     for extra, message in cases:
-        done = run_cli(llm, tmp_path, "simulate", str(source), *extra, "--quiet")
+        done = cli_on_fake(llm, tmp_path, "simulate", str(source), *extra, "--quiet")
         assert done.returncode == 1, extra
         assert message in done.stderr and "Traceback" not in done.stderr
     one = tmp_path / "one.conll"
     one.write_text("Ada B-PER\nsmiled O\n", encoding="utf-8")
-    done = run_cli(llm, tmp_path, "simulate", str(one), "--quiet")
+    done = cli_on_fake(llm, tmp_path, "simulate", str(one), "--quiet")
     assert done.returncode == 1 and "simulate needs at least 2 annotated tasks" in done.stderr
     assert llm.requests == []

@@ -126,7 +126,7 @@ def _ground_truth(args: argparse.Namespace):
 
         return goldset.from_project(connect(args.url, args.api_key), args.project)
     if args.files:
-        return goldset.from_conll(args.files, per=args.per)
+        return goldset.from_conll(args.files, per=args.per, join=args.join)
     raise ConfigError("give CoNLL files with gold tags, or --project ID")
 
 
@@ -273,6 +273,7 @@ def _ground_truth_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"), help="default $LABEL_STUDIO_API_KEY")
     command.add_argument("--per", choices=("document", "sentence"), default="document",
                          help="CoNLL: one task per document (default) or sentence")
+    _join_arg(command)
 
 
 def _run_args(command: argparse.ArgumentParser) -> None:

@@ -64,7 +64,7 @@ def sample(tasks: Sequence[GoldTask], limit: int | None, seed: int) -> list[Gold
     return [tasks[i] for i in chosen]
 
 
-def from_conll(paths: Sequence[str | Path], per: str = "document") -> GoldSet:
+def from_conll(paths: Sequence[str | Path], per: str = "document", join: str = "auto") -> GoldSet:
     documents = read_files(paths)
     labels = labels_of(documents)
     names = ", ".join(Path(p).name for p in paths)
@@ -81,7 +81,7 @@ def from_conll(paths: Sequence[str | Path], per: str = "document") -> GoldSet:
             gold=sorted((e.start, e.end, e.label) for e in unit.entities),
             regions=gold_results(unit, target),
         )
-        for i, unit in enumerate(build_units(documents, per=per))
+        for i, unit in enumerate(build_units(documents, per=per, join=join))
     ]
     return GoldSet(f"{names} ({len(tasks)} {per}s)", schema, tasks)
 
