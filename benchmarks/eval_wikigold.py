@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backend.tools.cli import main as llm_ner  # noqa: E402
 from backend.tools.conll import build_units, read_conll  # noqa: E402
 from tests.fake_llm import FakeLLM  # noqa: E402
-from tests.test_conll_predict import gazetteer_for  # noqa: E402
+from tests.conftest import gazetteer_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WIKIGOLD = REPO / "tests" / "data" / "wikigold" / "wikigold.conll.txt"
