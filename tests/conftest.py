@@ -6,7 +6,9 @@
 - `predict` (POST /predict, checked), `region_tuples` (regions as comparable tuples), `metric`
   (one Prometheus sample of this process), `shown_examples` (the few-shot exchanges of a prompt);
 - Label Studio webhook payloads (`annotation_event`, `deleted_event`, `span`);
-- Wikigold: `WIKIGOLD`, `wikigold_slice`, and a gazetteer that imitates an imperfect LLM.
+- Wikigold: `WIKIGOLD`, `wikigold_slice`, and a gazetteer that imitates an imperfect LLM;
+- the `llm-ner` command (`run_cli`, `cli`, `cli_on_fake`, `ls_args`, ...), configuration files for
+  `compare`, headless Chromium (`browser`) and `check_html_report` for the HTML reports.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from tests.fake_llm import FakeLLM
 from tests.processes import REPO, TEST_API_KEY, Backend, LabelStudio, backend_env, run_backend, run_label_studio
 
 WIKIGOLD = Path(__file__).resolve().parent / "data" / "wikigold" / "wikigold.conll.txt"
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
 # small Chinese samples written for this project (tests/data/zh/README.md)
 ZH_DATA = Path(__file__).resolve().parent / "data" / "zh"
 
@@ -127,6 +131,23 @@ def label_studio():
     """A real Label Studio 1.23.2 (SQLite, temp dir, 127.0.0.1), shared by the session's tests."""
     with run_label_studio() as ls:
         yield ls
+
+
+@pytest.fixture
+def browser():
+    """Headless Debian chromium through Playwright (no browser download)."""
+    if not CHROMIUM.exists():
+        pytest.fail("chromium is not installed: `apt-get install -y chromium` (make test does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        yield browser
+        browser.close()
 
 
 # ---- a Label Studio project connected to this backend ----
@@ -378,3 +399,84 @@ def project_id_from(output: str) -> int:
 def figures(output):
     """The estimate's table: a name padded to 16 characters, then its value."""
     return {line[:16].strip(): line[16:].strip() for line in output.strip().splitlines()}
+
+
+def cli_on_fake(llm: FakeLLM, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`llm-ner ARGS` on the fake LLM with MODEL_DIR at tmp_path/"model" (so a test can show that a
+    command never created it) and quick retries; `env` adds or overrides settings."""
+    return cli(*args, env=backend_env(llm.base_url, tmp_path / "model", LLM_RETRY_BASE="0.01", **env))
+
+
+# ---- compare, simulate and their reports ----
+
+# USD per 1M prompt / completion tokens for every fake-* model (LLM_PRICES matches a name's prefix)
+FAKE_PRICES = '{"fake": [0.15, 0.6]}'
+
+
+def write_config(tmp_path: Path, name: str, text: str) -> Path:
+    """A configuration file for `compare` / `simulate`: tmp_path/NAME.env holding `text`."""
+    path = tmp_path / f"{name}.env"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def gazetteer_figures(units, gazetteer: dict[str, str]) -> tuple[float, float, float, int, int]:
+    """Micro strict P, R, F1, gold and predicted entities of the fake's gazetteer answers on these
+    CoNLL units, computed without the scorer."""
+    gold = [{(e.start, e.end, e.label) for e in u.entities} for u in units]
+    predicted = [gazetteer_spans(u.text, gazetteer) for u in units]
+    correct = sum(len(g & p) for g, p in zip(gold, predicted))
+    n_gold, n_pred = sum(map(len, gold)), sum(map(len, predicted))
+    return correct / n_pred, correct / n_gold, 2 * correct / (n_gold + n_pred), n_gold, n_pred
+
+
+VOID_TAGS = {"meta", "img", "br", "hr", "link", "input", "col", "wbr", "source"}
+
+
+def check_html_report(path: Path) -> list:
+    """Parse a report written by --html: well nested, self-contained (no external resource), and its
+    plots real PNG images of some size with more than a handful of colours. Returns the images (PIL)."""
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    class Checker(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack: list[str] = []
+            self.images: list[tuple[str, str]] = []  # (alt, src)
+            self.external: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            for name in ("src", "href"):
+                if attrs.get(name) and not attrs[name].startswith("data:"):
+                    self.external.append(attrs[name])
+            if tag == "img":
+                self.images.append((attrs.get("alt") or "", attrs.get("src") or ""))
+            if tag not in VOID_TAGS:
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
+            self.stack.pop()
+
+    checker = Checker()
+    checker.feed(path.read_text(encoding="utf-8"))
+    checker.close()
+    assert checker.stack == [], f"unclosed tags: {checker.stack}"
+    assert checker.external == [], f"the report loads external resources: {checker.external}"
+    images = []
+    for alt, src in checker.images:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix), alt
+        image = Image.open(io.BytesIO(base64.b64decode(src[len(prefix):])))
+        image.load()
+        assert image.format == "PNG"
+        assert image.width >= 400 and image.height >= 150, (alt, image.size)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 50, f"{alt}: a nearly blank plot ({len(colours or [])} colours)"
+        images.append((alt, image))
+    return images

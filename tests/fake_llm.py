@@ -10,11 +10,19 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
 - `latency` seconds per request, `max_concurrency` requests served at once (more wait their turn),
   `reject_json_schema` / `reject_response_format` to play an endpoint without structured output,
   `reject_logprobs` one without logprobs; a Reply's `logprobs` and `choices` (one content per sample);
+- `model_gazetteers`: {model: gazetteer} answers a request for that model (`body["model"]`) with its own
+  gazetteer instead, so configurations naming different models get answers of different quality;
+- `skill`: a function (few-shot examples in the prompt) -> share in [0, 1] of the gazetteer's surfaces
+  the answer lists; which surfaces is fixed by a hash of each, so a higher share lists a superset
+  (a model that gets better with more examples);
+- `recall_examples`: also list the surfaces the prompt's few-shot answers labelled, with their labels
+  (a model that picks up names from similar corrected examples);
 - `requests`: every request body received, so tests can assert on prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -59,6 +67,9 @@ class FakeLLM:
     def reset(self) -> None:
         with getattr(self, "lock", threading.Lock()):
             self.gazetteer: dict[str, str] = {}
+            self.model_gazetteers: dict[str, dict[str, str]] = {}
+            self.skill: Callable[[int], float] | None = None
+            self.recall_examples = False
             self.replies: deque[Reply] = deque()
             self.responder: Callable[[dict[str, Any]], Reply] | None = None
             self.latency = 0.0
@@ -86,15 +97,24 @@ class FakeLLM:
     # ---- the default answer ----
     def gazetteer_reply(self, body: dict[str, Any]) -> Reply:
         text = last_user_text(body)
+        gazetteer = self.model_gazetteers.get(body.get("model"), self.gazetteer)
+        if self.skill is not None:
+            share = self.skill(few_shot_count(body))
+            gazetteer = {s: l for s, l in gazetteer.items() if surface_rank(s) < share}
+        if self.recall_examples:
+            gazetteer = {**example_entities(body), **gazetteer}
         packed = PACKED_TEXT.findall(text)
         if packed:  # several texts in one request: answer each id on its own
-            results = [{"id": i, "entities": [{"text": s, "label": l} for s, l in self.gazetteer_entities(t)]} for i, t in packed]
+            results = [
+                {"id": i, "entities": [{"text": s, "label": l} for s, l in self.gazetteer_entities(t, gazetteer)]}
+                for i, t in packed
+            ]
             return Reply(content=json.dumps({"results": results}))
-        return entities_reply(self.gazetteer_entities(text))
+        return entities_reply(self.gazetteer_entities(text, gazetteer))
 
-    def gazetteer_entities(self, text: str) -> list[tuple[str, str]]:
+    def gazetteer_entities(self, text: str, gazetteer: dict[str, str] | None = None) -> list[tuple[str, str]]:
         found: list[tuple[int, str, str]] = []
-        for surface, label in self.gazetteer.items():
+        for surface, label in (self.gazetteer if gazetteer is None else gazetteer).items():
             for match in re.finditer(r"(?<!\w)" + re.escape(surface) + r"(?!\w)", text):
                 found.append((match.start(), surface, label))
         found.sort()
@@ -232,6 +252,31 @@ class FakeLLM:
                 self._send(200, json.dumps(answer).encode(), reply.headers)
 
         return Handler
+
+
+def few_shot_count(body: dict[str, Any]) -> int:
+    """Few-shot examples in a request: the assistant turns before its last message (each example is a
+    user/assistant exchange; a packed request shows its examples as one exchange)."""
+    return sum(1 for message in body.get("messages", [])[:-1] if message.get("role") == "assistant")
+
+
+def example_entities(body: dict[str, Any]) -> dict[str, str]:
+    """{surface: label} of the few-shot answers (assistant turns) in a request."""
+    found: dict[str, str] = {}
+    for message in body.get("messages", [])[:-1]:
+        if message.get("role") != "assistant":
+            continue
+        try:
+            entities = json.loads(message.get("content") or "").get("entities", [])
+        except (ValueError, AttributeError):
+            continue
+        found.update({e["text"]: e["label"] for e in entities if isinstance(e, dict) and "text" in e and "label" in e})
+    return found
+
+
+def surface_rank(surface: str) -> float:
+    """A fixed number in [0, 1) per surface: `skill` lists the surfaces ranked below its share."""
+    return int(hashlib.sha256(surface.encode("utf-8")).hexdigest()[:8], 16) / 2**32
 
 
 def last_user_text(body: dict[str, Any]) -> str:

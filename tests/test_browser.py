@@ -3,35 +3,15 @@ and finds the entities already marked, predicted by the backend the moment the t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.processes import REPO
+from tests.conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.label_studio, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = REPO / "test-artifacts"
 USER, PASSWORD = "ls-robot", "browser-basic-pass-3d1f"
 TEXT = "Grace Hopper joined the Navy in New York."
 EXPECTED = [(0, 12, "PER", "Grace Hopper"), (24, 28, "ORG", "Navy"), (32, 40, "LOC", "New York")]
-
-
-@pytest.fixture
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail("chromium is not installed: `apt-get install -y chromium` (make test does it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )
-        yield browser
-        browser.close()
 
 
 def test_opening_a_task_in_the_labeling_ui_shows_the_predicted_entities_as_regions(label_studio, connected_project, backend_factory, llm, browser):

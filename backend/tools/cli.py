@@ -97,8 +97,70 @@ def run_evaluate(args: argparse.Namespace) -> int:
     evaluation = evaluate_project(connect(args.url, args.api_key), args.project, args.model_version)
     print(evaluation.header())
     print(format_table(evaluation.report))
+    _write_outputs(args, evaluation.to_json(worst=args.worst))
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, payload: dict) -> None:
+    from backend.tools.evaluation import write_json
+
     if args.json:
-        write_json(args.json, evaluation.to_json())
+        write_json(args.json, payload)
+    if args.html:
+        from backend.tools.report import write_html
+
+        write_html(args.html, payload)
+        print(f"report written to {args.html}")
+
+
+# ---- compare, simulate: ground truth from a project or CoNLL files ----
+def _ground_truth(args: argparse.Namespace):
+    from backend.tools import goldset
+
+    if args.project is not None:
+        if args.files:
+            raise ConfigError("give CoNLL files or --project, not both")
+        if not (args.url and args.api_key):
+            raise ConfigError("--project needs --url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+        from backend.tools.importer import connect
+
+        return goldset.from_project(connect(args.url, args.api_key), args.project)
+    if args.files:
+        return goldset.from_conll(args.files, per=args.per, join=args.join)
+    raise ConfigError("give CoNLL files with gold tags, or --project ID")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from backend.tools.compare import compare
+    from backend.tools.runs import load_configuration, unique_names
+
+    # every configuration file is read before anything else: a typo stops the run before any cost
+    configurations = [load_configuration(path) for path in args.config]
+    unique_names(configurations)
+    if args.model_version and args.project is None:
+        raise ConfigError("model versions are stored in a project: --model-version needs --project")
+    comparison = compare(
+        _ground_truth(args), configurations, args.model_version, limit=args.limit, seed=args.seed,
+        resamples=args.resamples, examples=args.examples, cache_dir=args.cache_dir, progress=not args.quiet,
+    )
+    print(comparison.describe())
+    _write_outputs(args, comparison.to_json(worst=args.worst))
+    return 0
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from backend.tools.runs import Configuration, load_configuration
+    from backend.tools.simulate import parse_schedule, simulate
+    from backend.infra.settings import load_settings
+
+    configuration = load_configuration(args.config) if args.config else Configuration("environment", load_settings())
+    schedule = parse_schedule(args.schedule)
+    simulation = simulate(
+        _ground_truth(args), configuration, schedule=schedule, holdout=args.holdout, target=args.target,
+        limit=args.limit, seed=args.seed, shuffle=args.shuffle, cache_dir=args.cache_dir, progress=not args.quiet,
+    )
+    print(simulation.describe())
+    _write_outputs(args, simulation.to_json(worst=args.worst))
     return 0
 
 
@@ -204,6 +266,29 @@ def _join_arg(command: argparse.ArgumentParser) -> None:
     )
 
 
+def _ground_truth_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument("files", nargs="*", metavar="FILE", help="CoNLL files with gold tags (or --project)")
+    command.add_argument("--project", type=int, metavar="ID", help="a Label Studio project's annotated tasks instead of files")
+    command.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), help="Label Studio URL (default $LABEL_STUDIO_URL)")
+    command.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"), help="default $LABEL_STUDIO_API_KEY")
+    command.add_argument("--per", choices=("document", "sentence"), default="document",
+                         help="CoNLL: one task per document (default) or sentence")
+    _join_arg(command)
+
+
+def _run_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--limit", type=int, metavar="N", help="use N tasks, drawn with --seed (default: all)")
+    command.add_argument("--seed", type=int, default=0, help="seed of every random draw, for repeatable runs (default 0)")
+    command.add_argument("--cache-dir", metavar="DIR", help="keep LLM answers here across runs (default: this run only)")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _report_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    command.add_argument("--html", metavar="OUT.html", help="also write a self-contained HTML report with plots")
+    command.add_argument("--worst", type=int, default=5, metavar="N", help="worst tasks shown in the reports (default 5)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-ner", description="LLM pre-labeling backend for Label Studio (NER)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -233,8 +318,35 @@ def build_parser() -> argparse.ArgumentParser:
     _label_studio_args(evaluate)
     evaluate.add_argument("--project", type=int, required=True, metavar="ID")
     evaluate.add_argument("--model-version", metavar="V", help="default: the newest model version in the project")
-    evaluate.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    _report_args(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
+
+    comp = commands.add_parser("compare", help="configurations and stored model versions side by side on the same ground truth")
+    _ground_truth_args(comp)
+    comp.add_argument("--config", action="append", default=[], metavar="FILE.env",
+                      help="a configuration to run now: NAME=value lines of the usual settings over the environment (repeat)")
+    comp.add_argument("--model-version", action="append", default=[], metavar="V",
+                      help="a model version whose predictions are stored in the project (repeat)")
+    comp.add_argument("--examples", choices=("others", "none"), default="others",
+                      help="few-shot examples for configurations: from the other annotated tasks (default), or none")
+    comp.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the differences (default 1000)")
+    _run_args(comp)
+    _report_args(comp)
+    comp.set_defaults(handler=run_compare)
+
+    sim = commands.add_parser("simulate",
+                              help="learning curve: replay ground truth as corrections, score a held-out part as they accrue")
+    _ground_truth_args(sim)
+    sim.add_argument("--config", metavar="FILE.env", help="settings over the environment (default: the environment alone)")
+    sim.add_argument("--schedule", default="0,5,10,20,50,100,200",
+                     help="corrections after which to score (default 0,5,10,20,50,100,200)")
+    sim.add_argument("--holdout", type=int, metavar="N", help="held-out tasks scored at every point (default: 20%% of the tasks)")
+    sim.add_argument("--target", type=float, metavar="F1", help="report the first point whose strict micro F1 reaches this")
+    sim.add_argument("--shuffle", action="store_true",
+                     help="replay the corrections in an order drawn with --seed, not task order")
+    _run_args(sim)
+    _report_args(sim)
+    sim.set_defaults(handler=run_simulate)
 
     offline = commands.add_parser("predict-conll", help="pre-label CoNLL files without Label Studio; write CoNLL and score")
     offline.add_argument("files", nargs="+", metavar="FILE")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from backend.infra.errors import BackendError
 from backend.ner.labelconfig import NerTarget
 from backend.tools.conll import build_units, labels_of, read_files, write_conll
+from backend.tools.diagnosis import error_table, task_counts, worst_tasks
 from backend.tools.importer import label_config_for, sdk_errors, target_of, task_data
 from backend.tools.scorer import Report, SpanTuple, score
 
@@ -77,6 +78,8 @@ class ProjectEvaluation:
     without_annotation: int
     without_prediction: int
     other_versions: list[str] = field(default_factory=list)
+    # per evaluated task, for the error table and the worst tasks: (name, text, gold, predicted)
+    items: list[tuple[str, str, list[SpanTuple], list[SpanTuple]]] = field(default_factory=list)
 
     def header(self) -> str:
         lines = [
@@ -88,8 +91,11 @@ class ProjectEvaluation:
             lines.append(f"other model versions in the project: {', '.join(self.other_versions)}")
         return "\n".join(lines)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, worst: int = 5) -> dict[str, Any]:
+        names, texts, gold, predicted = (list(column) for column in zip(*self.items)) if self.items else ([], [], [], [])
+        labels = list(self.report.labels)
         return {
+            "kind": "evaluate",
             "project": self.project_id,
             "model_version": self.model_version,
             "tasks": self.tasks,
@@ -97,6 +103,8 @@ class ProjectEvaluation:
             "without_annotation": self.without_annotation,
             "without_prediction": self.without_prediction,
             **self.report.to_json(),
+            "errors": error_table(gold, predicted, labels),
+            "worst_tasks": worst_tasks(names, texts, gold, predicted, task_counts(gold, predicted, labels), worst),
         }
 
 
@@ -123,6 +131,7 @@ def evaluate_project(client: Any, project_id: int, model_version: str | None = N
 
     gold: list[list[SpanTuple]] = []
     predicted: list[list[SpanTuple]] = []
+    items = []
     without_annotation = without_prediction = 0
     for task in sorted(tasks, key=lambda t: _get(t, "id") or 0):
         truth = ground_truth(_get(task, "annotations") or [])
@@ -137,6 +146,8 @@ def evaluate_project(client: Any, project_id: int, model_version: str | None = N
         # several predictions of one version happen when a task is re-predicted: the newest counts
         newest = max(ours, key=lambda p: _get(p, "id") or 0)
         predicted.append(result_spans(_get(newest, "result"), target))
+        text = (_get(task, "data") or {}).get(target.data_key)
+        items.append((f"task {_get(task, 'id')}", text if isinstance(text, str) else "", gold[-1], predicted[-1]))
     if not gold:
         raise EvaluationError(
             f"project {project_id}: no task has both a ground-truth annotation and a prediction of"
@@ -151,6 +162,7 @@ def evaluate_project(client: Any, project_id: int, model_version: str | None = N
         without_annotation=without_annotation,
         without_prediction=without_prediction,
         other_versions=sorted(v for v in versions if v != model_version),
+        items=items,
     )
 
 
