@@ -27,7 +27,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.fake_llm import FakeLLM
-from tests.processes import REPO, TEST_API_KEY, Backend, LabelStudio, backend_env, run_backend, run_label_studio
+from tests.processes import REPO, TEST_API_KEY, Backend, LabelStudio, backend_env, run_backend, run_label_studio, wait_until
 
 WIKIGOLD = Path(__file__).resolve().parent / "data" / "wikigold" / "wikigold.conll.txt"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -74,6 +74,15 @@ def make_settings(tmp_path: Path, llm: FakeLLM):
         return load_settings(**values)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def late_work_drained():
+    """After each test, wait for the in-process apps' tasks still running past a /predict deadline
+    (PREDICT_BACKLOG): their LLM calls must not land in the next test's fake server."""
+    yield
+    if not wait_until(lambda: not REGISTRY.get_sample_value("llm_ner_backlog_tasks"), timeout=30, interval=0.05):
+        raise AssertionError("tasks kept past a deadline were still running 30 s after the test")
 
 
 @pytest.fixture

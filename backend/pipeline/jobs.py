@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -28,18 +30,13 @@ from backend.infra.storage import Database
 from backend.infra.usage import Usage, UsageLedger, cost_usd
 from backend.pipeline.delivery import Deliveries, Delivery, import_predictions
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, unanswered_reason
+from backend.pipeline.scope import field_of, wanted
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("missing", "unannotated", "stale", "all")
-SCOPE_HELP = {
-    "missing": "tasks with no prediction at all (what opening a task would ask for)",
-    "unannotated": "tasks with no annotation and no prediction of the current model_version",
-    "stale": "tasks with no annotation whose newest prediction is of an older model_version",
-    "all": "every task without a prediction of the current model_version, annotated or not",
-}
 CHUNK = 50  # finished tasks written to Label Studio together
 PAGE = 100  # tasks read from Label Studio per request
+_END = object()  # the end of a queue
 HEARTBEAT = 60.0  # a running job not heard of for this long was interrupted (its process died)
 
 
@@ -51,31 +48,6 @@ class JobSpec:
     concurrency: int = 8
     max_cost: float | None = None  # USD: the job stops once it has spent this much
     attempts: int = 3  # tries per task within the job (each try has the LLM client's own retries)
-
-
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
-
-
-def wanted(task: Any, version: str, scope: str) -> bool:
-    """Whether a task (as the SDK lists it with fields="all") is in the job's scope."""
-    predictions = _field(task, "predictions") or []
-    versions = [_field(p, "model_version") for p in predictions]
-    if version in versions:
-        return False  # never a second prediction of one version
-    annotated = bool(_field(task, "total_annotations") or [
-        a for a in _field(task, "annotations") or [] if not _field(a, "was_cancelled", False)
-    ])
-    if scope == "missing":
-        return not predictions
-    if scope == "unannotated":
-        return not annotated
-    if scope == "stale":
-        if annotated or not predictions:
-            return False
-        newest = max(predictions, key=lambda p: (str(_field(p, "created_at") or ""), _field(p, "id") or 0))
-        return _field(newest, "model_version") != version
-    return True  # all
 
 
 def project_tasks(client: Any, project_id: int) -> Iterator[Any]:
@@ -223,27 +195,44 @@ class ProjectJob:
         self.sleep = sleep
         self.progress = Progress(usage=Usage())
         self.failures: dict[int, str] = {}  # task id -> why its last try failed
+        self.stop: tuple[str, str] | None = None  # (state, why) once the job must end early
+        self.reading = True
 
     def run(self) -> dict[str, Any]:
         """Pre-label the project's tasks in scope; returns the job's final record.
 
-        A stream, not rounds: `concurrency` tasks are in flight at all times (the next one starts
-        as soon as one ends, never waiting for the slowest of a batch) while finished ones are
-        written to Label Studio CHUNK at a time from this thread."""
+        Three threads keep the provider busy: a reader fetches pages of tasks ahead, this thread
+        keeps 2 x `concurrency` tasks in flight (the next starts as soon as one ends, never waiting
+        for the slowest of a batch), and a writer puts finished ones into Label Studio CHUNK at a time."""
         state, message = "running", ""
+        todo: queue.Queue = queue.Queue(maxsize=2 * PAGE)
+        writes: queue.Queue = queue.Queue(maxsize=4)
+        reader = threading.Thread(target=self._read, args=(todo,), name=f"job-{self.job_id}-read", daemon=True)
+        writer = threading.Thread(target=self._write_all, args=(writes,), name=f"job-{self.job_id}-write", daemon=True)
+        reader.start()
+        writer.start()
         pool = ThreadPoolExecutor(self.spec.concurrency, thread_name_prefix=f"job-{self.job_id}")
+        in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
+        finished: list[tuple[dict[str, Any], TaskOutcome]] = []
+        read_all = False
         try:
-            tasks = self._in_scope()
-            in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
-            finished: list[tuple[dict[str, Any], TaskOutcome]] = []
-
-            def fill() -> None:
-                while len(in_flight) < 2 * self.spec.concurrency and (task := next(tasks, None)) is not None:
-                    in_flight[pool.submit(self._attempt, task, 0)] = (task, 0)
-
-            fill()
-            while in_flight and state == "running":
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            while self.stop is None:
+                while not read_all and len(in_flight) < 2 * self.spec.concurrency:
+                    try:
+                        item = todo.get_nowait() if in_flight else todo.get(timeout=0.5)
+                    except queue.Empty:
+                        break
+                    if item is _END:
+                        read_all = True
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        in_flight[pool.submit(self._attempt, item, 0)] = (item, 0)
+                if read_all and not in_flight:
+                    break
+                if not in_flight:
+                    continue
+                done, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
                     task, attempt = in_flight.pop(future)
                     error = future.exception()
@@ -255,19 +244,23 @@ class ProjectJob:
                     self.failures[task["id"]] = f"{unanswered_reason(error)}: {error}"
                     if attempt + 1 < self.spec.attempts:  # an outage may pass: try it again, later
                         in_flight[pool.submit(self._attempt, task, attempt + 1)] = (task, attempt + 1)
-                if len(finished) >= CHUNK or (not in_flight and finished):
-                    state, message = self._write(finished)
+                if len(finished) >= CHUNK:
+                    writes.put(finished)
                     finished = []
-                fill()
-            if state == "running":
-                state = "done"
+            if finished and self.stop is None:
+                writes.put(finished)
         except Exception as error:  # noqa: BLE001 - recorded on the job: the caller reads the state
-            state, message = "failed", f"{type(error).__name__}: {str(error)[:300]}"
-            log.warning("job %s failed: %s", self.job_id, message)
+            self.stop = ("failed", f"{type(error).__name__}: {str(error)[:300]}")
         finally:
+            self.reading = False
             # a cancelled or stopped job lets the calls in flight end (their answers are cached) and
             # starts nothing more
             pool.shutdown(wait=True, cancel_futures=True)
+            writes.put(_END)
+            writer.join()
+        state, message = self.stop or ("done", "")
+        if state == "failed":
+            log.warning("job %s failed: %s", self.job_id, message)
         for task_id, reason in self.failures.items():
             self.jobs.fail_task(self.job_id, task_id, reason)
         self.progress.failed = len(self.failures)
@@ -276,6 +269,32 @@ class ProjectJob:
         self.jobs.finish(self.job_id, state, message)
         self.on_progress(self.progress)
         return self.jobs.get(self.job_id) or {}
+
+    def _read(self, todo: queue.Queue) -> None:
+        try:
+            for task in self._in_scope():
+                while self.reading:
+                    try:
+                        todo.put(task, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if not self.reading:
+                    return
+            todo.put(_END)
+        except Exception as error:  # noqa: BLE001 - handed to the job's thread, which records it
+            todo.put(error)
+
+    def _write_all(self, writes: queue.Queue) -> None:
+        while (batch := writes.get()) is not _END:
+            if self.stop is not None:
+                continue  # stopped: what is left is in the cache for the next run
+            try:
+                stop = self._write(batch)
+            except Exception as error:  # noqa: BLE001 - the job stops and says why
+                stop = ("failed", f"writing to Label Studio: {type(error).__name__}: {str(error)[:300]}")
+            if stop[0] != "running":
+                self.stop = stop
 
     def _in_scope(self) -> Iterator[dict[str, Any]]:
         """The project's tasks the scope wants, at most `limit`, as {"id", "data"}; counts what it reads."""
@@ -288,7 +307,7 @@ class ProjectJob:
                 self.progress.skipped += 1
                 continue
             taken += 1
-            yield {"id": int(_field(task, "id")), "data": dict(_field(task, "data") or {})}
+            yield {"id": int(field_of(task, "id")), "data": dict(field_of(task, "data") or {})}
 
     def _attempt(self, task: dict[str, Any], attempt: int) -> TaskOutcome:
         if attempt:
@@ -296,7 +315,8 @@ class ProjectJob:
         return self.prelabeler.prelabel(task["data"])
 
     def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> tuple[str, str]:
-        """Write finished tasks into Label Studio; returns ("running", "") to go on, or why the job stops."""
+        """Write finished tasks into Label Studio (the writer thread); returns ("running", "") to go on,
+        or why the job stops."""
         self.prelabeler.source.flush()  # answers in the shared cache first: a killed job asks nothing twice
         deliveries = [Delivery(str(self.spec.project_id), t["id"], self.version, o.results, o.score) for t, o in finished]
         import_predictions(self.client, self.deliveries, deliveries)

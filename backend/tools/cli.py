@@ -90,7 +90,7 @@ def run_import_conll(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from backend.tools.evaluation import evaluate_project, write_json
+    from backend.tools.evaluation import evaluate_project
     from backend.tools.importer import connect
     from backend.tools.scorer import format_table
 
@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", type=Path, help="output .jsonl file (replaced)")
     exp.set_defaults(handler=run_export)
 
-    from backend.pipeline.jobs import SCOPE_HELP, SCOPES
+    from backend.pipeline.scope import SCOPE_HELP, SCOPES
 
     pre = commands.add_parser("prelabel", help="pre-label a whole Label Studio project (resumable; writes predictions)")
     pre.add_argument("--project", type=int, required=True)

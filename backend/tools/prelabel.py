@@ -18,7 +18,8 @@ from tqdm import tqdm
 from backend.infra.errors import BackendError
 from backend.infra.settings import Settings
 from backend.pipeline.delivery import read_project
-from backend.pipeline.jobs import JobSpec, Progress, _field, project_tasks, wanted
+from backend.pipeline.jobs import JobSpec, Progress, project_tasks
+from backend.pipeline.scope import field_of, wanted
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.server import load_model_class
 from backend.protocol.services import Services
@@ -51,7 +52,7 @@ def _estimate(model: Any, client: Any, spec: JobSpec, settings: Settings) -> Est
     for item in project_tasks(client, spec.project_id):
         if not wanted(item, model.model_version, spec.scope):
             continue
-        text = (_field(item, "data") or {}).get(target.data_key)
+        text = (field_of(item, "data") or {}).get(target.data_key)
         if isinstance(text, str):
             if not texts:
                 # the first task's examples stand for every task's: their number and size vary little
