@@ -34,8 +34,9 @@ from backend.pipeline.scope import field_of, wanted
 
 log = logging.getLogger(__name__)
 
-CHUNK = 50  # finished tasks written to Label Studio together
-PAGE = 100  # tasks read from Label Studio per request
+CHUNK = 500  # finished tasks written to Label Studio in one call (each call has a large fixed cost there)
+WRITE_EVERY = 2.0  # seconds: with a slow provider, what is finished is written at least this often
+PAGE = 500  # tasks read from Label Studio per request
 _END = object()  # the end of a queue
 HEARTBEAT = 60.0  # a running job not heard of for this long was interrupted (its process died)
 
@@ -215,6 +216,7 @@ class ProjectJob:
         in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
         finished: list[tuple[dict[str, Any], TaskOutcome]] = []
         read_all = False
+        last_write = time.monotonic()
         try:
             while self.stop is None:
                 while not read_all and len(in_flight) < 2 * self.spec.concurrency:
@@ -244,9 +246,9 @@ class ProjectJob:
                     self.failures[task["id"]] = f"{unanswered_reason(error)}: {error}"
                     if attempt + 1 < self.spec.attempts:  # an outage may pass: try it again, later
                         in_flight[pool.submit(self._attempt, task, attempt + 1)] = (task, attempt + 1)
-                if len(finished) >= CHUNK:
+                if len(finished) >= CHUNK or (finished and time.monotonic() - last_write > WRITE_EVERY):
                     writes.put(finished)
-                    finished = []
+                    finished, last_write = [], time.monotonic()
             if finished and self.stop is None:
                 writes.put(finished)
         except Exception as error:  # noqa: BLE001 - recorded on the job: the caller reads the state
