@@ -118,7 +118,7 @@ def main() -> None:
         count = written(ls, project_id)
         print(f"  killed with {at_kill} written and {calls_at_kill} LLM calls made; resumed: exit {second[2]}, {second[0]:.1f} s")
         print(f"  predictions in Label Studio {count} of {n}; LLM calls over both runs {len(fake.requests)} "
-              f"({len(fake.requests) / n:.4f} N; in flight at most {CAP} + one chunk of 50)")
+              f"({len(fake.requests) / n:.4f} N; asked again at most: {2 * CAP} in flight + 32 answers not yet flushed to the cache)")
     fake.close()
 
 
