@@ -8,9 +8,11 @@ This file is the recipe; the machinery lives in `backend/` (the README has a mod
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from backend.infra import metrics
+from backend.infra.usage import Meter, metering
 from backend.learning import webhooks
 from backend.learning.store import ExampleStore
 from backend.ner.labelconfig import parse_label_config
@@ -62,16 +64,19 @@ class NERModel(LabelStudioMLBase):
             if marks:
                 return ModelResponse(model_version=version, predictions=[self.predict_interactive(tasks[0], marks, version)])
         prelabeler = self.prelabeler(version)
-        outcomes = prelabeler.prelabel_many(
-            tasks,
-            concurrency=self.settings.predict_concurrency,
-            deadline_seconds=self.settings.predict_deadline,
-            pack_size=self.settings.pack_size,
-            pack_max_chars=self.settings.pack_max_chars,
-            # tasks the deadline cuts run on (PREDICT_BACKLOG): cached, and written into Label Studio
-            keep_late=(lambda i: self.keep_late(prelabeler, tasks[i], version)) if self.settings.predict_backlog else None,
-        )
-        self.services.usage.account(self.project_id, [None if o.error else o.value.usage for o in outcomes], self.services.price)
+        started = time.monotonic()
+        concurrency = self.services.llm.concurrency  # PREDICT_CONCURRENCY, or what the probe measured (probes once)
+        with metering() as meter:  # every LLM call of this request, failed tasks' too
+            outcomes = prelabeler.prelabel_many(
+                tasks,
+                concurrency=concurrency,
+                deadline_seconds=self.settings.predict_deadline - (time.monotonic() - started),
+                pack_size=self.settings.pack_size,
+                pack_max_chars=self.settings.pack_max_chars,
+                # tasks the deadline cuts run on (PREDICT_BACKLOG): cached, and written into Label Studio
+                keep_late=(lambda i: self.keep_late(prelabeler, tasks[i], version, meter)) if self.settings.predict_backlog else None,
+            )
+        self.services.usage.account(self.project_id, len(tasks), meter.take(), self.services.price)
         predictions: list[PredictionValue | None] = []
         for task, outcome in zip(tasks, outcomes):
             if outcome.error is not None:
@@ -97,7 +102,7 @@ class NERModel(LabelStudioMLBase):
             record_drafts=lambda tasks, results: self.examples.record_drafts(self.schema, tasks, results, version),
         )
 
-    def keep_late(self, prelabeler: Prelabeler, task: dict[str, Any], version: str):
+    def keep_late(self, prelabeler: Prelabeler, task: dict[str, Any], version: str, meter: Meter | None = None):
         """A task the deadline cut keeps running in the background, within PREDICT_BACKLOG; its answer
         reaches the cache (a second Retrieve Predictions is answered from it) and, with Label Studio
         credentials, Label Studio itself."""
@@ -109,6 +114,8 @@ class NERModel(LabelStudioMLBase):
         def done(outcome) -> None:
             backlog.done()
             metrics.BACKLOG.dec()
+            if meter is not None:  # the calls made after the request was answered
+                self.services.usage.account(self.project_id, 0, meter.take(), self.services.price)
             prelabeler.source.flush()  # every worker's next request finds the answer
             if outcome.error is not None:
                 log.warning("task %s: no pre-labels after the deadline either: %s", task.get("id"), outcome.error)

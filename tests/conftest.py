@@ -66,9 +66,10 @@ def make_settings(tmp_path: Path, llm: FakeLLM):
     from backend.infra.settings import load_settings
 
     def make(**overrides):
+        # no probe unless a test asks for one: its requests would mix with the ones a test counts
         values = dict(
             openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
-            model_dir=tmp_path / "model", llm_retry_base=0.01, _env_file=None,
+            model_dir=tmp_path / "model", llm_retry_base=0.01, llm_probe=False, _env_file=None,
         )
         values.update(overrides)
         return load_settings(**values)

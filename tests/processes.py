@@ -65,6 +65,7 @@ def backend_env(llm_base_url: str, model_dir: Path, **extra: str) -> dict[str, s
         LLM_MODEL="fake-model",
         MODEL_DIR=str(model_dir),
         LOG_LEVEL="INFO",
+        LLM_PROBE="false",  # the fake's tests count requests; tests of the probe turn it on
     )
     env.update(extra)
     return env

@@ -81,12 +81,14 @@ def test_a_failed_llm_call_leaves_that_task_unanswered_not_missing_nor_empty(cli
     assert region_tuples_per_task(answer, "text") == [["Rome"], None, ["Rome"]]
 
 
-def test_structured_output_falls_back_to_json_object_then_text(client, llm):
+def test_structured_output_falls_back_through_every_form_to_text(client, llm):
     llm.gazetteer = {"Oslo": "LOC"}
     llm.reject_response_format = True
     assert region_tuples_per_task(predict(client, ["Oslo."]), "text") == [["Oslo"]]
-    formats = [(r.get("response_format") or {}).get("type") for r in llm.requests]
-    assert formats == ["json_schema", "json_object", None]
+    formats = [r.get("response_format") for r in llm.requests]
+    assert [f and f["type"] for f in formats] == ["json_schema", "json_object", "json_object", None]
+    # json_object with the schema (llama-cpp-python's form), then plain json_object
+    assert formats[1]["schema"] == formats[0]["json_schema"]["schema"] and "schema" not in formats[2]
 
 
 def test_json_schema_request_carries_the_label_enum_and_temperature_zero(client, llm):

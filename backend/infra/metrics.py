@@ -32,6 +32,11 @@ PACKED_TASKS = Counter("llm_ner_packed_texts_total", "Texts answered through a p
 EXAMPLES = Gauge(
     "llm_ner_examples", "Few-shot examples stored per project", ["project"], multiprocess_mode="mostrecent"
 )
+LLM_TRUNCATED = Counter("llm_ner_llm_truncated_total", "LLM answers cut off at max_tokens (finish_reason length)")
+LLM_CONCURRENCY = Gauge(
+    "llm_ner_llm_concurrency", "LLM calls a worker lets in flight at once (adapts to the endpoint)",
+    multiprocess_mode="livesum",
+)
 TASKS = Counter("llm_ner_predicted_tasks_total", "Tasks answered by /predict, by outcome", ["outcome"])
 DELIVERED = Counter(
     "llm_ner_delivered_predictions_total", "Predictions written into Label Studio by the backend, by source", ["source"]

@@ -27,10 +27,16 @@ class Settings(BaseSettings):
     )
     llm_model: str = Field(default="gpt-4o-mini", min_length=1)
     llm_timeout: float = Field(default=60.0, gt=0, description="seconds for one LLM HTTP request")
-    llm_max_tokens: int = Field(default=2048, gt=0)
-    llm_structured_output: Literal["auto", "json_schema", "json_object", "text"] = Field(
+    llm_max_tokens: int = Field(
+        default=2048, gt=0, description="completion token cap; each call asks for less when its text is short"
+    )
+    llm_structured_output: Literal["auto", "json_schema", "json_object_schema", "json_object", "text"] = Field(
         default="auto",
-        description="auto: json_schema, falling back to json_object then plain text when rejected",
+        description="auto: the strongest form the endpoint accepts (probed), falling back when one is rejected",
+    )
+    llm_probe: bool = Field(
+        default=True,
+        description="probe the endpoint once (structured output, logprobs, n, concurrency) before the first call",
     )
 
     # --- where state lives ---
@@ -90,7 +96,10 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(
         default=200_000, gt=0, description="longer task texts are refused (413) instead of sent to the LLM"
     )
-    predict_concurrency: int = Field(default=8, ge=1, le=256, description="LLM calls in flight per /predict")
+    predict_concurrency: int | None = Field(
+        default=None, ge=1, le=256,
+        description="most LLM calls in flight per worker; unset = what the probe measured (8 without a probe)",
+    )
     predict_deadline: float = Field(
         default=90.0, gt=0, description="seconds; below Label Studio's 100 s ML_TIMEOUT_PREDICT"
     )
@@ -124,6 +133,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("predict_concurrency", mode="before")
+    @classmethod
+    def _blank_number_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("openai_base_url", "label_studio_url", mode="before")
     @classmethod

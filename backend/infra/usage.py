@@ -3,8 +3,11 @@ price table (LLM_PRICES) for cost. The figures before anything is sent are `tool
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,46 @@ class Usage:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.calls += other.calls
+
+
+class Meter:
+    """Usage of every LLM call made for one piece of work (a /predict), whichever thread made it and
+    whether or not its task succeeded: `metering()` installs one, the LLM client records into it."""
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self._lock = threading.Lock()
+
+    def add(self, usage: Usage) -> None:
+        with self._lock:
+            self.usage.add(usage)
+
+    def take(self) -> Usage:
+        """What was recorded since the last take (calls of work kept past the request come later)."""
+        with self._lock:
+            taken, self.usage = self.usage, Usage()
+        return taken
+
+
+# a ContextVar: map_in_order copies the context into each pooled task, so the tasks share the meter
+_meter: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("usage_meter", default=None)
+
+
+@contextlib.contextmanager
+def metering() -> Iterator[Meter]:
+    meter = Meter()
+    token = _meter.set(meter)
+    try:
+        yield meter
+    finally:
+        _meter.reset(token)
+
+
+def record_usage(usage: Usage) -> None:
+    """Count one LLM call's usage in the current meter, if any."""
+    meter = _meter.get()
+    if meter is not None:
+        meter.add(usage)
 
 
 def price_of(prices: dict[str, tuple[float, float]] | None, model: str) -> tuple[float, float] | None:
@@ -70,20 +113,17 @@ class UsageLedger:
             return {"project_id": project_id, "tasks": 0, "calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
         return dict(rows[0])
 
-    def account(self, project_id: str, usages: Sequence[Usage | None], price: tuple[float, float] | None) -> None:
-        """Add one /predict's usage to the project's totals, /metrics and the log (with cost per task)."""
-        total = Usage()
-        for usage in usages:
-            if usage is not None:
-                total.add(usage)
+    def account(self, project_id: str, tasks: int, total: Usage, price: tuple[float, float] | None) -> None:
+        """Add one /predict's usage (every call it made, see Meter) to the project's totals, /metrics and
+        the log (with cost per task)."""
         cost = cost_usd(total, price)
-        self.add(project_id, total, len(usages), cost)
+        self.add(project_id, total, tasks, cost)
         metrics.PROJECT_TOKENS.labels(project_id, "prompt").inc(total.prompt_tokens)
         metrics.PROJECT_TOKENS.labels(project_id, "completion").inc(total.completion_tokens)
         if cost is not None:
             metrics.PROJECT_COST.labels(project_id).inc(cost)
-        per_task = f", ${cost:.6f} (${cost / max(1, len(usages)):.6f} per task)" if cost is not None else ""
+        per_task = f", ${cost:.6f} (${cost / max(1, tasks):.6f} per task)" if cost is not None else ""
         log.info(
             "project %s: %d tasks, %d LLM calls, %d prompt + %d completion tokens%s",
-            project_id, len(usages), total.calls, total.prompt_tokens, total.completion_tokens, per_task,
+            project_id, tasks, total.calls, total.prompt_tokens, total.completion_tokens, per_task,
         )

@@ -1,13 +1,19 @@
 """The provider call: chat completions through the openai client, against any compatible endpoint.
 
-Structured output is asked for in the strongest form the endpoint accepts: `json_schema`, then
-`json_object`, then plain text parsed tolerantly. The mode that worked is remembered per process.
-One repair turn shows the model its own validation error.
+Before the first call the endpoint is probed once (probe.py): which structured-output form it
+accepts, whether logprobs come back, whether `n` is honoured, how many requests it runs at once.
+Structured output is asked for in the strongest form that works: `json_schema`, then `json_object`
+with the schema (llama-cpp-python's form, which constrains decoding to it), then `json_object`, then
+plain text parsed tolerantly; an error about the request's format, whatever its status code, steps
+down to the next form. One repair turn shows the model its own validation error; an answer cut off
+at `max_tokens` (finish_reason "length") is asked again without repeating it.
 
 Retries are ours, not the openai client's (it runs with max_retries=0), so that we decide which
 errors are worth another try, never sleep past the /predict deadline, and count every retry in
 /metrics: 429 (honouring Retry-After), 5xx, timeouts, connection errors and unreadable bodies are
-tried again with exponential backoff, full jitter and a cap; 400/401/403/404 fail at once.
+tried again with exponential backoff, full jitter and a cap; 400/401/403/404 fail at once. A
+deterministic request (temperature 0) that timed out is sent again once, not more: it would take
+as long again. Calls wait for a slot of the ConcurrencyGate before their timeout starts.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import openai
 from openai import OpenAI
@@ -27,15 +33,31 @@ from openai import OpenAI
 from backend.infra import deadline, metrics
 from backend.infra.errors import LLMError, LLMOutputError
 from backend.infra.settings import Settings
-from backend.infra.usage import Usage
-from backend.llm.ratelimit import RateLimited, RateLimiter
+from backend.infra.usage import Usage, record_usage
+from backend.llm.ratelimit import ConcurrencyGate, GateTimeout, RateLimited, RateLimiter
+
+if TYPE_CHECKING:
+    from backend.llm.probe import Capabilities
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MODES = ("json_schema", "json_object", "text")
+# the structured-output forms, strongest first; json_object_schema is {"type": "json_object", "schema": ...}
+MODES = ("json_schema", "json_object_schema", "json_object", "text")
 # words in a 400/422 that mean "this endpoint does not do that response_format"
 _FORMAT_HINTS = ("response_format", "json_schema", "json_object", "schema", "format", "support")
+# the same in a 5xx must be specific: llama-cpp-python answers json_schema with a 500 naming the field
+_FORMAT_HINTS_5XX = ("response_format", "json_schema", "json_object")
+# the answer of a text cannot need more than this many tokens per character of the text (every word an
+# entity: `{"text": "Oslo", "label": "LOC"}, ` is ~12 tokens for 5 characters), plus the JSON around it
+ANSWER_TOKENS_PER_CHAR = 2
+ANSWER_TOKENS_BASE = 64
+# calls in flight without a probe and without PREDICT_CONCURRENCY
+DEFAULT_CONCURRENCY = 8
+# an answer slower than this share of LLM_TIMEOUT waited behind other requests: fewer in flight
+SLOW_SHARE = 0.5
+# after a probe that could not reach the endpoint, the next try waits this long
+PROBE_RETRY_SECONDS = 60.0
 # a Retry-After longer than this is a quota that ran out, not a hiccup: fail instead of waiting
 MAX_RETRY_AFTER = 60.0
 
@@ -44,6 +66,11 @@ MAX_RETRY_AFTER = 60.0
 class Choice:
     content: str | None
     logprobs: list[tuple[str, float]] | None = None  # (token, logprob) over the content, when returned
+    finish_reason: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
 
 
 @dataclass
@@ -52,6 +79,7 @@ class Completion:
     usage: Usage
     mode: str
     choices: list[Choice] = field(default_factory=list)
+    max_tokens: int = 0
 
 
 @dataclass
@@ -70,10 +98,11 @@ class Answer(Generic[T]):
 class LLMCallFailed(LLMError):
     """One LLM call failed for good; `error_class` is the label used in /metrics."""
 
-    def __init__(self, message: str, error_class: str, api_message: str = ""):
+    def __init__(self, message: str, error_class: str, api_message: str = "", part: str | None = None):
         super().__init__(message)
         self.error_class = error_class
         self.api_message = api_message
+        self.part = part  # "logprobs" / "response_format": the part of the request the endpoint refused
 
 
 def describe_api_error(error: Exception) -> str:
@@ -114,6 +143,31 @@ def retry_after_seconds(headers: Any) -> float | None:
     return None
 
 
+def response_format(mode: str, json_schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The `response_format` of one structured-output form (None: plain text)."""
+    if mode == "json_schema" and json_schema is not None:
+        return {"type": "json_schema", "json_schema": json_schema}
+    if mode == "json_object_schema" and json_schema is not None:
+        return {"type": "json_object", "schema": json_schema["schema"]}
+    if mode in ("json_object", "json_schema", "json_object_schema"):
+        return {"type": "json_object"}
+    return None
+
+
+def unsupported_part(error: BaseException, body: dict[str, Any]) -> str | None:
+    """"logprobs" or "response_format" when the error says the endpoint does not take that part of
+    the request, whatever the status code (llama-cpp-python answers json_schema with a 500)."""
+    if not isinstance(error, openai.APIStatusError) or error.status_code in (401, 403, 404, 408, 409, 429):
+        return None
+    message = (getattr(error, "message", "") or "").lower()
+    if body.get("logprobs") and "logprob" in message:
+        return "logprobs"
+    hints = _FORMAT_HINTS if error.status_code < 500 else _FORMAT_HINTS_5XX
+    if body.get("response_format") and any(hint in message for hint in hints):
+        return "response_format"
+    return None
+
+
 def classify(error: BaseException) -> tuple[str, bool, float | None]:
     """(error class for /metrics, worth retrying?, server-asked delay in seconds)."""
     if isinstance(error, openai.APITimeoutError):
@@ -147,11 +201,18 @@ class LLMClient:
         # one client per process (see services.py), so this remembers per process what the endpoint accepts
         self._working_mode: str | None = None
         self._logprobs_ok = settings.llm_logprobs
+        self._n_ok: bool | None = None  # None: not known yet
         self._lock = threading.Lock()
         self._sleep = sleep
         self.model = settings.llm_model
         self.max_tokens = settings.llm_max_tokens
         self.limiter = RateLimiter(settings.llm_rpm, settings.llm_tpm)
+        self.gate = ConcurrencyGate(settings.predict_concurrency or DEFAULT_CONCURRENCY, on_change=_log_concurrency)
+        metrics.LLM_CONCURRENCY.set(self.gate.limit)
+        self.capabilities: Capabilities | None = None
+        self._probe_lock = threading.Lock()
+        self._probed = not settings.llm_probe
+        self._probe_failed_at: float | None = None
         self.client = client or OpenAI(
             api_key=settings.openai_api_key.get_secret_value(),
             base_url=settings.openai_base_url,
@@ -159,11 +220,74 @@ class LLMClient:
             max_retries=0,  # see the module docstring: retries are decided in `_create`
         )
 
+    @property
+    def concurrency(self) -> int:
+        """The most calls this process lets in flight (PREDICT_CONCURRENCY, or the probe's figure)."""
+        self.prepare()
+        return self.gate.ceiling
+
+    def answer_tokens(self, text_chars: int) -> int:
+        """max_tokens for the answer about `text_chars` characters of text: a runaway answer stops there."""
+        return min(self.max_tokens, ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_CHAR * text_chars)
+
+    # ---- the probe ----
+    def prepare(self) -> Capabilities | None:
+        """Probe the endpoint once per process (LLM_PROBE), and use what it found. Callers that wait for
+        another thread's probe wait no longer than their deadline, then go on with the defaults."""
+        if self._probed:
+            return self.capabilities
+        left = deadline.time_left()
+        if not self._probe_lock.acquire(timeout=-1 if left is None else max(0.0, left)):
+            return None
+        try:
+            if self._probed:
+                return self.capabilities
+            if self._probe_failed_at is not None and time.monotonic() - self._probe_failed_at < PROBE_RETRY_SECONDS:
+                return None
+            from backend.llm import probe  # probe.py builds on this module's helpers
+
+            try:
+                capabilities = probe.cached_probe(self, plan=probe.Plan.for_settings(self.settings))
+            except probe.ProbeFailed as error:
+                self._probe_failed_at = time.monotonic()
+                log.warning("could not probe the LLM endpoint (%s); using the defaults until it answers", error)
+                return None
+            self.use(capabilities)
+            self._probed = True
+            return capabilities
+        finally:
+            self._probe_lock.release()
+
+    def use(self, capabilities: Capabilities) -> None:
+        """Adopt what a probe found, where the settings leave the choice to it."""
+        settings = self.settings
+        with self._lock:
+            self.capabilities = capabilities
+            if settings.llm_structured_output == "auto" and capabilities.mode is not None:
+                self._working_mode = capabilities.mode
+            if settings.llm_logprobs and capabilities.logprobs is not None:
+                self._logprobs_ok = capabilities.logprobs
+            if capabilities.n is not None:
+                self._n_ok = capabilities.n
+        if settings.predict_concurrency is None and capabilities.concurrency is not None:
+            self.gate.reset(capabilities.concurrency)
+            metrics.LLM_CONCURRENCY.set(self.gate.limit)
+
     def _first_mode(self) -> str:
         if self.settings.llm_structured_output != "auto":
             return self.settings.llm_structured_output
         with self._lock:
             return self._working_mode or MODES[0]
+
+    @property
+    def mode(self) -> str:
+        """The structured-output form the next call will use."""
+        return self._first_mode()
+
+    @property
+    def logprobs(self) -> bool:
+        with self._lock:
+            return bool(self._logprobs_ok)
 
     def _remember(self, mode: str) -> None:
         if self.settings.llm_structured_output == "auto":
@@ -185,62 +309,115 @@ class LLMClient:
     def _create(self, kwargs: dict[str, Any]) -> Any:
         """One chat completion, tried again where that can help, never past the request's deadline."""
         estimate = sum(len(str(m.get("content") or "")) for m in kwargs["messages"]) // 4
-        attempt = 0
+        deterministic = not kwargs.get("temperature") and kwargs.get("n", 1) == 1
+        attempt = timeouts = 0
         while True:
             left = deadline.time_left()
             if left is not None and left <= 0.05:
                 raise LLMCallFailed("the request's deadline passed before the LLM answered", "deadline")
             try:
-                handle = self.limiter.acquire(estimate + self.max_tokens // 4, left)
-            except RateLimited as error:
-                metrics.LLM_ERRORS.labels("local_rate_limit").inc()
-                raise LLMCallFailed(str(error), "local_rate_limit") from None
-            timeout = self.settings.llm_timeout if left is None else max(0.05, min(self.settings.llm_timeout, left))
-            started = time.perf_counter()
+                slot = self.gate.acquire(left)
+            except GateTimeout as error:
+                raise LLMCallFailed(f"no LLM call slot before the deadline: {error}", "deadline") from None
+            congested = False
             try:
-                # The client's documented low-level call (same auth and errors as
-                # chat.completions.create) skips create()'s recursive re-typing of the messages,
-                # which for a prompt with long examples cost more than the rest of a task's work.
-                # cast_to=dict: we read four fields, and building the typed ChatCompletion is not free.
-                response = self.client.post(
-                    "/chat/completions", body=kwargs, cast_to=dict, options={"timeout": timeout}
-                )
-                if not isinstance(response, dict):
-                    raise ValueError("the completion body is not a JSON object")
-            except Exception as error:  # noqa: BLE001 - classified below; unknown errors are re-raised
-                metrics.LLM_SECONDS.observe(time.perf_counter() - started)
-                error_class, retryable, delay = classify(error)
-                if error_class == "other":
-                    raise
-                metrics.LLM_ERRORS.labels(error_class).inc()
-                message = self._scrub(describe_api_error(error))
-                api_message = (getattr(error, "message", "") or "") if error_class == "bad_request" else ""
-                if not retryable or attempt >= self.settings.llm_max_retries:
-                    metrics.LLM_CALLS.labels(error_class).inc()
-                    why = "not retried" if not retryable else f"after {attempt} retries"
-                    log.warning("LLM call failed (%s, %s): %s", error_class, why, message)
-                    raise LLMCallFailed(message, error_class, api_message) from None
-                if delay is not None and delay > MAX_RETRY_AFTER:
-                    metrics.LLM_CALLS.labels(error_class).inc()
-                    log.warning("LLM call failed (%s): the endpoint asks to wait %.0f s; not waiting", error_class, delay)
-                    raise LLMCallFailed(message, error_class) from None
-                delay = self.backoff(attempt) if delay is None else delay
+                # waiting for the slot took time: the HTTP timeout is counted from now
                 left = deadline.time_left()
-                if left is not None and delay >= left:
-                    metrics.LLM_CALLS.labels(error_class).inc()
-                    log.warning("LLM call failed (%s) and no time is left to retry: %s", error_class, message)
-                    raise LLMCallFailed(message, error_class) from None
-                metrics.LLM_RETRIES.labels(error_class).inc()
-                log.info("LLM call failed (%s: %s); retry %d in %.2f s", error_class, message, attempt + 1, delay)
-                self._sleep(delay)
-                attempt += 1
-                continue
-            metrics.LLM_SECONDS.observe(time.perf_counter() - started)
-            metrics.LLM_CALLS_OK.inc()
-            usage = _usage_of(response)
-            total = usage.prompt_tokens + usage.completion_tokens if response.get("usage") else estimate
-            self.limiter.settle(handle, total)
-            return response
+                try:
+                    handle = self.limiter.acquire(estimate + kwargs["max_tokens"] // 4, left)
+                except RateLimited as error:
+                    metrics.LLM_ERRORS.labels("local_rate_limit").inc()
+                    raise LLMCallFailed(str(error), "local_rate_limit") from None
+                timeout = self.settings.llm_timeout if left is None else max(0.05, min(self.settings.llm_timeout, left))
+                started = time.perf_counter()
+                try:
+                    # The client's documented low-level call (same auth and errors as
+                    # chat.completions.create) skips create()'s recursive re-typing of the messages,
+                    # which for a prompt with long examples cost more than the rest of a task's work.
+                    # cast_to=dict: we read four fields, and building the typed ChatCompletion is not free.
+                    # A timeout closes the connection, so a server that stops on disconnect stops generating
+                    # (llama-cpp-python drops a queued request whose client left).
+                    response = self.client.post(
+                        "/chat/completions", body=kwargs, cast_to=dict, options={"timeout": timeout}
+                    )
+                    if not isinstance(response, dict):
+                        raise ValueError("the completion body is not a JSON object")
+                except Exception as error:  # noqa: BLE001 - classified below; unknown errors are re-raised
+                    elapsed = time.perf_counter() - started
+                    metrics.LLM_SECONDS.observe(elapsed)
+                    error_class, retryable, delay = classify(error)
+                    if error_class == "other":
+                        raise
+                    # a timeout the deadline cut short says nothing about the endpoint's load
+                    congested = (error_class == "timeout" and timeout >= self.settings.llm_timeout) or (
+                        error_class == "rate_limit" or getattr(error, "status_code", None) == 503
+                    )
+                    part = unsupported_part(error, kwargs)
+                    if part is not None:
+                        error_class, retryable = "unsupported", False
+                    metrics.LLM_ERRORS.labels(error_class).inc()
+                    message = self._scrub(describe_api_error(error))
+                    api_message = (getattr(error, "message", "") or "") if error_class in ("bad_request", "unsupported") else ""
+                    if error_class == "timeout":
+                        timeouts += 1
+                    if deterministic and timeouts >= 2:
+                        metrics.LLM_CALLS.labels(error_class).inc()
+                        log.warning("LLM call failed: it timed out twice after %.0f s; the same request would take as long again", timeout)
+                        raise LLMCallFailed(f"timed out twice ({timeout:.0f} s each)", error_class) from None
+                    if not retryable or attempt >= self.settings.llm_max_retries:
+                        metrics.LLM_CALLS.labels(error_class).inc()
+                        why = "not retried" if not retryable else f"after {attempt} retries"
+                        level = logging.INFO if part is not None else logging.WARNING  # a fallback follows
+                        log.log(level, "LLM call failed (%s, %s): %s", error_class, why, message)
+                        raise LLMCallFailed(message, error_class, api_message, part) from None
+                    if delay is not None and delay > MAX_RETRY_AFTER:
+                        metrics.LLM_CALLS.labels(error_class).inc()
+                        log.warning("LLM call failed (%s): the endpoint asks to wait %.0f s; not waiting", error_class, delay)
+                        raise LLMCallFailed(message, error_class) from None
+                    delay = self.backoff(attempt) if delay is None else delay
+                    left = deadline.time_left()
+                    if left is not None and delay >= left:
+                        metrics.LLM_CALLS.labels(error_class).inc()
+                        log.warning("LLM call failed (%s) and no time is left to retry: %s", error_class, message)
+                        raise LLMCallFailed(message, error_class) from None
+                    metrics.LLM_RETRIES.labels(error_class).inc()
+                    log.info("LLM call failed (%s: %s); retry %d in %.2f s", error_class, message, attempt + 1, delay)
+                else:
+                    elapsed = time.perf_counter() - started
+                    metrics.LLM_SECONDS.observe(elapsed)
+                    metrics.LLM_CALLS_OK.inc()
+                    # an answer this slow waited on the server behind other requests of ours
+                    congested = elapsed > SLOW_SHARE * self.settings.llm_timeout
+                    usage = _usage_of(response)
+                    total = usage.prompt_tokens + usage.completion_tokens if response.get("usage") else estimate
+                    self.limiter.settle(handle, total)
+                    metrics.PROMPT_TOKENS.inc(usage.prompt_tokens)
+                    metrics.COMPLETION_TOKENS.inc(usage.completion_tokens)
+                    record_usage(usage)  # the request's meter (usage.metering): failed tasks' calls count too
+                    return response
+            finally:
+                self.gate.release(slot, congested)
+            self._sleep(delay)
+            attempt += 1
+
+    def _request(self, messages: list[dict[str, str]], mode: str, json_schema: dict[str, Any] | None, n: int,
+                 temperature: float, max_tokens: int, logprobs: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+        }
+        if n > 1:
+            kwargs["n"] = n
+        if logprobs:
+            # llama-cpp-python returns no logprobs without top_logprobs; 0 is valid for OpenAI too
+            kwargs["logprobs"] = True
+            kwargs["top_logprobs"] = 0
+        fmt = response_format(mode, json_schema)
+        if fmt is not None:
+            kwargs["response_format"] = fmt
+        return kwargs
 
     def complete(
         self,
@@ -249,32 +426,44 @@ class LLMClient:
         *,
         n: int = 1,
         temperature: float = 0.0,
+        max_tokens: int | None = None,
+    ) -> Completion:
+        """`n` answers to the messages (asked one request each where the endpoint ignores `n`)."""
+        self.prepare()
+        max_tokens = self.max_tokens if max_tokens is None else max(1, min(max_tokens, self.max_tokens))
+        with self._lock:
+            n_ok = self._n_ok
+        if n > 1 and n_ok is False:
+            completions = [self._complete_once(messages, json_schema, 1, temperature, max_tokens) for _ in range(n)]
+            return _merged(completions)
+        completion = self._complete_once(messages, json_schema, n, temperature, max_tokens)
+        if n > 1 and len(completion.choices) < n:
+            with self._lock:
+                warn, self._n_ok = self._n_ok is not False, False
+            if warn:
+                log.warning(
+                    "the LLM endpoint ignores n (asked for %d answers, got %d): LLM_SAMPLES answers are asked one request each",
+                    n, len(completion.choices),
+                )
+            extra = [self._complete_once(messages, json_schema, 1, temperature, max_tokens) for _ in range(n - len(completion.choices))]
+            return _merged([completion, *extra])
+        return completion
+
+    def _complete_once(
+        self, messages: list[dict[str, str]], json_schema: dict[str, Any] | None, n: int, temperature: float, max_tokens: int
     ) -> Completion:
         mode = self._first_mode()
         while True:
-            kwargs: dict[str, Any] = {
-                "model": self.model,
-                "messages": messages,
-                "temperature": temperature,
-                "max_tokens": self.max_tokens,
-            }
-            if n > 1:
-                kwargs["n"] = n
             with self._lock:
                 want_logprobs = self._logprobs_ok
-            if want_logprobs:
-                kwargs["logprobs"] = True
-            if mode == "json_schema" and json_schema is not None:
-                kwargs["response_format"] = {"type": "json_schema", "json_schema": json_schema}
-            elif mode == "json_object":
-                kwargs["response_format"] = {"type": "json_object"}
+            kwargs = self._request(messages, mode, json_schema, n, temperature, max_tokens, want_logprobs)
             try:
                 response = self._create(kwargs)
             except LLMCallFailed as error:
-                if error.error_class != "bad_request":
+                if error.error_class not in ("bad_request", "unsupported"):
                     raise
                 message = error.api_message.lower()
-                if want_logprobs and "logprob" in message:
+                if want_logprobs and (error.part == "logprobs" or "logprob" in message):
                     log.info("LLM endpoint rejected logprobs; asking without them (spans get no logprob score)")
                     with self._lock:
                         self._logprobs_ok = False
@@ -282,7 +471,7 @@ class LLMClient:
                 can_fall_back = (
                     self.settings.llm_structured_output == "auto"
                     and mode != "text"
-                    and any(hint in message for hint in _FORMAT_HINTS)
+                    and (error.part == "response_format" or any(hint in message for hint in _FORMAT_HINTS))
                 )
                 if not can_fall_back:
                     raise
@@ -295,8 +484,8 @@ class LLMClient:
             raw_choices = response.get("choices")
             if not isinstance(raw_choices, list) or not raw_choices:
                 raise LLMOutputError("the LLM endpoint returned no choices")
-            choices = [Choice(_content_of(c), _token_logprobs(c)) for c in raw_choices]
-            return Completion(choices[0].content, usage, mode, choices=choices)
+            choices = [Choice(_content_of(c), _token_logprobs(c), _finish_reason(c)) for c in raw_choices]
+            return Completion(choices[0].content, usage, mode, choices=choices, max_tokens=max_tokens)
 
     def ask_full(
         self,
@@ -307,30 +496,74 @@ class LLMClient:
         *,
         samples: int = 1,
         temperature: float = 0.0,
+        max_tokens: int | None = None,
     ) -> Answer[T]:
-        """Ask (for `samples` answers), parse; when no answer parses, ask once more showing the model its error."""
+        """Ask (for `samples` answers), parse; when no answer parses, ask once more showing the model its
+        error, or, for an answer cut off at max_tokens, asking again without it."""
         usage = Usage()
-        completion = self.complete(messages, json_schema, n=samples, temperature=temperature)
+        completion = self.complete(messages, json_schema, n=samples, temperature=temperature, max_tokens=max_tokens)
         usage.add(completion.usage)
         values: list[T] = []
         first_error: LLMOutputError | None = None
+        truncated = False
         for choice in completion.choices:
             try:
                 values.append(parse(choice.content))
             except LLMOutputError as error:
+                if choice.truncated:
+                    truncated = True
+                    error = LLMOutputError(_truncated(completion.max_tokens))
                 first_error = first_error or error
         # one answer: it must parse; several samples: those that parse are enough
         if values and (first_error is None or samples > 1):
             return Answer(values, completion, usage)
-        log.info("LLM answer invalid (%s); asking once more", first_error)
-        repaired = [
-            *messages,
-            {"role": "assistant", "content": completion.content or ""},
-            {"role": "user", "content": repair_prompt(str(first_error))},
-        ]
-        completion = self.complete(repaired, json_schema)
+        if truncated:
+            metrics.LLM_TRUNCATED.inc()
+            # the cut-off answer is not shown again: a model that ran away would only continue it
+            log.info("LLM answer truncated at max_tokens=%d (finish_reason length); asking once more", completion.max_tokens)
+            repaired = [*messages, {"role": "user", "content": repair_prompt(TRUNCATED_NOTE)}]
+        else:
+            log.info("LLM answer invalid (%s); asking once more", first_error)
+            repaired = [
+                *messages,
+                {"role": "assistant", "content": completion.content or ""},
+                {"role": "user", "content": repair_prompt(str(first_error))},
+            ]
+        completion = self.complete(repaired, json_schema, max_tokens=max_tokens)
         usage.add(completion.usage)
-        return Answer([parse(completion.content)], completion, usage)
+        try:
+            value = parse(completion.content)
+        except LLMOutputError as error:
+            if completion.choices and completion.choices[0].truncated:
+                metrics.LLM_TRUNCATED.inc()
+                raise LLMOutputError(_truncated(completion.max_tokens) + ", again after asking once more") from None
+            raise error
+        return Answer([value], completion, usage)
+
+
+TRUNCATED_NOTE = (
+    "your previous answer went on until it was cut off, without finishing the JSON. "
+    "List each entity once, and stop after the last one"
+)
+
+
+def _truncated(max_tokens: int) -> str:
+    return f"the answer was truncated at max_tokens={max_tokens} (finish_reason length) before its JSON ended"
+
+
+def _merged(completions: list[Completion]) -> Completion:
+    usage = Usage()
+    for completion in completions:
+        usage.add(completion.usage)
+    choices = [choice for completion in completions for choice in completion.choices]
+    first = completions[0]
+    return Completion(first.content, usage, first.mode, choices=choices, max_tokens=first.max_tokens)
+
+
+def _log_concurrency(limit: int, change: str) -> None:
+    metrics.LLM_CONCURRENCY.set(limit)
+    why = "the endpoint timed out, throttled or answered slowly" if change == "lowered" else "calls went well"
+    log.info("LLM calls in flight %s to %d (%s)", change, limit, why)
 
 
 def _usage_of(response: dict[str, Any]) -> Usage:
@@ -346,6 +579,11 @@ def _content_of(choice: Any) -> str | None:
     message = choice.get("message") if isinstance(choice, dict) else None
     content = message.get("content") if isinstance(message, dict) else None
     return content if isinstance(content, str) else None
+
+
+def _finish_reason(choice: Any) -> str | None:
+    reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+    return reason if isinstance(reason, str) else None
 
 
 def _token_logprobs(choice: Any) -> list[tuple[str, float]] | None:

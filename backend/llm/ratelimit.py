@@ -1,4 +1,5 @@
-"""Requests-per-minute and tokens-per-minute limits for the LLM calls of one process.
+"""Requests-per-minute and tokens-per-minute limits for the LLM calls of one process, and the
+number of calls in flight at once (ConcurrencyGate).
 
 A sliding 60-second window: a call waits until the window has room, or gives up when the wait
 would outlast the request's deadline (the caller then fails that task instead of overrunning).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 WINDOW = 60.0
 
@@ -63,3 +65,74 @@ class RateLimiter:
         if handle is not None:
             with self._lock:
                 handle[1] = float(actual_tokens)
+
+
+class GateTimeout(Exception):
+    pass
+
+
+class ConcurrencyGate:
+    """How many LLM calls of this process may be in flight at once, adapting to what the endpoint sustains.
+
+    At most `ceiling` (PREDICT_CONCURRENCY, or the probe's figure); halved when a call shows the
+    endpoint is saturated (a timeout, a 429/503, an answer slower than half the timeout: requests
+    queued on the server), raised one step after `limit` calls in a row went well. Only calls started
+    after the last change move the limit again, so one burst of timeouts halves it once, not to 1.
+    A call waits here, before its HTTP timeout starts: queueing never eats into a request's own timeout.
+    """
+
+    def __init__(self, ceiling: int, on_change: Callable[[int, str], None] | None = None, clock=time.monotonic):
+        self.ceiling = max(1, ceiling)
+        self.limit = self.ceiling
+        self.in_flight = 0
+        self._clock = clock
+        self._on_change = on_change
+        self._changed_at = clock()
+        self._good = 0
+        self._cond = threading.Condition()
+
+    def reset(self, ceiling: int) -> None:
+        """A new ceiling (the probe measured the endpoint): the limit starts there."""
+        with self._cond:
+            self.ceiling = self.limit = max(1, ceiling)
+            self._changed_at, self._good = self._clock(), 0
+            self._cond.notify_all()
+
+    def acquire(self, time_left: float | None = None) -> float:
+        """Wait for a free slot (at most `time_left` seconds); returns the call's start, for `release`."""
+        with self._cond:
+            if self.in_flight >= self.limit:
+                end = None if time_left is None else self._clock() + time_left
+                while self.in_flight >= self.limit:
+                    remaining = None if end is None else end - self._clock()
+                    if remaining is not None and remaining <= 0:
+                        raise GateTimeout(
+                            f"{self.in_flight} LLM calls were in flight (the limit is {self.limit}) until the deadline"
+                        )
+                    self._cond.wait(remaining)
+            self.in_flight += 1
+            return self._clock()
+
+    def release(self, started: float, congested: bool) -> None:
+        with self._cond:
+            self.in_flight -= 1
+            change = None
+            if started >= self._changed_at:
+                if congested:
+                    self._good = 0
+                    if self.limit > 1:
+                        self.limit = max(1, self.limit // 2)
+                        change = "lowered"
+                else:
+                    self._good += 1
+                    if self._good >= self.limit and self.limit < self.ceiling:
+                        self.limit += 1
+                        change = "raised"
+                if change:
+                    self._changed_at, self._good = self._clock(), 0
+            free = self.limit - self.in_flight
+            if free > 0:
+                self._cond.notify(free)
+            limit = self.limit
+        if change and self._on_change is not None:
+            self._on_change(limit, change)

@@ -181,7 +181,7 @@ class EntitySource:
                 return Found.from_cache(value)
         answer = self.llm.ask_full(
             messages, task.parse, task.repair_prompt, task.json_schema(),
-            samples=self.samples, temperature=self.temperature,
+            samples=self.samples, temperature=self.temperature, max_tokens=self.llm.answer_tokens(len(text)),
         )
         found = found_from_answer(answer)
         self.remember(key, found)
@@ -210,10 +210,13 @@ class EntitySource:
     def _ask_pack(self, pack: list[tuple[str, TextRequest]]) -> int:
         task = pack[0][1].task
         ids = [str(i + 1) for i in range(len(pack))]
-        messages = pack_messages(task, [r.text for _, r in pack], pack_examples([r.examples for _, r in pack]))
+        texts = [r.text for _, r in pack]
+        messages = pack_messages(task, texts, pack_examples([r.examples for _, r in pack]))
         answer = self.llm.ask_full(
             messages, parse_packed, functools.partial(pack_repair_prompt, task), pack_schema(task),
             samples=self.samples, temperature=self.temperature,
+            # each text's answer, and `{"id": "N", "entities": []}` around it (~8 characters' worth)
+            max_tokens=self.llm.answer_tokens(sum(len(t) + 8 for t in texts)),
         )
         found = found_per_text(answer, ids)
         for i, (key, _) in zip(ids, pack):

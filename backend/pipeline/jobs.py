@@ -27,7 +27,7 @@ from typing import Any
 
 from backend.infra import metrics
 from backend.infra.storage import Database
-from backend.infra.usage import Usage, UsageLedger, cost_usd
+from backend.infra.usage import Usage, UsageLedger, cost_usd, metering
 from backend.pipeline.delivery import Deliveries, Delivery, import_predictions
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, unanswered_reason
 from backend.pipeline.scope import field_of, wanted
@@ -46,7 +46,7 @@ class JobSpec:
     project_id: int
     scope: str = "missing"
     limit: int | None = None  # at most this many tasks pre-labeled
-    concurrency: int = 8
+    concurrency: int | None = None  # None: the LLM client's (PREDICT_CONCURRENCY, or what the probe measured)
     max_cost: float | None = None  # USD: the job stops once it has spent this much
     attempts: int = 3  # tries per task within the job (each try has the LLM client's own retries)
 
@@ -212,14 +212,15 @@ class ProjectJob:
         writer = threading.Thread(target=self._write_all, args=(writes,), name=f"job-{self.job_id}-write", daemon=True)
         reader.start()
         writer.start()
-        pool = ThreadPoolExecutor(self.spec.concurrency, thread_name_prefix=f"job-{self.job_id}")
+        concurrency = self.spec.concurrency or self.prelabeler.llm.concurrency
+        pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"job-{self.job_id}")
         in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
         finished: list[tuple[dict[str, Any], TaskOutcome]] = []
         read_all = False
         last_write = time.monotonic()
         try:
             while self.stop is None:
-                while not read_all and len(in_flight) < 2 * self.spec.concurrency:
+                while not read_all and len(in_flight) < 2 * concurrency:
                     try:
                         item = todo.get_nowait() if in_flight else todo.get(timeout=0.5)
                     except queue.Empty:
@@ -314,7 +315,14 @@ class ProjectJob:
     def _attempt(self, task: dict[str, Any], attempt: int) -> TaskOutcome:
         if attempt:
             self.sleep(min(30.0, 2.0 * 2 ** (attempt - 1)))
-        return self.prelabeler.prelabel(task["data"])
+        with metering() as meter:  # every LLM call of the try, a failed one's too
+            try:
+                outcome = self.prelabeler.prelabel(task["data"])
+            except Exception as error:
+                error.usage = meter.take()  # type: ignore[attr-defined] - read by run() for the ledger
+                raise
+        outcome.usage = meter.take()
+        return outcome
 
     def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> tuple[str, str]:
         """Write finished tasks into Label Studio (the writer thread); returns ("running", "") to go on,
@@ -344,4 +352,4 @@ class ProjectJob:
                 total.add(usage)
         self.progress.usage.add(total)
         self.progress.cost_usd += cost_usd(total, self.price) or 0.0
-        self.ledger.account(str(self.spec.project_id), usages, self.price)
+        self.ledger.account(str(self.spec.project_id), len(usages), total, self.price)

@@ -23,7 +23,7 @@ from backend.ner.labelconfig import NerSchema, NerTarget
 from backend.ner.mentions import FewShotExample
 from backend.ner.task import NerTask
 from backend.ner.templates import PromptTemplates
-from backend.spans.alignment import Alignment, Span, align
+from backend.spans.alignment import Alignment, Span, align, normalise
 from backend.spans.chunking import align_chunks, split
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,32 @@ class TaskOutcome:
     score: float | None = None  # the task's confidence (confidence.task_score)
 
 
+def score_lookup(scores: dict[tuple[str, str], float]) -> Callable[[Span], float | None]:
+    """A span's score: the LLM scored (surface, label) as it wrote the surface, while a span matched
+    ignoring case or normalisation carries the text's own spelling, so a miss is looked up again by
+    the folded form (the one alignment matched on)."""
+    folded: dict[tuple[str, str], float] | None = None
+
+    def lookup(span: Span) -> float | None:
+        nonlocal folded
+        score = scores.get((span.text, span.label))
+        if score is None and scores:
+            if folded is None:
+                folded = {}
+                for (text, label), value in scores.items():
+                    key = (normalise(text), label)
+                    folded[key] = min(value, folded.get(key, value))
+            score = folded.get((normalise(span.text), span.label))
+        return score
+
+    return lookup
+
+
 def span_results(target: NerTarget, spans: Sequence[Span], scores: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
     """Label Studio regions in the shape of `wire.SpanResult`, built as plain dicts: this runs for
     every span of every task, and validating values we built ourselves would only cost time
     (tests validate the output against `SpanResult`)."""
-    scores = scores or {}
+    score_of = score_lookup(scores or {})
     prefix = secrets.token_hex(4)  # region ids need only be unique within one prediction
     results = []
     for i, s in enumerate(spans):
@@ -55,7 +76,7 @@ def span_results(target: NerTarget, spans: Sequence[Span], scores: dict[tuple[st
             "type": "labels",
             "value": {"start": s.start, "end": s.end, "text": s.text, "labels": [s.label]},
         }
-        score = scores.get((s.text, s.label))
+        score = score_of(s)
         if score is not None:
             region["score"] = score
         results.append(region)
@@ -210,8 +231,9 @@ class Prelabeler:
             alignment, founds = self.aligned(target, text, outcome)
             scores = {key: score for found in founds for key, score in found.scores.items()}
             outcome.dropped.update(alignment.dropped)
-            outcome.results.extend(span_results(target, alignment.spans, scores))
-            span_scores.extend(scores.get((s.text, s.label)) for s in alignment.spans)
+            regions = span_results(target, alignment.spans, scores)
+            outcome.results.extend(regions)
+            span_scores.extend(region.get("score") for region in regions)
             empties = [found.empty_score for found in founds if found.empty_score is not None]
             if empties:
                 empty_scores.append(min(empties))
@@ -221,6 +243,4 @@ class Prelabeler:
                 metrics.DROPPED.labels(reason).inc(count)
             log.info("dropped entities: %s", dropped)
         outcome.score = confidence.task_score(span_scores, min(empty_scores) if empty_scores else None)
-        metrics.PROMPT_TOKENS.inc(outcome.usage.prompt_tokens)
-        metrics.COMPLETION_TOKENS.inc(outcome.usage.completion_tokens)
         return outcome

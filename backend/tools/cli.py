@@ -7,6 +7,7 @@ import gc
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def run_serve(args: argparse.Namespace) -> int:
     shutil.rmtree(prom_dir, ignore_errors=True)
     prom_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
+    # (only now: importing the llm package creates the metrics, which must see PROMETHEUS_MULTIPROC_DIR)
+    from backend.llm.probe import forget
+
+    forget(settings.model_dir)  # the endpoint may have changed since the last start: probe it afresh
     configure_logging(settings.log_level, settings_secrets(settings))
 
     from gunicorn.app.base import BaseApplication
@@ -60,6 +65,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
             configure_logging(settings.log_level, settings_secrets(settings))
             app = create_app(settings)
+            if settings.llm_probe:
+                # probe the endpoint now, so the first /predict finds it done (or under way)
+                llm = app.extensions["llm_ner"]["services"].llm
+                threading.Thread(target=llm.prepare, name="llm-probe", daemon=True).start()
             # What is loaded now (openai, the SDK, pydantic schemas) lives as long as the worker: keep it
             # out of the garbage collector's scans, a measurable share of a task's CPU
             # (benchmarks/bench_predict.py overhead, worker CPU per task, A/B runs).
@@ -165,13 +174,16 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_predict_conll(args: argparse.Namespace) -> int:
+    from backend.infra.logs import configure_logging, settings_secrets
     from backend.infra.settings import load_settings
     from backend.tools.evaluation import predict_conll, write_json
     from backend.tools.scorer import format_table
 
+    settings = load_settings()
+    configure_logging(settings.log_level, settings_secrets(settings))
     labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
     run = predict_conll(
-        args.files, args.out, settings=load_settings(), per=args.per, labels=labels, scheme=args.scheme,
+        args.files, args.out, settings=settings, per=args.per, labels=labels, scheme=args.scheme,
         join=args.join, progress=not args.quiet,
     )
     print(f"{run.units} tasks pre-labeled with {run.model} ({run.failed} failed), written to {args.out}")
@@ -180,6 +192,56 @@ def run_predict_conll(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, run.to_json())
     return 1 if run.failed == run.units else 0
+
+
+# ---- doctor: what the configured LLM endpoint can do ----
+def run_doctor(args: argparse.Namespace) -> int:
+    from backend.infra.settings import load_settings
+    from backend.llm import probe
+    from backend.llm.client import LLMClient
+
+    settings = load_settings()
+    llm = LLMClient(settings)
+    print(f"{'endpoint':<18}{probe.endpoint_of(settings)} (model {settings.llm_model})", flush=True)
+    try:
+        caps = probe.probe(llm, probe.Plan.everything())
+    except probe.ProbeFailed as error:
+        print(f"llm-ner: the endpoint cannot be used: {error}", file=sys.stderr)
+        return 1
+    print(format_capabilities(caps, settings))
+    if args.json:
+        from backend.tools.evaluation import write_json
+
+        write_json(args.json, caps.to_json())
+    return 0
+
+
+def format_capabilities(caps, settings) -> str:
+    from backend.llm.probe import MODE_NAMES, advise
+
+    lines = ["structured output"]
+    for form in caps.forms:
+        state = f"works ({form.detail}, {form.seconds:.2f} s)" if form.works else f"rejected: {form.detail}"
+        lines.append(f"  {MODE_NAMES[form.mode]:<26}{state}")
+
+    def row(name: str, value: str) -> None:
+        lines.append(f"{name:<18}{value}")
+
+    row("logprobs", "returned (asked with top_logprobs: 0)" if caps.logprobs else "not returned")
+    row("n", "honoured" if caps.n else "ignored or refused (one answer for n=2)")
+    if caps.concurrency is not None:
+        row("concurrency", f"{caps.concurrency} request{'s' if caps.concurrency > 1 else ''} at once ({caps.burst})")
+    if caps.latency is not None:
+        speed = f"; at least {1 / caps.seconds_per_token:.0f} tokens/s" if caps.seconds_per_token else ""
+        row("latency", f"{caps.latency:.2f} s for a short pre-labeling request (the first: may include warm-up){speed}")
+    advice = advise(caps, settings)
+    for i, item in enumerate(advice.uses):
+        row("the backend uses" if i == 0 else "", item)
+    for i, item in enumerate(advice.recommended or ["the current settings"]):
+        row("recommended" if i == 0 else "", item)
+    for i, item in enumerate(advice.notes):
+        row("notes" if i == 0 else "", item)
+    return "\n".join(lines)
 
 
 # ---- export: stored corrections as tuning data ----
@@ -358,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     offline.add_argument("--quiet", action="store_true", help="no progress bar")
     offline.set_defaults(handler=run_predict_conll)
+
+    doctor = commands.add_parser("doctor", help="probe the configured LLM endpoint: what works, what the backend will use, latency")
+    doctor.add_argument("--json", metavar="OUT", help="also write the probe's findings as JSON")
+    doctor.set_defaults(handler=run_doctor)
 
     exp = commands.add_parser("export", help="write a project's corrections as JSONL for tuning LLMs (SFT or preferences)")
     exp.add_argument("kind", choices=["sft", "preferences"],

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from backend.infra.errors import BackendError
 from backend.ner.labelconfig import NerTarget
@@ -220,7 +221,12 @@ def predict_conll(
             bar.update(1)
 
     try:
-        outcomes = map_in_order(one, units, concurrency=settings.predict_concurrency, deadline_seconds=OFFLINE_DEADLINE)
+        # log lines (LOG_LEVEL) go above the bar instead of through it
+        with logging_redirect_tqdm():
+            outcomes = map_in_order(one, units, concurrency=llm.concurrency, deadline_seconds=OFFLINE_DEADLINE)
+            for unit, outcome in zip(units, outcomes):
+                if outcome.error is not None:
+                    log.warning("%s: no pre-labels: %s", unit.name, outcome.error)
     finally:
         bar.close()
     predicted: list[list[SpanTuple]] = []
@@ -228,7 +234,6 @@ def predict_conll(
     for unit, outcome in zip(units, outcomes):
         if outcome.error is not None:
             failed += 1
-            log.warning("%s: no pre-labels: %s", unit.name, outcome.error)
             predicted.append([])
             continue
         spans = [(r["value"]["start"], r["value"]["end"], r["value"]["labels"][0]) for r in outcome.value.results]
