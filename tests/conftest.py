@@ -160,6 +160,15 @@ def browser():
         browser.close()
 
 
+@pytest.fixture(scope="session")
+def llama_server():
+    """llama-cpp-python's OpenAI-compatible server with SmolLM2-135M-Instruct Q4_1, shared by the session."""
+    from tests.processes import run_llama_server
+
+    with run_llama_server() as server:
+        yield server
+
+
 # ---- a Label Studio project connected to this backend ----
 
 

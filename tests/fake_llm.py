@@ -8,8 +8,16 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
 - `replies`: a queue of `Reply` objects served first (status codes, Retry-After, malformed output,
   a delay...), or `responder`: a function request -> Reply for anything else;
 - `latency` seconds per request, `max_concurrency` requests served at once (more wait their turn),
-  `reject_json_schema` / `reject_response_format` to play an endpoint without structured output,
-  `reject_logprobs` one without logprobs; a Reply's `logprobs` and `choices` (one content per sample);
+  `reject_json_schema` / `reject_response_format` to play an endpoint without structured output
+  (answered with `format_error_status`), `reject_logprobs` one without logprobs; a Reply's
+  `logprobs`, `choices` (one content per sample) and `finish_reason`;
+- what llama-cpp-python's server does (`behave_like_llama_cpp_python()` sets them all):
+  `format_error_status=500` for json_schema, `logprobs_need_top_logprobs` (none without
+  `top_logprobs`), `auto_logprobs` (every answer carries token logprobs), `ignore_n` (one choice
+  whatever `n`), `enforce_max_tokens` (an answer longer than `max_tokens` is cut there, with
+  finish_reason "length"), one request at a time;
+- a client that hangs up is noticed, as servers that stop on disconnect do: a request waiting for
+  its turn or its latency is dropped and its arrival time recorded in `disconnects`;
 - `model_gazetteers`: {model: gazetteer} answers a request for that model (`body["model"]`) with its own
   gazetteer instead, so configurations naming different models get answers of different quality;
 - `skill`: a function (few-shot examples in the prompt) -> share in [0, 1] of the gazetteer's surfaces
@@ -25,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import select
 import socket
 import threading
 import time
@@ -48,17 +57,24 @@ class Reply:
     logprobs: list[tuple[str, float]] | None = None  # (token, logprob) pairs for the content
     close_connection: bool = False  # drop the connection without answering
     choices: list[str] | None = None  # one content per sample when the request asks for n > 1
+    finish_reason: str = "stop"
 
 
 def entities_reply(entities: list[tuple[str, str]], **kwargs: Any) -> Reply:
     return Reply(content=json.dumps({"entities": [{"text": t, "label": l} for t, l in entities]}), **kwargs)
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 drops the connections of a burst beyond it, which the
+    # client's TCP then retries a second later: real servers (uvicorn: 2048) queue them
+    request_queue_size = 128
+
+
 class FakeLLM:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.reset()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server = _Server(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -77,6 +93,12 @@ class FakeLLM:
             self.reject_json_schema = False
             self.reject_response_format = False
             self.reject_logprobs = False
+            self.format_error_status = 400
+            self.logprobs_need_top_logprobs = False
+            self.auto_logprobs: float | None = None  # logprob of every token of answers without their own
+            self.ignore_n = False
+            self.enforce_max_tokens = False
+            self.disconnects: list[float] = []  # arrival times of requests whose client hung up
             self.requests: list[dict[str, Any]] = []
             self.auth_headers: list[str | None] = []
             self.request_times: list[float] = []  # time.monotonic() at each request's arrival
@@ -84,6 +106,16 @@ class FakeLLM:
             self.in_flight = 0
             self.peak_in_flight = 0
             self._gate: threading.Semaphore | None = None
+
+    def behave_like_llama_cpp_python(self) -> None:
+        """What llama-cpp-python 0.3's server does (tried against the real one with SmolLM2-135M)."""
+        self.reject_json_schema = True
+        self.format_error_status = 500
+        self.logprobs_need_top_logprobs = True
+        self.auto_logprobs = -0.05
+        self.ignore_n = True
+        self.enforce_max_tokens = True
+        self.max_concurrency = 1
 
     @property
     def base_url(self) -> str:
@@ -123,9 +155,14 @@ class FakeLLM:
     def _answer(self, body: dict[str, Any]) -> Reply:
         fmt = (body.get("response_format") or {}).get("type")
         if fmt and self.reject_response_format:
-            return Reply(status=400, error_message=f"response_format {fmt} is not supported by this server")
+            return Reply(status=self.format_error_status, error_message=f"response_format {fmt} is not supported by this server")
         if fmt == "json_schema" and self.reject_json_schema:
-            return Reply(status=400, error_message="response_format json_schema is not supported")
+            # llama-cpp-python's words (its 422 turned into a 500)
+            message = (
+                "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+                "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}"
+            )
+            return Reply(status=self.format_error_status, error_message=message)
         if body.get("logprobs") and self.reject_logprobs:
             return Reply(status=400, error_message="logprobs are not supported by this model")
         with self.lock:
@@ -191,20 +228,45 @@ class FakeLLM:
                 if gate is not None:
                     gate.acquire()
                 try:
+                    if self._client_gone(0):  # hung up while waiting for its turn: never started
+                        return
                     with fake.lock:
                         fake.in_flight += 1
                         fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
-                    reply = fake._answer(body)
-                    if fake.latency or reply.delay:
-                        time.sleep(fake.latency + reply.delay)
-                    self._respond(body, reply)
+                    try:
+                        reply = fake._answer(body)
+                        if (fake.latency or reply.delay) and self._client_gone(fake.latency + reply.delay):
+                            return  # stops "generating" for a client that left
+                        self._respond(body, reply)
+                    finally:
+                        with fake.lock:
+                            fake.in_flight -= 1
                     with fake.lock:
                         fake.reply_times.append(time.monotonic())
                 finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
                     if gate is not None:
                         gate.release()
+
+            def _client_gone(self, seconds: float) -> bool:
+                """Wait up to `seconds` (0: just look); True as soon as the client closes the connection."""
+                end = time.monotonic() + seconds
+                while True:
+                    remaining = max(0.0, end - time.monotonic())
+                    readable, _, _ = select.select([self.connection], [], [], remaining)
+                    if readable:
+                        try:
+                            gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+                        except OSError:
+                            gone = True
+                        if gone:
+                            with fake.lock:
+                                fake.disconnects.append(self.arrived)
+                            self.close_connection = True
+                            return True
+                        time.sleep(remaining)  # more bytes from the client: nothing to watch for
+                        return False
+                    if remaining <= 0:
+                        return False
 
             def _respond(self, body: dict[str, Any], reply: Reply) -> None:
                 if reply.close_connection:
@@ -220,19 +282,29 @@ class FakeLLM:
                     return
                 prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
                 content = reply.content or ""
+                finish_reason = reply.finish_reason
+                max_tokens = body.get("max_tokens")
+                if fake.enforce_max_tokens and isinstance(max_tokens, int) and len(content) > 4 * max_tokens:
+                    content, finish_reason = content[: 4 * max_tokens], "length"  # 4 characters a token
                 choice: dict[str, Any] = {
                     "index": 0,
-                    "message": {"role": "assistant", "content": reply.content},
-                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": content if reply.content is not None else None},
+                    "finish_reason": finish_reason,
                 }
-                if body.get("logprobs") and reply.logprobs is not None:
+                tokens = reply.logprobs
+                if tokens is None and fake.auto_logprobs is not None and content:
+                    tokens = [(piece, fake.auto_logprobs) for piece in re.findall(r"\w+|\W", content)]
+                wants_logprobs = body.get("logprobs") and (
+                    "top_logprobs" in body or not fake.logprobs_need_top_logprobs
+                )
+                if wants_logprobs and tokens is not None:
                     choice["logprobs"] = {
                         "content": [
                             {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
-                            for tok, lp in reply.logprobs
+                            for tok, lp in tokens
                         ]
                     }
-                n = int(body.get("n") or 1)
+                n = 1 if fake.ignore_n else int(body.get("n") or 1)
                 choices = [dict(choice, index=i) for i in range(n)]
                 if reply.choices is not None:
                     contents = (reply.choices * n)[:n]

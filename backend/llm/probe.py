@@ -7,8 +7,8 @@
 - logprobs: asked for with `logprobs: true, top_logprobs: 0` (llama-cpp-python returns none without
   `top_logprobs`); they work when the answer carries them.
 - n: two answers asked for in one request; honoured when two come back.
-- concurrency: a burst of identical short requests sent at once, timed against the same request
-  alone: the endpoint runs about `burst x alone / burst time` of them at once.
+- concurrency: a burst of identical short requests sent at once: an endpoint running c of them at a
+  time answers in burst/c waves, the last answer coming that many times later than the first.
 - latency: the pre-labeling request's seconds; generation speed (doctor only).
 
 The server (LLMClient.prepare) probes what its settings leave open, once per process, and shares the
@@ -312,6 +312,8 @@ def _probe_concurrency(llm: LLMClient, caps: Capabilities, burst: int, timeout: 
         with lock:
             done.append(time.perf_counter() - started)
 
+    # the burst is meant to queue on a server that runs one at a time: give it the time to
+    timeout = max(timeout, 3 * size * alone + 5)
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(size)]
     started = time.perf_counter()
     for thread in threads:
@@ -323,7 +325,8 @@ def _probe_concurrency(llm: LLMClient, caps: Capabilities, burst: int, timeout: 
         caps.concurrency, caps.burst = 1, f"{len(errors)} of a burst of {size} failed: {errors[0] if errors else ''}"
         return
     first, last = min(done), max(done)
-    caps.concurrency = max(1, min(size, round(size * first / last)))
+    waves = max(1, round(last / max(first, 1e-6)))  # whole waves: noise of less than half a wave is absorbed
+    caps.concurrency = max(1, min(size, math.ceil(size / waves)))
     caps.burst = f"of {size} requests sent at once, the first was answered after {first:.2f} s, the last after {last:.2f} s"
 
 

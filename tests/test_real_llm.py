@@ -1,0 +1,139 @@
+"""The backend against a real OpenAI-compatible server with a real model, with its DEFAULT settings:
+llama-cpp-python's server (`python -m llama_cpp.server`, 2 threads) with SmolLM2-135M-Instruct Q4_1.
+
+A 135M model cannot judge quality: these tests assert the protocol (every task answered, valid JSON
+under the schema, exact spans, span scores), never F1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+
+from tests.conftest import NER_CONFIG, WIKIGOLD
+from tests.processes import LLAMA_MODEL_NAME, REPO, TEST_API_KEY, backend_env, run_backend
+
+pytestmark = pytest.mark.real_llm
+
+SENTENCES = [
+    "Angela Merkel visited Paris in 2015.",
+    "Microsoft was founded by Bill Gates in Albuquerque.",
+    "The Danube flows through Vienna and Budapest.",
+    "Barack Obama met the Dalai Lama at the White House.",
+    "It rained all day.",
+]
+LABELS = {"PER", "ORG", "LOC", "MISC"}
+
+
+def default_env(llama_server, model_dir: Path) -> dict[str, str]:
+    """The backend's environment with every LLM setting at its default (the probe included)."""
+    env = backend_env(llama_server.base_url, model_dir, LLM_MODEL=LLAMA_MODEL_NAME)
+    del env["LLM_PROBE"]  # the fake's tests turn it off; here it runs, as shipped
+    return env
+
+
+def test_predict_through_gunicorn_answers_every_task_with_exact_scored_spans(llama_server, tmp_path):
+    with run_backend(default_env(llama_server, tmp_path / "model"), workers=2, log_path=tmp_path / "backend.log") as backend:
+        setup = httpx.post(backend.url + "/setup", json={"project": "1", "schema": NER_CONFIG}, timeout=30)
+        assert setup.status_code == 200
+        tasks = [{"id": i + 1, "data": {"text": text}} for i, text in enumerate(SENTENCES)]
+        response = httpx.post(
+            backend.url + "/predict", json={"tasks": tasks, "project": "1.1", "label_config": NER_CONFIG}, timeout=150
+        )
+        log = backend.log()
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == len(SENTENCES)
+    assert "no pre-labels" not in log, log[-3000:]  # no failed task: each one got the LLM's answer
+    # the probe found what this server does, and the backend used it
+    probe_line = next(line for line in log.splitlines() if "LLM endpoint" in line and "structured output" in line)
+    assert "structured output json_object with a schema" in probe_line and "json_schema rejected (HTTP 500" in probe_line
+    assert "logprobs returned" in probe_line
+    regions = [(text, region) for text, entry in zip(SENTENCES, results) for region in entry["result"]]
+    assert regions, "the model labelled nothing in five sentences"
+    for text, region in regions:
+        value = region["value"]
+        assert text[value["start"] : value["end"]] == value["text"] and set(value["labels"]) <= LABELS
+        assert 0 <= region["score"] <= 1  # span scores from the server's logprobs (rounded: 0 for unlikely ones)
+    labelled = [entry for entry in results if entry["result"]]
+    # a task is as doubtful as its most doubtful span
+    assert all(entry["score"] == min(r["score"] for r in entry["result"]) for entry in labelled)
+
+
+def test_every_answer_is_valid_json_under_the_tasks_schema(llama_server, tmp_path):
+    from backend.infra.settings import load_settings
+    from backend.llm.client import LLMClient
+    from backend.ner.labelconfig import parse_label_config
+    from backend.ner.task import NerTask
+    from backend.ner.templates import load_templates
+
+    settings = load_settings(
+        openai_api_key=TEST_API_KEY, openai_base_url=llama_server.base_url, llm_model=LLAMA_MODEL_NAME,
+        model_dir=tmp_path / "model", _env_file=None,
+    )
+    llm = LLMClient(settings)
+    task = NerTask(parse_label_config(NER_CONFIG).targets[0], load_templates(settings.prompts_dir))
+    schema = task.json_schema()["schema"]
+    for text in SENTENCES:
+        completion = llm.complete(task.messages(text), task.json_schema(), max_tokens=llm.answer_tokens(len(text)))
+        assert completion.mode == "json_object_schema"
+        assert completion.choices[0].finish_reason == "stop", completion.content
+        jsonschema.validate(json.loads(completion.content), schema)
+        assert completion.choices[0].logprobs
+
+
+def wikigold_sentences(path: Path, count: int) -> Path:
+    """The first `count` sentences of wikigold, as a CoNLL file."""
+    sentences, current = [], []
+    for line in WIKIGOLD.read_text(encoding="utf-8").splitlines():
+        if line.startswith("-DOCSTART-"):
+            continue
+        if not line.strip():
+            if current:
+                sentences.append(current)
+                current = []
+            if len(sentences) == count:
+                break
+            continue
+        current.append(line)
+    path.write_text("\n\n".join("\n".join(s) for s in sentences) + "\n", encoding="utf-8")
+    return path
+
+
+def test_predict_conll_with_default_settings_fails_no_task(llama_server, tmp_path):
+    source = wikigold_sentences(tmp_path / "six.conll", 6)
+    out = tmp_path / "out.conll"
+    env = default_env(llama_server, tmp_path / "model")
+    done = subprocess.run(
+        [sys.executable, "-m", "backend", "predict-conll", str(source), "--out", str(out), "--per", "sentence", "--quiet"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"6 tasks pre-labeled with {LLAMA_MODEL_NAME} (0 failed)" in done.stdout
+    assert "no pre-labels" not in done.stderr
+    # the probe's one line, through logging (LOG_LEVEL=INFO), in its format
+    assert re.search(r"INFO \d+ backend\.llm\.probe: LLM endpoint .* json_object with a schema", done.stderr)
+    written = [line.split() for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
+    read = [line.split() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert [w[:2] for w in written] == [r[:1] + r[-1:] for r in read]  # token and gold tag, as read
+    assert all(w[2] == "O" or w[2][2:] in LABELS for w in written)
+
+
+def test_doctor_reports_what_the_server_does_and_what_the_backend_will_use(llama_server, tmp_path):
+    env = default_env(llama_server, tmp_path / "model")
+    done = subprocess.run([sys.executable, "-m", "backend", "doctor"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert re.search(r"json_schema\s+rejected: HTTP 500", out)
+    assert re.search(r"json_object with a schema\s+works", out)
+    assert re.search(r"logprobs\s+returned", out) and re.search(r"n\s+ignored", out)
+    assert re.search(r"concurrency\s+\d+ requests? at once", out) and re.search(r"latency\s+\d+\.\d\d s", out)
+    assert re.search(r"the backend uses\s+structured output: json_object with a schema", out)
+    assert "span scores from logprobs" in out and "PREDICT_CONCURRENCY=" in out
