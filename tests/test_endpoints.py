@@ -15,13 +15,9 @@ from backend.infra.usage import UsageLedger
 from backend.llm.client import ANSWER_TOKENS_BASE, ANSWER_TOKENS_PER_CHAR, LLMClient
 from backend.llm.probe import Plan, cached_probe, probe
 from backend.llm.ratelimit import ConcurrencyGate, GateTimeout
-from tests.conftest import predict_texts
+from tests.conftest import predict, region_tuples, region_tuples_per_task
 from tests.fake_llm import Reply, entities_reply
 from tests.processes import wait_until
-
-
-def texts_of(entry) -> list[str]:
-    return [r["value"]["text"] for r in entry["result"]]
 
 
 def response_formats(requests) -> list[str | None]:
@@ -97,15 +93,15 @@ def test_with_default_settings_every_task_is_answered_with_scores_by_a_llama_cpp
     caplog.set_level(logging.INFO)
     client = make_client(llm_probe=True)  # everything else as shipped
     texts = ["Ada Lovelace visited Oslo.", "Oslo again.", "Nothing here.", "Ada Lovelace."]
-    results = predict_texts(client, texts)
-    assert [texts_of(r) for r in results] == [["Ada Lovelace", "Oslo"], ["Oslo"], [], ["Ada Lovelace"]]
-    assert all("score" in region for entry in results for region in entry["result"])
+    answer = predict(client, texts)
+    assert region_tuples_per_task(answer, "text") == [["Ada Lovelace", "Oslo"], ["Oslo"], [], ["Ada Lovelace"]]
+    assert all("score" in region for entry in answer["results"] for region in entry["result"])
     work = [body for body in llm.requests if "<text>" in body["messages"][-1]["content"]]
     assert len(work) == 4  # one call a task: no 500 retried, no fallback repeated
     assert response_formats(work) == ["json_object_schema"] * 4
     assert all(body["logprobs"] is True and body["top_logprobs"] == 0 for body in work)
     assert llm.peak_in_flight == 1
-    predict_texts(client, ["Oslo, once more."])
+    predict(client, ["Oslo, once more."])
     assert sum(r.name == "backend.llm.probe" for r in caplog.records) == 1  # probed and logged once
 
 
@@ -114,15 +110,15 @@ def test_json_schema_refused_with_a_500_falls_back_at_once_without_a_probe(make_
     llm.format_error_status = 500
     llm.gazetteer = {"Oslo": "LOC"}
     client = make_client()
-    assert [texts_of(r) for r in predict_texts(client, ["Oslo."])] == [["Oslo"]]
+    assert region_tuples_per_task(predict(client, ["Oslo."]), "text") == [["Oslo"]]
     assert response_formats(llm.requests) == ["json_schema", "json_object_schema"]  # the 500 was not retried
-    predict_texts(client, ["Oslo again."])
+    predict(client, ["Oslo again."])
     assert response_formats(llm.requests)[2:] == ["json_object_schema"]  # remembered
 
 
 def test_a_500_about_something_else_is_still_retried(make_client, llm):
     llm.replies.extend([Reply(status=500, error_message="CUDA out of memory"), entities_reply([("Oslo", "LOC")])])
-    assert [texts_of(r) for r in predict_texts(make_client(), ["Oslo."])] == [["Oslo"]]
+    assert region_tuples_per_task(predict(make_client(), ["Oslo."]), "text") == [["Oslo"]]
     assert response_formats(llm.requests) == ["json_schema", "json_schema"]
 
 
@@ -130,7 +126,7 @@ def test_a_500_about_something_else_is_still_retried(make_client, llm):
 def test_max_tokens_is_sized_from_the_text(make_client, llm):
     llm.gazetteer = {"Oslo": "LOC"}
     short, long = "Oslo is cold.", "Oslo. " * 2000
-    predict_texts(make_client(), [short, long])
+    predict(make_client(), [short, long])
     sizes = {body["messages"][-1]["content"].count("Oslo"): body["max_tokens"] for body in llm.requests}
     assert sizes[1] == ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_CHAR * len(short) < 200
     assert sizes[2000] == 2048  # LLM_MAX_TOKENS caps it
@@ -141,8 +137,7 @@ def test_a_runaway_answer_stops_at_the_sized_max_tokens_is_called_truncated_and_
     runaway = '{"entities": [{"text": "' + "<unk>" * 5000
     llm.replies.extend([Reply(content=runaway), entities_reply([("Oslo", "LOC")])])
     caplog.set_level(logging.INFO)
-    (entry,) = predict_texts(make_client(), ["Oslo is cold."])
-    assert texts_of(entry) == ["Oslo"]
+    assert region_tuples_per_task(predict(make_client(), ["Oslo is cold."]), "text") == [["Oslo"]]
     first, second = llm.requests
     assert first["max_tokens"] < 100
     # asked again without the cut-off answer in the conversation
@@ -155,8 +150,8 @@ def test_an_answer_truncated_twice_fails_the_task_saying_truncated(make_client, 
     llm.enforce_max_tokens = True
     llm.responder = lambda body: Reply(content='{"entities": [{"text": "' + "<label>" * 5000)
     caplog.set_level(logging.WARNING)
-    (entry,) = predict_texts(make_client(), ["Oslo is cold."])
-    assert entry["result"] == [] and len(llm.requests) == 2
+    answer = predict(make_client(), ["Oslo is cold."])
+    assert region_tuples_per_task(answer, "text") == [None] and len(llm.requests) == 2
     failure = next(r.getMessage() for r in caplog.records if "no pre-labels" in r.getMessage())
     assert "truncated" in failure and "entities" not in failure
 
@@ -164,8 +159,8 @@ def test_an_answer_truncated_twice_fails_the_task_saying_truncated(make_client, 
 def test_a_deterministic_request_that_timed_out_is_sent_again_once_not_more(make_client, llm, caplog):
     llm.responder = lambda body: Reply(delay=1.5, content='{"entities": []}')
     caplog.set_level(logging.WARNING)
-    (entry,) = predict_texts(make_client(llm_timeout=0.4, llm_max_retries=4), ["Oslo."])
-    assert entry["result"] == [] and len(llm.requests) == 2
+    answer = predict(make_client(llm_timeout=0.4, llm_max_retries=4), ["Oslo."])
+    assert region_tuples_per_task(answer, "text") == [None] and len(llm.requests) == 2
     assert any("timed out twice" in r.getMessage() for r in caplog.records)
 
 
@@ -173,8 +168,8 @@ def test_requests_abandoned_at_the_deadline_are_closed_so_the_server_can_stop(ma
     llm.gazetteer = {"Oslo": "LOC"}
     llm.responder = lambda body: Reply(delay=8) if "slow" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
     started = time.monotonic()
-    results = predict_texts(make_client(predict_deadline=1), ["Oslo.", "slow Oslo."])
-    assert [texts_of(r) for r in results] == [["Oslo"], []]
+    answer = predict(make_client(predict_deadline=1), ["Oslo.", "slow Oslo."])
+    assert region_tuples_per_task(answer, "text") == [["Oslo"], None]
     # the fake sees the client hang up at the deadline, not after LLM_TIMEOUT (60 s) or the 8 s answer
     assert wait_until(lambda: llm.disconnects, timeout=2.0)
     assert time.monotonic() - started < 3.5
@@ -187,8 +182,8 @@ def test_with_the_probes_figure_queueing_stays_on_our_side_and_no_request_times_
     # past LLM_TIMEOUT=1; with the probe's figure they queue here, outside their timeouts
     llm.gazetteer = {"Oslo": "LOC"}
     llm.max_concurrency, llm.latency = 1, 0.3
-    results = predict_texts(make_client(llm_probe=True, llm_timeout=1.0), [f"Oslo {i}." for i in range(6)])
-    assert all(texts_of(r) == ["Oslo"] for r in results)
+    answer = predict(make_client(llm_probe=True, llm_timeout=1.0), [f"Oslo {i}." for i in range(6)])
+    assert region_tuples_per_task(answer, "text") == [["Oslo"]] * 6
     work = [body for body in llm.requests if "<text>" in body["messages"][-1]["content"]]
     assert len(work) == 6 and llm.disconnects == []  # nothing timed out, nothing was sent twice
 
@@ -200,13 +195,13 @@ def test_concurrency_comes_down_to_what_the_endpoint_sustains(make_client, llm, 
     llm.max_concurrency, llm.latency = 1, 0.25
     caplog.set_level(logging.INFO)
     client = make_client(predict_concurrency=8, llm_timeout=0.9, predict_deadline=30)
-    predict_texts(client, [f"Oslo {i}." for i in range(12)])
+    predict(client, [f"Oslo {i}." for i in range(12)])
     assert any("LLM calls in flight lowered" in r.getMessage() for r in caplog.records)
     llm.reset()
     llm.gazetteer = {"Oslo": "LOC"}
     llm.max_concurrency, llm.latency = 1, 0.25
-    results = predict_texts(client, [f"Rome {i}, Oslo." for i in range(8)])
-    assert all(texts_of(r) == ["Oslo"] for r in results)
+    answer = predict(client, [f"Rome {i}, Oslo." for i in range(8)])
+    assert region_tuples_per_task(answer, "text") == [["Oslo"]] * 8
     assert len(llm.requests) == 8 and llm.disconnects == []  # no timeout, no retry
 
 
@@ -254,10 +249,10 @@ def test_n_ignored_by_the_endpoint_is_made_up_by_one_request_per_sample(make_cli
     llm.gazetteer = {"Oslo": "LOC"}
     caplog.set_level(logging.WARNING)
     client = make_client(llm_samples=3, llm_logprobs=False)
-    (entry,) = predict_texts(client, ["Oslo."])
+    (entry,) = predict(client, ["Oslo."])["results"]
     assert [body.get("n") for body in llm.requests] == [3, None, None]
     assert entry["result"][0]["score"] == 1.0  # three agreeing samples, not one
-    predict_texts(client, ["Oslo again."])
+    predict(client, ["Oslo again."])
     assert [body.get("n") for body in llm.requests[3:]] == [None, None, None]
     assert sum("ignores n" in r.getMessage() for r in caplog.records) == 1
 
@@ -265,8 +260,8 @@ def test_n_ignored_by_the_endpoint_is_made_up_by_one_request_per_sample(make_cli
 def test_spans_matched_in_another_case_keep_their_score(make_client, llm):
     llm.auto_logprobs = -0.1
     llm.replies.append(entities_reply([("oslo", "LOC"), ("NORWAY", "LOC")]))
-    (entry,) = predict_texts(make_client(), ["Oslo is in Norway."])
-    assert texts_of(entry) == ["Oslo", "Norway"]
+    (entry,) = predict(make_client(), ["Oslo is in Norway."])["results"]
+    assert region_tuples(entry["result"], "text") == ["Oslo", "Norway"]
     assert all(0 < region["score"] < 1 for region in entry["result"])
     oslo = math.exp(-0.1 * 2)  # the tokens inside "oslo" and "LOC"
     assert entry["result"][0]["score"] == pytest.approx(oslo, abs=1e-3)
@@ -274,9 +269,9 @@ def test_spans_matched_in_another_case_keep_their_score(make_client, llm):
 
 def test_the_cost_log_counts_the_calls_of_failed_tasks_too(make_client, llm, tmp_path):
     llm.gazetteer = {"Oslo": "LOC"}
-    llm.responder = lambda body: Reply(content="no JSON here") if "Rome" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
-    results = predict_texts(make_client(), ["Oslo.", "Rome."], project="5.1")
-    assert [texts_of(r) for r in results] == [["Oslo"], []]
+    llm.responder = lambda body: Reply(content="no JSON here") if "Rome" in json.dumps(body["messages"]) else llm.gazetteer_reply(body)
+    answer = predict(make_client(), ["Oslo.", "Rome."], project="5.1")
+    assert region_tuples_per_task(answer, "text") == [["Oslo"], None]
     totals = UsageLedger.in_dir(tmp_path / "model").totals("5")
     assert totals["tasks"] == 2 and totals["calls"] == 3  # Oslo's call, and Rome's answer and its repair
     assert totals["prompt_tokens"] == sum(max(1, sum(len(m["content"]) for m in r["messages"]) // 4) for r in llm.requests)
@@ -284,7 +279,7 @@ def test_the_cost_log_counts_the_calls_of_failed_tasks_too(make_client, llm, tmp
 
 def test_the_probe_makes_no_entry_in_the_cost_log(make_client, llm, tmp_path):
     llm.gazetteer = {"Oslo": "LOC"}
-    predict_texts(make_client(llm_probe=True), ["Oslo."], project="6.1")
+    predict(make_client(llm_probe=True), ["Oslo."], project="6.1")
     assert len(llm.requests) > 1
     assert UsageLedger.in_dir(tmp_path / "model").totals("6")["calls"] == 1
 

@@ -52,6 +52,7 @@ def test_predict_through_gunicorn_answers_every_task_with_exact_scored_spans(lla
     results = response.json()["results"]
     assert len(results) == len(SENTENCES)
     assert "no pre-labels" not in log, log[-3000:]  # no failed task: each one got the LLM's answer
+    assert all(isinstance(entry, dict) for entry in results)  # (a failed one would be `[]`)
     # the probe found what this server does, and the backend used it
     probe_line = next(line for line in log.splitlines() if "LLM endpoint" in line and "structured output" in line)
     assert "structured output json_object with a schema" in probe_line and "json_schema rejected (HTTP 500" in probe_line
