@@ -14,7 +14,7 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
 - what llama-cpp-python's server does (`behave_like_llama_cpp_python()` sets them all):
   `format_error_status=500` for json_schema, `logprobs_need_top_logprobs` (none without
   `top_logprobs`), `auto_logprobs` (every answer carries token logprobs), `ignore_n` (one choice
-  whatever `n`), `enforce_max_tokens` (an answer longer than `max_tokens` is cut there, with
+  whatever `n`; `reject_n`: a 400 for n > 1, as llama.cpp's llama-server answers), `enforce_max_tokens` (an answer longer than `max_tokens` is cut there, with
   finish_reason "length"), one request at a time;
 - a client that hangs up is noticed, as servers that stop on disconnect do: a request waiting for
   its turn or its latency is dropped and its arrival time recorded in `disconnects`;
@@ -97,6 +97,7 @@ class FakeLLM:
             self.logprobs_need_top_logprobs = False
             self.auto_logprobs: float | None = None  # logprob of every token of answers without their own
             self.ignore_n = False
+            self.reject_n = False  # llama.cpp's llama-server: n > 1 is an error
             self.enforce_max_tokens = False
             self.disconnects: list[float] = []  # arrival times of requests whose client hung up
             self.requests: list[dict[str, Any]] = []
@@ -163,6 +164,8 @@ class FakeLLM:
                 "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}"
             )
             return Reply(status=self.format_error_status, error_message=message)
+        if (body.get("n") or 1) > 1 and self.reject_n:
+            return Reply(status=400, error_message="Only one completion choice is allowed")
         if body.get("logprobs") and self.reject_logprobs:
             return Reply(status=400, error_message="logprobs are not supported by this model")
         with self.lock:

@@ -244,17 +244,18 @@ def test_a_waiting_call_gets_the_slot_a_finished_call_frees():
 
 
 # ---- n, scores, cost ----
-def test_n_ignored_by_the_endpoint_is_made_up_by_one_request_per_sample(make_client, llm, caplog):
-    llm.ignore_n = True
+@pytest.mark.parametrize("behaviour, first", [("ignore_n", [3, None, None]), ("reject_n", [3, None, None, None])])
+def test_n_not_honoured_by_the_endpoint_is_made_up_by_one_request_per_sample(make_client, llm, caplog, behaviour, first):
+    setattr(llm, behaviour, True)  # one answer whatever n (llama-cpp-python, Ollama), or a 400 (llama-server)
     llm.gazetteer = {"Oslo": "LOC"}
     caplog.set_level(logging.WARNING)
     client = make_client(llm_samples=3, llm_logprobs=False)
     (entry,) = predict(client, ["Oslo."])["results"]
-    assert [body.get("n") for body in llm.requests] == [3, None, None]
+    assert [body.get("n") for body in llm.requests] == first
     assert entry["result"][0]["score"] == 1.0  # three agreeing samples, not one
     predict(client, ["Oslo again."])
-    assert [body.get("n") for body in llm.requests[3:]] == [None, None, None]
-    assert sum("ignores n" in r.getMessage() for r in caplog.records) == 1
+    assert [body.get("n") for body in llm.requests[len(first):]] == [None, None, None]
+    assert sum("does not honour n" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_spans_matched_in_another_case_keep_their_score(make_client, llm):

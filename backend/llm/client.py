@@ -21,6 +21,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -155,13 +156,16 @@ def response_format(mode: str, json_schema: dict[str, Any] | None) -> dict[str, 
 
 
 def unsupported_part(error: BaseException, body: dict[str, Any]) -> str | None:
-    """"logprobs" or "response_format" when the error says the endpoint does not take that part of
-    the request, whatever the status code (llama-cpp-python answers json_schema with a 500)."""
+    """"logprobs", "n" or "response_format" when the error says the endpoint does not take that part
+    of the request, whatever the status code (llama-cpp-python answers json_schema with a 500)."""
     if not isinstance(error, openai.APIStatusError) or error.status_code in (401, 403, 404, 408, 409, 429):
         return None
     message = (getattr(error, "message", "") or "").lower()
     if body.get("logprobs") and "logprob" in message:
         return "logprobs"
+    # llama-server: "Only one completion choice is allowed"
+    if body.get("n", 1) > 1 and ("choice" in message or re.search(r"\bn\b", message)):
+        return "n"
     hints = _FORMAT_HINTS if error.status_code < 500 else _FORMAT_HINTS_5XX
     if body.get("response_format") and any(hint in message for hint in hints):
         return "response_format"
@@ -436,18 +440,24 @@ class LLMClient:
         if n > 1 and n_ok is False:
             completions = [self._complete_once(messages, json_schema, 1, temperature, max_tokens) for _ in range(n)]
             return _merged(completions)
-        completion = self._complete_once(messages, json_schema, n, temperature, max_tokens)
+        try:
+            completion = self._complete_once(messages, json_schema, n, temperature, max_tokens)
+        except LLMCallFailed as error:
+            if n > 1 and error.part == "n":
+                self._n_unsupported(f"it refuses n={n}")
+                return _merged([self._complete_once(messages, json_schema, 1, temperature, max_tokens) for _ in range(n)])
+            raise
         if n > 1 and len(completion.choices) < n:
-            with self._lock:
-                warn, self._n_ok = self._n_ok is not False, False
-            if warn:
-                log.warning(
-                    "the LLM endpoint ignores n (asked for %d answers, got %d): LLM_SAMPLES answers are asked one request each",
-                    n, len(completion.choices),
-                )
+            self._n_unsupported(f"asked for {n} answers, it gave {len(completion.choices)}")
             extra = [self._complete_once(messages, json_schema, 1, temperature, max_tokens) for _ in range(n - len(completion.choices))]
             return _merged([completion, *extra])
         return completion
+
+    def _n_unsupported(self, why: str) -> None:
+        with self._lock:
+            warn, self._n_ok = self._n_ok is not False, False
+        if warn:
+            log.warning("the LLM endpoint does not honour n (%s): LLM_SAMPLES answers are asked one request each", why)
 
     def _complete_once(
         self, messages: list[dict[str, str]], json_schema: dict[str, Any] | None, n: int, temperature: float, max_tokens: int
