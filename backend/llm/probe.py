@@ -8,7 +8,7 @@
   `top_logprobs`); they work when the answer carries them.
 - n: two answers asked for in one request; honoured when two come back.
 - concurrency: a burst of identical short requests sent at once: an endpoint running c of them at a
-  time answers in burst/c waves, the last answer coming that many times later than the first.
+  time answers them in burst/c waves, told apart by the gaps between answers.
 - latency: the pre-labeling request's seconds; generation speed (doctor only).
 
 The server (LLMClient.prepare) probes what its settings leave open, once per process, and shares the
@@ -35,8 +35,8 @@ import openai
 
 from backend.infra.errors import LLMError
 from backend.infra.settings import Settings
-from backend.llm.client import MODES, LLMClient, _content_of, _finish_reason, _token_logprobs, describe_api_error
-from backend.llm.client import response_format, unsupported_part
+from backend.llm.client import ANSWER_TOKENS_BASE, ANSWER_TOKENS_PER_CHAR, MODES, LLMClient, describe_api_error
+from backend.llm.client import _content_of, _finish_reason, _token_logprobs, response_format, unsupported_part
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ CACHE_SECONDS = 600.0  # workers started together share one probe; a later proce
 BURST = 8  # requests of the concurrency probe: also the most it can report
 BURST_SECONDS = 8.0  # a slow endpoint gets a smaller burst, so the probe stays short
 PROBE_TIMEOUT = 30.0
+WAVE_GAP = 0.25  # a gap between two answers of a burst longer than this share of a service time: a new wave
 MODE_NAMES = {
     "json_schema": "json_schema",
     "json_object_schema": "json_object with a schema",
@@ -140,7 +141,7 @@ class Capabilities:
     n: bool | None = None
     concurrency: int | None = None
     burst: str = ""  # how the concurrency figure was measured
-    latency: float | None = None  # seconds for the short pre-labeling request
+    latency: float | None = None  # seconds for the short pre-labeling request (asked twice with `speed`: the second)
     seconds_per_token: float | None = None
     probed_at: float = 0.0
 
@@ -260,6 +261,16 @@ def probe(llm: LLMClient, plan: Plan) -> Capabilities:
     if caps.mode is None:
         last = caps.forms[-1].detail if caps.forms else "nothing was asked"
         raise ProbeFailed(f"no structured-output form was answered (last: {last})")
+    if plan.speed:
+        # the first request of a form pays for warm-up (llama-cpp-python compiles the schema's grammar)
+        body = {"model": llm.model, "messages": PROBE_MESSAGES, "temperature": 0, "max_tokens": PROBE_MAX_TOKENS}
+        fmt = response_format(caps.mode, PROBE_SCHEMA)
+        if fmt is not None:
+            body["response_format"] = fmt
+        try:
+            caps.latency = _post(llm, body, timeout)[1]
+        except Exception as error:  # noqa: BLE001
+            raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
     if plan.n:
         caps.n = _probe_n(llm, timeout)
     if plan.burst > 1:
@@ -294,9 +305,8 @@ def _tiny_call(llm: LLMClient, i: int, timeout: float, max_tokens: int = 8) -> t
 
 def _probe_concurrency(llm: LLMClient, caps: Capabilities, burst: int, timeout: float) -> None:
     """A burst of identical requests sent at once: an endpoint running c of them at a time answers
-    in waves, the last about burst/c times later than the first. Judged within the burst itself,
-    the figure holds on a machine whose speed drifts (a shared CPU) better than against a lone
-    request timed at another moment."""
+    them in burst/c waves. Judged within the burst itself, the figure holds on a machine whose speed
+    drifts (a shared CPU) better than against a lone request timed at another moment."""
     alone = _tiny_call(llm, 1, timeout)[0]  # also warms the endpoint up
     size = max(2, min(burst, int(BURST_SECONDS / max(alone, 1e-3))))
     done: list[float] = []
@@ -324,8 +334,12 @@ def _probe_concurrency(llm: LLMClient, caps: Capabilities, burst: int, timeout: 
         # a server that refuses a burst does not sustain it: one at a time is what is known to work
         caps.concurrency, caps.burst = 1, f"{len(errors)} of a burst of {size} failed: {errors[0] if errors else ''}"
         return
-    first, last = min(done), max(done)
-    waves = max(1, round(last / max(first, 1e-6)))  # whole waves: noise of less than half a wave is absorbed
+    done.sort()
+    first, last = done[0], done[-1]
+    # a new wave starts where an answer comes a good part of a service time (the first answer's
+    # time) after the one before; a server's first answer is often slower (no prompt cache yet),
+    # so gaps are compared with it rather than the first and last answers with each other
+    waves = 1 + sum(1 for a, b in zip(done, done[1:]) if b - a > WAVE_GAP * first)
     caps.concurrency = max(1, min(size, math.ceil(size / waves)))
     caps.burst = f"of {size} requests sent at once, the first was answered after {first:.2f} s, the last after {last:.2f} s"
 
@@ -418,21 +432,23 @@ def advise(caps: Capabilities, settings: Settings) -> Advice:
     )
     if caps.concurrency is not None and caps.concurrency != settings.predict_concurrency:
         recommended.append(f"PREDICT_CONCURRENCY={caps.concurrency}")
-    per_token = caps.seconds_per_token
-    if per_token and caps.latency is not None:
-        longest = caps.latency + per_token * settings.llm_max_tokens
+    per_token, latency = caps.seconds_per_token, caps.latency
+    if per_token and latency is not None:
+        longest = latency + per_token * settings.llm_max_tokens
         notes.append(
             f"at least {1 / per_token:.0f} tokens/s: the longest answer LLM_MAX_TOKENS={settings.llm_max_tokens} allows"
-            f" takes at most ~{longest:.0f} s"
+            f" (a long text's) takes at most ~{longest:.0f} s"
         )
-        if longest > settings.llm_timeout / 2:
-            timeout = math.ceil(2 * longest)
-            if timeout <= 300:
-                recommended.append(f"LLM_TIMEOUT={timeout}")
-            else:
-                tokens = max(64, int((settings.llm_timeout / 2 - caps.latency) / per_token))
-                recommended.append(f"LLM_MAX_TOKENS={tokens}")
-    if caps.latency is not None and concurrency:
-        fits = int(settings.predict_deadline / max(caps.latency, 1e-3)) * concurrency
+        # what one call may take and still leave room for a retry: half the timeout, or of /predict's deadline
+        budget = min(settings.llm_timeout, settings.predict_deadline) / 2
+        if longest > budget:
+            tokens = max(256, int((budget - latency) / per_token))
+            if tokens < settings.llm_max_tokens:
+                recommended.append(f"LLM_MAX_TOKENS={tokens} (an answer fits in {budget:.0f} s)")
+        sentence = latency + per_token * min(settings.llm_max_tokens, ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_CHAR * 150)
+        if sentence > settings.llm_timeout / 2:
+            recommended.append(f"LLM_TIMEOUT={math.ceil(4 * sentence)} (a sentence's answer may take ~{sentence:.0f} s)")
+    if latency is not None and concurrency:
+        fits = int(settings.predict_deadline / max(latency, 1e-3)) * concurrency
         notes.append(f"about {fits} short tasks fit in one /predict (PREDICT_DEADLINE={settings.predict_deadline:g} s)")
     return Advice(uses, recommended, notes)

@@ -233,7 +233,7 @@ def format_capabilities(caps, settings) -> str:
         row("concurrency", f"{caps.concurrency} request{'s' if caps.concurrency > 1 else ''} at once ({caps.burst})")
     if caps.latency is not None:
         speed = f"; at least {1 / caps.seconds_per_token:.0f} tokens/s" if caps.seconds_per_token else ""
-        row("latency", f"{caps.latency:.2f} s for a short pre-labeling request (the first: may include warm-up){speed}")
+        row("latency", f"{caps.latency:.2f} s for a short pre-labeling request, warm{speed}")
     advice = advise(caps, settings)
     for i, item in enumerate(advice.uses):
         row("the backend uses" if i == 0 else "", item)
