@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -111,3 +112,22 @@ def test_predict_conll_reports_llm_failures_without_losing_the_other_tasks(tmp_p
     assert done.returncode == 0, done.stderr
     assert "(1 failed)" in done.stdout
     assert out.read_text().splitlines() == ["-DOCSTART- O O", "", "Ada B-PER B-PER", "", "-DOCSTART- O O", "", "Paris B-LOC O", ""]
+
+
+@pytest.mark.parametrize("level, shown", [("WARNING", True), ("ERROR", False)])
+def test_predict_conll_logs_through_logging_at_log_level_above_the_progress_bar(tmp_path, llm, level, shown):
+    from tests.fake_llm import Reply
+
+    source = tmp_path / "two.conll"
+    source.write_text("Ada B-PER\n\nParis B-LOC\n", encoding="utf-8")
+    llm.gazetteer = {"Ada": "PER"}
+    llm.responder = lambda body: Reply(status=400, error_message="bad") if "Paris" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
+    done = run_cli(llm, "predict-conll", str(source), "--out", str(tmp_path / "out.conll"), "--per", "sentence", LOG_LEVEL=level)
+    assert done.returncode == 0 and "(1 failed)" in done.stdout
+    assert "pre-labeling" in done.stderr  # the progress bar was drawn
+    logged = [line for line in done.stderr.split("\n") if "WARNING" in line]
+    assert any("two.conll#d0.s1: no pre-labels" in line for line in logged) == shown
+    assert bool(logged) == shown
+    for line in logged:
+        # in the log format, on a line of its own: the bar was cleared before it, not written through
+        assert re.match(r"\d{4}-\d\d-\d\d [\d:,]+ WARNING \d+ backend\.", line.split("\r")[-1]), line
