@@ -103,7 +103,7 @@ class LLMCallFailed(LLMError):
         super().__init__(message)
         self.error_class = error_class
         self.api_message = api_message
-        self.part = part  # "logprobs" / "response_format": the part of the request the endpoint refused
+        self.part = part  # "logprobs" / "n" / "response_format": the part of the request the endpoint refused
 
 
 def describe_api_error(error: Exception) -> str:
@@ -288,11 +288,6 @@ class LLMClient:
         """The structured-output form the next call will use."""
         return self._first_mode()
 
-    @property
-    def logprobs(self) -> bool:
-        with self._lock:
-            return bool(self._logprobs_ok)
-
     def _remember(self, mode: str) -> None:
         if self.settings.llm_structured_output == "auto":
             with self._lock:
@@ -366,8 +361,8 @@ class LLMClient:
                         timeouts += 1
                     if deterministic and timeouts >= 2:
                         metrics.LLM_CALLS.labels(error_class).inc()
-                        log.warning("LLM call failed: it timed out twice after %.0f s; the same request would take as long again", timeout)
-                        raise LLMCallFailed(f"timed out twice ({timeout:.0f} s each)", error_class) from None
+                        log.warning("LLM call failed: it timed out twice after %g s; the same request would take as long again", timeout)
+                        raise LLMCallFailed(f"timed out twice ({timeout:g} s each)", error_class) from None
                     if not retryable or attempt >= self.settings.llm_max_retries:
                         metrics.LLM_CALLS.labels(error_class).inc()
                         why = "not retried" if not retryable else f"after {attempt} retries"
@@ -547,7 +542,7 @@ class LLMClient:
             if completion.choices and completion.choices[0].truncated:
                 metrics.LLM_TRUNCATED.inc()
                 raise LLMOutputError(_truncated(completion.max_tokens) + ", again after asking once more") from None
-            raise error
+            raise
         return Answer([value], completion, usage)
 
 
