@@ -319,8 +319,9 @@ def run_configuration(
         chunk = rest[begin : begin + CHUNK]
         if settings.pack_size > 1:
             prelabeler.prefill([{"data": tasks[i].data} for i in chunk], settings.pack_size, settings.pack_max_chars,
-                               settings.predict_concurrency, time.monotonic() + OFFLINE_DEADLINE)
-        outcomes = map_in_order(one, chunk, concurrency=settings.predict_concurrency, deadline_seconds=OFFLINE_DEADLINE)
+                               llm.concurrency, time.monotonic() + OFFLINE_DEADLINE)
+        # PREDICT_CONCURRENCY, or what the endpoint's probe measured
+        outcomes = map_in_order(one, chunk, concurrency=llm.concurrency, deadline_seconds=OFFLINE_DEADLINE)
         failed += sum(1 for o in outcomes if o.error is not None)
     workspace.cache.flush()
     return Run(
