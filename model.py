@@ -2,11 +2,13 @@
 
 This file is the recipe; the machinery lives in `backend/` (the README has a module map):
   predict: an annotator's marks? -> interactive answer; else pre-label every task -> record drafts
-  fit:     a submitted annotation -> guidelines and a few-shot example; new tasks -> warm start
+  fit:     a submitted annotation (checked, or read from Label Studio) -> a few-shot example and
+           guidelines; new tasks -> warm start
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any
@@ -18,8 +20,14 @@ from backend.learning.store import ExampleStore
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline import warmstart
 from backend.pipeline.delivery import Delivery
+from backend.pipeline.interactive import (
+    MAX_GUIDELINES_CHARS,
+    Marks,
+    interactive_results,
+    read_marks,
+    submitted_guidelines,
+)
 from backend.pipeline.jobs import JobSpec, ProjectJob
-from backend.pipeline.interactive import Marks, interactive_results, read_marks, submitted_guidelines
 from backend.pipeline.prelabel import Prelabeler, unanswered_reason
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.wire import ModelResponse, PredictionValue
@@ -39,10 +47,13 @@ class NERModel(LabelStudioMLBase):
     def version_inputs(self) -> list[str]:
         # A new LLM, prompt, label config or example set must give a new version,
         # or Label Studio keeps serving the old pre-labels.
-        return [
-            self.services.llm.model, self.services.templates.fingerprint, self.label_config,
-            self.examples.fingerprint(), self.guidelines(),
-        ]
+        return [self.services.llm.model, self.services.templates.fingerprint, self.label_config, self.learned()]
+
+    def learned(self) -> str:
+        """What corrections taught (examples and guidelines), as the version shows it: a burst of
+        webhooks changes it at most once per VERSION_COALESCE_SECONDS, so it cannot churn."""
+        current = hashlib.sha256(f"{self.examples.fingerprint()}\0{self.guidelines()}".encode()).hexdigest()[:16]
+        return self.services.db.published(self.project_id, "learned", current, self.settings.version_coalesce_seconds)
 
     def guidelines(self) -> str:
         # What annotators typed in the guidelines <TextArea> of their last submitted annotation.
@@ -53,7 +64,8 @@ class NERModel(LabelStudioMLBase):
             self.settings, self.schema, self.services.templates, self.services.llm,
             cache=self.services.cache,
             scope=version,  # a new model_version never reuses an answer cached for an old one
-            select_examples=self.examples.selector(self.settings.few_shot_k, self.settings.few_shot_token_budget),
+            # the index is rebuilt when what is published changes, not on every webhook
+            select_examples=self.examples.selector(self.settings.few_shot_k, self.settings.few_shot_token_budget, self.learned()),
             guidelines=self.guidelines() if guidelines is None else guidelines,
         )
 
@@ -144,19 +156,28 @@ class NERModel(LabelStudioMLBase):
             self.services.cache.flush()
         return PredictionValue(result=results, model_version=version)
 
-    def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> None:
-        if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-            self.remember_guidelines(data)
-        if event == "TASKS_CREATED" and self.settings.warm_start:
-            # predicted in the background, so opening a task costs no LLM wait
-            warmstart.start(self, data, self.services.warm_start)
+    def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> webhooks.Learned:
         # Each correction becomes a few-shot example at once: no training job.
-        webhooks.handle(event, data, self.schema, self.examples, self.settings, self.services.rebuilds)
+        learned = webhooks.handle(
+            event, data, self.schema, self.examples, self.settings, self.services.rebuilds,
+            trust=self.services.trust, source=self.services.label_studio_source,
+        )
+        if learned.result is not None:  # a valid annotation, stored: its guidelines box counts
+            self.remember_guidelines(learned.result, learned.annotation_id)
+        if learned.tasks:
+            # predicted in the background, so opening a task costs no LLM wait
+            warmstart.start(self, learned.tasks, self.services.warm_start)
         metrics.EXAMPLES.labels(self.project_id).set(self.examples.count())
+        return learned
 
-    def remember_guidelines(self, payload: dict[str, Any]) -> None:
+    def remember_guidelines(self, result: list[dict[str, Any]], annotation_id: int | None) -> None:
         """A submitted annotation's guidelines text becomes the project's guidelines (a new model_version)."""
-        text = submitted_guidelines(payload, self.schema, self.settings.guidelines_textarea)
-        if text is not None and text != self.guidelines():
-            self.set("guidelines", text)
-            log.info("project %s: guidelines updated from annotation %s", self.project_id, payload["annotation"].get("id"))
+        text = submitted_guidelines(result, self.schema, self.settings.guidelines_textarea)
+        if text is None or text == self.guidelines():
+            return
+        if len(text) > MAX_GUIDELINES_CHARS:
+            log.warning("project %s: guidelines of annotation %s ignored: %d characters, more than %d",
+                        self.project_id, annotation_id, len(text), MAX_GUIDELINES_CHARS)
+            return
+        self.set("guidelines", text)
+        log.info("project %s: guidelines updated from annotation %s", self.project_id, annotation_id)

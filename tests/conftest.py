@@ -70,6 +70,8 @@ def make_settings(tmp_path: Path, llm: FakeLLM):
         values = dict(
             openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
             model_dir=tmp_path / "model", llm_retry_base=0.01, llm_probe=False, _env_file=None,
+            # every change shows in model_version at once (tests/test_trust.py tests the coalescing)
+            version_coalesce_seconds=0,
         )
         values.update(overrides)
         return load_settings(**values)

@@ -1,8 +1,6 @@
-"""Basic auth: every route but /health, / and /webhook needs it; Label Studio's "basic auth" setting passes it.
-
-/webhook stays open because Label Studio sends webhooks without the backend's credentials
-(PROTOCOL.md); it is protected by trusting nothing it carries beyond what is validated.
-"""
+"""Basic auth: every route but /health and / needs it, /webhook included; Label Studio's "basic auth"
+setting passes it, and its webhook is given the credentials by `llm-ner connect` or by the backend
+itself (tests/test_trust.py, tests/test_trust_label_studio.py)."""
 
 from __future__ import annotations
 
@@ -92,17 +90,28 @@ def annotation_event(project_id, text="Ada wrote.", start=0, end=3, label="PER")
     }
 
 
-def test_webhook_needs_no_credentials_because_label_studio_sends_none(client):
+@pytest.mark.parametrize("headers", [{}, basic(USER, "wrong"), {"Authorization": "Basic !!!not-base64"}], ids=["none", "wrong", "garbage"])
+def test_webhook_refuses_missing_or_wrong_credentials_like_every_route(client, settings, headers):
     client.post("/setup", json=setup_body(project="4"), headers=GOOD)
-    response = client.post("/webhook", json=annotation_event(4))
+    response = client.post("/webhook", json=annotation_event(4), headers=headers)
+    assert response.status_code == 401 and response.json == {"error": "authentication required"}
+    from backend.infra.storage import Database
+    from backend.learning.store import ExampleStore
+
+    assert ExampleStore(Database.in_dir(settings.model_dir), "4").examples() == []
+
+
+def test_webhook_with_the_credentials_learns(client):
+    client.post("/setup", json=setup_body(project="4"), headers=GOOD)
+    response = client.post("/webhook", json=annotation_event(4), headers=GOOD)
     assert response.status_code == 201
-    assert response.json.get("status") == "ok"
+    assert response.json == {"status": "ok", "outcome": "stored"}
 
 
 def test_webhook_ignores_projects_no_authenticated_setup_made_known(client):
     event = annotation_event(77)
     event["project"]["label_config"] = NER_CONFIG
-    response = client.post("/webhook", json=event)
+    response = client.post("/webhook", json=event, headers=GOOD)
     assert response.status_code == 200
     assert response.json == {"status": "ignored", "reason": "unknown project"}
 
@@ -112,7 +121,7 @@ def test_webhook_cannot_swap_a_projects_label_config(client, llm):
     client.post("/setup", json=setup_body(project="4"), headers=GOOD)
     version = client.post("/setup", json=setup_body(project="4"), headers=GOOD).json["model_version"]
     evil = NER_CONFIG.replace('value="PER"', 'value="EVIL"')
-    client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 4, "label_config": evil}})
+    client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 4, "label_config": evil}}, headers=GOOD)
     llm.gazetteer = {"Ada": "PER"}
     response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "Ada"}}], "project": "4"}, headers=GOOD)
     assert response.json["model_version"] == version
@@ -121,7 +130,7 @@ def test_webhook_cannot_swap_a_projects_label_config(client, llm):
 
 def test_an_unauthenticated_setup_does_not_make_a_project_known_to_webhooks(client):
     assert client.post("/setup", json=setup_body(project="999")).status_code == 401
-    response = client.post("/webhook", json=annotation_event(999))
+    response = client.post("/webhook", json=annotation_event(999), headers=GOOD)
     assert response.json["reason"] == "unknown project"
 
 

@@ -90,6 +90,15 @@ class Settings(BaseSettings):
     few_shot_token_budget: int = Field(
         default=1500, ge=0, description="approximate prompt tokens all examples of one task may take"
     )
+    max_examples: int = Field(
+        default=5000, ge=1, description="examples kept per project; annotations of further tasks are not stored"
+    )
+    version_coalesce_seconds: float = Field(
+        default=10.0, ge=0, description="corrections change model_version at most once per this many seconds"
+    )
+    start_training_interval: float = Field(
+        default=60.0, ge=0, description="seconds between two START_TRAINING rebuilds of one project"
+    )
 
     # --- request handling ---
     max_request_bytes: int = Field(default=50 * 1024 * 1024, gt=0)

@@ -197,16 +197,61 @@ class Database:
         return rows[0]["label_config"] if rows else None
 
     def get_value(self, project_id: str, key: str) -> Any:
-        rows = self.query("SELECT value FROM project_values WHERE project_id=? AND key=?", (project_id, key))
-        return json.loads(rows[0]["value"]) if rows else None
+        return self._get(self.connection(), project_id, key)
 
     def set_value(self, project_id: str, key: str, value: Any) -> None:
         with self.transaction() as conn:
-            conn.execute(
-                "INSERT INTO project_values(project_id, key, value) VALUES (?, ?, ?) "
-                "ON CONFLICT(project_id, key) DO UPDATE SET value=excluded.value",
-                (project_id, key, json.dumps(value)),
-            )
+            self._set(conn, project_id, key, value)
+
+    @staticmethod
+    def _get(conn: sqlite3.Connection, project_id: str, key: str) -> Any:
+        row = conn.execute("SELECT value FROM project_values WHERE project_id=? AND key=?", (project_id, key)).fetchone()
+        return json.loads(row["value"]) if row is not None else None
+
+    @staticmethod
+    def _set(conn: sqlite3.Connection, project_id: str, key: str, value: Any) -> None:
+        conn.execute(
+            "INSERT INTO project_values(project_id, key, value) VALUES (?, ?, ?) "
+            "ON CONFLICT(project_id, key) DO UPDATE SET value=excluded.value",
+            (project_id, key, json.dumps(value)),
+        )
+
+    def published(self, project_id: str, name: str, current: str, window: float, now: float | None = None) -> str:
+        """`current`, or the value published last when that was less than `window` seconds ago.
+
+        A value that changes in bursts (a project's examples, through webhooks) then changes what
+        readers see at most once per window, whatever the burst; the first change after a quiet
+        window is seen at once, and so is the first change of all (the first value read counts as
+        published long ago). Shared by every process through the store.
+        """
+        now = time.time() if now is None else now
+        key = f"published:{name}"
+        seen = self.get_value(project_id, key)
+        if isinstance(seen, dict) and seen.get("value") == current:
+            return current
+        if isinstance(seen, dict) and 0 <= now - float(seen.get("at") or 0) < window:
+            return str(seen["value"])
+        with self.transaction() as conn:
+            seen = self._get(conn, project_id, key)  # another worker may have published meanwhile
+            if isinstance(seen, dict) and seen.get("value") != current and 0 <= now - float(seen.get("at") or 0) < window:
+                return str(seen["value"])
+            if not isinstance(seen, dict):
+                self._set(conn, project_id, key, {"value": current, "at": 0})
+            elif seen.get("value") != current:
+                self._set(conn, project_id, key, {"value": current, "at": now})
+        return current
+
+    def claim_interval(self, project_id: str, name: str, interval: float, now: float | None = None) -> float | None:
+        """Start something at most once per `interval` seconds per project, across every process:
+        None when claimed now, else the seconds since it was last started."""
+        now = time.time() if now is None else now
+        key = f"started:{name}"
+        with self.transaction() as conn:
+            last = self._get(conn, project_id, key)
+            if isinstance(last, (int, float)) and 0 <= now - last < interval:
+                return now - last
+            self._set(conn, project_id, key, now)
+        return None
 
 
 def _statements(script: str) -> list[str]:

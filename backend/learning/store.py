@@ -6,8 +6,10 @@ leave the newest correction). Deleted annotation ids are remembered, so a late A
 cannot bring one back.
 
 The example set's fingerprint is an XOR of row digests kept in the same transaction as every change:
-O(1) per write, and it changes whenever the set does. Every worker reads it from SQLite on each
-use; the per-process BM25 index is keyed by it, so it is rebuilt, never stale.
+O(1) per write, and it changes whenever the set's content does (a row's digest leaves out its
+`updated_at`: the same correction sent again with a later time changes nothing). Every worker
+reads it from SQLite on each use; the per-process BM25 index is keyed by it (or by the version
+the model publishes from it), so it is rebuilt, never stale.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from datetime import datetime
 from typing import Any
 
 from backend.infra.storage import Database
-from backend.learning.selection import ExampleIndex
+from backend.learning.selection import ExampleIndex, token_cost
 from backend.ner.labelconfig import NerSchema, NerTarget
 from backend.ner.mentions import FewShotExample
 from backend.spans.alignment import Span
 
 EMPTY = "0" * 32
+# SQLite allows at most 32766 variables in one statement: id lists are sent in slices
+ID_SLICE = 500
 INSERT = (
     "INSERT OR REPLACE INTO examples(project_id, annotation_id, from_name, task_id, text, spans, draft, updated_at, digest, "
     "stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -60,6 +64,8 @@ class StoredExample:
 
 def timestamp(value: object) -> float:
     """An annotation's `updated_at` (ISO 8601 from Label Studio, or epoch seconds); now if absent."""
+    if isinstance(value, datetime):  # what the SDK gives
+        return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str) and value.strip():
@@ -80,8 +86,10 @@ def _spans(value: str | None) -> tuple[Span, ...] | None:
     return tuple(Span(int(a), int(b), str(t), str(l)) for a, b, t, l in json.loads(value))
 
 
-def _digest(annotation_id: int, from_name: str, task_id: int, text: str, spans: str, updated_at: float) -> str:
-    payload = json.dumps([annotation_id, from_name, task_id, updated_at, text, spans], ensure_ascii=False)
+def _digest(annotation_id: int, from_name: str, task_id: int, text: str, spans: str) -> str:
+    # not the row's updated_at: re-sending one correction with ever later times must not change
+    # the fingerprint (and with it model_version, which makes Label Studio pay the LLM again)
+    payload = json.dumps([annotation_id, from_name, task_id, text, spans], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
@@ -90,6 +98,8 @@ def _known_only(example: FewShotExample, known: frozenset[str]) -> FewShotExampl
     keep = [i for i, (_, label) in enumerate(example.entities) if label in known]
     starts = tuple(example.starts[i] for i in keep) if example.starts else ()
     return replace(example, entities=tuple(example.entities[i] for i in keep), starts=starts)
+def _slices(ids: Sequence[int]) -> Iterable[Sequence[int]]:
+    return (ids[i : i + ID_SLICE] for i in range(0, len(ids), ID_SLICE))
 
 
 def _xor(*digests: str) -> str:
@@ -129,9 +139,13 @@ class ExampleStore:
         rows = self.db.query("SELECT fingerprint FROM example_sets WHERE project_id=?", (self.project_id,))
         return rows[0]["fingerprint"] if rows else EMPTY
 
-    def _rows(self, conn) -> list[Any]:
+    def _rows(self, conn, max_chars: int | None = None) -> list[Any]:
+        # texts longer than max_chars come back as NULL: the caller has no use for them, and
+        # reading them into Python would cost what they are long
+        text = "text" if max_chars is None else f"CASE WHEN length(text) <= {int(max_chars)} THEN text END AS text"
         return conn.execute(
-            "SELECT * FROM examples WHERE project_id=? ORDER BY task_id, from_name, updated_at, annotation_id",
+            f"SELECT task_id, annotation_id, from_name, {text}, spans, draft, updated_at FROM examples "
+            "WHERE project_id=? ORDER BY task_id, from_name, updated_at, annotation_id",
             (self.project_id,),
         ).fetchall()
 
@@ -146,15 +160,17 @@ class ExampleStore:
                 _spans(row["spans"]) or (), _spans(row["draft"]), row["updated_at"],
             )
             for row in latest.values()
+            if row["text"] is not None
         ]
 
-    def snapshot(self) -> tuple[str, list[StoredExample]]:
-        """The fingerprint and the current examples, read in one transaction so they agree."""
+    def snapshot(self, max_chars: int | None = None) -> tuple[str, list[StoredExample]]:
+        """The fingerprint and the current examples (those of at most `max_chars` characters when
+        given), read in one transaction so they agree."""
         conn = self.db.connection()
         conn.execute("BEGIN")
         try:
             fingerprint = self.fingerprint()
-            rows = self._rows(conn)
+            rows = self._rows(conn, max_chars)
         finally:
             conn.execute("COMMIT")
         return fingerprint, self._latest(rows)
@@ -170,6 +186,23 @@ class ExampleStore:
         )
         return int(rows[0]["n"])
 
+    def annotation_count(self) -> int:
+        """How many annotations have example rows (the quantity MAX_EXAMPLES caps)."""
+        rows = self.db.query("SELECT COUNT(DISTINCT annotation_id) AS n FROM examples WHERE project_id=?", (self.project_id,))
+        return int(rows[0]["n"])
+
+    def known(self, annotation_ids: Iterable[int]) -> dict[int, int]:
+        """annotation id -> task id, for those of these annotations that have example rows."""
+        ids = sorted({int(i) for i in annotation_ids})
+        found: dict[int, int] = {}
+        for part in _slices(ids):
+            rows = self.db.query(
+                f"SELECT DISTINCT annotation_id, task_id FROM examples WHERE project_id=? AND annotation_id IN ({','.join('?' * len(part))})",
+                (self.project_id, *part),
+            )
+            found.update((r["annotation_id"], r["task_id"]) for r in rows)
+        return found
+
     def annotation_rows(self) -> list[tuple[int, str, int]]:
         """(annotation_id, from_name, task_id) of every stored row: for checking there are no duplicates."""
         rows = self.db.query(
@@ -178,24 +211,38 @@ class ExampleStore:
         )
         return [(r["annotation_id"], r["from_name"], r["task_id"]) for r in rows]
 
-    def indexes(self) -> dict[str, ExampleIndex]:
-        cached = self._indexes.get(self.project_id, self.fingerprint())
+    def indexes(self, key: str | None = None, token_budget: int | None = None) -> dict[str, ExampleIndex]:
+        """The BM25 index of each target's examples, kept per process while `key` (by default the
+        fingerprint) is the same. With a `token_budget`, examples that could never fit it are left out."""
+        key = self.fingerprint() if key is None else key
+        cached = self._indexes.get(self.project_id, key)
         if cached is not None:
             return cached
-        fingerprint, examples = self.snapshot()
+        # an example costs at least a token per 4 characters of its text (selection.token_cost)
+        _, examples = self.snapshot(None if token_budget is None else 4 * token_budget)
         by_target: dict[str, list[FewShotExample]] = {}
         for example in sorted(examples, key=lambda e: e.task_id):
-            by_target.setdefault(example.from_name, []).append(example.few_shot())
+            shot = example.few_shot()
+            if token_budget is None or token_cost(shot) <= token_budget:
+                by_target.setdefault(example.from_name, []).append(shot)
         indexes = {name: ExampleIndex(items) for name, items in by_target.items()}
-        self._indexes.put(self.project_id, fingerprint, indexes)
+        self._indexes.put(self.project_id, key, indexes)
         return indexes
 
-    def selector(self, k: int, token_budget: int):
-        """The `select_examples(target, text)` callable for one /predict: one index lookup per request."""
-        indexes = self.indexes() if k > 0 else {}
+    def selector(self, k: int, token_budget: int, key: str | None = None):
+        """The `select_examples(target, text)` callable for one /predict: one index lookup per request,
+        made at the first selection, so that building an index runs under the request's deadline."""
+        lock = threading.Lock()
+        loaded: list[dict[str, ExampleIndex]] = []
+
+        def indexes() -> dict[str, ExampleIndex]:
+            with lock:
+                if not loaded:
+                    loaded.append(self.indexes(key, token_budget) if k > 0 else {})
+                return loaded[0]
 
         def select(target: NerTarget, text: str) -> list[FewShotExample]:
-            index = indexes.get(target.from_name)
+            index = indexes().get(target.from_name)
             if index is None:
                 return []
             known = target.label_set
@@ -214,11 +261,13 @@ class ExampleStore:
         )
 
     def upsert_annotation(
-        self, annotation_id: int, task_id: int, updated_at: float, targets: dict[str, tuple[str, Sequence[Span]]]
+        self, annotation_id: int, task_id: int, updated_at: float, targets: dict[str, tuple[str, Sequence[Span]]],
+        limit: int | None = None,
     ) -> str:
         """Store (or replace) one annotation's example rows: `targets` maps from_name -> (text, spans).
 
-        Returns "stored", "unchanged", "stale" (a newer version is already stored) or "deleted".
+        Returns "stored", "unchanged", "stale" (a newer version is already stored), "deleted", or
+        "full" (a new annotation while `limit` annotations are stored already).
         """
         with self.db.transaction() as conn:
             if conn.execute(
@@ -231,15 +280,26 @@ class ExampleStore:
             ).fetchall()
             if old and max(r["updated_at"] for r in old) > updated_at:
                 return "stale"
+            if not old and limit is not None:
+                stored = conn.execute(
+                    "SELECT COUNT(DISTINCT annotation_id) FROM examples WHERE project_id=?", (self.project_id,)
+                ).fetchone()[0]
+                if stored >= limit:
+                    return "full"
             drafts = {r["from_name"]: r["draft"] for r in old}
             new_rows = []
             for from_name, (text, spans) in targets.items():
                 spans_json = _spans_json(spans)
                 draft = drafts.get(from_name) or self._draft(conn, task_id, from_name, text)
-                digest = _digest(annotation_id, from_name, task_id, text, spans_json, updated_at)
+                digest = _digest(annotation_id, from_name, task_id, text, spans_json)
                 new_rows.append((self.project_id, annotation_id, from_name, task_id, text, spans_json, draft, updated_at, digest, time.time()))
             change = _xor(*(r["digest"] for r in old), *(row[8] for row in new_rows))
             if change == EMPTY:
+                # the same content: only its time moves on (no new fingerprint, no new model_version)
+                conn.execute(
+                    "UPDATE examples SET updated_at=? WHERE project_id=? AND annotation_id=?",
+                    (updated_at, self.project_id, annotation_id),
+                )
                 return "unchanged"
             conn.execute("DELETE FROM examples WHERE project_id=? AND annotation_id=?", (self.project_id, annotation_id))
             conn.executemany(INSERT, new_rows)
@@ -263,7 +323,7 @@ class ExampleStore:
                 "INSERT OR IGNORE INTO deleted_annotations(project_id, annotation_id) VALUES (?, ?)",
                 [(self.project_id, i) for i in ids],
             )
-            return self._remove(conn, ids)
+            return sum(self._remove(conn, part) for part in _slices(ids))
 
     def forget_annotation(self, annotation_id: int) -> int:
         """An annotation that became skipped/cancelled: no longer an example, but it may come back."""
@@ -308,7 +368,7 @@ class ExampleStore:
                 for from_name, (text, spans) in targets.items():
                     spans_json = _spans_json(spans)
                     draft = drafts.get((annotation_id, from_name)) or self._draft(conn, task_id, from_name, text)
-                    digest = _digest(annotation_id, from_name, task_id, text, spans_json, updated_at)
+                    digest = _digest(annotation_id, from_name, task_id, text, spans_json)
                     conn.execute(INSERT, (self.project_id, annotation_id, from_name, task_id, text, spans_json, draft, updated_at, digest, now))
                     digests.append(digest)
                     count += 1

@@ -2,34 +2,46 @@
 
 ANNOTATION_CREATED / ANNOTATION_UPDATED store the annotation's spans as the task's example; skipped or
 cancelled annotations are not examples; ANNOTATIONS_DELETED removes what those annotations made;
-START_TRAINING rebuilds the project's examples from Label Studio through the SDK. Single-annotation
-events are one SQLite transaction, committed before the answer (so an acknowledged correction
-survives a kill -9); the rebuild runs in a background thread after the answer, since Label Studio
-waits only 1 s for a webhook.
+START_TRAINING rebuilds the project's examples from Label Studio through the SDK; TASKS_CREATED hands
+the new tasks to the warm start. Single-annotation events are one SQLite transaction, committed
+before the answer (so an acknowledged correction survives a kill -9); the rebuild runs in a
+background thread after the answer, since Label Studio waits only 1 s for a webhook.
 
-Nothing here trusts the payload: /webhook is open (Label Studio sends no basic auth), so every field
-is validated, every span checked against the text, and payloads (which carry the project's token)
-are never logged whole.
+How much a webhook is trusted depends on the mode (`Trust`, chosen by the settings):
+- verified (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set): an annotation event is only a
+  notification: the annotation and its task are read from Label Studio by id, and a deletion is
+  applied only when Label Studio no longer has the annotation;
+- authenticated (BASIC_AUTH_USER/PASS set): /webhook needs the credentials, as every route does;
+- open (neither): the payload is used, within bounds: ids and times in sane ranges, texts up to
+  MAX_TEXT_CHARS, a bounded number of regions and ids, deletions only of annotations the store
+  holds, no warm start.
+In every mode each field is validated, each span checked against the text, and payloads (which
+carry the project's token) are never logged whole.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import math
 import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
 from prometheus_client import Counter as PromCounter
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from backend.infra.errors import BadRequest, ConfigError
 from backend.infra.guards import OnePerKey
 from backend.infra.payloads import Lenient, validated
 from backend.infra.settings import Settings
+from backend.learning.labelstudio import LabelStudioSource, LabelStudioUnavailable, describe_error
 from backend.learning.store import ExampleStore, timestamp
 from backend.ner.labelconfig import NerSchema, NerTarget
 from backend.spans.alignment import Span
@@ -38,22 +50,114 @@ log = logging.getLogger(__name__)
 
 SPANS = PromCounter("llm_ner_example_spans_total", "Spans of human annotations, by outcome", ["outcome"])
 
+# Bounds on what one webhook may carry (a genuine one is far below each)
+MAX_RESULTS = 5_000  # regions of one annotation
+MAX_DELETED_IDS = 100_000  # annotation ids of one ANNOTATIONS_DELETED
+MAX_NEW_TASKS = 1_000  # tasks of one TASKS_CREATED handed to the warm start
+MAX_ID = 2**63 - 1  # SQLite's largest integer; Label Studio's ids are far below
+EARLIEST = 946_684_800.0  # 2000-01-01T00:00:00Z: no annotation is older
+FUTURE_SLACK = 86_400.0  # clocks disagree, but not by more than a day
+# Checking spans: where an offset is wrong, the surface is looked for near it first; searches of the
+# whole text are limited per annotation, so that a text of 200,000 characters with thousands of
+# wrong regions costs milliseconds, not minutes
+NEAR = 2_000
+WHOLE_TEXT_SEARCHES = 50
+
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
+def plausible_time(value: object, now: float | None = None) -> float:
+    """An annotation's `updated_at` (ISO 8601 from Label Studio, or epoch seconds) as epoch seconds;
+    now if absent. Not a time (NaN, 1e300, a far future that would pin a forged example against
+    genuine updates, a date before 2000): ValueError."""
+    now = time.time() if now is None else now
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return now
+    if isinstance(value, bool):
+        raise ValueError("must be an ISO 8601 time or epoch seconds")
+    if isinstance(value, (int, float)):
+        moment = float(value)
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError):
+            raise ValueError("must be an ISO 8601 time or epoch seconds") from None
+    else:
+        raise ValueError("must be an ISO 8601 time or epoch seconds")
+    if not math.isfinite(moment) or moment < EARLIEST or moment > now + FUTURE_SLACK:
+        raise ValueError("is not a plausible time (before 2000, or more than a day ahead)")
+    return moment
+
 
 class EventAnnotation(Lenient):
-    id: int
-    task: int | dict[str, Any] | None = None
+    id: Id
+    task: Id | dict[str, Any] | None = None
     result: list[dict[str, Any]] = Field(default_factory=list)
     was_cancelled: bool = False
-    updated_at: str | float | None = None
+    updated_at: float = Field(default=None, validate_default=True)  # type: ignore[assignment]
+
+    @field_validator("updated_at", mode="before")
+    @classmethod
+    def _time(cls, value: object) -> float:
+        return plausible_time(value)
 
 
 class EventTask(Lenient):
-    id: int
+    id: Id
     data: dict[str, Any]
 
 
 class DeletedAnnotation(Lenient):
-    id: int
+    id: Id
+
+
+# ---- how far webhooks are trusted ----
+@dataclass(frozen=True)
+class Trust:
+    authenticated: bool  # /webhook needs the basic-auth credentials (BASIC_AUTH_USER/PASS)
+    verified: bool  # events are checked against Label Studio (LABEL_STUDIO_URL/API_KEY)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Trust":
+        return cls(
+            authenticated=bool(settings.basic_auth_user),
+            verified=bool(settings.label_studio_url and settings.label_studio_api_key),
+        )
+
+    @property
+    def name(self) -> str:
+        return {(True, True): "authenticated and verified", (True, False): "authenticated",
+                (False, True): "verified", (False, False): "open"}[(self.authenticated, self.verified)]
+
+    def describe(self) -> str:
+        parts = []
+        if self.authenticated:
+            parts.append("/webhook requires the basic-auth credentials like every route")
+            if self.verified:
+                parts.append("the backend adds them to each project's Label Studio webhook after /setup")
+            else:
+                parts.append("run `llm-ner connect --project ID` so that Label Studio sends them")
+        else:
+            parts.append("/webhook accepts any caller that reaches the port (BASIC_AUTH_USER/PASS unset)")
+        if self.verified:
+            parts.append("annotations are read from Label Studio by id, never taken from the payload")
+        else:
+            parts.append(
+                "annotations are taken from the payload within bounds (LABEL_STUDIO_URL/API_KEY unset)"
+                + ("" if self.authenticated else "; deletions only of known annotations; no warm start")
+            )
+        return f"webhook trust: {self.name}: " + "; ".join(parts)
+
+
+@dataclass
+class Learned:
+    """What one webhook did: its outcome (for the answer, logs and tests), and what the model acts on."""
+
+    outcome: str
+    # the stored annotation's regions and id (the project's guidelines are read from them)
+    result: list[dict[str, Any]] | None = None
+    annotation_id: int | None = None
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # TASKS_CREATED, when they can be trusted
 
 
 # ---- checking human spans against the text ----
@@ -63,30 +167,55 @@ class Checked:
     counts: Counter = field(default_factory=Counter)  # ok / repaired / dropped_<reason>
 
 
-def _utf16_to_index(text: str, units: int) -> int | None:
-    """The code-point index at `units` UTF-16 code units (a browser's offsets, when emoji precede)."""
-    count = 0
-    for index, char in enumerate(text):
-        if count == units:
-            return index
-        count += 2 if ord(char) > 0xFFFF else 1
-    return len(text) if count == units else None
+class _Text:
+    """One text, for checking many spans against it: the UTF-16 offset table and surface searches are
+    built once per text, not once per span (which was O(text length x spans))."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self._utf16: list[int] | None = None  # code units before each index; None: no character beyond the BMP
+        self._astral = not text.isascii() and any(ord(c) > 0xFFFF for c in text)
+        self._patterns: dict[str, re.Pattern | None] = {}
+        self._everywhere: dict[str, list[tuple[int, int]]] = {}
+        self.searches_left = WHOLE_TEXT_SEARCHES
+
+    def from_utf16(self, units: int) -> int | None:
+        """The code-point index at `units` UTF-16 code units (a browser's offsets, when emoji precede)."""
+        if not self._astral:
+            return units if 0 <= units <= len(self.text) else None
+        if self._utf16 is None:
+            self._utf16 = list(itertools.accumulate((2 if ord(c) > 0xFFFF else 1 for c in self.text), initial=0))
+        index = bisect.bisect_left(self._utf16, units)
+        return index if index < len(self._utf16) and self._utf16[index] == units else None
+
+    def _pattern(self, surface: str) -> re.Pattern | None:
+        if surface not in self._patterns:
+            words = surface.split()
+            self._patterns[surface] = re.compile(r"\s+".join(re.escape(w) for w in words)) if words else None
+        return self._patterns[surface]
+
+    def relocate(self, surface: str, near: int) -> tuple[int, int] | None | str:
+        """The occurrence of `surface` nearest to `near` (spacing and line ends may differ: CRLF, double
+        spaces); None when there is none; "limit" when the text was searched too often already."""
+        pattern = self._pattern(surface)
+        if pattern is None:
+            return None
+        near = min(max(near, 0), len(self.text))
+        found = [(m.start(), m.end()) for m in pattern.finditer(self.text, max(0, near - NEAR), near + len(surface) + NEAR)]
+        if not found:
+            if surface not in self._everywhere:
+                if self.searches_left <= 0:
+                    return "limit"
+                self.searches_left -= 1
+                self._everywhere[surface] = [(m.start(), m.end()) for m in pattern.finditer(self.text)]
+            found = self._everywhere[surface]
+        return min(found, key=lambda m: abs(m[0] - near)) if found else None
 
 
-def _relocate(text: str, surface: str, near: int) -> tuple[int, int] | None:
-    """The occurrence of `surface` nearest to `near`; spacing and line ends may differ (CRLF, double spaces)."""
-    words = surface.split()
-    if not words:
-        return None
-    pattern = re.compile(r"\s+".join(re.escape(w) for w in words))
-    matches = [(m.start(), m.end()) for m in pattern.finditer(text)]
-    if not matches:
-        return None
-    return min(matches, key=lambda m: abs(m[0] - near))
-
-
-def check_spans(text: str, results: Sequence[dict[str, Any]], target: NerTarget) -> Checked:
+def check_spans(text: str | _Text, results: Sequence[dict[str, Any]], target: NerTarget) -> Checked:
     """The target's labeled spans in `results`, each exact (`text[start:end] == span.text`), repaired or dropped."""
+    source = text if isinstance(text, _Text) else _Text(text)
+    text = source.text
     checked = Checked()
     known = set(target.label_names)
     for result in results:
@@ -102,7 +231,8 @@ def check_spans(text: str, results: Sequence[dict[str, Any]], target: NerTarget)
             checked.counts["dropped_unknown_label"] += 1
             continue
         start, end, surface = value.get("start"), value.get("end"), value.get("text")
-        offsets_ok = isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)
+        integers = type(start) is int and type(end) is int  # noqa: E721 - not bool, not float
+        offsets_ok = integers and 0 <= start < end <= len(text)
         if not isinstance(surface, str) or not surface.strip():
             if offsets_ok and text[start:end].strip():
                 checked.spans.append(Span(start, end, text[start:end], label))
@@ -114,14 +244,16 @@ def check_spans(text: str, results: Sequence[dict[str, Any]], target: NerTarget)
             checked.spans.append(Span(start, end, surface, label))
             checked.counts["ok"] += 1
             continue
-        near = start if isinstance(start, int) else 0
-        if isinstance(start, int) and isinstance(end, int):
-            a, b = _utf16_to_index(text, start), _utf16_to_index(text, end)
-            if a is not None and b is not None and text[a:b] == surface:
+        if integers:
+            a, b = source.from_utf16(start), source.from_utf16(end)
+            if a is not None and b is not None and a < b and text[a:b] == surface:
                 checked.spans.append(Span(a, b, surface, label))
                 checked.counts["repaired"] += 1
                 continue
-        found = _relocate(text, surface, near)
+        found = source.relocate(surface, start if integers else 0)
+        if found == "limit":
+            checked.counts["dropped_search_limit"] += 1
+            continue
         if found is None:
             checked.counts["dropped_not_in_text"] += 1
             continue
@@ -133,7 +265,9 @@ def check_spans(text: str, results: Sequence[dict[str, Any]], target: NerTarget)
     return checked
 
 
-def annotation_targets(schema: NerSchema, data: dict[str, Any], results: Sequence[dict[str, Any]], where: str):
+def annotation_targets(
+    schema: NerSchema, data: dict[str, Any], results: Sequence[dict[str, Any]], where: str, max_chars: int | None = None
+):
     """from_name -> (text, exact spans) for every target of the schema, and the span counts."""
     targets: dict[str, tuple[str, list[Span]]] = {}
     counts: Counter = Counter()
@@ -141,6 +275,11 @@ def annotation_targets(schema: NerSchema, data: dict[str, Any], results: Sequenc
         text = data.get(target.data_key)
         if not isinstance(text, str):
             raise BadRequest(f"{where}: task.data has no text under '{target.data_key}' (the <Text> value ${target.data_key})")
+        if max_chars is not None and len(text) > max_chars:
+            raise BadRequest(
+                f"{where}: task.data.{target.data_key} has {len(text)} characters, more than MAX_TEXT_CHARS={max_chars}",
+                status=413,
+            )
         checked = check_spans(text, results, target)
         targets[target.from_name] = (text, checked.spans)
         counts.update(checked.counts)
@@ -148,62 +287,154 @@ def annotation_targets(schema: NerSchema, data: dict[str, Any], results: Sequenc
 
 
 # ---- the events ----
-def on_annotation(event: str, payload: dict[str, Any], schema: NerSchema, store: ExampleStore) -> str:
-    annotation = validated(EventAnnotation, payload.get("annotation"), "annotation")
+def _too_many(items: object, limit: int, where: str) -> None:
+    if isinstance(items, list) and len(items) > limit:
+        raise BadRequest(f"{where} has {len(items)} items, more than the {limit} one webhook may carry", status=413)
+
+
+def _learn(
+    event: str, annotation_id: int, task_id: int, data: dict[str, Any], result: list[dict[str, Any]], cancelled: bool,
+    updated_at: float, schema: NerSchema, store: ExampleStore, settings: Settings,
+) -> Learned:
+    """Store one annotation (already validated, or read from Label Studio) as its task's example."""
+    if cancelled:
+        removed = store.forget_annotation(annotation_id)
+        log.info("%s: annotation %s was skipped: not an example (%d rows removed)", event, annotation_id, removed)
+        return Learned("skipped")
+    targets, counts = annotation_targets(schema, data, result, f"{event} task {task_id}", settings.max_text_chars)
+    for outcome, count in (+counts).items():
+        SPANS.labels(outcome).inc(count)
+    if set(+counts) - {"ok"}:
+        log.info("%s: annotation %s: spans %s", event, annotation_id, dict(counts))
+    outcome = store.upsert_annotation(annotation_id, task_id, updated_at, targets, limit=settings.max_examples)
+    if outcome == "full":
+        log.warning("%s: annotation %s not stored: project %s holds MAX_EXAMPLES=%d annotations",
+                    event, annotation_id, store.project_id, settings.max_examples)
+        return Learned("full: MAX_EXAMPLES reached")
+    log.info("%s: annotation %s of task %s: %s", event, annotation_id, task_id, outcome)
+    valid = outcome in ("stored", "unchanged")
+    return Learned(outcome, result=list(result) if valid else None, annotation_id=annotation_id)
+
+
+def on_annotation(event: str, payload: dict[str, Any], schema: NerSchema, store: ExampleStore, settings: Settings) -> Learned:
+    raw = payload.get("annotation")
+    _too_many(raw.get("result") if isinstance(raw, dict) else None, MAX_RESULTS, "annotation.result")
+    annotation = validated(EventAnnotation, raw, "annotation")
     if annotation.was_cancelled:
-        removed = store.forget_annotation(annotation.id)
-        log.info("%s: annotation %s was skipped: not an example (%d rows removed)", event, annotation.id, removed)
-        return "skipped"
+        return _learn(event, annotation.id, 0, {}, [], True, annotation.updated_at, schema, store, settings)
     task = validated(EventTask, payload.get("task"), "task")
     task_ref = annotation.task.get("id") if isinstance(annotation.task, dict) else annotation.task
     if task_ref is not None and task_ref != task.id:
         raise BadRequest(f"annotation.task ({task_ref}) is not task.id ({task.id})")
-    targets, counts = annotation_targets(schema, task.data, annotation.result, f"{event} task {task.id}")
-    for outcome, count in (+counts).items():
-        SPANS.labels(outcome).inc(count)
-    if set(+counts) - {"ok"}:
-        log.info("%s: annotation %s: spans %s", event, annotation.id, dict(counts))
-    outcome = store.upsert_annotation(annotation.id, task.id, timestamp(annotation.updated_at), targets)
-    log.info("%s: annotation %s of task %s: %s", event, annotation.id, task.id, outcome)
-    return outcome
+    return _learn(event, annotation.id, task.id, task.data, annotation.result, False, annotation.updated_at, schema, store, settings)
 
 
-def on_deleted(payload: dict[str, Any], store: ExampleStore) -> str:
+def _task_id(payload: dict[str, Any]) -> int | None:
+    """The annotation's task id, from the annotation or the task of the payload."""
+    annotation = payload.get("annotation") if isinstance(payload.get("annotation"), dict) else {}
+    ref = annotation.get("task")
+    ref = ref.get("id") if isinstance(ref, dict) else ref
+    if ref is None and isinstance(payload.get("task"), dict):
+        ref = payload["task"].get("id")
+    if ref is None:
+        return None
+    return validated(DeletedAnnotation, {"id": ref}, "annotation.task").id
+
+
+def on_verified_annotation(
+    event: str, payload: dict[str, Any], schema: NerSchema, store: ExampleStore, settings: Settings, source: LabelStudioSource
+) -> Learned:
+    """The payload only says which annotation changed: what it is now is read from Label Studio."""
+    annotation_id = validated(DeletedAnnotation, payload.get("annotation"), "annotation").id
+    task_id = _task_id(payload)
+    if task_id is None:
+        raise BadRequest("annotation.task or task.id: missing (which task the annotation belongs to)")
+    project_id = int(store.project_id)
+    task = source.tasks(project_id, [task_id]).get(task_id)
+    annotation = next((a for a in task["annotations"] if a["id"] == annotation_id), None) if task else None
+    if annotation is None:
+        if source.annotation_exists(annotation_id):
+            raise BadRequest(f"Label Studio has annotation {annotation_id}, but not in task {task_id} of project {project_id}")
+        removed = store.delete_annotations([annotation_id])
+        log.info("%s: annotation %s is not in Label Studio (deleted): %d rows removed", event, annotation_id, removed)
+        return Learned("gone")
+    return _learn(
+        event, annotation_id, task_id, task["data"], annotation["result"] if isinstance(annotation["result"], list) else [],
+        annotation["was_cancelled"], timestamp(annotation["updated_at"]), schema, store, settings,
+    )
+
+
+def _deleted_ids(payload: dict[str, Any]) -> list[int]:
     items = payload.get("annotations")
     if not isinstance(items, list):
         raise BadRequest("ANNOTATIONS_DELETED: 'annotations' must be a list of {id}")
-    ids = [validated(DeletedAnnotation, item, f"annotations[{i}]").id for i, item in enumerate(items)]
-    removed = store.delete_annotations(ids)
-    log.info("ANNOTATIONS_DELETED: %d annotations, %d example rows removed", len(ids), removed)
-    return "deleted"
+    _too_many(items, MAX_DELETED_IDS, "annotations")
+    ids = []
+    for i, item in enumerate(items):
+        value = item.get("id") if isinstance(item, dict) else None
+        if type(value) is int and 1 <= value <= MAX_ID:  # noqa: E721 - the usual case, without pydantic per item
+            ids.append(value)
+        else:
+            ids.append(validated(DeletedAnnotation, item, f"annotations[{i}]").id)
+    return ids
+
+
+def on_deleted(payload: dict[str, Any], store: ExampleStore, trust: Trust, source: LabelStudioSource | None) -> Learned:
+    ids = _deleted_ids(payload)
+    if source is not None:
+        # applied only to what Label Studio no longer has
+        known = store.known(ids)
+        present = {a["id"] for task in source.tasks(int(store.project_id), sorted(set(known.values()))).values()
+                   for a in task["annotations"]}
+        targets = [i for i in known if i not in present]
+    elif trust.authenticated:
+        # a trusted caller: remember every id, so that a late ANNOTATION_UPDATED cannot bring one back
+        targets = ids
+    else:
+        # anyone may call: only annotations the store holds, so that ids never seen cannot be barred for ever
+        targets = list(store.known(ids))
+    removed = store.delete_annotations(targets)
+    log.info("ANNOTATIONS_DELETED: %d ids, %d applied, %d example rows removed", len(ids), len(targets), removed)
+    return Learned("deleted")
+
+
+def on_tasks_created(payload: dict[str, Any], store: ExampleStore, settings: Settings, trust: Trust,
+                     source: LabelStudioSource | None) -> Learned:
+    """The new tasks for the warm start: read from Label Studio, or taken from an authenticated payload."""
+    if not settings.warm_start:
+        return Learned("ignored")
+    if not (trust.authenticated or source is not None):
+        log.info("TASKS_CREATED: no warm start from an unauthenticated, unverified webhook")
+        return Learned("ignored: warm start needs an authenticated or verified webhook")
+    items = payload.get("tasks") if isinstance(payload.get("tasks"), list) else []
+    _too_many(items, MAX_NEW_TASKS, "tasks")
+    ids = [i["id"] for i in items if isinstance(i, dict) and type(i.get("id")) is int and 1 <= i["id"] <= MAX_ID]  # noqa: E721
+    if source is not None:
+        tasks = [{"id": t["id"], "data": t["data"]} for t in source.tasks(int(store.project_id), ids).values()]
+    else:
+        tasks = [{"id": t.get("id"), "data": t["data"]} for t in items if isinstance(t, dict) and isinstance(t.get("data"), dict)]
+    # a text too long to pre-label is not worth a background LLM call either
+    tasks = [t for t in tasks if all(not isinstance(v, str) or len(v) <= settings.max_text_chars for v in t["data"].values())]
+    return Learned("warm start" if tasks else "no tasks", tasks=tasks)
 
 
 # ---- START_TRAINING: rebuild from Label Studio ----
-
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
-
-
-def rebuild(schema: NerSchema, store: ExampleStore, url: str, api_key: str) -> int:
-    """Read every annotation of the project through the SDK and make the examples exactly those."""
-    from label_studio_sdk.client import LabelStudio
-
+def rebuild(schema: NerSchema, store: ExampleStore, source: LabelStudioSource, max_chars: int | None = None) -> int:
+    """Read every annotation of the project from Label Studio and make the examples exactly those."""
     started_at = time.time()
-    client = LabelStudio(base_url=url, api_key=api_key)
     annotations = []
     counts: Counter = Counter()
-    for task in client.tasks.list(project=int(store.project_id), fields="all"):
-        data = _field(task, "data") or {}
-        for annotation in _field(task, "annotations") or []:
-            if _field(annotation, "was_cancelled", False):
+    for task in source.all_tasks(int(store.project_id)):
+        for annotation in task["annotations"]:
+            if annotation["was_cancelled"]:
                 continue
             try:
-                targets, checked = annotation_targets(schema, data, _field(annotation, "result") or [], f"task {_field(task, 'id')}")
+                targets, checked = annotation_targets(schema, task["data"], annotation["result"], f"task {task['id']}", max_chars)
             except BadRequest as error:
-                log.warning("START_TRAINING: annotation %s skipped: %s", _field(annotation, "id"), error)
+                log.warning("START_TRAINING: annotation %s skipped: %s", annotation["id"], error)
                 continue
             counts.update(checked)
-            annotations.append((int(_field(annotation, "id")), int(_field(task, "id")), timestamp(_field(annotation, "updated_at")), targets))
+            annotations.append((int(annotation["id"]), int(task["id"]), timestamp(annotation["updated_at"]), targets))
     count = store.replace_all(annotations, started_at)
     log.info("START_TRAINING: project %s rebuilt: %d example rows from %d annotations; spans %s",
              store.project_id, count, len(annotations), dict(counts))
@@ -211,38 +442,53 @@ def rebuild(schema: NerSchema, store: ExampleStore, url: str, api_key: str) -> i
 
 
 def on_start_training(
-    schema: NerSchema, store: ExampleStore, url: str | None, api_key: str | None, rebuilds: OnePerKey
-) -> str:
-    if not url or not api_key:
+    schema: NerSchema, store: ExampleStore, settings: Settings, source: LabelStudioSource | None, rebuilds: OnePerKey
+) -> Learned:
+    if source is None:
         raise ConfigError(
             "START_TRAINING: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY so the backend can read the project's annotations"
         )
     if not rebuilds.claim(store.project_id):
-        return "already rebuilding"
+        return Learned("already rebuilding")
+    # every worker and process: at most one rebuild per START_TRAINING_INTERVAL (each lists the whole project)
+    since = store.db.claim_interval(store.project_id, "rebuild", settings.start_training_interval)
+    if since is not None:
+        rebuilds.release(store.project_id)
+        log.info("START_TRAINING: project %s was rebuilt %.0f s ago (START_TRAINING_INTERVAL=%g): skipped",
+                 store.project_id, since, settings.start_training_interval)
+        return Learned("skipped: rebuilt recently")
 
     def work() -> None:
         try:
-            rebuild(schema, store, url, api_key)
-        except Exception as error:
-            # the SDK's errors carry the URL and status, never the key
-            log.warning("START_TRAINING: rebuilding project %s failed: %s: %s", store.project_id, type(error).__name__, error)
+            rebuild(schema, store, source, settings.max_text_chars)
+        except Exception as error:  # noqa: BLE001 - a background thread: the log is the only place to report to
+            log.warning("START_TRAINING: rebuilding project %s failed: %s", store.project_id, describe_error(error))
         finally:
             rebuilds.release(store.project_id)
 
     threading.Thread(target=work, name=f"rebuild-{store.project_id}", daemon=True).start()
-    return "rebuilding"
+    return Learned("rebuilding")
 
 
 def handle(
-    event: str, payload: dict[str, Any], schema: NerSchema, store: ExampleStore, settings: Settings, rebuilds: OnePerKey
-) -> str:
-    """Apply one webhook event; returns what happened (for logs and tests). Bad payloads raise BadRequest."""
+    event: str, payload: dict[str, Any], schema: NerSchema, store: ExampleStore, settings: Settings, rebuilds: OnePerKey,
+    trust: Trust | None = None, source: LabelStudioSource | None = None,
+) -> Learned:
+    """Apply one webhook event. Bad payloads raise BadRequest; Label Studio unreachable (when events are
+    verified) raises LabelStudioUnavailable."""
+    trust = trust or Trust(authenticated=False, verified=source is not None)
     if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-        return on_annotation(event, payload, schema, store)
+        if source is not None:
+            return on_verified_annotation(event, payload, schema, store, settings, source)
+        return on_annotation(event, payload, schema, store, settings)
     if event == "ANNOTATIONS_DELETED":
-        return on_deleted(payload, store)
+        return on_deleted(payload, store, trust, source)
     if event == "START_TRAINING":
-        key = settings.label_studio_api_key.get_secret_value() if settings.label_studio_api_key else None
-        return on_start_training(schema, store, settings.label_studio_url, key, rebuilds)
+        return on_start_training(schema, store, settings, source, rebuilds)
+    if event == "TASKS_CREATED":
+        return on_tasks_created(payload, store, settings, trust, source)
     log.debug("webhook %s: nothing to learn from", event)
-    return "ignored"
+    return Learned("ignored")
+
+
+__all__ = ["LabelStudioUnavailable", "Learned", "Trust", "handle", "plausible_time"]

@@ -69,7 +69,8 @@ def read_marks(context: dict[str, Any] | None, schema: NerSchema, data: dict[str
         return marks
     targets = {t.from_name: t for t in schema.targets}
     for region in results:
-        if not isinstance(region, dict) or region.get("from_name") not in targets:
+        # from_name must be a name: a list or an object there is no region of ours (and unhashable)
+        if not isinstance(region, dict) or not isinstance(region.get("from_name"), str) or region["from_name"] not in targets:
             continue
         target = targets[region["from_name"]]
         value = region.get("value") if isinstance(region.get("value"), dict) else {}
@@ -191,13 +192,12 @@ def interactive_results(
     return results
 
 
-def submitted_guidelines(payload: dict[str, Any], schema: NerSchema, textarea_name: str) -> str | None:
-    """The guidelines a submitted annotation carries (an emptied box: ""), or None when it has no
-    guidelines <TextArea> result (the project's guidelines then stay as they are)."""
-    annotation = payload.get("annotation") if isinstance(payload, dict) else None
-    if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
-        return None
-    results = annotation.get("result")
+MAX_GUIDELINES_CHARS = 5_000  # the project's guidelines go into every prompt: a page of text at most
+
+
+def submitted_guidelines(results: list[Any], schema: NerSchema, textarea_name: str) -> str | None:
+    """The guidelines a submitted annotation's regions carry (an emptied box: ""), or None when they
+    hold no guidelines <TextArea> result (the project's guidelines then stay as they are)."""
     if not isinstance(results, list):
         return None
     if not any(isinstance(r, dict) and r.get("from_name") == textarea_name for r in results):

@@ -17,13 +17,6 @@ log = logging.getLogger(__name__)
 CHUNK = 50  # tasks per background predict: each chunk gets its own deadline
 
 
-def new_tasks(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    tasks = payload.get("tasks") if isinstance(payload, dict) else None
-    if not isinstance(tasks, list):
-        return []
-    return [t for t in tasks if isinstance(t, dict) and isinstance(t.get("data"), dict)]
-
-
 def precompute(model: Any, tasks: Sequence[dict[str, Any]], one_at_a_time: threading.Lock) -> int:
     """Predict (and so cache) these tasks; returns how many got a non-empty prediction."""
     labeled = 0
@@ -40,11 +33,11 @@ def precompute(model: Any, tasks: Sequence[dict[str, Any]], one_at_a_time: threa
     return labeled
 
 
-def start(model: Any, payload: dict[str, Any], one_at_a_time: threading.Lock) -> threading.Thread | None:
-    tasks = new_tasks(payload)
+def start(model: Any, tasks: Sequence[dict[str, Any]], one_at_a_time: threading.Lock) -> threading.Thread | None:
+    """Pre-compute these tasks (read from Label Studio, or from an authenticated TASKS_CREATED) in the background."""
     if not tasks:
         log.info("warm start: TASKS_CREATED without task data; nothing to pre-compute")
         return None
-    thread = threading.Thread(target=precompute, args=(model, tasks, one_at_a_time), name="warm-start", daemon=True)
+    thread = threading.Thread(target=precompute, args=(model, list(tasks), one_at_a_time), name="warm-start", daemon=True)
     thread.start()
     return thread

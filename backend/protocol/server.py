@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import importlib
-import json
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from backend.infra import metrics
 from backend.infra.errors import BackendError, BadRequest, ConfigError
 from backend.infra.payloads import validated
 from backend.infra.settings import Settings, get_settings
+from backend.learning.labelstudio import LabelStudioUnavailable
 from backend.ner.labelconfig import parse_label_config
 from backend.protocol.base import LabelStudioMLBase
 from backend.pipeline.delivery import read_project
@@ -41,8 +43,10 @@ from backend.protocol.wire import (
 
 log = logging.getLogger(__name__)
 
-# Label Studio sends webhooks without the backend's basic auth (PROTOCOL.md): /webhook cannot demand it.
-OPEN_ROUTES = {"/", "/health", "/webhook"}
+# Probes need no credentials. /webhook needs them when basic auth is on: Label Studio creates its webhook
+# without them (PROTOCOL.md), so the backend or `llm-ner connect` adds them to it (README: "How webhooks
+# are trusted"); without basic auth it is open, and what it may do is bounded (learning/webhooks.py).
+OPEN_ROUTES = {"/", "/health"}
 
 
 def load_model_class(path: str = "model:NERModel") -> type[LabelStudioMLBase]:
@@ -50,17 +54,61 @@ def load_model_class(path: str = "model:NERModel") -> type[LabelStudioMLBase]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def _raw_body() -> bytes:
+    """The request body, at most MAX_REQUEST_BYTES (413 beyond, chunked bodies included)."""
+    try:
+        raw = request.get_data(cache=True)  # a Content-Length over MAX_REQUEST_BYTES: werkzeug raises 413 here
+        if request.content_length is None and len(raw) >= (request.max_content_length or 0) > 0:
+            # a chunked body stops at the limit instead: one byte more tells a body of exactly the limit
+            # (werkzeug returns b"") from a longer one (werkzeug raises 413 on reading past the limit)
+            request.stream.read(1)
+    except HTTPException:
+        raise
+    except Exception as error:  # noqa: BLE001 - the server's own parse errors: invalid chunk sizes, cut bodies
+        log.info("%s: the request body could not be read: %s", request.path, type(error).__name__)
+        raise BadRequest("the request body could not be read (malformed chunked transfer encoding?)") from None
+    return raw
+
+
 def _json_payload() -> Any:
     if not request.is_json:
         raise BadRequest("the body must be JSON (Content-Type: application/json)")
-    raw = request.get_data(cache=True)  # over MAX_REQUEST_BYTES: werkzeug raises 413 here
+    raw = _raw_body()
     try:
-        return json.loads(raw)
-    except RecursionError:
-        # a few kB of "[[[[..." exhaust the decoder's stack: the caller's fault, not a 500
-        raise BadRequest("the JSON body is nested too deeply") from None
-    except ValueError as error:
+        # orjson is strict where the standard decoder is not: no NaN or Infinity (not JSON, and a NaN
+        # `updated_at` broke comparisons), no lone surrogates (SQLite cannot store them); it also
+        # refuses nesting beyond 1024 levels, and needs a fraction of the memory for large bodies
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        if "depth limit" in str(error) or "recursion" in str(error):
+            raise BadRequest("the JSON body is nested too deeply") from None
         raise BadRequest(f"the body is not valid JSON: {error}"[:300]) from None
+
+
+def _basic_credentials() -> tuple[bytes, bytes] | None:
+    """(user, password) as the client encoded them, or None when the header is not Basic auth."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, colon, password = decoded.partition(b":")
+    return (user, password) if colon else None
+
+
+def _same_secret(given: bytes, expected: str) -> bool:
+    """Constant-time comparison; a client may encode non-ASCII credentials as UTF-8 (browsers, curl,
+    httpx) or as latin-1 (requests, which Label Studio uses), and either must work."""
+    same = False
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            candidate = expected.encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        same |= hmac.compare_digest(given, candidate)
+    return same
 
 
 def _body(model: type[BaseModel]) -> Any:
@@ -123,12 +171,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     def _start() -> Response | None:
         g.started = time.perf_counter()
         if settings.basic_auth_user and request.path not in OPEN_ROUTES:
-            auth = request.authorization
-            user_ok = auth is not None and hmac.compare_digest(
-                (auth.username or "").encode(), settings.basic_auth_user.encode()
-            )
-            pass_ok = auth is not None and hmac.compare_digest(
-                (auth.password or "").encode(), settings.basic_auth_pass.get_secret_value().encode()  # type: ignore[union-attr]
+            credentials = _basic_credentials()
+            user_ok = credentials is not None and _same_secret(credentials[0], settings.basic_auth_user)
+            pass_ok = credentials is not None and _same_secret(
+                credentials[1], settings.basic_auth_pass.get_secret_value()  # type: ignore[union-attr]
             )
             if not (user_ok and pass_ok):
                 response = jsonify(error="authentication required")
@@ -149,6 +195,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.errorhandler(BadRequest)
     def _bad_request(error: BadRequest):
         return jsonify(error=str(error)), error.status
+
+    @app.errorhandler(LabelStudioUnavailable)
+    def _label_studio_unavailable(error: LabelStudioUnavailable):
+        log.warning("%s: %s", request.path, error)
+        return jsonify(error=f"Label Studio could not be asked: {error}"), 503
 
     @app.errorhandler(BackendError)
     def _backend_error(error: BackendError):
@@ -178,6 +229,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         model = registry.get(body.project, body.label_config)  # parses the config: 422 if unsupported
         db.save_label_config(body.project, body.label_config)
         model.set_extra_params(body.extra_params)
+        if services.securing is not None:
+            services.securing.after_setup(body.project)  # in the background: /setup has 3 s
         return jsonify(SetupResponse(model_version=model.model_version).model_dump())
 
     @app.post("/predict")
@@ -206,11 +259,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.post("/webhook")
     def webhook():
-        # Open to anyone who can reach the port (Label Studio sends no basic auth here), so nothing in
-        # the payload is trusted beyond what is validated: the project must be one that an authenticated
-        # /setup made known, and its label config is the stored one, never the payload's.
-        body: WebhookRequest = _body(WebhookRequest)
+        # Whatever the trust mode (services.trust), the project must be one that a /setup made known,
+        # and its label config is the stored one, never the payload's. The body is parsed once, and
+        # the project checked before anything else in it is looked at.
         payload = _json_payload()
+        if not isinstance(payload, dict):
+            raise BadRequest("the body must be a JSON object")
+        body = validated(WebhookRequest, {k: payload[k] for k in ("action", "project") if k in payload}, "")
         project = body.project or {}
         if project.get("id") is None:
             log.info("webhook %.60r without a project id: ignored", body.action)
@@ -224,8 +279,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             log.info("webhook %.60r for unknown project %s: ignored", body.action, project_id)
             return jsonify(status="ignored", reason="unknown project"), 200
         model = registry.get(project_id, label_config)
-        model.fit(body.action, payload)
-        return jsonify(status="ok"), 201
+        learned = model.fit(body.action, payload)
+        if learned is None:  # a model class of another kind
+            return jsonify(status="ok"), 201
+        return jsonify(status="ok", outcome=learned.outcome), 201
 
     # ---- project jobs: pre-label a whole project where the backend runs (pipeline/jobs.py) ----
     @app.post("/jobs")

@@ -2,8 +2,9 @@
 
 One `Database` per process (SQLite keeps a connection per thread), and on it the response cache and
 the usage ledger; the per-process example indexes; the guards that keep a project's rebuild and the
-warm start from running twice at once. Nothing below this layer keeps state of its own: each piece
-is handed what it needs from here.
+warm start from running twice at once; how far webhooks are trusted, the client for calls back to
+Label Studio and the job that secures each project's webhook. Nothing below this layer keeps state
+of its own: each piece is handed what it needs from here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from backend.infra.guards import OnePerKey
 from backend.infra.settings import Settings
 from backend.infra.storage import Database
 from backend.infra.usage import UsageLedger, price_of
+from backend.learning.labelstudio import LabelStudioSource, WebhookSecuring
 from backend.learning.store import IndexCache
+from backend.learning.webhooks import Trust
 from backend.llm.cache import ResponseCache
 from backend.llm.client import LLMClient
 from backend.ner.templates import PromptTemplates, load_templates
@@ -41,6 +44,9 @@ class Services:
     writer: PredictionWriter | None = None  # writes late pre-labels into Label Studio (needs its credentials)
     label_studio: Any = None  # the SDK client, with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY
     jobs: Jobs | None = None  # project jobs' records
+    trust: Trust = field(default_factory=lambda: Trust(authenticated=False, verified=False))
+    label_studio_source: LabelStudioSource | None = None  # reads what webhooks announce (same credentials)
+    securing: WebhookSecuring | None = None  # ...and with basic auth: secures each project's webhook after /setup
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
@@ -49,10 +55,14 @@ class Services:
         if cache is not None:
             atexit.register(cache.flush)  # a worker stopped gracefully keeps its last answers
         deliveries = Deliveries(db)
-        client = writer = None
+        client = writer = source = securing = None
         if settings.label_studio_url and settings.label_studio_api_key:
-            client = label_studio_client(settings.label_studio_url, settings.label_studio_api_key.get_secret_value())
+            key = settings.label_studio_api_key.get_secret_value()
+            client = label_studio_client(settings.label_studio_url, key)
             writer = PredictionWriter(client, deliveries)
+            source = LabelStudioSource(settings.label_studio_url, key)
+            if settings.basic_auth_user and settings.basic_auth_pass:
+                securing = WebhookSecuring(source, settings.basic_auth_user, settings.basic_auth_pass.get_secret_value())
         return cls(
             settings=settings,
             db=db,
@@ -65,6 +75,9 @@ class Services:
             writer=writer,
             label_studio=client,
             jobs=Jobs(db),
+            trust=Trust.from_settings(settings),
+            label_studio_source=source,
+            securing=securing,
         )
 
     @property

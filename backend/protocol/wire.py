@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, SkipValidation, field_validator
 
@@ -58,8 +58,13 @@ class SetupResponse(BaseModel):
     model_version: str
 
 
+# ids are stored in SQLite (drafts, examples): its 64-bit integers. A larger id is refused with the
+# request, before any LLM call is paid for, not at the end with the whole batch lost.
+SQLITE_INT = Field(ge=-(2**63), le=2**63 - 1)
+
+
 class TaskIn(Lenient):
-    id: int | None = None
+    id: Annotated[int, SQLITE_INT] | None = None
     data: dict[str, Any]
 
 

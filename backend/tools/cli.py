@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import shutil
 import sys
@@ -36,6 +37,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     forget(settings.model_dir)  # the endpoint may have changed since the last start: probe it afresh
     configure_logging(settings.log_level, settings_secrets(settings))
+    from backend.learning.webhooks import Trust
+
+    # once per start, before the workers: which webhooks the backend will learn from, and how
+    logging.getLogger("backend").info("%s", Trust.from_settings(settings).describe())
 
     from gunicorn.app.base import BaseApplication
 
@@ -253,6 +258,24 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- connect ----
+def run_connect(args: argparse.Namespace) -> int:
+    from backend.infra.settings import load_settings
+    from backend.learning.labelstudio import LabelStudioSource
+    from backend.tools.connect import connect_backend
+    from backend.tools.importer import connect
+
+    # the backend's own configuration says whether it uses basic auth; connecting needs no LLM key
+    settings = load_settings(openai_api_key=os.environ.get("OPENAI_API_KEY") or "unused")
+    password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else None
+    connection = connect_backend(
+        connect(args.label_studio_url, args.api_key), LabelStudioSource(args.label_studio_url.rstrip("/"), args.api_key),
+        args.project, args.url, interactive=args.interactive, user=settings.basic_auth_user, password=password,
+    )
+    print(connection.describe())
+    return 0
+
+
 # ---- estimate ----
 def run_estimate(args: argparse.Namespace) -> int:
     from backend.infra.settings import load_settings
@@ -446,6 +469,19 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     _label_studio_args(pre)
     pre.set_defaults(handler=run_prelabel)
+
+    conn = commands.add_parser(
+        "connect", help="connect the backend to a Label Studio project: model, pre-labels, webhook credentials, checked"
+    )
+    conn.add_argument("--project", type=int, required=True, metavar="ID")
+    conn.add_argument("--url", default="http://localhost:9090", metavar="BACKEND_URL",
+                      help="the backend's URL as Label Studio reaches it (default http://localhost:9090)")
+    conn.add_argument("--interactive", action="store_true", help="also use the backend for interactive pre-annotation")
+    conn.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
+                      required=not os.environ.get("LABEL_STUDIO_URL"), help="default $LABEL_STUDIO_URL")
+    conn.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                      required=not os.environ.get("LABEL_STUDIO_API_KEY"), help="default $LABEL_STUDIO_API_KEY")
+    conn.set_defaults(handler=run_connect)
 
     est = commands.add_parser("estimate", help="dry run: LLM calls, tokens and cost for CoNLL files or a project; sends nothing")
     est.add_argument("files", nargs="*", metavar="FILE", help="CoNLL files")

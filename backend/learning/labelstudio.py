@@ -1,0 +1,192 @@
+"""The backend's own calls back to Label Studio, through the SDK (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY).
+
+What a webhook only announces is read here from the source: a task's data and its annotations come
+from the Data Manager's task list, which never makes Label Studio call /predict (`GET /api/tasks/{id}`
+does, for a task without a prediction: PROTOCOL.md); whether an annotation still exists comes from
+`GET /api/annotations/{id}`. START_TRAINING reads every task of the project the same way.
+
+Securing a project's webhook (`secure_webhooks`): Label Studio creates the ML backend's webhook
+without headers; we add `Authorization: Basic ...` to it, but only to the webhook of an ML backend
+that Label Studio already calls with these very credentials, so they never go anywhere new.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from backend.infra.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+# the Data Manager's list carries the wanted task ids in its query string: a few hundred at a time
+TASKS_PER_CALL = 200
+
+
+class LabelStudioUnavailable(BackendError):
+    """Label Studio could not be asked (down, refusing our key, answering errors)."""
+
+
+def field_of(obj: Any, name: str, default: Any = None) -> Any:
+    """A field of what the SDK returns: a pydantic model, or a plain dict for nested values."""
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+def basic_auth_header(user: str, password: str) -> str:
+    """What an HTTP client sends for these credentials (UTF-8, as Label Studio's `requests` does for str)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
+
+
+def _plain_annotation(annotation: Any) -> dict[str, Any]:
+    return {
+        "id": field_of(annotation, "id"),
+        "result": field_of(annotation, "result") or [],
+        "was_cancelled": bool(field_of(annotation, "was_cancelled", False)),
+        "updated_at": field_of(annotation, "updated_at"),
+    }
+
+
+def _plain_task(task: Any) -> dict[str, Any]:
+    return {
+        "id": field_of(task, "id"),
+        "data": field_of(task, "data") or {},
+        "annotations": [_plain_annotation(a) for a in field_of(task, "annotations") or []],
+    }
+
+
+def describe_error(error: Exception) -> str:
+    """Log-safe: the status alone. The SDK's errors also carry Label Studio's answer headers, whose
+    session cookie must not reach a log."""
+    status = getattr(error, "status_code", None)
+    if status is not None:
+        return f"HTTP {status} from Label Studio"
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+class LabelStudioSource:
+    """One per process (Services holds it): the SDK client is made once and shared by threads."""
+
+    def __init__(self, url: str, api_key: str, timeout: float = 10.0):
+        self.url = url
+        self._api_key = api_key
+        self._timeout = timeout
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from label_studio_sdk.client import LabelStudio
+
+                self._client = LabelStudio(base_url=self.url, api_key=self._api_key, timeout=self._timeout)
+            return self._client
+
+    # ---- reading ----
+    def tasks(self, project_id: int, task_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """{task id: {"id", "data", "annotations": [{"id", "result", "was_cancelled", "updated_at"}]}}
+        for those of these tasks that are in the project; a task missing from the answer is not there."""
+        wanted = sorted({int(i) for i in task_ids})
+        found: dict[int, dict[str, Any]] = {}
+        try:
+            for start in range(0, len(wanted), TASKS_PER_CALL):
+                part = wanted[start : start + TASKS_PER_CALL]
+                query = json.dumps({"selectedItems": {"all": False, "included": part}})
+                for task in self.client.tasks.list(project=project_id, query=query, fields="all", page_size=TASKS_PER_CALL):
+                    plain = _plain_task(task)
+                    if plain["id"] in part:
+                        found[plain["id"]] = plain
+        except Exception as error:  # noqa: BLE001 - the SDK raises its own errors and httpx's
+            raise LabelStudioUnavailable(f"could not read tasks of project {project_id}: {describe_error(error)}") from None
+        return found
+
+    def annotation_exists(self, annotation_id: int) -> bool:
+        """Whether Label Studio still has this annotation (a 404 is the only "no")."""
+        try:
+            self.client.annotations.get(id=int(annotation_id))
+        except Exception as error:  # noqa: BLE001
+            if getattr(error, "status_code", None) == 404:
+                return False
+            raise LabelStudioUnavailable(f"could not read annotation {annotation_id}: {describe_error(error)}") from None
+        return True
+
+    def all_tasks(self, project_id: int) -> Iterator[dict[str, Any]]:
+        """Every task of the project with its annotations (START_TRAINING)."""
+        for task in self.client.tasks.list(project=project_id, fields="all"):
+            yield _plain_task(task)
+
+    # ---- securing the webhook ----
+    def secure_webhooks(self, project_id: int, user: str, password: str) -> list[str]:
+        """Make the project's ML-backend webhook send our basic auth; idempotent. One line per thing done."""
+        header = basic_auth_header(user, password)
+        client = self.client
+        try:
+            backends = [
+                ml for ml in client.ml.list(project=project_id)
+                if str(field_of(ml, "auth_method") or "").upper() == "BASIC_AUTH" and field_of(ml, "basic_auth_user") == user
+            ]
+            if not backends:
+                return [f"project {project_id}: no ML backend connected with basic auth as {user!r}: no webhook secured"]
+            wanted = {str(field_of(ml, "url")).rstrip("/") + "/webhook" for ml in backends}
+            lines = []
+            for hook in client.webhooks.list(project=str(project_id)):
+                url = str(field_of(hook, "url") or "").rstrip("/")
+                if url not in wanted or field_of(hook, "project") not in (None, project_id):
+                    continue
+                wanted.discard(url)
+                headers = dict(field_of(hook, "headers") or {}) if isinstance(field_of(hook, "headers"), dict) else {}
+                if headers.get("Authorization") == header:
+                    lines.append(f"project {project_id}: webhook {field_of(hook, 'id')} ({url}) already sends the backend's basic auth")
+                    continue
+                headers["Authorization"] = header
+                client.webhooks.update(id=field_of(hook, "id"), headers=headers)
+                lines.append(f"project {project_id}: webhook {field_of(hook, 'id')} ({url}) now sends the backend's basic auth")
+            for url in sorted(wanted):
+                lines.append(
+                    f"project {project_id}: Label Studio has no webhook {url} (with SSRF_PROTECTION_ENABLED it never makes one): "
+                    "corrections will not reach the backend"
+                )
+            return lines
+        except Exception as error:  # noqa: BLE001
+            raise LabelStudioUnavailable(f"could not secure the webhook of project {project_id}: {describe_error(error)}") from None
+
+
+class WebhookSecuring:
+    """After an authenticated /setup, secure the project's webhook in the background: once per project
+    and process while it holds (re-checked hourly), retried a minute after a failure. Held by Services."""
+
+    RECHECK = 3600.0
+    RETRY = 60.0
+
+    def __init__(self, source: LabelStudioSource, user: str, password: str):
+        self.source = source
+        self._user = user
+        self._password = password
+        self._next: dict[str, float] = {}  # project -> monotonic time of the next attempt
+        self._lock = threading.Lock()
+
+    def after_setup(self, project_id: str) -> threading.Thread | None:
+        if not project_id.isdigit():
+            return None  # not a Label Studio project (a test or a tool's own name)
+        now = time.monotonic()
+        with self._lock:
+            if self._next.get(project_id, 0.0) > now:
+                return None
+            self._next[project_id] = now + self.RECHECK  # also keeps a second thread from starting
+        thread = threading.Thread(target=self._secure, args=(project_id,), name=f"secure-webhook-{project_id}", daemon=True)
+        thread.start()
+        return thread
+
+    def _secure(self, project_id: str) -> None:
+        try:
+            for line in self.source.secure_webhooks(int(project_id), self._user, self._password):
+                log.info("%s", line)
+        except LabelStudioUnavailable as error:
+            log.warning("%s; retrying in %.0f s", error, self.RETRY)
+            with self._lock:
+                self._next[project_id] = time.monotonic() + self.RETRY
