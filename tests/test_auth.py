@@ -143,7 +143,7 @@ def counter(metrics_text: str, endpoint: str, status: str) -> float:
 
 
 @pytest.mark.label_studio
-def test_label_studio_basic_auth_setting_connects_predicts_and_webhooks_still_arrive(connected_project, backend_factory, llm):
+def test_label_studio_basic_auth_setting_connects_and_predicts_and_its_unsecured_webhook_is_refused_loudly(connected_project, backend_factory, llm):
     llm.gazetteer = {"Grace Hopper": "PER", "Navy": "ORG"}
     backend = backend_factory(workers=2, BASIC_AUTH_USER=USER, BASIC_AUTH_PASS=PASSWORD)
     assert httpx.post(backend.url + "/setup", json=setup_body()).status_code == 401
@@ -157,12 +157,14 @@ def test_label_studio_basic_auth_setting_connects_predicts_and_webhooks_still_ar
     (prediction,) = project.predictions(task["id"])
     assert sorted(region_tuples(prediction.result, "text", "label")) == [("Grace Hopper", "PER"), ("Navy", "ORG")]
 
-    # the webhook Label Studio sends on a new annotation carries no credentials, and still gets through
+    # Label Studio made the webhook without the credentials, and the backend cannot add them without
+    # LABEL_STUDIO_URL/API_KEY: the webhook is refused, and the log says what to do
+    # (tests/test_trust_label_studio.py: `llm-ner connect`, or the backend securing it itself)
     ls.annotations.create(id=task["id"], result=prediction.result)
-    metrics = lambda: httpx.get(backend.url + "/metrics", headers=GOOD).text
-    assert wait_until(lambda: counter(metrics(), "/webhook", "201") >= 1, 30), "no ANNOTATION_CREATED webhook reached the backend"
-    text = metrics()
-    # Label Studio never failed authentication on any protected route
+    refused = lambda: counter(httpx.get(backend.url + "/metrics", headers=GOOD).text, "/webhook", "401") >= 1  # noqa: E731
+    assert wait_until(refused, 30), "Label Studio's ANNOTATION_CREATED webhook to arrive"
+    assert "run `llm-ner connect --project ID`" in backend.log()
+    text = httpx.get(backend.url + "/metrics", headers=GOOD).text
     assert counter(text, "/setup", "401") == 1  # only our own unauthenticated probe above
     assert counter(text, "/predict", "401") == 0
     assert PASSWORD not in backend.log()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import base64
 import threading
 import time
 
@@ -12,9 +12,21 @@ from tests.conftest import NER_CONFIG, predict, region_tuples_per_task
 from tests.processes import wait_until
 
 
+AUTH = "Basic " + base64.b64encode(b"robot:warm-pass-0a1b").decode()
+
+
 @pytest.fixture
 def make_client(make_client):
-    return functools.partial(make_client, setup_project="5")
+    """Warm start acts only on an authenticated (or verified) webhook: these apps use basic auth, and
+    their test client sends it with every request."""
+
+    def make(**overrides):
+        client = make_client(basic_auth_user="robot", basic_auth_pass="warm-pass-0a1b", **overrides)
+        client.environ_base["HTTP_AUTHORIZATION"] = AUTH
+        assert client.post("/setup", json={"project": "5", "schema": NER_CONFIG}).status_code == 200
+        return client
+
+    return make
 
 
 TEXTS = ["Ada Lovelace lived in London.", "Paris is big.", "Nothing here."]

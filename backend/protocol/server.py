@@ -148,6 +148,21 @@ def _refuse_long_texts(tasks: list[TaskIn], label_config: str, limit: int) -> No
                 )
 
 
+class _Once:
+    """A warning logged at most once a minute per process (the refused caller may retry every second)."""
+
+    def __init__(self, message: str, every: float = 60.0):
+        self.message = message
+        self.every = every
+        self._last = -every
+
+    def warn(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            self._last = now
+            log.warning("%s", self.message)
+
+
 class OrjsonProvider(DefaultJSONProvider):
     """Flask's JSON through orjson: a 200-task answer carries ~10,000 regions, and the standard
     encoder was 20x slower on them. Keys keep their order; no ASCII escaping."""
@@ -167,6 +182,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.json = OrjsonProvider(app)
     app.extensions["llm_ner"] = {"services": services, "registry": registry}
 
+    refused_webhook = _Once(
+        "a webhook without the basic-auth credentials was refused (401). If it came from Label Studio, run "
+        "`llm-ner connect --project ID` (or give the backend LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY) so that "
+        "the project's webhook carries them; until then corrections are not learnt"
+    )
+
     @app.before_request
     def _start() -> Response | None:
         g.started = time.perf_counter()
@@ -177,6 +198,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 credentials[1], settings.basic_auth_pass.get_secret_value()  # type: ignore[union-attr]
             )
             if not (user_ok and pass_ok):
+                if request.path == "/webhook":
+                    refused_webhook.warn()
                 response = jsonify(error="authentication required")
                 response.status_code = 401
                 response.headers["WWW-Authenticate"] = 'Basic realm="llm-ner-backend"'

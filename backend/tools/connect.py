@@ -64,8 +64,11 @@ def connect_backend(
                 lines.append(f"model {field_of(model, 'id')} ({backend_url}) was already connected to project {project_id} ({how})")
             else:
                 # a password cannot be read back from Label Studio: with basic auth it is always sent again
+                # (with the url: Label Studio 1.23.2 answers a PATCH without it with a 500)
                 with sdk_errors(f"updating model {field_of(model, 'id')}"):
-                    model = client.ml.update(id=field_of(model, "id"), is_interactive=interactive, **auth)
+                    model = client.ml.update(
+                        id=field_of(model, "id"), url=str(field_of(model, "url")), project=project_id, is_interactive=interactive, **auth
+                    )
                 verb = "was already connected; its settings were sent again" if current == wanted else "was updated"
                 lines.append(f"model {field_of(model, 'id')} ({backend_url}) {verb} ({how})")
         else:
