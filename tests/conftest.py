@@ -9,15 +9,18 @@
 - Wikigold: `WIKIGOLD`, `wikigold_slice`, and a gazetteer that imitates an imperfect LLM;
 - the `llm-ner` command (`run_cli`, `cli`, `cli_on_fake`, `ls_args`, ...), configuration files for
   `compare`, headless Chromium (`browser`) and `check_html_report` for the HTML reports.
+- golden files: `assert_golden` (exact comparison with tests/golden/, UPDATE_GOLDEN=1 rewrites) and
+  `transcript` (chat messages as a readable text).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import subprocess
 import sys
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
 # small Chinese samples written for this project (tests/data/zh/README.md)
 ZH_DATA = Path(__file__).resolve().parent / "data" / "zh"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 NER_CONFIG = """<View>
   <Labels name="label" toName="text">
@@ -501,3 +505,28 @@ def check_html_report(path: Path) -> list:
         assert colours is not None and len(colours) > 50, f"{alt}: a nearly blank plot ({len(colours or [])} colours)"
         images.append((alt, image))
     return images
+
+
+# ---- golden files: exact expected output, kept in tests/golden/ ----
+
+
+def assert_golden(name: str, text: str) -> None:
+    """`text` must equal the file tests/golden/<name> exactly (a diff is shown otherwise).
+
+    UPDATE_GOLDEN=1 writes the file instead (after an intended change; review the diff before committing)."""
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return
+    assert path.exists(), f"{path} is missing: run with UPDATE_GOLDEN=1 to write it, then review it"
+    expected = path.read_text(encoding="utf-8")
+    if text != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), f"golden/{name}", "rendered"))
+        raise AssertionError(f"the rendered output differs from tests/golden/{name} (UPDATE_GOLDEN=1 rewrites it):\n{diff}")
+
+
+def transcript(messages: list[dict[str, str]]) -> str:
+    """Chat messages as one readable text, for golden files: each turn under a `===== role =====` line."""
+    return "".join(f"===== {m['role']} =====\n{m['content']}\n" for m in messages)
+

@@ -58,6 +58,7 @@ class Reply:
     close_connection: bool = False  # drop the connection without answering
     choices: list[str] | None = None  # one content per sample when the request asks for n > 1
     finish_reason: str = "stop"
+    usage: dict[str, Any] | None = None  # sent instead of the usage counted from the texts
 
 
 def entities_reply(entities: list[tuple[str, str]], **kwargs: Any) -> Reply:
@@ -318,7 +319,7 @@ class FakeLLM:
                     "created": int(time.time()),
                     "model": body.get("model", "fake-model"),
                     "choices": choices,
-                    "usage": {
+                    "usage": reply.usage if reply.usage is not None else {
                         "prompt_tokens": max(1, prompt_chars // 4),
                         "completion_tokens": max(1, len(content) // 4),
                         "total_tokens": max(1, prompt_chars // 4) + max(1, len(content) // 4),

@@ -1,6 +1,8 @@
-"""The prompts as sent, compared character for character with files under tests/golden/.
+"""The prompts as sent, compared character for character with files under tests/golden/ (en/, zh/).
 
-A change to a template or to how prompts are built shows here as a diff to review. After an
+A change to a template, to how labels, examples, negatives, marks or packs are put in, or to Jinja's
+whitespace handling shows here as a diff to review (the English label list once ran into one line,
+`- PER: people, including fictional- ORG- LOC`, unseen by tests that looked for substrings). After an
 intended change, regenerate the files and read the diff before committing:
 
     UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_prompts_golden.py
@@ -15,10 +17,12 @@ import pytest
 from backend.infra.settings import load_settings
 from backend.learning.selection import FewShotExample
 from backend.ner.labelconfig import parse_label_config
+from backend.ner.packing import pack_messages, pack_repair_prompt
 from backend.ner.task import NerTask
 from backend.ner.templates import load_templates
+from backend.pipeline.interactive import marks_prompt
 from backend.spans.alignment import Span
-from tests.conftest import NER_CONFIG
+from tests.conftest import NER_CONFIG, assert_golden, transcript
 
 # Chinese label names and hints, as a Chinese-speaking team writes its label config
 ZH_CONFIG = """<View>
@@ -46,6 +50,12 @@ ZH_EXAMPLES = [
 ZH_TEXT = "美好的日子里，李娜在日记中写道：“中法友谊长存。”"
 ZH_GUIDELINES = "媒体名称（如新华社）标为机构；书名号不算在实体内。"
 
+EN_EXAMPLES = [
+    FewShotExample("Tim Cook runs Apple from Cupertino.", (("Tim Cook", "PER"), ("Apple", "ORG"), ("Cupertino", "LOC"))),
+    FewShotExample("The Government met Acme in {Paris}.", (("Acme", "ORG"), ("Paris", "LOC")), rejected=(("The Government", "ORG"),)),
+]
+EN_TEXT = 'Satya Nadella said "{{ 7*7 }}" at Microsoft.\nSecond line.'
+
 
 def settings(**values):
     return load_settings(openai_api_key="unused", _env_file=None, **values)
@@ -57,57 +67,69 @@ def zh_task(**values) -> NerTask:
     return NerTask(parse_label_config(ZH_CONFIG).targets[0], templates, guidelines=ZH_GUIDELINES)
 
 
-@pytest.fixture
-def golden(request, pytestconfig):
-    """golden("name.txt", text): compare with tests/golden/name.txt, or write it with UPDATE_GOLDEN=1."""
-    import os
-
-    directory = pytestconfig.rootpath / "tests" / "golden"
-
-    def check(name: str, actual: str) -> None:
-        path = directory / name
-        if os.environ.get("UPDATE_GOLDEN") == "1":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(actual, encoding="utf-8")
-        assert path.exists(), f"{path} is missing: run with UPDATE_GOLDEN=1 to write it"
-        assert actual == path.read_text(encoding="utf-8"), f"{name} differs from the golden file"
-
-    return check
+@pytest.fixture(scope="module")
+def en_templates():
+    config = settings()
+    assert not config.occurrence_hints and config.prompts_dir.name == "prompts"
+    return load_templates(config.prompts_dir)
 
 
-def as_text(messages: list[dict[str, str]]) -> str:
-    """Messages as a file a reviewer can read: each turn under its role."""
-    return "".join(f"===== {m['role']} =====\n{m['content']}\n" for m in messages)
+@pytest.fixture(scope="module")
+def en_task(en_templates):
+    return NerTask(parse_label_config(NER_CONFIG).targets[0], en_templates)
 
 
-def test_chinese_prompt_with_hints_examples_negatives_and_guidelines(golden):
+# ---- Chinese ----
+def test_chinese_prompt_with_hints_examples_negatives_and_guidelines():
     task = zh_task()
     assert task.templates.hints  # PROMPT_LANGUAGE=zh asks for occurrence hints unless told not to
-    golden("zh/messages.txt", as_text(task.messages(ZH_TEXT, ZH_EXAMPLES)))
-    golden("zh/schema.json", json.dumps(task.json_schema(), ensure_ascii=False, indent=2) + "\n")
-    golden("zh/repair.txt", task.repair_prompt('entities.0.label: Input should be "人名", "地名" or "机构"') + "\n")
+    assert_golden("zh/messages.txt", transcript(task.messages(ZH_TEXT, ZH_EXAMPLES)))
+    assert_golden("zh/schema.json", json.dumps(task.json_schema(), ensure_ascii=False, indent=2) + "\n")
+    assert_golden("zh/repair.txt", task.repair_prompt('entities.0.label: Input should be "人名", "地名" or "机构"') + "\n")
     marks = [Span(8, 9, "中", "地名"), Span(18, 21, "联合国", "机构")]
-    golden("zh/marks.txt", task.templates.render("marks", marks=marks) + "\n")
+    assert_golden("zh/marks.txt", task.templates.render("marks", marks=marks) + "\n")
 
 
-def test_chinese_packed_prompt(golden):
-    from backend.ner.packing import pack_messages, pack_repair_prompt
-
+def test_chinese_packed_prompt():
     task = zh_task()
-    golden("zh/packed.txt", as_text(pack_messages(task, [ZH_TEXT, "马上要开会了，马主任说。"], ZH_EXAMPLES)))
-    golden("zh/pack_repair.txt", pack_repair_prompt(task, "results: Field required") + "\n")
+    assert_golden("zh/packed.txt", transcript(pack_messages(task, [ZH_TEXT, "马上要开会了，马主任说。"], ZH_EXAMPLES)))
+    assert_golden("zh/pack_repair.txt", pack_repair_prompt(task, "results: Field required") + "\n")
 
 
-def test_chinese_prompt_without_hints(golden):
+def test_chinese_prompt_without_hints():
     task = zh_task(occurrence_hints=False)
-    golden("zh/messages-no-hints.txt", as_text(task.messages(ZH_TEXT, ZH_EXAMPLES)))
+    assert_golden("zh/messages-no-hints.txt", transcript(task.messages(ZH_TEXT, ZH_EXAMPLES)))
     assert "context" not in json.dumps(task.json_schema())
 
 
-def test_the_english_prompt_is_unchanged(golden):
-    config = settings()
-    assert not config.occurrence_hints and config.prompts_dir.name == "prompts"
-    task = NerTask(parse_label_config(NER_CONFIG).targets[0], load_templates(config.prompts_dir), guidelines="Label ships as MISC.")
+# ---- English ----
+def test_english_system_prompt(en_task):
+    assert_golden("en/system.txt", en_task.system_prompt() + "\n")
+
+
+def test_english_system_prompt_with_guidelines_and_negatives(en_templates):
+    task = NerTask(parse_label_config(NER_CONFIG).targets[0], en_templates, guidelines="Sports teams are ORG.\nCities are LOC.")
+    assert_golden("en/system-guidelines-negatives.txt", task.system_prompt(EN_EXAMPLES) + "\n")
+
+
+def test_english_messages_with_an_example_negatives_and_guidelines(en_templates):
+    task = NerTask(parse_label_config(NER_CONFIG).targets[0], en_templates, guidelines="Label ships as MISC.")
     example = FewShotExample("Tim Cook runs Apple.", (("Tim Cook", "PER"), ("Apple", "ORG")), rejected=(("The Board", "ORG"),))
-    golden("en/messages.txt", as_text(task.messages("Satya Nadella runs Microsoft.", [example])))
-    golden("en/schema.json", json.dumps(task.json_schema(), ensure_ascii=False, indent=2) + "\n")
+    assert_golden("en/messages.txt", transcript(task.messages("Satya Nadella runs Microsoft.", [example])))
+    assert_golden("en/schema.json", json.dumps(task.json_schema(), ensure_ascii=False, indent=2) + "\n")
+
+
+def test_english_messages_of_a_text_with_braces_and_two_examples(en_task):
+    assert_golden("en/user.txt", en_task.user_prompt(EN_TEXT) + "\n")
+    assert_golden("en/messages-two-examples.txt", transcript(en_task.messages(EN_TEXT, EN_EXAMPLES)))
+
+
+def test_english_repair_and_marks_prompts(en_task, en_templates):
+    assert_golden("en/repair.txt", en_task.repair_prompt("entities.0.label: Field required") + "\n")
+    marks = [Span(0, 3, "Ada", "PER"), Span(19, 25, "London", "LOC")]
+    assert_golden("en/marks.txt", marks_prompt(en_templates, marks) + "\n")
+
+
+def test_english_packed_prompt(en_task):
+    assert_golden("en/packed.txt", transcript(pack_messages(en_task, ["Oslo is cold.", "Ada wrote notes.", EN_TEXT], EN_EXAMPLES)))
+    assert_golden("en/pack_repair.txt", pack_repair_prompt(en_task, "results.0.id: Field required") + "\n")

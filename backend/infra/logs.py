@@ -7,6 +7,41 @@ import sys
 from collections.abc import Iterable
 
 MASK = "***"
+# the shortest start or end of a secret masked on its own: servers echo keys cut short ("sk-proj-abc...")
+FRAGMENT = 6
+
+
+def _mask_fragments(text: str, secret: str) -> str:
+    """Mask every run of `text` that is the start of `secret` (FRAGMENT characters or more), then every
+    run that is its end."""
+    head = secret[:FRAGMENT]
+    at = text.find(head)
+    while at != -1:
+        end = at + len(head)
+        while end < len(text) and end - at < len(secret) and text[end] == secret[end - at]:
+            end += 1
+        text = text[:at] + MASK + text[end:]
+        at = text.find(head, at + len(MASK))
+    tail = secret[-FRAGMENT:]
+    at = text.find(tail)
+    while at != -1:
+        start, end = at, at + len(tail)
+        while start > 0 and end - start < len(secret) and text[start - 1] == secret[len(secret) - (end - start) - 1]:
+            start -= 1
+        text = text[:start] + MASK + text[end:]
+        at = text.find(tail, start + len(MASK))
+    return text
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each secret masked, and each start or end of one (at least FRAGMENT characters)."""
+    ordered = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)  # a secret containing another: whole
+    for secret in ordered:
+        text = text.replace(secret, MASK)
+    for secret in ordered:
+        if len(secret) > FRAGMENT:
+            text = _mask_fragments(text, secret)
+    return text
 
 
 class RedactingFormatter(logging.Formatter):
@@ -14,14 +49,10 @@ class RedactingFormatter(logging.Formatter):
 
     def __init__(self, fmt: str, secrets: Iterable[str]):
         super().__init__(fmt)
-        # longest first, so a secret that contains another is masked whole
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        self.secrets = [s for s in secrets if s]
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        for secret in self.secrets:
-            line = line.replace(secret, MASK)
-        return line
+        return redact(super().format(record), self.secrets)
 
 
 def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:

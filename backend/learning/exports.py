@@ -39,7 +39,7 @@ def _prompt(task: NerTask, example: StoredExample) -> list[dict[str, str]]:
 
 
 def sft_records(schema: NerSchema, templates: PromptTemplates, examples: list[StoredExample]) -> Iterator[dict[str, Any]]:
-    tasks = {t.from_name: NerTask(t, templates) for t in schema.targets}
+    tasks = {t.key: NerTask(t, templates) for t in schema.targets}
     for example in sorted(examples, key=lambda e: (e.task_id, e.from_name)):
         task = tasks.get(example.from_name)
         if task is None:  # a target the current label config no longer has
@@ -49,7 +49,7 @@ def sft_records(schema: NerSchema, templates: PromptTemplates, examples: list[St
 
 
 def preference_records(schema: NerSchema, templates: PromptTemplates, examples: list[StoredExample]) -> Iterator[dict[str, Any]]:
-    tasks = {t.from_name: NerTask(t, templates) for t in schema.targets}
+    tasks = {t.key: NerTask(t, templates) for t in schema.targets}
     for example in sorted(examples, key=lambda e: (e.task_id, e.from_name)):
         task = tasks.get(example.from_name)
         if task is None or example.draft is None:

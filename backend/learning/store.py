@@ -40,7 +40,8 @@ INSERT = (
 
 @dataclass(frozen=True)
 class StoredExample:
-    """A task's current example for one target, with the LLM's draft when one was recorded."""
+    """A task's current example for one target, with the LLM's draft when one was recorded.
+    `from_name` is the target's key (`NerTarget.key`: the <Labels> name, unless it serves several texts)."""
 
     task_id: int
     annotation_id: int
@@ -242,7 +243,7 @@ class ExampleStore:
                 return loaded[0]
 
         def select(target: NerTarget, text: str) -> list[FewShotExample]:
-            index = indexes().get(target.from_name)
+            index = indexes().get(target.key)
             if index is None:
                 return []
             known = target.label_set
@@ -391,9 +392,9 @@ class ExampleStore:
                 spans = [
                     Span(v["start"], v["end"], v["text"], v["labels"][0])
                     for r in result
-                    if r.get("from_name") == target.from_name and (v := r.get("value") or {}).get("labels")
+                    if target.owns(r) and (v := r.get("value") or {}).get("labels")
                 ]
-                rows.append((self.project_id, task_id, target.from_name, text, _spans_json(spans), model_version))
+                rows.append((self.project_id, task_id, target.key, text, _spans_json(spans), model_version))
         if not rows:
             return
         with self.db.transaction() as conn:

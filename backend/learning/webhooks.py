@@ -219,7 +219,7 @@ def check_spans(text: str | _Text, results: Sequence[dict[str, Any]], target: Ne
     checked = Checked()
     known = set(target.label_names)
     for result in results:
-        if not isinstance(result, dict) or result.get("from_name") != target.from_name:
+        if not isinstance(result, dict) or not target.owns(result):
             continue
         value = result.get("value")
         if not isinstance(value, dict):
@@ -268,7 +268,7 @@ def check_spans(text: str | _Text, results: Sequence[dict[str, Any]], target: Ne
 def annotation_targets(
     schema: NerSchema, data: dict[str, Any], results: Sequence[dict[str, Any]], where: str, max_chars: int | None = None
 ):
-    """from_name -> (text, exact spans) for every target of the schema, and the span counts."""
+    """target key -> (text, exact spans) for every target of the schema, and the span counts."""
     targets: dict[str, tuple[str, list[Span]]] = {}
     counts: Counter = Counter()
     for target in schema.targets:
@@ -281,7 +281,7 @@ def annotation_targets(
                 status=413,
             )
         checked = check_spans(text, results, target)
-        targets[target.from_name] = (text, checked.spans)
+        targets[target.key] = (text, checked.spans)
         counts.update(checked.counts)
     return targets, counts
 

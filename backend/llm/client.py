@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import random
 import re
 import threading
@@ -33,6 +34,7 @@ from openai import OpenAI
 
 from backend.infra import deadline, metrics
 from backend.infra.errors import LLMError, LLMOutputError
+from backend.infra.logs import redact
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage, record_usage
 from backend.llm.ratelimit import ConcurrencyGate, GateTimeout, RateLimited, RateLimiter
@@ -136,11 +138,15 @@ def retry_after_seconds(headers: Any) -> float | None:
         if value is None:
             continue
         try:
-            return max(0.0, float(value) / divisor)
+            seconds = float(value) / divisor
         except ValueError:
             parsed = email.utils.parsedate_tz(value)
             if parsed is not None:
                 return max(0.0, email.utils.mktime_tz(parsed) - time.time())
+            continue
+        if math.isnan(seconds):
+            continue  # "nan" parses as a float: no delay at all, so four retries at once; use the backoff
+        return max(0.0, seconds)  # "inf" stays inf: beyond MAX_RETRY_AFTER, the call fails without waiting
     return None
 
 
@@ -294,12 +300,8 @@ class LLMClient:
                 self._working_mode = mode
 
     def _scrub(self, message: str) -> str:
-        # servers echo keys, or their first characters, in error messages: never pass them on
-        key = self.settings.openai_api_key.get_secret_value()
-        for secret in (key, key[:8]):
-            if len(secret) >= 6:
-                message = message.replace(secret, "***")
-        return message
+        # servers echo keys, or their first or last characters, in error messages: never pass them on
+        return redact(message, [self.settings.openai_api_key.get_secret_value()])
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2^attempt)], so retrying workers spread out."""
@@ -571,11 +573,22 @@ def _log_concurrency(limit: int, change: str) -> None:
     log.info("LLM calls in flight %s to %d (%s)", change, limit, why)
 
 
+# more tokens than any one call has: a `usage` beyond it is the endpoint's mistake (it once overflowed
+# SQLite's integers and lost a whole /predict)
+MAX_TOKENS_PER_CALL = 100_000_000
+
+
 def _usage_of(response: dict[str, Any]) -> Usage:
     usage = response.get("usage")
     if not isinstance(usage, dict):
         return Usage(calls=1)
-    count = lambda key: usage.get(key) if isinstance(usage.get(key), int) else 0  # noqa: E731
+
+    def count(key: str) -> int:
+        value = usage.get(key)
+        if type(value) is not int or not 0 <= value <= MAX_TOKENS_PER_CALL:  # noqa: E721 - bools, floats, 1e30, -5
+            return 0
+        return value
+
     return Usage(prompt_tokens=count("prompt_tokens"), completion_tokens=count("completion_tokens"), calls=1)
 
 

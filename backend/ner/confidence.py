@@ -50,6 +50,9 @@ def logprob_scores(content: str | None, tokens: Sequence[tuple[str, float]] | No
     scores: list[float | None] = []
     cursor = 0
     for surface, label in entities:
+        if not surface or not label:  # an unusable entity (dropped later): nothing to locate
+            scores.append(None)
+            continue
         text_range = _find_json_string(content, surface, cursor, len(content))
         if text_range is None:
             scores.append(None)
@@ -61,15 +64,23 @@ def logprob_scores(content: str | None, tokens: Sequence[tuple[str, float]] | No
         label_range = _find_json_string(content, label, max(obj_start, 0), obj_end)
         ranges = [text_range] + ([label_range] if label_range else [])
         total = sum(lp for a, b, lp in offsets if any(a < r_end and b > r_start for r_start, r_end in ranges))
-        scores.append(round(math.exp(total), 4))
+        scores.append(probability(total))
         cursor = obj_end
     return scores
+
+
+def probability(logprob: float) -> float | None:
+    """exp(logprob), within [0, 1] whatever the endpoint sent: a logprob is at most 0, but a server may
+    send +50 (1e65 as a score), NaN or infinities (no score: JSON has no NaN)."""
+    if not math.isfinite(logprob):
+        return 0.0 if logprob == -math.inf else None
+    return round(math.exp(min(0.0, logprob)), 4)
 
 
 def answer_probability(tokens: Sequence[tuple[str, float]] | None) -> float | None:
     if not tokens:
         return None
-    return round(math.exp(sum(lp for _, lp in tokens)), 4)
+    return probability(sum(lp for _, lp in tokens))
 
 
 def agreement(samples: Sequence[Sequence[Mention]]) -> tuple[list[Mention], dict[Mention, float]]:

@@ -48,6 +48,19 @@ class NerTarget:
     data_key: str
     labels: tuple[LabelDef, ...]
     allow_overlap: bool = False
+    shared: bool = False  # the <Labels> serves several <Text> objects (toName="t1,t2"): one target each
+
+    @cached_property
+    def key(self) -> str:
+        """What this target's examples, drafts and prompts are filed under: the <Labels> name, or
+        `name>toName` when one <Labels> serves several texts (each its own target, or one text's
+        corrections would overwrite the other's)."""
+        return f"{self.from_name}>{self.to_name}" if self.shared else self.from_name
+
+    def owns(self, region: dict) -> bool:
+        """Whether a result region belongs to this target: its from_name, and its to_name when the
+        <Labels> serves several texts."""
+        return region.get("from_name") == self.from_name and (not self.shared or region.get("to_name") == self.to_name)
 
     @cached_property
     def label_names(self) -> tuple[str, ...]:
@@ -90,7 +103,7 @@ def parse_label_config(config: str) -> NerSchema:
             continue
         if control.tag != "Labels":
             continue
-        for to_name in control.to_name or []:
+        for to_name in (to_names := control.to_name or []):
             try:
                 obj = interface.get_object(to_name)
             except Exception:
@@ -107,7 +120,7 @@ def parse_label_config(config: str) -> NerSchema:
             if not labels:
                 continue
             overlap = str(control.attr.get("allowOverlap", "")).lower() in TRUE_VALUES
-            targets.append(NerTarget(control.name, to_name, key, labels, overlap))
+            targets.append(NerTarget(control.name, to_name, key, labels, overlap, shared=len(to_names) > 1))
 
     if not targets:
         raise UnsupportedLabelConfig("the label config has no <Labels> for a <Text> object; supported: " + SUPPORTED)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from backend.infra.errors import LLMOutputError, validation_message
 from backend.ner.mentions import FewShotExample, Mention, entities_list
-from backend.ner.task import ListedMention, NerTask, listing
+from backend.ner.task import NerTask, mentions_of
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
 
@@ -28,7 +28,7 @@ class _Item(BaseModel):
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
 
     id: str
-    entities: list[ListedMention]
+    entities: list[Any]  # checked one by one (task.mentions_of): one bad entity drops alone
 
 
 class _Packed(BaseModel):
@@ -111,5 +111,11 @@ def parse_packed(content: str | None) -> dict[str, list[Mention]]:
         except ValidationError as invalid:
             error = validation_message(invalid)
             continue
-        return {item.id: listing(item.entities) for item in packed.results}
+        out: dict[str, list[Mention]] = {}
+        for item in packed.results:
+            try:
+                out[item.id] = mentions_of(item.entities, f"results.{item.id}.entities")
+            except LLMOutputError:
+                continue  # nothing usable for this text: left out, so it is asked on its own
+        return out
     raise LLMOutputError(error)

@@ -39,7 +39,38 @@ class ListedMention(BaseModel):
 class _Answer(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    entities: list[ListedMention]
+    # each entity is checked on its own (`mentions_of`): one bad entity is dropped, not the answer
+    entities: list[Any]
+
+
+def mentions_of(items: Sequence[Any], where: str = "entities") -> list[Mention]:
+    """The listed entities as mentions. One that is not a {"text", "label"} pair of strings (empty text,
+    a null label, a number) becomes a mention that alignment drops and counts (empty text: `empty`;
+    no label: `unknown_label`), so it costs that entity alone. Raises LLMOutputError (for the repair
+    turn) only when entities were listed and none of them is usable."""
+    mentions = []
+    contexts: list[str | None] = []  # occurrence hints (see alignment.py), when the answer gives them
+    first_error = None
+    for i, item in enumerate(items):
+        context = item.get("context") if isinstance(item, dict) else None
+        contexts.append(context if isinstance(context, str) else None)  # a malformed hint is simply not used
+        if isinstance(item, dict) and isinstance(item.get("text"), str) and isinstance(item.get("label"), str):
+            mentions.append(Mention(item["text"], item["label"]))
+            if item["text"].strip() and item["label"]:
+                continue
+        else:
+            text, label = (item.get("text"), item.get("label")) if isinstance(item, dict) else (None, None)
+            mentions.append(Mention(text if isinstance(text, str) else "", label if isinstance(label, str) else ""))
+        if first_error is None:
+            try:
+                ListedMention.model_validate(item)
+            except ValidationError as error:
+                first_error = validation_message(error, f"{where}.{i}")
+            else:
+                first_error = f"{where}.{i}.text: empty"
+    if items and all(not m.text.strip() or not m.label for m in mentions):
+        raise LLMOutputError(first_error or f"{where}: no usable entity")
+    return Listing(mentions, contexts) if any(contexts) else mentions
 
 
 @lru_cache(maxsize=256)  # a few selected examples per task; task texts themselves are never cached
@@ -197,7 +228,7 @@ def parse_answer(content: str | None) -> list[Mention]:
         # the usual answer (structured output): parsed and validated in one pass, in pydantic's Rust
         try:
             return _mentions(_Answer.model_validate_json(content))
-        except ValidationError:
+        except (ValidationError, LLMOutputError):
             pass  # prose around it, a bare list, a bad field: the tolerant path below tells which
     last_error = "no JSON object was found in the answer"
     validation_error = None  # the most useful message for the repair turn, when there is one
@@ -217,16 +248,10 @@ def parse_answer(content: str | None) -> list[Mention]:
             return _mentions(_Answer.model_validate(candidate))
         except ValidationError as error:
             validation_error = validation_error or validation_message(error)
+        except LLMOutputError as error:
+            validation_error = validation_error or str(error)
     raise LLMOutputError(validation_error or last_error)
 
 
 def _mentions(answer: _Answer) -> list[Mention]:
-    return listing(answer.entities)
-
-
-def listing(entities: Sequence[ListedMention]) -> list[Mention]:
-    """The mentions as written; a `Listing` carrying their occurrence hints when there are any."""
-    mentions = [Mention(e.text, e.label) for e in entities]
-    if any(e.context for e in entities):
-        return Listing(mentions, [e.context for e in entities])
-    return mentions
+    return mentions_of(answer.entities)

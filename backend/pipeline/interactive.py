@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Marks:
-    """What the annotator has drawn, per `<Labels>` name, checked against the task text."""
+    """What the annotator has drawn, per target (`NerTarget.key`), checked against the task text."""
 
     spans: dict[str, list[Span]] = field(default_factory=dict)
     guidelines: str = ""
@@ -67,19 +67,18 @@ def read_marks(context: dict[str, Any] | None, schema: NerSchema, data: dict[str
     if not isinstance(results, list):
         log.info("interactive context.result is not a list: ignored")
         return marks
-    targets = {t.from_name: t for t in schema.targets}
     for region in results:
-        # from_name must be a name: a list or an object there is no region of ours (and unhashable)
-        if not isinstance(region, dict) or not isinstance(region.get("from_name"), str) or region["from_name"] not in targets:
+        # a from_name that is no name (a list, an object) is no region of ours
+        target = next((t for t in schema.targets if t.owns(region)), None) if isinstance(region, dict) else None
+        if target is None:
             continue
-        target = targets[region["from_name"]]
         value = region.get("value") if isinstance(region.get("value"), dict) else {}
         span = _checked_span(value, data.get(target.data_key), target)
         if span is None:
             marks.ignored += 1
             log.info("interactive mark ignored (offsets do not match the text or unknown label): %r", _safe(value))
             continue
-        marks.spans.setdefault(target.from_name, []).append(span)
+        marks.spans.setdefault(target.key, []).append(span)
     marks.guidelines = guidelines_from_results(results, schema, textarea_name)
     return marks
 
@@ -167,9 +166,9 @@ def interactive_results(
         text = data.get(target.data_key)
         if not isinstance(text, str):
             continue
-        drawn = marks.spans.get(target.from_name, [])
+        drawn = marks.spans.get(target.key, [])
         propagated = propagate(text, drawn)
-        fixed[target.from_name] = (drawn, propagated)
+        fixed[target.key] = (drawn, propagated)
         results.extend(span_results(target, propagated))
     if not use_llm:
         return results
@@ -184,9 +183,10 @@ def interactive_results(
         return results
     by_target: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for result in outcome.value.results:
-        by_target[result["from_name"]].append(result)
-    for from_name, llm_results in by_target.items():
-        drawn, propagated = fixed.get(from_name, ([], []))
+        target = next(t for t in schema.targets if t.owns(result))
+        by_target[target.key].append(result)
+    for key, llm_results in by_target.items():
+        drawn, propagated = fixed.get(key, ([], []))
         keep = set(merge_llm(drawn, propagated, [_span_of(r) for r in llm_results]))
         results.extend(r for r in llm_results if _span_of(r) in keep)
     return results

@@ -127,7 +127,7 @@ class Prelabeler:
         self.label_all_mentions = label_all_mentions
         self.context_chars = context_chars
         self.chunk_overlap = chunk_overlap
-        self.tasks = {t.from_name: NerTask(t, templates, guidelines) for t in schema.targets}
+        self.tasks = {t.key: NerTask(t, templates, guidelines) for t in schema.targets}
 
     @classmethod
     def from_settings(
@@ -184,13 +184,13 @@ class Prelabeler:
             for target in self.schema.targets:
                 text = data.get(target.data_key)
                 if isinstance(text, str) and text.strip() and len(text) <= max_chars:
-                    requests.append(TextRequest(self.tasks[target.from_name], text, self.select_examples(target, text)))
+                    requests.append(TextRequest(self.tasks[target.key], text, self.select_examples(target, text)))
         # leave the per-task pass time to build the results of what the packs answered
         reserve = min(2.0, 0.1 * max(0.0, deadline - time.monotonic()))
         return self.source.find_packed(requests, pack_size, concurrency, max(0.0, deadline - reserve - time.monotonic()))
 
     def entities_for(self, target: NerTarget, text: str) -> Found:
-        task = self.tasks[target.from_name]
+        task = self.tasks[target.key]
         return self.source.find(task, text, self.select_examples(target, text))
 
     def aligned(self, target: NerTarget, text: str, outcome: TaskOutcome) -> tuple[Alignment, list[Found]]:

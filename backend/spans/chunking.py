@@ -76,12 +76,19 @@ def split(text: str, budget: int, overlap: int = 0) -> list[Chunk]:
             chunks.append(Chunk(start, n))
             return chunks
         end = _last_cut(text, start + budget // 2, limit) or _safe(text, limit)
-        if end <= start:  # one grapheme cluster longer than the budget: cut it anyway
+        if end < start + budget // 2:
+            # a grapheme cluster longer than half the budget straddles the limit (a letter with
+            # thousands of combining marks): cut inside it, or the chunks would barely move on
             end = limit
         chunks.append(Chunk(start, end))
         if overlap:
             lo = max(start + 1, end - overlap)
-            next_start = _first_start(text, lo, end) or max(start + 1, _safe(text, lo))
+            next_start = _first_start(text, lo, end) or _safe(text, lo)
+            if next_start <= start:
+                # inside one grapheme cluster longer than the budget (a letter with thousands of
+                # combining marks): no safe start exists, so start where the overlap does; stepping
+                # back to the cluster's start made one chunk (and one LLM call) per character
+                next_start = lo
         else:
             next_start = end
         start = next_start

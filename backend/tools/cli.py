@@ -54,6 +54,9 @@ def run_serve(args: argparse.Namespace) -> int:
             self.cfg.set("timeout", int(settings.predict_deadline) + 30)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("accesslog", "-" if settings.log_level == "DEBUG" else None)
+            # gunicorn's default format logs the basic-auth user it decodes, and a malformed header
+            # (no colon) decodes to the whole credential, password included: no user field
+            self.cfg.set("access_log_format", '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"')
             self.cfg.set("loglevel", settings.log_level.lower())
             self.cfg.set("child_exit", _mark_worker_dead)
             if "control_socket" in self.cfg.settings:  # gunicorn >= 25.1
