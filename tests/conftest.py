@@ -8,7 +8,7 @@
 - Label Studio webhook payloads (`annotation_event`, `deleted_event`, `span`);
 - Wikigold: `WIKIGOLD`, `wikigold_slice`, and a gazetteer that imitates an imperfect LLM;
 - the `llm-ner` command (`run_cli`, `cli`, `cli_on_fake`, `ls_args`, ...), configuration files for
-  `compare`, headless Chromium (`browser`) and `check_html_report` for the HTML reports.
+  `compare`, headless Chromium (`browser`) and `check_html_report` for the HTML reports;
 - golden files: `assert_golden` (exact comparison with tests/golden/, UPDATE_GOLDEN=1 rewrites) and
   `transcript` (chat messages as a readable text).
 """
@@ -129,14 +129,16 @@ def client(app):
 
 @pytest.fixture
 def backend_factory(tmp_path: Path, llm: FakeLLM):
-    """Start `llm-ner serve` (gunicorn) against the fake LLM: backend_factory(workers=2, **env)."""
+    """Start `llm-ner serve` (gunicorn) against the fake LLM: backend_factory(workers=2, **env); with
+    max_file_bytes, no file it writes may grow past that (a full disk)."""
     from contextlib import ExitStack
 
     stack = ExitStack()
 
-    def start(workers: int = 2, model_dir: Path | None = None, **env: str):
+    def start(workers: int = 2, model_dir: Path | None = None, max_file_bytes: int | None = None, **env: str):
         environment = backend_env(llm.base_url, model_dir or tmp_path / "model", **env)
-        return stack.enter_context(run_backend(environment, workers=workers, log_path=tmp_path / f"backend-{len(stack._exit_callbacks)}.log"))
+        log_path = tmp_path / f"backend-{len(stack._exit_callbacks)}.log"
+        return stack.enter_context(run_backend(environment, workers=workers, log_path=log_path, max_file_bytes=max_file_bytes))
 
     yield start
     stack.close()

@@ -86,13 +86,23 @@ class Backend:
 
 
 @contextmanager
-def run_backend(env: dict[str, str], workers: int = 2, log_path: Path | None = None) -> Iterator[Backend]:
+def run_backend(env: dict[str, str], workers: int = 2, log_path: Path | None = None,
+                max_file_bytes: int | None = None) -> Iterator[Backend]:
+    """`llm-ner serve` until the block ends. max_file_bytes: no file the backend writes may grow past
+    it (RLIMIT_FSIZE), as on a disk that is full."""
     port = free_port()
     log_path = log_path or Path(tempfile.mkstemp(prefix="backend-", suffix=".log")[1])
+
+    def limit_files() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "backend", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
             cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=limit_files if max_file_bytes else None,
         )
     backend = Backend(f"http://127.0.0.1:{port}", proc, log_path, env)
     try:

@@ -7,6 +7,7 @@ one worker is seen by the next request on any other worker.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -14,7 +15,43 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from backend.infra.errors import BackendError
+
 DB_NAME = "backend.sqlite3"
+# less free space than this under MODEL_DIR and the store is as good as full: say so before writes fail
+MIN_FREE_BYTES = 1 << 20
+HEALTH_EVERY = 5.0  # seconds a store check stays valid for /health (Label Studio calls it often)
+FAILURE_MEMORY = 60.0  # seconds a failed write keeps the store reported as failing, unless one succeeds
+
+
+def store_state(error: sqlite3.Error) -> str:
+    """What a SQLite error says about the store: full, read-only, corrupt, busy or failing (I/O)."""
+    name = getattr(error, "sqlite_errorname", "") or ""
+    text = str(error).lower()
+    if name == "SQLITE_FULL" or "disk is full" in text:
+        return "full"
+    if name.startswith("SQLITE_READONLY") or "readonly" in text:
+        return "read-only"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text:
+        return "corrupt"
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return "busy"
+    return "failing"
+
+
+class StoreUnavailable(BackendError):
+    """The store under MODEL_DIR cannot be used: what went wrong, in words that name the file."""
+
+    def __init__(self, path: Path, error: BaseException):
+        self.state = store_state(error) if isinstance(error, sqlite3.Error) else "failing"
+        advice = {
+            "full": "free some space under MODEL_DIR",
+            "read-only": "make MODEL_DIR and the file writable by the backend",
+            "corrupt": "restore it from a backup, or move it away to start with an empty store",
+            "busy": "another process holds its write lock; try again",
+        }.get(self.state, "check the disk under MODEL_DIR")
+        detail = " ".join(str(error).split())[:300]  # one line: quick_check reports over several
+        super().__init__(f"the store {path} is {self.state} ({detail}): {advice}")
 
 # The schema registry: every table of every store, in one place. Each entry is one version of the
 # schema, applied once and in order (SQLite's user_version counts them); a change is a new entry,
@@ -134,7 +171,62 @@ class Database:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._failure: tuple[float, str, str] | None = None  # (monotonic time, state, message) of the last failed write
+        self._health: tuple[float, dict[str, Any]] | None = None
         self.migrate()
+
+    def check(self) -> None:
+        """At start, before any worker: the whole file is read (PRAGMA quick_check); a damaged store
+        raises StoreUnavailable naming it, instead of every worker failing to boot."""
+        try:
+            self.migrate()
+            (result,) = self.connection().execute("PRAGMA quick_check(1)").fetchone()
+        except sqlite3.Error as error:
+            raise StoreUnavailable(self.path, error) from None
+        if result != "ok":
+            raise StoreUnavailable(self.path, sqlite3.DatabaseError(f"database disk image is malformed: {result}"))
+
+    def note_failure(self, error: sqlite3.Error) -> None:
+        """A write or read failed: /health reports the store as failing for a while (until a write succeeds)."""
+        self._failure = (time.monotonic(), store_state(error), str(error))
+        self._health = None
+
+    def health(self) -> dict[str, Any]:
+        """The store's state for /health: {"state": ok | busy | full | read-only | corrupt | failing,
+        "path", "detail"?}. Free space, a read and a small write on a connection of its own (never
+        waiting on another writer for more than 0.2 s), and this process's last failure; cached a few seconds."""
+        now = time.monotonic()
+        if self._health is not None and now - self._health[0] < HEALTH_EVERY:
+            return self._health[1]
+        state, detail = "ok", None
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+            if free < MIN_FREE_BYTES:
+                state, detail = "full", f"{free} bytes free under {self.path.parent}"
+        except OSError as error:
+            state, detail = "failing", str(error)
+        if state == "ok":
+            try:
+                conn = sqlite3.connect(self.path, timeout=0.2, isolation_level=None)
+                try:
+                    conn.execute("SELECT count(*) FROM project_values").fetchone()
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute(
+                        "INSERT OR REPLACE INTO project_values(project_id, key, value) VALUES ('', 'health', ?)", (json.dumps(time.time()),)
+                    )
+                    conn.execute("COMMIT")
+                finally:
+                    conn.close()
+            except sqlite3.Error as error:
+                state, detail = store_state(error), str(error)
+        failure = self._failure
+        if state == "ok" and failure is not None and now - failure[0] < FAILURE_MEMORY:
+            state, detail = failure[1], failure[2]
+        report: dict[str, Any] = {"state": state, "path": str(self.path)}
+        if detail:
+            report["detail"] = detail
+        self._health = (now, report)
+        return report
 
     @classmethod
     def in_dir(cls, model_dir: Path) -> "Database":
@@ -170,14 +262,25 @@ class Database:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE: take the write lock up front so concurrent writers queue, not deadlock."""
         conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            self.note_failure(error)
+            raise
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as error:
+            _rollback(conn)
+            if isinstance(error, sqlite3.Error):
+                self.note_failure(error)
             raise
-        else:
+        try:
             conn.execute("COMMIT")
+        except sqlite3.Error as error:  # a full disk shows here: nothing was written, the connection stays usable
+            _rollback(conn)
+            self.note_failure(error)
+            raise
+        self._failure = None
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
         return self.connection().execute(sql, params).fetchall()
@@ -231,14 +334,17 @@ class Database:
             return current
         if isinstance(seen, dict) and 0 <= now - float(seen.get("at") or 0) < window:
             return str(seen["value"])
-        with self.transaction() as conn:
-            seen = self._get(conn, project_id, key)  # another worker may have published meanwhile
-            if isinstance(seen, dict) and seen.get("value") != current and 0 <= now - float(seen.get("at") or 0) < window:
-                return str(seen["value"])
-            if not isinstance(seen, dict):
-                self._set(conn, project_id, key, {"value": current, "at": 0})
-            elif seen.get("value") != current:
-                self._set(conn, project_id, key, {"value": current, "at": now})
+        try:
+            with self.transaction() as conn:
+                seen = self._get(conn, project_id, key)  # another worker may have published meanwhile
+                if isinstance(seen, dict) and seen.get("value") != current and 0 <= now - float(seen.get("at") or 0) < window:
+                    return str(seen["value"])
+                if not isinstance(seen, dict):
+                    self._set(conn, project_id, key, {"value": current, "at": 0})
+                elif seen.get("value") != current:
+                    self._set(conn, project_id, key, {"value": current, "at": now})
+        except sqlite3.Error:
+            pass  # a store that cannot be written (full, read-only): the newest value, unpublished
         return current
 
     def claim_interval(self, project_id: str, name: str, interval: float, now: float | None = None) -> float | None:
@@ -252,6 +358,15 @@ class Database:
                 return now - last
             self._set(conn, project_id, key, now)
         return None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # after some errors (a full disk, I/O) SQLite has rolled back already: there is nothing left to undo
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 def _statements(script: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,7 +118,11 @@ class UsageLedger:
         """Add one /predict's usage (every call it made, see Meter) to the project's totals, /metrics and
         the log (with cost per task)."""
         cost = cost_usd(total, price)
-        self.add(project_id, total, tasks, cost)
+        try:
+            self.add(project_id, total, tasks, cost)
+        except sqlite3.Error as error:
+            # bookkeeping: a store that cannot be written (a full disk) must not lose the paid-for answers
+            log.warning("project %s: usage not recorded: %s", project_id, error)
         metrics.PROJECT_TOKENS.labels(project_id, "prompt").inc(total.prompt_tokens)
         metrics.PROJECT_TOKENS.labels(project_id, "completion").inc(total.completion_tokens)
         if cost is not None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -28,6 +30,8 @@ from backend.learning.selection import ExampleIndex, token_cost
 from backend.ner.labelconfig import NerSchema, NerTarget
 from backend.ner.mentions import FewShotExample
 from backend.spans.alignment import Span
+
+log = logging.getLogger(__name__)
 
 EMPTY = "0" * 32
 # SQLite allows at most 32766 variables in one statement: id lists are sent in slices
@@ -397,6 +401,13 @@ class ExampleStore:
                 rows.append((self.project_id, task_id, target.key, text, _spans_json(spans), model_version))
         if not rows:
             return
+        try:
+            self._write_drafts(rows)
+        except sqlite3.Error as error:
+            # drafts serve the preference export later: a store that cannot be written loses them, not the answer
+            log.warning("project %s: LLM drafts not recorded: %s", self.project_id, error)
+
+    def _write_drafts(self, rows: list[tuple]) -> None:
         with self.db.transaction() as conn:
             conn.executemany(
                 "INSERT INTO drafts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(project_id, task_id, from_name) DO UPDATE SET "

@@ -8,6 +8,7 @@ import hmac
 import importlib
 import logging
 import os
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from backend.infra import metrics
 from backend.infra.errors import BackendError, BadRequest, ConfigError
 from backend.infra.payloads import validated
 from backend.infra.settings import Settings, get_settings
+from backend.infra.storage import StoreUnavailable
 from backend.learning.labelstudio import LabelStudioUnavailable
 from backend.ner.labelconfig import parse_label_config
 from backend.protocol.base import LabelStudioMLBase
@@ -219,6 +221,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     def _bad_request(error: BadRequest):
         return jsonify(error=str(error)), error.status
 
+    @app.errorhandler(StoreUnavailable)
+    def _store_unavailable(error: StoreUnavailable):
+        log.warning("%s: %s", request.path, error)
+        return jsonify(error=str(error), store=error.state), 503
+
+    @app.errorhandler(sqlite3.Error)
+    def _store_error(error: sqlite3.Error):
+        # a full disk, a read-only or damaged file under MODEL_DIR: say so (503), and /health reports it
+        db.note_failure(error)
+        return _store_unavailable(StoreUnavailable(db.path, error))
+
     @app.errorhandler(LabelStudioUnavailable)
     def _label_studio_unavailable(error: LabelStudioUnavailable):
         log.warning("%s: %s", request.path, error)
@@ -244,7 +257,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify(status="UP", model_class=registry.model_class.__name__, version=__version__)
+        store = db.health()
+        up = store["state"] in ("ok", "busy")  # busy: another writer holds the lock; it will let go
+        body = {"status": "UP" if up else "DOWN", "model_class": registry.model_class.__name__, "version": __version__, "store": store}
+        return jsonify(body), 200 if up else 503
 
     @app.post("/setup")
     def setup():
@@ -264,7 +280,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if not label_config:
             raise BadRequest(f"no label config for project {project}: send label_config or call /setup first")
         if body.label_config:
-            db.save_label_config(project, label_config)
+            try:
+                db.save_label_config(project, label_config)
+            except sqlite3.Error as error:  # the request carries its config: pre-labels need no write
+                db.note_failure(error)
+                log.warning("/predict: the label config of project %s not saved: %s", project, error)
         model = registry.get(project, label_config)
         _refuse_long_texts(body.tasks, label_config, settings.max_text_chars)
         tasks = [task.model_dump() for task in body.tasks]

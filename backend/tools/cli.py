@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import logging
 import os
 import shutil
+import sqlite3
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,11 +30,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     load_templates(settings.prompts_dir, settings.occurrence_hints)
     settings.model_dir.mkdir(parents=True, exist_ok=True)
+    _check_store(settings.model_dir)
     # prometheus_client's multiprocess mode: every worker writes its samples here, /metrics sums them
-    prom_dir = settings.model_dir / "prometheus"
-    shutil.rmtree(prom_dir, ignore_errors=True)
-    prom_dir.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir())
     # (only now: importing the llm package creates the metrics, which must see PROMETHEUS_MULTIPROC_DIR)
     from backend.llm.probe import forget
 
@@ -85,6 +86,35 @@ def run_serve(args: argparse.Namespace) -> int:
 
     Gunicorn().run()
     return 0
+
+
+def _check_store(model_dir: Path) -> None:
+    """One line naming the store file when it cannot be used, before any worker tries (and fails) to boot."""
+    from backend.infra.storage import Database, StoreUnavailable
+
+    try:
+        Database.in_dir(model_dir).check()
+    except StoreUnavailable as error:
+        raise ConfigError(f"MODEL_DIR: {error}") from None
+    except sqlite3.Error as error:  # opening it failed already
+        raise ConfigError(f"MODEL_DIR: {StoreUnavailable(model_dir / 'backend.sqlite3', error)}") from None
+
+
+def _metrics_dir() -> Path:
+    """Where the workers' metric files go: prometheus_client memory-maps them, and a memory-mapped
+    file on a full disk kills its process with SIGBUS (the workers then boot and die in a loop). So
+    not MODEL_DIR: shared memory (/dev/shm) when the system has it, else the temporary directory;
+    a directory of this start's own, removed at exit."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix="llm-ner-metrics-", dir=base))
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:  # workers are forked from this process and run its atexit hooks too
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
+    return path
 
 
 def _mark_worker_dead(server, worker) -> None:

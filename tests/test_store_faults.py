@@ -1,0 +1,139 @@
+"""Disk and store faults: a MODEL_DIR that fills up, a damaged store, the metric files.
+
+What is promised: a 503 naming the store file and its state instead of a 500; /health reporting the
+store (DOWN when it cannot be used); pre-labels still answered while the store cannot be written;
+what was acknowledged kept; no worker crash loop; a start that stops with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import NER_CONFIG, annotation_event, span
+from tests.processes import REPO, backend_env
+
+
+def stored_annotations(model_dir: Path, project: str = "1") -> list[int]:
+    from backend.infra.storage import Database
+    from backend.learning.store import ExampleStore
+
+    return sorted(e.annotation_id for e in ExampleStore(Database.in_dir(model_dir), project).examples())
+
+
+def test_a_store_that_cannot_grow_answers_503_naming_it_and_keeps_what_it_acknowledged(backend_factory, llm, tmp_path):
+    model_dir = tmp_path / "model"
+    backend = backend_factory(workers=1, model_dir=model_dir, max_file_bytes=2_000_000)
+    http = httpx.Client(base_url=backend.url, timeout=30)
+    assert http.post("/setup", json={"project": "1", "schema": NER_CONFIG}).status_code == 200
+    assert http.get("/health").json()["store"]["state"] == "ok"
+
+    acknowledged, refused = [], None
+    for i in range(1, 60):
+        text = f"Jordan number {i} " + "x" * 150_000
+        response = http.post("/webhook", json=annotation_event("ANNOTATION_CREATED", i, i, text, [span(text, "Jordan", "PER")], project=1))
+        assert response.status_code in (201, 503), response.text
+        if response.status_code == 503:
+            refused = response.json()
+            break
+        acknowledged.append(i)
+    assert refused is not None, "the store never stopped growing"
+    assert "backend.sqlite3" in refused["error"] and refused["store"] in ("full", "failing")
+    assert "MODEL_DIR" in refused["error"]
+
+    health = http.get("/health")
+    assert health.status_code == 503
+    assert health.json()["status"] == "DOWN" and health.json()["store"]["state"] in ("full", "failing")
+
+    # pre-labels need no write: still answered (their cache, drafts and usage wait for the disk)
+    llm.gazetteer = {"Oslo": "LOC"}
+    predicted = http.post("/predict", json={"tasks": [{"id": 900, "data": {"text": "Oslo."}}], "project": "1.1", "label_config": NER_CONFIG})
+    assert predicted.status_code == 200
+    assert [r["value"]["text"] for r in predicted.json()["results"][0]["result"]] == ["Oslo"]
+
+    log = backend.log()
+    assert "Traceback" not in log and "unexpected error" not in log
+    assert log.count("Booting worker") == 1  # no worker died
+    assert len(acknowledged) >= 3
+    assert stored_annotations(model_dir) == acknowledged  # every acknowledged correction is there
+
+
+def test_the_metric_files_are_kept_out_of_model_dir(backend_factory, tmp_path):
+    """prometheus_client memory-maps them: on a full MODEL_DIR a write to one killed its worker with
+    SIGBUS, and the workers then booted and died in a loop."""
+    model_dir = tmp_path / "model"
+    backend = backend_factory(workers=1, model_dir=model_dir)
+    worker = httpx.get(backend.url + "/health").headers["X-Backend-Worker"]
+    # the files the worker has memory-mapped: its metric files among them
+    mapped = {Path(line.split(None, 5)[5]) for line in Path(f"/proc/{worker}/maps").read_text().splitlines() if len(line.split(None, 5)) == 6}
+    metric_files = [p for p in mapped if p.suffix == ".db" and p.name.startswith(("counter_", "histogram_", "gauge_"))]
+    assert metric_files, sorted(map(str, mapped))[:20]
+    (metrics_dir,) = {p.parent for p in metric_files}
+    assert model_dir.resolve() not in metrics_dir.resolve().parents
+    assert not (model_dir / "prometheus").exists()
+    from tests.processes import stop
+
+    stop(backend.proc)
+    assert not metrics_dir.exists()  # removed when the backend stops
+
+
+def serve(model_dir: Path, llm) -> subprocess.CompletedProcess:
+    env = backend_env(llm.base_url, model_dir)
+    return subprocess.run([sys.executable, "-m", "backend", "serve", "--port", "1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_store_that_is_no_database_stops_the_start_with_one_line_naming_it(tmp_path, llm):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "backend.sqlite3").write_bytes(b"this is not a database, " * 200)
+    done = serve(model_dir, llm)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"llm-ner: MODEL_DIR: the store {model_dir / 'backend.sqlite3'} is corrupt")
+    assert "move it away" in line
+
+
+def test_a_truncated_store_stops_the_start_with_one_line_naming_it(tmp_path, llm):
+    from backend.infra.storage import Database
+    from backend.learning.store import ExampleStore
+    from backend.spans.alignment import Span
+
+    model_dir = tmp_path / "model"
+    store = ExampleStore(Database.in_dir(model_dir), "1")
+    for i in range(1, 200):
+        text = f"Ada number {i} " + "y" * 2000
+        store.upsert_annotation(i, i, 1_700_000_000.0, {"label": (text, [Span(0, 3, "Ada", "PER")])})
+    store.db.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    path = model_dir / "backend.sqlite3"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    done = serve(model_dir, llm)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"llm-ner: MODEL_DIR: the store {path} is corrupt")
+    assert "Traceback" not in done.stderr
+
+
+def test_a_store_damaged_under_a_running_backend_is_reported_by_health_and_answered_503(make_client, settings):
+    client = make_client(setup_project="1")
+    assert client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 1, 1, "Ada wrote.", [], project=1)).status_code == 201
+    path = settings.model_dir / "backend.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    with open(path, "r+b") as f:  # every page after the first (the schema) overwritten
+        f.seek(4096)
+        f.write(os.urandom(path.stat().st_size - 4096))
+    fresh = make_client()  # a worker that starts now (the first one's pages may sit in its cache)
+    health = fresh.get("/health")
+    assert health.status_code == 503 and health.json["store"]["state"] == "corrupt"
+    response = fresh.post("/setup", json={"project": "2", "schema": NER_CONFIG})
+    assert response.status_code == 503
+    assert str(path) in response.json["error"] and response.json["store"] == "corrupt"
