@@ -25,7 +25,8 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
   (a model that gets better with more examples);
 - `recall_examples`: also list the surfaces the prompt's few-shot answers labelled, with their labels
   (a model that picks up names from similar corrected examples);
-- `requests`: every request body received, so tests can assert on prompts.
+- `requests`: every request body received, so tests can assert on prompts; `abandoned`: how many
+  answers the client hung up on before their last byte (a Reply's `trickle` sends one byte at a time).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class Reply:
     choices: list[str] | None = None  # one content per sample when the request asks for n > 1
     finish_reason: str = "stop"
     usage: dict[str, Any] | None = None  # sent instead of the usage counted from the texts
+    trickle: float = 0.0  # seconds between two bytes of the answer (its headers too, with trickle_headers)
+    trickle_headers: bool = False
 
 
 def entities_reply(entities: list[tuple[str, str]], **kwargs: Any) -> Reply:
@@ -107,6 +110,7 @@ class FakeLLM:
             self.reply_times: list[float] = []  # time.monotonic() once each answer was sent
             self.in_flight = 0
             self.peak_in_flight = 0
+            self.abandoned = 0  # answers the client stopped reading before their end
             self._gate: threading.Semaphore | None = None
 
     def behave_like_llama_cpp_python(self) -> None:
@@ -197,17 +201,30 @@ class FakeLLM:
                 self.arrived = time.monotonic()
                 return super().parse_request()
 
-            def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
+            def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None, reply: Reply | None = None) -> None:
+                trickle = reply.trickle if reply is not None else 0.0
+                if trickle and reply.trickle_headers:
+                    head = f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+                    payload = head.encode() + payload
+                else:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    for key, value in (headers or {}).items():
+                        self.send_header(key, value)
+                    self.end_headers()
                 try:
-                    self.wfile.write(payload)
+                    if not trickle:
+                        self.wfile.write(payload)
+                        return
+                    for i in range(len(payload)):  # a provider that sends its answer a byte at a time
+                        self.wfile.write(payload[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(trickle)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (a deadline or timeout under test): nothing to answer
+                    with fake.lock:
+                        fake.abandoned += 1
+                    # the client gave up (a deadline or timeout under test): nothing to answer
 
             def do_GET(self) -> None:
                 if self.path.rstrip("/").endswith("/models"):
@@ -325,7 +342,7 @@ class FakeLLM:
                         "total_tokens": max(1, prompt_chars // 4) + max(1, len(content) // 4),
                     },
                 }
-                self._send(200, json.dumps(answer).encode(), reply.headers)
+                self._send(200, json.dumps(answer).encode(), reply.headers, reply)
 
         return Handler
 

@@ -38,6 +38,7 @@ from backend.infra.logs import redact
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage, record_usage
 from backend.llm.ratelimit import ConcurrencyGate, GateTimeout, RateLimited, RateLimiter
+from backend.llm.transport import call_deadline, http_client
 
 if TYPE_CHECKING:
     from backend.llm.probe import Capabilities
@@ -228,6 +229,7 @@ class LLMClient:
             base_url=settings.openai_base_url,
             timeout=settings.llm_timeout,
             max_retries=0,  # see the module docstring: retries are decided in `_create`
+            http_client=http_client(settings.llm_timeout),  # LLM_TIMEOUT bounds a whole call, not each read
         )
 
     @property
@@ -337,10 +339,12 @@ class LLMClient:
                     # which for a prompt with long examples cost more than the rest of a task's work.
                     # cast_to=dict: we read four fields, and building the typed ChatCompletion is not free.
                     # A timeout closes the connection, so a server that stops on disconnect stops generating
-                    # (llama-cpp-python drops a queued request whose client left).
-                    response = self.client.post(
-                        "/chat/completions", body=kwargs, cast_to=dict, options={"timeout": timeout}
-                    )
+                    # (llama-cpp-python drops a queued request whose client left). The timeout bounds the
+                    # whole call, a provider trickling its answer included (llm/transport.py).
+                    with call_deadline(timeout):
+                        response = self.client.post(
+                            "/chat/completions", body=kwargs, cast_to=dict, options={"timeout": timeout}
+                        )
                     if not isinstance(response, dict):
                         raise ValueError("the completion body is not a JSON object")
                 except Exception as error:  # noqa: BLE001 - classified below; unknown errors are re-raised

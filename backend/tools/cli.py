@@ -49,7 +49,9 @@ def run_serve(args: argparse.Namespace) -> int:
         def load_config(self) -> None:
             self.cfg.set("bind", f"{args.host}:{args.port}")
             self.cfg.set("workers", args.workers)
-            self.cfg.set("worker_class", "gthread")
+            # gthread, reading request heads in its main loop and serving /health and /setup from a
+            # pool of their own: slow clients and a busy /predict never keep them waiting
+            self.cfg.set("worker_class", "backend.protocol.worker.GuardedThreadWorker")
             self.cfg.set("threads", args.threads)
             # /predict may run up to PREDICT_DEADLINE; give it room before gunicorn kills the worker
             self.cfg.set("timeout", int(settings.predict_deadline) + 30)
