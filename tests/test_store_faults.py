@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import NER_CONFIG, annotation_event, span
 from tests.processes import REPO, backend_env
@@ -137,3 +138,19 @@ def test_a_store_damaged_under_a_running_backend_is_reported_by_health_and_answe
     response = fresh.post("/setup", json={"project": "2", "schema": NER_CONFIG})
     assert response.status_code == 503
     assert str(path) in response.json["error"] and response.json["store"] == "corrupt"
+
+
+def test_sqlite_errors_are_told_apart_by_what_they_say_about_the_store(tmp_path):
+    from backend.infra.storage import Database, StoreUnavailable, store_state
+
+    db = Database.in_dir(tmp_path)  # made, then opened read-only, as a file without write permission would be
+    readonly = sqlite3.connect(f"file:{db.path}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.Error) as refused:
+        readonly.execute("INSERT INTO project_values VALUES ('1', 'k', '1')")
+    assert store_state(refused.value) == "read-only"
+    assert str(StoreUnavailable(db.path, refused.value)).startswith(f"the store {db.path} is read-only (")
+    full = sqlite3.connect(db.path)
+    full.execute("PRAGMA max_page_count = 1")  # as on a full disk: SQLITE_FULL
+    with pytest.raises(sqlite3.Error) as no_room:
+        full.execute("INSERT INTO project_values VALUES ('1', 'k', ?)", ("x" * 100_000,))
+    assert store_state(no_room.value) == "full"
