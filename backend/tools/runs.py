@@ -148,6 +148,9 @@ class Workspace:
         self.close()
 
 
+REPLAY_EPOCH = 1_700_000_000.0  # 2023-11-14: the replayed annotations' times count up from here
+
+
 def replay(store: ExampleStore, schema: NerSchema, tasks: Sequence[GoldTask], settings: Settings, first_id: int = 1) -> None:
     """Each task's ground truth submitted as an annotation, through the webhook handler the backend's
     fit() runs: the spans are checked and stored exactly as a real correction's would be."""
@@ -155,7 +158,8 @@ def replay(store: ExampleStore, schema: NerSchema, tasks: Sequence[GoldTask], se
     for offset, task in enumerate(tasks):
         annotation_id = first_id + offset
         payload = {
-            "annotation": {"id": annotation_id, "task": task.task_id, "result": task.regions, "updated_at": float(annotation_id)},
+            # times in submission order; webhooks refuse an updated_at that is no plausible time (before 2000)
+            "annotation": {"id": annotation_id, "task": task.task_id, "result": task.regions, "updated_at": REPLAY_EPOCH + annotation_id},
             "task": {"id": task.task_id, "data": task.data},
         }
         webhooks.handle("ANNOTATION_CREATED", payload, schema, store, settings, rebuilds)
