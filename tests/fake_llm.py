@@ -201,7 +201,9 @@ class FakeLLM:
                 self.arrived = time.monotonic()
                 return super().parse_request()
 
-            def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None, reply: Reply | None = None) -> None:
+            def _send(
+                self, status: int, payload: bytes, headers: dict[str, str] | None = None, reply: Reply | None = None
+            ) -> None:
                 trickle = reply.trickle if reply is not None else 0.0
                 if trickle and reply.trickle_headers:
                     head = f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"

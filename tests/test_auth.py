@@ -90,7 +90,9 @@ def annotation_event(project_id, text="Ada wrote.", start=0, end=3, label="PER")
     }
 
 
-@pytest.mark.parametrize("headers", [{}, basic(USER, "wrong"), {"Authorization": "Basic !!!not-base64"}], ids=["none", "wrong", "garbage"])
+@pytest.mark.parametrize(
+    "headers", [{}, basic(USER, "wrong"), {"Authorization": "Basic !!!not-base64"}], ids=["none", "wrong", "garbage"]
+)
 def test_webhook_refuses_missing_or_wrong_credentials_like_every_route(client, settings, headers):
     client.post("/setup", json=setup_body(project="4"), headers=GOOD)
     response = client.post("/webhook", json=annotation_event(4), headers=headers)
@@ -143,7 +145,9 @@ def counter(metrics_text: str, endpoint: str, status: str) -> float:
 
 
 @pytest.mark.label_studio
-def test_label_studio_basic_auth_setting_connects_and_predicts_and_its_unsecured_webhook_is_refused_loudly(connected_project, backend_factory, llm):
+def test_label_studio_basic_auth_setting_connects_and_predicts_and_its_unsecured_webhook_is_refused_loudly(
+    connected_project, backend_factory, llm
+):
     llm.gazetteer = {"Grace Hopper": "PER", "Navy": "ORG"}
     backend = backend_factory(workers=2, BASIC_AUTH_USER=USER, BASIC_AUTH_PASS=PASSWORD)
     assert httpx.post(backend.url + "/setup", json=setup_body()).status_code == 401

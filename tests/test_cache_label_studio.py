@@ -33,7 +33,9 @@ def logprob_reply(body):
 def test_imported_tasks_are_precomputed_so_opening_one_makes_no_llm_call(connected_project, label_studio, backend_factory, llm):
     llm.responder = logprob_reply
     # warm start acts only on a verified (or authenticated) webhook: the new tasks are read from Label Studio
-    backend = backend_factory(workers=2, WARM_START="true", LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
+    backend = backend_factory(
+        workers=2, WARM_START="true", LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token
+    )
     # connected before the import, so that Label Studio tells the backend of the new tasks
     project = connected_project(TEXTS, title="warm start", backend=backend, connect_first=True)
     # TASKS_CREATED reached the backend, which asked the LLM once per new task, in the background

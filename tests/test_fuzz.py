@@ -149,12 +149,15 @@ def bad_requests(draw):
         event = draw(st.sampled_from(["deleted", "regions", "text", "tasks"]))
         if event == "deleted":
             count = draw(st.sampled_from([0, 1, 1000, 100_000, 100_001, 150_000]))
-            body = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": i} for i in range(1, count + 1)], "project": {"id": 1}}
+            annotations = [{"id": i} for i in range(1, count + 1)]
+            body = {"action": "ANNOTATIONS_DELETED", "annotations": annotations, "project": {"id": 1}}
         elif event == "regions":
             region = VALID["/webhook"]["annotation"]["result"][0]
-            body = put(VALID["/webhook"], ("annotation", "result"), [region] * draw(st.sampled_from([5000, 5001, 9000])), delete=False)
+            regions = [region] * draw(st.sampled_from([5000, 5001, 9000]))
+            body = put(VALID["/webhook"], ("annotation", "result"), regions, delete=False)
         elif event == "text":
-            body = put(VALID["/webhook"], ("task", "data", "text"), "Ada " * draw(st.integers(MAX_TEXT_CHARS // 4, MAX_TEXT_CHARS)), delete=False)
+            text = "Ada " * draw(st.integers(MAX_TEXT_CHARS // 4, MAX_TEXT_CHARS))
+            body = put(VALID["/webhook"], ("task", "data", "text"), text, delete=False)
         else:
             tasks = [{"id": i, "data": {"text": "Ada"}} for i in range(draw(st.sampled_from([0, 10, 1001])))]
             body = {"action": "TASKS_CREATED", "tasks": tasks, "project": {"id": 1}}
@@ -165,7 +168,8 @@ def bad_requests(draw):
                                            b"ffffffffffffffffffff\r\n{}\r\n0\r\n\r\n"]))
         else:
             piece = b"a" * 65536
-            chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(MAX_REQUEST_BYTES // len(piece) + 2)) + b"0\r\n\r\n"
+            count = MAX_REQUEST_BYTES // len(piece) + 2
+            chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(count)) + b"0\r\n\r\n"
         return "CHUNKED", endpoint, headers, chunks
     elif kind == "ctype":
         headers["Content-Type"] = draw(st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]))

@@ -30,6 +30,11 @@ def regions(entry) -> list[tuple[str, str]]:
     return region_tuples(entry["result"], "text", "label")
 
 
+def dropped_entities() -> float:
+    """Entities dropped so far in this process as empty or without a known label."""
+    return sum(metric("llm_ner_dropped_entities_total", reason=reason) for reason in ("empty", "unknown_label"))
+
+
 # ---- chunking ----
 def test_a_grapheme_cluster_longer_than_the_context_is_chunked_with_progress(make_client, llm):
     """One letter with 13,000 combining marks made the chunker advance one character a chunk: 1,015
@@ -54,17 +59,18 @@ def test_a_grapheme_cluster_longer_than_the_context_is_chunked_with_progress(mak
 
 # ---- answers ----
 @pytest.mark.parametrize(
-    "bad", [{"text": "", "label": "PER"}, {"text": "Ada", "label": None}, {"text": None, "label": "ORG"}, {"label": "PER"}, 5, "Ada"],
+    "bad",
+    [{"text": "", "label": "PER"}, {"text": "Ada", "label": None}, {"text": None, "label": "ORG"}, {"label": "PER"}, 5, "Ada"],
     ids=["empty-text", "null-label", "null-text", "no-text", "number", "string"],
 )
 def test_one_unusable_entity_drops_alone_not_the_whole_answer(make_client, llm, bad):
     content = json.dumps({"entities": [{"text": "Oslo", "label": "LOC"}, bad, {"text": "Bergen", "label": "LOC"}]})
     llm.replies.append(Reply(content=content))
-    dropped_before = metric("llm_ner_dropped_entities_total", reason="empty") + metric("llm_ner_dropped_entities_total", reason="unknown_label")
+    dropped_before = dropped_entities()
     (entry,) = results(make_client(), ["Oslo and Bergen."])
     assert regions(entry) == [("Oslo", "LOC"), ("Bergen", "LOC")]
     assert len(llm.requests) == 1  # no repair turn
-    dropped = metric("llm_ner_dropped_entities_total", reason="empty") + metric("llm_ner_dropped_entities_total", reason="unknown_label")
+    dropped = dropped_entities()
     assert dropped == dropped_before + 1
 
 
@@ -89,8 +95,8 @@ def test_a_packed_answer_drops_an_unusable_entity_alone(make_client, llm):
 @pytest.mark.parametrize("logprob, score", [(50.0, 1.0), (1e300, 1.0), (-math.inf, 0.0), (math.nan, None)])
 def test_span_scores_stay_within_0_and_1_whatever_the_logprobs(make_client, llm, logprob, score):
     content = json.dumps({"entities": [{"text": "Oslo", "label": "LOC"}]})
-    tokens = [(t, logprob if t in ("Oslo", "LOC") else -0.01) for t in ['{"', "entities", '":', ' [{"', "text", '":', ' "', "Oslo",
-                                                                          '",', ' "', "label", '":', ' "', "LOC", '"}', "]}"]]
+    pieces = ['{"', "entities", '":', ' [{"', "text", '":', ' "', "Oslo", '",', ' "', "label", '":', ' "', "LOC", '"}', "]}"]
+    tokens = [(t, logprob if t in ("Oslo", "LOC") else -0.01) for t in pieces]
     assert "".join(t for t, _ in tokens) == content
     llm.replies.append(Reply(content=content, logprobs=tokens))
     (entry,) = results(make_client(llm_cache=False), ["Oslo."])
@@ -155,12 +161,16 @@ def _raw_http(url: str, request: bytes, timeout: float = 30) -> bytes:
 
 def test_chunked_bodies_an_invalid_one_is_a_400_and_one_over_the_limit_a_413(backend_factory):
     backend = backend_factory(workers=1, MAX_REQUEST_BYTES="100000")
-    head = b"POST /setup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    head = (
+        b"POST /setup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n"
+    )
     invalid = _raw_http(backend.url, head + b"zz\r\n{}\r\n0\r\n\r\n")
     assert invalid.startswith(b"HTTP/1.1 400"), invalid[:300]
     assert b'"error"' in invalid and b"chunked" in invalid
     body = json.dumps({"project": "1", "schema": NER_CONFIG + " " * 150_000}).encode()
-    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 8192]), body[i:i + 8192]) for i in range(0, len(body), 8192)) + b"0\r\n\r\n"
+    pieces = [body[i : i + 8192] for i in range(0, len(body), 8192)]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
     too_large = _raw_http(backend.url, head + chunked)
     assert too_large.startswith(b"HTTP/1.1 413"), too_large[:300]
     exact = json.dumps({"project": "1", "schema": NER_CONFIG}).encode()
@@ -189,7 +199,8 @@ def test_an_echoed_start_or_end_of_a_secret_is_masked():
     key = "sk-proj-4f9a1c2b3d4e5f60718293a4b5c6d7e8"
     formatter = RedactingFormatter("%(message)s", [key])
     line = lambda text: formatter.format(logging.LogRecord("x", logging.INFO, __file__, 1, text, None, None))  # noqa: E731
-    assert line(f"Incorrect API key provided: {key[:10]}*****{key[-4:]}") == "Incorrect API key provided: ***" + "*****" + key[-4:]
+    echoed = f"Incorrect API key provided: {key[:10]}*****{key[-4:]}"
+    assert line(echoed) == "Incorrect API key provided: ***" + "*****" + key[-4:]
     assert line(f"key {key[:7]}... rejected") == "key ***... rejected"
     assert line(f"ends with ...{key[-8:]}") == "ends with ...***"
     assert line("no secret here: sk-pro") == "no secret here: ***"  # six characters of its start are enough
@@ -233,7 +244,8 @@ def test_a_correction_on_each_text_of_a_labels_serving_two_is_kept(make_client, 
         {**span(first, "Ada", "PER"), "to_name": "t1"}, {**span(second, "Rome", "LOC"), "to_name": "t2"}])
     event["task"]["data"] = {"first": first, "second": second}
     assert client.post("/webhook", json=event).status_code == 201
-    examples = {e.from_name: (e.text, [(s.text, s.label) for s in e.spans]) for e in ExampleStore(Database.in_dir(settings.model_dir), "7").examples()}
+    stored = ExampleStore(Database.in_dir(settings.model_dir), "7").examples()
+    examples = {e.from_name: (e.text, [(s.text, s.label) for s in e.spans]) for e in stored}
     assert examples == {"label>t1": (first, [("Ada", "PER")]), "label>t2": (second, [("Rome", "LOC")])}
 
     llm.gazetteer = {"Carl": "PER"}
@@ -254,7 +266,8 @@ def test_examples_too_long_to_ever_be_shown_stay_out_of_the_index(make_client, s
     client = make_client(setup_project="7", few_shot_token_budget=200)
     long_text = "Jordan " * 2000
     for i, text in enumerate(["Jordan signed.", long_text], start=1):
-        assert client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", i, i, text, [span(text, "Jordan", "PER")])).status_code == 201
+        event = annotation_event("ANNOTATION_CREATED", i, i, text, [span(text, "Jordan", "PER")])
+        assert client.post("/webhook", json=event).status_code == 201
     indexes = ExampleStore(Database.in_dir(settings.model_dir), "7").indexes(token_budget=200)
     assert [e.text for e in indexes["label"].examples] == ["Jordan signed."]
 

@@ -52,7 +52,9 @@ ZH_GUIDELINES = "媒体名称（如新华社）标为机构；书名号不算在
 
 EN_EXAMPLES = [
     FewShotExample("Tim Cook runs Apple from Cupertino.", (("Tim Cook", "PER"), ("Apple", "ORG"), ("Cupertino", "LOC"))),
-    FewShotExample("The Government met Acme in {Paris}.", (("Acme", "ORG"), ("Paris", "LOC")), rejected=(("The Government", "ORG"),)),
+    FewShotExample(
+        "The Government met Acme in {Paris}.", (("Acme", "ORG"), ("Paris", "LOC")), rejected=(("The Government", "ORG"),)
+    ),
 ]
 EN_TEXT = 'Satya Nadella said "{{ 7*7 }}" at Microsoft.\nSecond line.'
 
@@ -131,5 +133,6 @@ def test_english_repair_and_marks_prompts(en_task, en_templates):
 
 
 def test_english_packed_prompt(en_task):
-    assert_golden("en/packed.txt", transcript(pack_messages(en_task, ["Oslo is cold.", "Ada wrote notes.", EN_TEXT], EN_EXAMPLES)))
+    texts = ["Oslo is cold.", "Ada wrote notes.", EN_TEXT]
+    assert_golden("en/packed.txt", transcript(pack_messages(en_task, texts, EN_EXAMPLES)))
     assert_golden("en/pack_repair.txt", pack_repair_prompt(en_task, "results.0.id: Field required") + "\n")

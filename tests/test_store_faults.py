@@ -37,7 +37,8 @@ def test_a_store_that_cannot_grow_answers_503_naming_it_and_keeps_what_it_acknow
     acknowledged, refused = [], None
     for i in range(1, 60):
         text = f"Jordan number {i} " + "x" * 150_000
-        response = http.post("/webhook", json=annotation_event("ANNOTATION_CREATED", i, i, text, [span(text, "Jordan", "PER")], project=1))
+        event = annotation_event("ANNOTATION_CREATED", i, i, text, [span(text, "Jordan", "PER")], project=1)
+        response = http.post("/webhook", json=event)
         assert response.status_code in (201, 503), response.text
         if response.status_code == 503:
             refused = response.json()
@@ -53,7 +54,8 @@ def test_a_store_that_cannot_grow_answers_503_naming_it_and_keeps_what_it_acknow
 
     # pre-labels need no write: still answered (their cache, drafts and usage wait for the disk)
     llm.gazetteer = {"Oslo": "LOC"}
-    predicted = http.post("/predict", json={"tasks": [{"id": 900, "data": {"text": "Oslo."}}], "project": "1.1", "label_config": NER_CONFIG})
+    body = {"tasks": [{"id": 900, "data": {"text": "Oslo."}}], "project": "1.1", "label_config": NER_CONFIG}
+    predicted = http.post("/predict", json=body)
     assert predicted.status_code == 200
     assert [r["value"]["text"] for r in predicted.json()["results"][0]["result"]] == ["Oslo"]
 
@@ -71,7 +73,8 @@ def test_the_metric_files_are_kept_out_of_model_dir(backend_factory, tmp_path):
     backend = backend_factory(workers=1, model_dir=model_dir)
     worker = httpx.get(backend.url + "/health").headers["X-Backend-Worker"]
     # the files the worker has memory-mapped: its metric files among them
-    mapped = {Path(line.split(None, 5)[5]) for line in Path(f"/proc/{worker}/maps").read_text().splitlines() if len(line.split(None, 5)) == 6}
+    fields = [line.split(None, 5) for line in Path(f"/proc/{worker}/maps").read_text().splitlines()]
+    mapped = {Path(f[5]) for f in fields if len(f) == 6}
     metric_files = [p for p in mapped if p.suffix == ".db" and p.name.startswith(("counter_", "histogram_", "gauge_"))]
     assert metric_files, sorted(map(str, mapped))[:20]
     (metrics_dir,) = {p.parent for p in metric_files}
@@ -124,7 +127,8 @@ def test_a_truncated_store_stops_the_start_with_one_line_naming_it(tmp_path, llm
 
 def test_a_store_damaged_under_a_running_backend_is_reported_by_health_and_answered_503(make_client, settings):
     client = make_client(setup_project="1")
-    assert client.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 1, 1, "Ada wrote.", [], project=1)).status_code == 201
+    event = annotation_event("ANNOTATION_CREATED", 1, 1, "Ada wrote.", [], project=1)
+    assert client.post("/webhook", json=event).status_code == 201
     path = settings.model_dir / "backend.sqlite3"
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -24,6 +24,7 @@ GUIDELINES_CONFIG = NER_CONFIG.replace(
     '<Text name="text" value="$text"/>', '<Text name="text" value="$text"/>\n  <TextArea name="instructions" toName="text"/>'
 )
 AUTH_USER, AUTH_PASS = "robot", "trust-pass-4f1d"
+ADA_WITH_GUIDELINES = {"tasks": [{"id": 5, "data": {"text": "Ada"}}], "project": "7.1", "label_config": GUIDELINES_CONFIG}
 
 
 def store(settings, project="7"):
@@ -206,7 +207,7 @@ def test_a_rejected_payload_changes_neither_the_guidelines_nor_the_model_version
     assert client.post("/webhook", json=event).status_code == 400
     assert version(client, config=GUIDELINES_CONFIG) == before
     llm.gazetteer = {"Ada": "PER"}
-    client.post("/predict", json={"tasks": [{"id": 5, "data": {"text": "Ada"}}], "project": "7.1", "label_config": GUIDELINES_CONFIG})
+    client.post("/predict", json=ADA_WITH_GUIDELINES)
     assert "Label teams as MISC." not in llm.requests[-1]["messages"][0]["content"]
 
 
@@ -217,10 +218,11 @@ def test_guidelines_longer_than_a_page_are_not_taken(make_client, llm):
     version(client, config=GUIDELINES_CONFIG)
     box = lambda text: {"from_name": "instructions", "to_name": "text", "type": "textarea", "value": {"text": [text]}}  # noqa: E731
     short = annotation_event("ANNOTATION_CREATED", 11, 1, TEXT, [box("Teams are ORG.")])
-    long = annotation_event("ANNOTATION_CREATED", 12, 2, TEXT, [box("x" * (MAX_GUIDELINES_CHARS + 1))], updated_at="2025-02-01T00:00:00Z")
+    too_long = box("x" * (MAX_GUIDELINES_CHARS + 1))
+    long = annotation_event("ANNOTATION_CREATED", 12, 2, TEXT, [too_long], updated_at="2025-02-01T00:00:00Z")
     assert client.post("/webhook", json=short).status_code == 201
     assert client.post("/webhook", json=long).status_code == 201  # the example is stored, the guidelines are not taken
-    client.post("/predict", json={"tasks": [{"id": 5, "data": {"text": "Ada"}}], "project": "7.1", "label_config": GUIDELINES_CONFIG})
+    client.post("/predict", json=ADA_WITH_GUIDELINES)
     system = llm.requests[-1]["messages"][0]["content"]
     assert "Teams are ORG." in system and "xxxxxxxxxx" not in system
 
@@ -229,7 +231,8 @@ def test_resending_one_correction_with_later_times_keeps_the_model_version(clien
     assert client.post("/webhook", json=GOOD).status_code == 201
     v1 = version(client)
     for hour in range(11, 20):
-        again = annotation_event("ANNOTATION_UPDATED", 11, 1, TEXT, [span(TEXT, "Jordan", "PER")], updated_at=f"2025-01-01T{hour}:00:00Z")
+        later = f"2025-01-01T{hour}:00:00Z"
+        again = annotation_event("ANNOTATION_UPDATED", 11, 1, TEXT, [span(TEXT, "Jordan", "PER")], updated_at=later)
         assert client.post("/webhook", json=again).json["outcome"] == "unchanged"
     assert version(client) == v1
 

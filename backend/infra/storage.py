@@ -212,7 +212,8 @@ class Database:
                     conn.execute("SELECT count(*) FROM project_values").fetchone()
                     conn.execute("BEGIN IMMEDIATE")
                     conn.execute(
-                        "INSERT OR REPLACE INTO project_values(project_id, key, value) VALUES ('', 'health', ?)", (json.dumps(time.time()),)
+                        "INSERT OR REPLACE INTO project_values(project_id, key, value) VALUES ('', 'health', ?)",
+                        (json.dumps(time.time()),),
                     )
                     conn.execute("COMMIT")
                 finally:

@@ -140,12 +140,13 @@ class LabelStudioSource:
                     continue
                 wanted.discard(url)
                 headers = dict(field_of(hook, "headers") or {}) if isinstance(field_of(hook, "headers"), dict) else {}
+                said = f"project {project_id}: webhook {field_of(hook, 'id')} ({url})"
                 if headers.get("Authorization") == header:
-                    lines.append(f"project {project_id}: webhook {field_of(hook, 'id')} ({url}) already sends the backend's basic auth")
+                    lines.append(f"{said} already sends the backend's basic auth")
                     continue
                 headers["Authorization"] = header
                 client.webhooks.update(id=field_of(hook, "id"), headers=headers)
-                lines.append(f"project {project_id}: webhook {field_of(hook, 'id')} ({url}) now sends the backend's basic auth")
+                lines.append(f"{said} now sends the backend's basic auth")
             for url in sorted(wanted):
                 lines.append(
                     f"project {project_id}: Label Studio has no webhook {url} (with SSRF_PROTECTION_ENABLED it never makes one): "
@@ -153,7 +154,8 @@ class LabelStudioSource:
                 )
             return lines
         except Exception as error:  # noqa: BLE001
-            raise LabelStudioUnavailable(f"could not secure the webhook of project {project_id}: {describe_error(error)}") from None
+            what = f"could not secure the webhook of project {project_id}"
+            raise LabelStudioUnavailable(f"{what}: {describe_error(error)}") from None
 
 
 class WebhookSecuring:

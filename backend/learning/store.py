@@ -202,7 +202,8 @@ class ExampleStore:
         found: dict[int, int] = {}
         for part in _slices(ids):
             rows = self.db.query(
-                f"SELECT DISTINCT annotation_id, task_id FROM examples WHERE project_id=? AND annotation_id IN ({','.join('?' * len(part))})",
+                "SELECT DISTINCT annotation_id, task_id FROM examples WHERE project_id=? "
+                f"AND annotation_id IN ({','.join('?' * len(part))})",
                 (self.project_id, *part),
             )
             found.update((r["annotation_id"], r["task_id"]) for r in rows)

@@ -41,7 +41,7 @@ from backend.infra.errors import BadRequest, ConfigError
 from backend.infra.guards import OnePerKey
 from backend.infra.payloads import Lenient, validated
 from backend.infra.settings import Settings
-from backend.learning.labelstudio import LabelStudioSource, LabelStudioUnavailable, describe_error
+from backend.learning.labelstudio import LabelStudioSource, describe_error
 from backend.learning.store import ExampleStore, timestamp
 from backend.ner.labelconfig import NerSchema, NerTarget
 from backend.spans.alignment import Span
@@ -326,7 +326,9 @@ def on_annotation(event: str, payload: dict[str, Any], schema: NerSchema, store:
     task_ref = annotation.task.get("id") if isinstance(annotation.task, dict) else annotation.task
     if task_ref is not None and task_ref != task.id:
         raise BadRequest(f"annotation.task ({task_ref}) is not task.id ({task.id})")
-    return _learn(event, annotation.id, task.id, task.data, annotation.result, False, annotation.updated_at, schema, store, settings)
+    return _learn(
+        event, annotation.id, task.id, task.data, annotation.result, False, annotation.updated_at, schema, store, settings
+    )
 
 
 def _task_id(payload: dict[str, Any]) -> int | None:
@@ -490,5 +492,3 @@ def handle(
     log.debug("webhook %s: nothing to learn from", event)
     return Learned("ignored")
 
-
-__all__ = ["LabelStudioUnavailable", "Learned", "Trust", "handle", "plausible_time"]

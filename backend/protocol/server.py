@@ -259,7 +259,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     def health():
         store = db.health()
         up = store["state"] in ("ok", "busy")  # busy: another writer holds the lock; it will let go
-        body = {"status": "UP" if up else "DOWN", "model_class": registry.model_class.__name__, "version": __version__, "store": store}
+        body = {"status": "UP" if up else "DOWN", "model_class": registry.model_class.__name__, "version": __version__,
+                "store": store}
         return jsonify(body), 200 if up else 503
 
     @app.post("/setup")

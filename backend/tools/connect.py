@@ -51,7 +51,8 @@ def connect_backend(
     )
     with sdk_errors(f"listing the models of project {project_id}"):
         mine = [ml for ml in client.ml.list(project=project_id) if _same_url(str(field_of(ml, "url")), backend_url)]
-    how = f"{'with basic auth as ' + repr(user) if user else 'without authentication'}, interactive {'on' if interactive else 'off'}"
+    how = f"with basic auth as {user!r}" if user else "without authentication"
+    how += f", interactive {'on' if interactive else 'off'}"
     try:
         if mine:
             model = mine[0]
@@ -61,13 +62,15 @@ def connect_backend(
             if current["auth_method"] == "NONE":
                 current["basic_auth_user"] = None
             if current == wanted and not user:
-                lines.append(f"model {field_of(model, 'id')} ({backend_url}) was already connected to project {project_id} ({how})")
+                lines.append(f"model {field_of(model, 'id')} ({backend_url}) was already connected to project {project_id}"
+                             f" ({how})")
             else:
                 # a password cannot be read back from Label Studio: with basic auth it is always sent again
                 # (with the url: Label Studio 1.23.2 answers a PATCH without it with a 500)
                 with sdk_errors(f"updating model {field_of(model, 'id')}"):
                     model = client.ml.update(
-                        id=field_of(model, "id"), url=str(field_of(model, "url")), project=project_id, is_interactive=interactive, **auth
+                        id=field_of(model, "id"), url=str(field_of(model, "url")), project=project_id, is_interactive=interactive,
+                        **auth,
                     )
                 verb = "was already connected; its settings were sent again" if current == wanted else "was updated"
                 lines.append(f"model {field_of(model, 'id')} ({backend_url}) {verb} ({how})")
@@ -119,6 +122,6 @@ def connect_backend(
         )
     version = field_of(checked, "model_version")
     lines.append(
-        f"Label Studio reaches the backend: /health and /setup answered" + (f" (model version {version})" if version else "")
+        "Label Studio reaches the backend: /health and /setup answered" + (f" (model version {version})" if version else "")
     )
     return Connection(project_id, model_id, lines)

@@ -159,7 +159,8 @@ def replay(store: ExampleStore, schema: NerSchema, tasks: Sequence[GoldTask], se
         annotation_id = first_id + offset
         payload = {
             # times in submission order; webhooks refuse an updated_at that is no plausible time (before 2000)
-            "annotation": {"id": annotation_id, "task": task.task_id, "result": task.regions, "updated_at": REPLAY_EPOCH + annotation_id},
+            "annotation": {"id": annotation_id, "task": task.task_id, "result": task.regions,
+                           "updated_at": REPLAY_EPOCH + annotation_id},
             "task": {"id": task.task_id, "data": task.data},
         }
         webhooks.handle("ANNOTATION_CREATED", payload, schema, store, settings, rebuilds)
