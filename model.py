@@ -99,7 +99,9 @@ class NERModel(LabelStudioMLBase):
                 predictions.append(None)
             else:
                 predictions.append(PredictionValue(result=outcome.value.results, score=outcome.value.score, model_version=version))
-        if self.services.writer is not None:
+        # (the warm start only fills the cache: it delivers nothing, so it claims nothing either, and
+        # Label Studio's own /predict for those tasks is answered from the cache)
+        if self.services.writer is not None and not kwargs.get("cache_only"):
             predictions = self.claim_deliveries(tasks, predictions, version)
         # The LLM's drafts, so a correction can later be paired with what it corrected (preference export).
         self.examples.record_drafts(self.schema, tasks, [p.result if p is not None else None for p in predictions], version)

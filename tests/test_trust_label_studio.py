@@ -156,7 +156,7 @@ def test_verified_webhooks_teach_what_label_studio_holds_not_what_the_payload_sa
     assert post(forged_update(project.id, annotation.id, tasks[0].id)).json()["outcome"] == "unchanged"
     # an annotation Label Studio does not have: nothing learnt
     invented = post(forged_update(project.id, 987_654, tasks[1].id))
-    assert invented.status_code == 200 and invented.json()["outcome"] == "gone"
+    assert invented.status_code == 201 and invented.json()["outcome"] == "gone"
     # a real annotation said to belong to another task: refused
     assert post(forged_update(project.id, annotation.id, tasks[1].id)).status_code == 400
     # a forged deletion: Label Studio still has it, nothing is deleted

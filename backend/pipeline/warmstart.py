@@ -24,7 +24,7 @@ def precompute(model: Any, tasks: Sequence[dict[str, Any]], one_at_a_time: threa
         for start in range(0, len(tasks), CHUNK):
             chunk = list(tasks[start : start + CHUNK])
             try:
-                response = model.predict(chunk)
+                response = model.predict(chunk, cache_only=True)
             except Exception:  # noqa: BLE001 - a background thread has no caller to report to but the log
                 log.exception("warm start: predicting %d tasks failed", len(chunk))
                 continue
