@@ -275,7 +275,11 @@ class FakeLLM:
                 end = time.monotonic() + seconds
                 while True:
                     remaining = max(0.0, end - time.monotonic())
-                    readable, _, _ = select.select([self.connection], [], [], remaining)
+                    # poll, not select: select() fails on descriptors past 1024, which a long test
+                    # session reaches
+                    poller = select.poll()
+                    poller.register(self.connection, select.POLLIN | select.POLLHUP)
+                    readable = poller.poll(remaining * 1000)
                     if readable:
                         try:
                             gone = self.connection.recv(1, socket.MSG_PEEK) == b""
