@@ -35,8 +35,19 @@ import openai
 
 from backend.infra.errors import LLMError
 from backend.infra.settings import Settings
-from backend.llm.client import ANSWER_TOKENS_BASE, ANSWER_TOKENS_PER_CHAR, MODES, LLMClient, describe_api_error
-from backend.llm.client import _content_of, _finish_reason, _token_logprobs, response_format, unsupported_part
+from backend.llm.client import (
+    ANSWER_TOKENS_BASE,
+    ANSWER_TOKENS_PER_CHAR,
+    MODES,
+    LLMClient,
+    _content_of,
+    _finish_reason,
+    _token_logprobs,
+    describe_api_error,
+    response_format,
+    unsupported_part,
+)
+from backend.ner.task import entities_schema
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +65,7 @@ MODE_NAMES = {
 }
 
 # a short pre-labeling request, like the backend's own
-PROBE_SCHEMA = {
-    "name": "entities",
-    "strict": True,
-    "schema": {
-        "type": "object",
-        "properties": {
-            "entities": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {"text": {"type": "string"}, "label": {"type": "string", "enum": ["PER", "LOC"]}},
-                    "required": ["text", "label"],
-                    "additionalProperties": False,
-                },
-            }
-        },
-        "required": ["entities"],
-        "additionalProperties": False,
-    },
-}
+PROBE_SCHEMA = entities_schema(["PER", "LOC"])
 PROBE_MESSAGES = [
     {
         "role": "system",

@@ -164,37 +164,43 @@ class NerTask:
         return self._json_schema
 
     def _build_json_schema(self) -> dict[str, Any]:
-        properties: dict[str, Any] = {
-            "text": {"type": "string"},
-            "label": {"type": "string", "enum": list(self.target.label_names)},
-        }
-        if self.templates.hints:
-            # strict schemas list every property as required: "no hint" is null
-            properties["context"] = {"type": ["string", "null"]}
-        return {
-            "name": "entities",
-            "strict": True,
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "entities": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "properties": properties,
-                            "required": list(properties),
-                            "additionalProperties": False,
-                        },
-                    }
-                },
-                "required": ["entities"],
-                "additionalProperties": False,
-            },
-        }
+        return entities_schema(self.target.label_names, hints=self.templates.hints)
 
     # ---- answer ----
     def parse(self, content: str | None) -> list[Mention]:
         return parse_answer(content)
+
+
+def entities_schema(labels: Sequence[str], hints: bool = False) -> dict[str, Any]:
+    """The strict JSON schema of an answer listing entities of these labels (what `json_schema`
+    structured output asks for; the capability probe sends the same shape)."""
+    properties: dict[str, Any] = {
+        "text": {"type": "string"},
+        "label": {"type": "string", "enum": list(labels)},
+    }
+    if hints:
+        # strict schemas list every property as required: "no hint" is null
+        properties["context"] = {"type": ["string", "null"]}
+    return {
+        "name": "entities",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {
+                "entities": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": properties,
+                        "required": list(properties),
+                        "additionalProperties": False,
+                    },
+                }
+            },
+            "required": ["entities"],
+            "additionalProperties": False,
+        },
+    }
 
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
