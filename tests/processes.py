@@ -143,6 +143,13 @@ class LabelStudio:
         """A raw API call with the user's token, for what the SDK does not return (or lacks)."""
         return httpx.request(method, self.url + path, headers={"Authorization": f"Token {self.token}"}, timeout=120, **kwargs)
 
+    def retrieve_predictions(self, project_id: int) -> None:
+        """The Data Manager's "Retrieve Predictions" on every task: ONE /predict of all tasks lacking a
+        prediction of the current version. Its answer says nothing of what was stored: read that."""
+        response = self.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
+                            json={"selectedItems": {"all": True, "excluded": []}})
+        assert response.status_code == 200, response.text
+
     def open_next_task(self, project_id: int) -> dict:
         """What the labeling UI does to open the next task: Label Studio predicts it before answering."""
         response = self.api("GET", f"/api/projects/{project_id}/next/")

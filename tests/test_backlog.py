@@ -71,9 +71,7 @@ def test_retrieve_predictions_larger_than_one_deadline_ends_with_every_task_pre_
     )
     project = connected_project(TEXTS, title="backlog", backend=backend)
     version = project.model_version()
-    response = label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}",
-                                json={"selectedItems": {"all": True, "excluded": []}})
-    assert response.status_code == 200, response.text
+    label_studio.retrieve_predictions(project.id)
     tasks = project.tasks()
 
     def every_task_predicted():

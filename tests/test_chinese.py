@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
 from backend.tools.conll import build_units, read_conll
@@ -179,12 +178,7 @@ def test_chinese_conll_through_label_studio_the_backend_and_evaluate(label_studi
     llm.responder = oracle(units, leave_out=forgotten)
     backend = backend_factory(workers=1, PROMPT_LANGUAGE="zh")
     client.ml.create(url=backend.url, project=project_id, title="llm-ner", is_interactive=False)
-    response = httpx.post(
-        f"{label_studio.url}/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
-        headers={"Authorization": f"Token {label_studio.token}"},
-        json={"selectedItems": {"all": True, "excluded": []}}, timeout=120,
-    )
-    assert response.status_code == 200, response.text
+    label_studio.retrieve_predictions(project_id)
     assert all(r["messages"][0]["content"].startswith("你是") for r in llm.requests)
     tasks = tasks_of(client, project_id)
     predicted = [stored(predictions(t)[0]["result"]) for t in tasks]

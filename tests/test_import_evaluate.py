@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
 from backend.tools.conll import build_units, read_conll
@@ -48,12 +47,7 @@ def test_import_predict_evaluate_on_wikigold_matches_an_independent_computation(
     llm.gazetteer = gazetteer_for(units, drop_label="MISC")
     backend = backend_factory(workers=1)
     client.ml.create(url=backend.url, project=project_id, title="llm-ner", is_interactive=False)
-    response = httpx.post(
-        f"{label_studio.url}/api/dm/actions?id=retrieve_tasks_predictions&project={project_id}",
-        headers={"Authorization": f"Token {label_studio.token}"},
-        json={"selectedItems": {"all": True, "excluded": []}}, timeout=120,
-    )
-    assert response.status_code == 200, response.text
+    label_studio.retrieve_predictions(project_id)
     tasks = tasks_of(client, project_id)
     assert all(len(t.predictions) == 1 for t in tasks)
     version = predictions(tasks[0])[0]["model_version"]

@@ -54,9 +54,7 @@ def test_task_opened_in_the_labeling_ui_gets_exact_pre_labels(project, llm):
 
 
 def test_retrieve_predictions_action_labels_every_task_in_one_call(label_studio, project, llm):
-    retrieve = f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}"
-    response = label_studio.api("POST", retrieve, json={"selectedItems": {"all": True, "excluded": []}})
-    assert response.status_code == 200, response.text
+    label_studio.retrieve_predictions(project.id)
     tasks = project.tasks()
     for task in tasks:
         predictions = project.predictions(task.id)
@@ -67,5 +65,5 @@ def test_retrieve_predictions_action_labels_every_task_in_one_call(label_studio,
             assert task.data["text"][value["start"]:value["end"]] == value["text"]
     assert len(llm.requests) == len(TEXTS)
     # asking again makes no new predictions: the model_version is unchanged
-    label_studio.api("POST", retrieve, json={"selectedItems": {"all": True, "excluded": []}})
+    label_studio.retrieve_predictions(project.id)
     assert [len(project.predictions(t.id)) for t in tasks] == [1] * len(TEXTS)
