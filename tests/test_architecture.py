@@ -23,21 +23,22 @@ def test_the_layers_and_the_no_io_rule_hold():
     assert "Contracts: 2 kept, 0 broken." in done.stdout
 
 
-def test_an_upward_import_breaks_the_contract(tmp_path):
+def lint_imports_with(tmp_path: Path, module: str, line: str) -> subprocess.CompletedProcess:
+    """lint-imports on a copy of the package where `line` is added to `module` (a path under backend/)."""
     shutil.copytree(REPO / "backend", tmp_path / "backend", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path)
-    chunking = tmp_path / "backend" / "spans" / "chunking.py"
-    chunking.write_text(chunking.read_text() + "\nfrom backend.tools import cli  # an upward import\n")
-    done = lint_imports(tmp_path)
+    source = tmp_path / "backend" / module
+    source.write_text(source.read_text() + f"\n{line}\n")
+    return lint_imports(tmp_path)
+
+
+def test_an_upward_import_breaks_the_contract(tmp_path):
+    done = lint_imports_with(tmp_path, "spans/chunking.py", "from backend.tools import cli  # an upward import")
     assert done.returncode != 0
     assert "backend.spans.chunking -> backend.tools.cli" in done.stdout
 
 
 def test_spans_may_not_reach_the_database(tmp_path):
-    shutil.copytree(REPO / "backend", tmp_path / "backend", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "pyproject.toml", tmp_path)
-    alignment = tmp_path / "backend" / "spans" / "alignment.py"
-    alignment.write_text(alignment.read_text() + "\nimport sqlite3  # I/O where there must be none\n")
-    done = lint_imports(tmp_path)
+    done = lint_imports_with(tmp_path, "spans/alignment.py", "import sqlite3  # I/O where there must be none")
     assert done.returncode != 0
     assert "backend.spans.alignment -> sqlite3" in done.stdout
