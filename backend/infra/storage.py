@@ -317,7 +317,7 @@ class Database:
             except psycopg.Error as error:
                 raise self.unavailable(error) from None
             self._pool = ConnectionPool(
-                url, min_size=1, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT, open=True, name="llm-ner",
+                url, min_size=0, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT, open=True, name="llm-ner",
                 kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT},
             )
         else:
