@@ -483,6 +483,13 @@ class Database:
         return len(MIGRATIONS)
 
     # ---- connections and transactions ----
+    def connection(self) -> sqlite3.Connection:
+        """This thread's SQLite connection (SQLite only: PostgreSQL's are lent by `transaction`,
+        `reading` and `query`)."""
+        if self.engine != "sqlite":
+            raise RuntimeError("connection() is SQLite's: use transaction(), reading() or query()")
+        return self._sqlite()
+
     def _sqlite(self) -> sqlite3.Connection:
         conn = getattr(self._local, "sqlite", None)
         if conn is None:
