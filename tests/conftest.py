@@ -92,11 +92,16 @@ def database_url(request) -> str | None:
     if request.param == "sqlite":
         yield None
         return
-    pg: Postgres = request.getfixturevalue("postgres")
+    yield request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def postgres_url(postgres: Postgres) -> str:
+    """The URL of a fresh PostgreSQL database at the newest schema, dropped after the test."""
     name = f"test_{uuid.uuid4().hex[:16]}"
-    pg.admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
-    yield pg.url(name)
-    pg.admin(f"DROP DATABASE {name} WITH (FORCE)")
+    postgres.admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
+    yield postgres.url(name)
+    postgres.admin(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def engine_url(request) -> str | None:
