@@ -251,6 +251,9 @@ class Postgres:
     def url(self, dbname: str) -> str:
         return f"postgresql://postgres@/{dbname}?host={self.socket_dir}&port={self.port}"
 
+    def tcp_url(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
     def admin(self, *statements: str) -> None:
         import psycopg
 
@@ -260,9 +263,10 @@ class Postgres:
 
 
 @contextmanager
-def run_postgres() -> Iterator[Postgres]:
+def run_postgres(durable: bool = False) -> Iterator[Postgres]:
     """initdb + pg_ctl in a temporary directory, on a free port, as an unprivileged user (initdb refuses
-    root: as root, the `postgres` user Debian's package creates), stopped when the block ends."""
+    root: as root, the `postgres` user Debian's package creates), stopped when the block ends.
+    durable=True keeps PostgreSQL's own defaults (fsync, synchronous_commit) for benchmarks."""
     binaries = postgres_bin()
     base = Path(tempfile.mkdtemp(prefix="llm-ner-pg-"))
     data = base / "data"
@@ -279,7 +283,9 @@ def run_postgres() -> Iterator[Postgres]:
             raise RuntimeError(f"{command[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
 
     # fsync off: a test cluster need not survive a power cut, and fsync is most of a commit's cost here
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=300"
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=300"
+    if not durable:
+        options += " -c fsync=off -c synchronous_commit=off"
     run(str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
     try:
         run(str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log_path), "-w", "-t", "60", "start")

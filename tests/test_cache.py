@@ -127,7 +127,7 @@ def test_a_cache_that_cannot_be_written_never_fails_predict(make_client, make_se
 
     class Locked(Database):
         @contextmanager
-        def transaction(self):
+        def transaction(self, durable=True):
             if self.engine == "sqlite":
                 raise sqlite3.OperationalError("database is locked")
             raise psycopg.OperationalError("database is locked")

@@ -503,14 +503,19 @@ class Database:
         return conn
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self, durable: bool = True) -> Iterator[Any]:
         """A write transaction; writers queue, one at a time, in both engines. SQLite: BEGIN
         IMMEDIATE takes the file's write lock up front, so concurrent writers queue, not deadlock.
         PostgreSQL: the first statement takes a transaction-level advisory lock (WRITE_LOCK),
         released at COMMIT or ROLLBACK; every read-then-write below (the example-set fingerprint,
-        claims, "newest annotation wins") then sees every earlier writer's commit, as in SQLite."""
+        claims, "newest annotation wins") then sees every earlier writer's commit, as in SQLite.
+
+        durable=False (bookkeeping that is cheap to lose: cached answers, usage totals, drafts):
+        PostgreSQL commits without waiting for the WAL flush (synchronous_commit off for this
+        transaction; a server crash may lose the last fraction of a second of them, never corrupt
+        anything), which is what SQLite's WAL with synchronous=NORMAL gives every commit."""
         if self.engine == "postgresql":
-            with self._pg_transaction(write=True) as conn:
+            with self._pg_transaction(write=True, durable=durable) as conn:
                 yield conn
             return
         conn = self._sqlite()
@@ -549,13 +554,15 @@ class Database:
             conn.execute("COMMIT")
 
     @contextmanager
-    def _pg_transaction(self, write: bool) -> Iterator[PgConnection]:
+    def _pg_transaction(self, write: bool, durable: bool = True) -> Iterator[PgConnection]:
         if getattr(self._local, "pg", None) is not None:
             raise RuntimeError("a transaction is open on this thread already")
         try:
             with self._pool.connection() as raw, raw.transaction():
                 conn = PgConnection(raw)
                 if write:
+                    if not durable:
+                        conn.execute("SET LOCAL synchronous_commit = off")
                     conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
                 else:
                     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -582,6 +589,8 @@ class Database:
 
     # ---- project state ----
     def save_label_config(self, project_id: str, label_config: str) -> None:
+        if self.label_config(project_id) == label_config:
+            return  # the usual case (Label Studio sends it with every /predict): a read, no write transaction
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO projects(project_id, label_config, updated_at) VALUES (?, ?, ?) "

@@ -98,7 +98,7 @@ class UsageLedger:
         return cls(Database.in_dir(model_dir))
 
     def add(self, project_id: str, usage: Usage, tasks: int, cost: float | None) -> None:
-        with self.db.transaction() as conn:
+        with self.db.transaction(durable=False) as conn:
             conn.execute(
                 "INSERT INTO llm_usage(project_id, tasks, calls, prompt_tokens, completion_tokens, cost_usd) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(project_id) DO UPDATE SET tasks=llm_usage.tasks+excluded.tasks, "

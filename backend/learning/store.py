@@ -411,7 +411,7 @@ class ExampleStore:
             log.warning("project %s: LLM drafts not recorded: %s", self.project_id, error)
 
     def _write_drafts(self, rows: list[tuple]) -> None:
-        with self.db.transaction() as conn:
+        with self.db.transaction(durable=False) as conn:
             conn.executemany(
                 "INSERT INTO drafts(project_id, task_id, from_name, text, spans, model_version) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(project_id, task_id, from_name) DO UPDATE SET "

@@ -92,7 +92,7 @@ class ResponseCache:
             self._pending = {}
             self._writing.append(batch)
         try:
-            with self.db.transaction() as conn:
+            with self.db.transaction(durable=False) as conn:
                 conn.executemany(
                     "INSERT INTO llm_cache(key, value, created_at) VALUES (?, ?, ?) "
                     "ON CONFLICT(key) DO UPDATE SET value=excluded.value, created_at=excluded.created_at",
