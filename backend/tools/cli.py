@@ -120,7 +120,8 @@ def _store_settings():
 
 def run_migrate(args: argparse.Namespace) -> int:
     settings = _store_settings()
-    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    if settings.database_url is None:
+        settings.model_dir.mkdir(parents=True, exist_ok=True)
     _check_store(settings)  # migrates, or says in one line why it cannot
     from backend.infra.storage import MIGRATIONS, Database
 
