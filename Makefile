@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 PORT ?= 9090
 WORKERS ?= 2
 
-.PHONY: install serve test label-studio llama chromium lint-docker clean
+.PHONY: install serve test label-studio llama chromium postgresql redis-server lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -47,10 +47,22 @@ chromium: $(CHROMIUM)
 $(CHROMIUM):
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 
+# The store tests start a PostgreSQL cluster of their own (initdb + pg_ctl from /usr/lib/postgresql/<major>/bin,
+# whatever the major version) and the job tests a redis-server: Debian's packages, installed when missing.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql)
+
+REDIS_SERVER ?= /usr/bin/redis-server
+redis-server: $(REDIS_SERVER)
+
+$(REDIS_SERVER):
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server
+
 serve: install
 	$(VENV)/bin/llm-ner serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-test: install label-studio llama chromium
+test: install label-studio llama chromium postgresql redis-server
 	LS_VENV=$(abspath $(LS_VENV)) LLAMA_VENV=$(abspath $(LLAMA_VENV)) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # No Docker daemon needed: hadolint (from PyPI) for the Dockerfile, `docker-compose config` for the compose file.

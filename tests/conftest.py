@@ -3,6 +3,8 @@
 - the fake LLM (`llm`), settings and in-process apps (`make_settings`, `make_client`, `client`);
 - real processes: `backend_factory` (gunicorn), `label_studio` (one per session), and
   `connected_project`, a Label Studio project with this backend connected as its model;
+- the store's engines: `database_url` parametrizes a test over SQLite and PostgreSQL (a fresh database
+  of the session's own cluster, `postgres`); settings and backends of that test use it;
 - `predict` (POST /predict, checked), `region_tuples` (regions as comparable tuples), `metric`
   (one Prometheus sample of this process), `shown_examples` (the few-shot exchanges of a prompt);
 - Label Studio webhook payloads (`annotation_event`, `deleted_event`, `span`);
@@ -21,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.fake_llm import FakeLLM
-from tests.processes import REPO, TEST_API_KEY, Backend, LabelStudio, backend_env, run_backend, run_label_studio, wait_until
+from tests.processes import (
+    REPO, TEST_API_KEY, Backend, LabelStudio, Postgres, backend_env, run_backend, run_label_studio, run_postgres, wait_until,
+)
 
 WIKIGOLD = Path(__file__).resolve().parent / "data" / "wikigold" / "wikigold.conll.txt"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -64,10 +69,59 @@ def llm(fake_llm_server: FakeLLM) -> FakeLLM:
     return fake_llm_server
 
 
+TEMPLATE_DB = "llm_ner_template"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Postgres:
+    """A real PostgreSQL cluster of the session's own (Debian's binaries, a temp dir, a free port), with
+    a template database at the newest schema: a test's database is a cheap copy of it."""
+    from backend.infra.storage import Database
+
+    with run_postgres() as pg:
+        pg.admin(f"CREATE DATABASE {TEMPLATE_DB}")
+        Database(url=pg.url(TEMPLATE_DB)).close()
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request) -> str | None:
+    """The store engine of this test, one run per engine: None (SQLite under MODEL_DIR) or the URL of a
+    fresh PostgreSQL database. `make_settings` and `backend_factory` use it; the database is dropped
+    after the test (its connections with it)."""
+    if request.param == "sqlite":
+        yield None
+        return
+    yield request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path, llm: FakeLLM):
+def postgres_url(postgres: Postgres) -> str:
+    """The URL of a fresh PostgreSQL database at the newest schema, dropped after the test."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    postgres.admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
+    yield postgres.url(name)
+    postgres.admin(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def engine_url(request) -> str | None:
+    """The test's `database_url` when it asks for one (parametrized over both engines), else None (SQLite)."""
+    return request.getfixturevalue("database_url") if "database_url" in request.fixturenames else None
+
+
+def open_store(settings):
+    """The store these settings name (SQLite under MODEL_DIR, or DATABASE_URL): what the backend reads."""
+    from backend.infra.storage import Database
+
+    return Database.from_settings(settings)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, llm: FakeLLM, request):
     """Settings for an app on the fake LLM: make_settings(**fields) overrides any Settings field."""
     from backend.infra.settings import load_settings
+
+    url = engine_url(request)
 
     def make(**overrides):
         # no probe unless a test asks for one: its requests would mix with the ones a test counts
@@ -75,7 +129,7 @@ def make_settings(tmp_path: Path, llm: FakeLLM):
             openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, llm_model="fake-model",
             model_dir=tmp_path / "model", llm_retry_base=0.01, llm_probe=False, _env_file=None,
             # every change shows in model_version at once (tests/test_trust.py tests the coalescing)
-            version_coalesce_seconds=0,
+            version_coalesce_seconds=0, database_url=url,
         )
         values.update(overrides)
         return load_settings(**values)
@@ -128,14 +182,18 @@ def client(app):
 
 
 @pytest.fixture
-def backend_factory(tmp_path: Path, llm: FakeLLM):
+def backend_factory(tmp_path: Path, llm: FakeLLM, request):
     """Start `llm-ner serve` (gunicorn) against the fake LLM: backend_factory(workers=2, **env); with
-    max_file_bytes, no file it writes may grow past that (a full disk)."""
+    max_file_bytes, no file it writes may grow past that (a full disk). In a test parametrized over the
+    engines (`database_url`), the backends share its PostgreSQL database."""
     from contextlib import ExitStack
 
     stack = ExitStack()
+    url = engine_url(request)
 
     def start(workers: int = 2, model_dir: Path | None = None, max_file_bytes: int | None = None, **env: str):
+        if url is not None:
+            env.setdefault("DATABASE_URL", url)
         environment = backend_env(llm.base_url, model_dir or tmp_path / "model", **env)
         log_path = tmp_path / f"backend-{len(stack._exit_callbacks)}.log"
         return stack.enter_context(run_backend(environment, workers=workers, log_path=log_path, max_file_bytes=max_file_bytes))

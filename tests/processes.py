@@ -1,5 +1,5 @@
-"""Start the real things the tests talk to: the backend under gunicorn, a real Label Studio 1.23, and a
-real llama.cpp-family LLM server (llama-cpp-python's, with SmolLM2-135M)."""
+"""Start the real things the tests talk to: the backend under gunicorn, a real Label Studio 1.23, a real
+llama.cpp-family LLM server (llama-cpp-python's, with SmolLM2-135M) and a real PostgreSQL cluster."""
 
 from __future__ import annotations
 
@@ -61,7 +61,10 @@ def wait_until(condition, timeout: float, interval: float = 0.1):
 
 
 def backend_env(llm_base_url: str, model_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "BASIC_AUTH", "LABEL_STUDIO"))}
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "LLM_", "BASIC_AUTH", "LABEL_STUDIO", "DATABASE_URL"))
+    }
     env.update(
         OPENAI_API_KEY=TEST_API_KEY,
         OPENAI_BASE_URL=llm_base_url,
@@ -227,3 +230,68 @@ def run_llama_server() -> Iterator[LlamaServer]:
         yield server
     finally:
         stop(proc)
+
+
+# ---- PostgreSQL: a cluster of the suite's own ----
+def postgres_bin() -> Path:
+    """The newest Debian PostgreSQL's programs (/usr/lib/postgresql/<major>/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: `apt-get install -y postgresql` (make test does it)")
+    return found[-1].parent
+
+
+@dataclass
+class Postgres:
+    """A running cluster: databases are reached over its Unix socket (in its own directory)."""
+
+    socket_dir: Path
+    port: int
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql://postgres@/{dbname}?host={self.socket_dir}&port={self.port}"
+
+    def tcp_url(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def admin(self, *statements: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)
+
+
+@contextmanager
+def run_postgres(durable: bool = False) -> Iterator[Postgres]:
+    """initdb + pg_ctl in a temporary directory, on a free port, as an unprivileged user (initdb refuses
+    root: as root, the `postgres` user Debian's package creates), stopped when the block ends.
+    durable=True keeps PostgreSQL's own defaults (fsync, synchronous_commit) for benchmarks."""
+    binaries = postgres_bin()
+    base = Path(tempfile.mkdtemp(prefix="llm-ner-pg-"))
+    data = base / "data"
+    port = free_port()
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    log_path = base / "postgres.log"
+
+    def run(*command: str) -> None:
+        done = subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
+
+    # fsync off: a test cluster need not survive a power cut, and fsync is most of a commit's cost here
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=300"
+    if not durable:
+        options += " -c fsync=off -c synchronous_commit=off"
+    run(str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+    try:
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log_path), "-w", "-t", "60", "start")
+        yield Postgres(base, port)
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                           capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,11 +1,14 @@
-"""The persistent response cache, driven through /predict: what is asked once is never asked again."""
+"""The persistent response cache, driven through /predict: what is asked once is never asked again.
+Every test runs on both store engines (SQLite under MODEL_DIR, PostgreSQL)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import NER_CONFIG, metric, predict, region_tuples_per_task
+from tests.conftest import NER_CONFIG, metric, open_store, predict, region_tuples_per_task
 from tests.fake_llm import Reply
+
+pytestmark = pytest.mark.usefixtures("database_url")
 
 SPAN = ("text", "start", "label")  # how a pre-label is compared here
 TEXTS = ["Ada Lovelace lived in London.", "Nothing here.", "Paris and London."]
@@ -76,7 +79,7 @@ def test_llm_cache_false_always_asks(make_client, llm, gazetteer):
     assert len(llm.requests) == 6
 
 
-def test_the_cache_keeps_at_most_llm_cache_max_rows_dropping_the_oldest(make_client, llm, gazetteer, tmp_path, monkeypatch):
+def test_the_cache_keeps_at_most_llm_cache_max_rows_dropping_the_oldest(make_client, make_settings, llm, gazetteer, monkeypatch):
     from backend.llm import cache
 
     monkeypatch.setattr(cache, "PRUNE_EVERY", 1)
@@ -84,7 +87,7 @@ def test_the_cache_keeps_at_most_llm_cache_max_rows_dropping_the_oldest(make_cli
     texts = [f"Paris {i}." for i in range(105)]
     predict(client, texts[:60])
     predict(client, texts[60:])
-    assert len(cache.ResponseCache.in_dir(tmp_path / "model")) == 100
+    assert len(cache.ResponseCache(open_store(make_settings()))) == 100
     llm.requests.clear()
     predict(client, texts[-3:])  # the newest are still there
     assert llm.requests == []
@@ -104,34 +107,37 @@ def test_the_key_tells_apart_prompts_that_differ_only_in_where_the_text_is_split
     assert cache_key([{"content": "x", "role": "user"}], model="m") != cache_key([{"content": "xrole=4:user", "role": ""}], model="m")
 
 
-def test_answers_are_in_the_shared_database_when_predict_returns(make_client, llm, gazetteer, tmp_path):
+def test_answers_are_in_the_shared_database_when_predict_returns(make_client, make_settings, llm, gazetteer):
     # answers are written in batches; a /predict writes its own before answering, so a worker in
     # another process (which has no view of this one's memory) finds them at once
-    import sqlite3
-
     client = make_client()
     predict(client, TEXTS)
-    with sqlite3.connect(tmp_path / "model" / "backend.sqlite3") as conn:
-        assert conn.execute("SELECT COUNT(*) FROM llm_cache").fetchone()[0] == len(TEXTS)
+    assert open_store(make_settings()).query("SELECT COUNT(*) AS n FROM llm_cache")[0]["n"] == len(TEXTS)
 
 
-def test_a_cache_that_cannot_be_written_never_fails_predict(make_client, llm, gazetteer, tmp_path, caplog):
-    # e.g. SQLite still "database is locked" after its busy timeout: the answers are lost from the
-    # cache (asked again next time), the annotator still gets them now
+def test_a_cache_that_cannot_be_written_never_fails_predict(make_client, make_settings, llm, gazetteer, caplog):
+    # e.g. SQLite still "database is locked" after its busy timeout, or PostgreSQL gone: the answers
+    # are lost from the cache (asked again next time), the annotator still gets them now
     import sqlite3
     from contextlib import contextmanager
+
+    import psycopg
 
     from backend.infra.storage import Database
 
     class Locked(Database):
         @contextmanager
-        def transaction(self):
-            raise sqlite3.OperationalError("database is locked")
+        def transaction(self, durable=True):
+            if self.engine == "sqlite":
+                raise sqlite3.OperationalError("database is locked")
+            raise psycopg.OperationalError("database is locked")
             yield
 
     client = make_client()
     store = client.application.extensions["llm_ner"]["services"].cache  # the one the app writes through
-    shared, store.db = store.db, Locked(store.db.path)  # only the cache's writes fail
+    settings = make_settings()
+    locked = Locked.open(settings.model_dir, settings.database_url and settings.database_url.get_secret_value())
+    shared, store.db = store.db, locked  # only the cache's writes fail
     try:
         body = predict(client, TEXTS)
     finally:

@@ -1,8 +1,10 @@
-"""Disk and store faults: a MODEL_DIR that fills up, a damaged store, the metric files.
+"""Disk and store faults: a MODEL_DIR that fills up, a damaged store, the metric files, a PostgreSQL
+that cannot be reached.
 
-What is promised: a 503 naming the store file and its state instead of a 500; /health reporting the
-store (DOWN when it cannot be used); pre-labels still answered while the store cannot be written;
-what was acknowledged kept; no worker crash loop; a start that stops with one line naming the file.
+What is promised: a 503 naming the store (its file, or PostgreSQL's host and database, never a
+password) and its state instead of a 500; /health reporting the store (DOWN when it cannot be used);
+pre-labels still answered while the store cannot be written; what was acknowledged kept; no worker
+crash loop; a start that stops with one line naming the store.
 """
 
 from __future__ import annotations
@@ -158,3 +160,64 @@ def test_sqlite_errors_are_told_apart_by_what_they_say_about_the_store(tmp_path)
     with pytest.raises(sqlite3.Error) as no_room:
         full.execute("INSERT INTO project_values VALUES ('1', 'k', ?)", ("x" * 100_000,))
     assert store_state(no_room.value) == "full"
+
+
+# ---- PostgreSQL (DATABASE_URL) ----
+PASSWORD = "pg-secret-7f3a"  # in every URL below; the cluster trusts local users, so it is never checked
+
+
+def with_password(url: str) -> str:
+    return url.replace("postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@")
+
+
+def test_an_unreachable_postgresql_stops_the_start_with_one_line_naming_host_and_database(tmp_path, llm, postgres):
+    from tests.processes import free_port
+
+    for url, reason in (
+        (f"postgresql://postgres:{PASSWORD}@127.0.0.1:{free_port()}/shared", "Connection refused"),
+        (with_password(postgres.url("no_such_database")), 'database "no_such_database" does not exist'),
+    ):
+        env = backend_env(llm.base_url, tmp_path / "model", DATABASE_URL=url)
+        done = subprocess.run([sys.executable, "-m", "backend", "serve", "--port", "1"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith("llm-ner: DATABASE_URL: the store postgresql://postgres@"), line
+        assert "is unreachable (" in line and reason in line and "DATABASE_URL's host, port, database" in line
+        assert "/" + url.split("?")[0].rsplit("/", 1)[1] + " is unreachable" in line  # the database's name
+        assert PASSWORD not in done.stderr + done.stdout
+
+
+def test_postgresql_going_away_under_a_running_backend_is_reported_and_recovered(backend_factory, postgres, llm):
+    from tests.processes import wait_until
+
+    name = "going_away"
+    postgres.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name} TEMPLATE llm_ner_template")
+    url = with_password(postgres.url(name))
+    backend = backend_factory(workers=1, DATABASE_URL=url)
+    http = httpx.Client(base_url=backend.url, timeout=30)
+    assert http.post("/setup", json={"project": "1", "schema": NER_CONFIG}).status_code == 200
+    health = http.get("/health").json()
+    assert health["store"] == {"state": "ok", "engine": "postgresql", "database": f"postgresql://postgres@{postgres.socket_dir}:{postgres.port}/{name}"}
+
+    # the database disappears (as a server that went away would): connections fail with the server's words
+    postgres.admin(
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'",
+        f"ALTER DATABASE {name} RENAME TO {name}_away",
+    )
+    try:
+        event = annotation_event("ANNOTATION_CREATED", 1, 1, "Ada wrote.", [], project=1)
+        refused = http.post("/webhook", json=event)
+        assert refused.status_code == 503
+        assert refused.json()["store"] == "unreachable" and f"/{name} is unreachable" in refused.json()["error"]
+        down = wait_until(lambda: (r := http.get("/health")).status_code == 503 and r, timeout=15, interval=0.5)
+        assert down and down.json()["store"]["state"] == "unreachable"
+    finally:
+        postgres.admin(f"ALTER DATABASE {name}_away RENAME TO {name}")
+    # back: the next write succeeds, and /health says so once its few seconds of memory pass
+    assert http.post("/webhook", json=event).status_code == 201
+    assert wait_until(lambda: http.get("/health").status_code == 200, timeout=15, interval=0.5)
+    log = backend.log()
+    assert "Traceback" not in log and "unexpected error" not in log and PASSWORD not in log
+    assert log.count("Booting worker") == 1
+    postgres.admin(f"DROP DATABASE {name} WITH (FORCE)")

@@ -12,13 +12,14 @@ from hypothesis import settings as settings_hypothesis
 from hypothesis import strategies as st
 
 from tests.conftest import (
-    NER_CONFIG, PROJECT_TOKEN, annotation_event, deleted_event, metric, predict, shown_examples, span,
+    NER_CONFIG, PROJECT_TOKEN, annotation_event, deleted_event, metric, open_store, predict, shown_examples, span,
 )
 
 
 @pytest.fixture(autouse=True)
-def connected(client):
-    """Label Studio calls /setup when the backend is connected; webhooks of unknown projects are ignored."""
+def connected(client, database_url):
+    """Label Studio calls /setup when the backend is connected; webhooks of unknown projects are ignored.
+    Every test of the store runs on both engines (`database_url`: SQLite, PostgreSQL)."""
     for project in ("7", "8"):
         assert client.post("/setup", json={"project": project, "schema": NER_CONFIG}).status_code == 200
 
@@ -31,9 +32,8 @@ def version(client) -> str:
 
 def store(settings, project="7"):
     from backend.learning.store import ExampleStore
-    from backend.infra.storage import Database
 
-    return ExampleStore(Database.in_dir(settings.model_dir), project)
+    return ExampleStore(open_store(settings), project)
 
 
 TEXT_A = "Jordan signed with the Chicago Bulls in 1984."

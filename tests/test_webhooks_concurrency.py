@@ -1,4 +1,5 @@
-"""The example store under real load: 4 gunicorn workers, 200 concurrent webhooks, kill -9, restart."""
+"""The example store under real load: 4 gunicorn workers, 200 concurrent webhooks, kill -9, restart;
+on both store engines (SQLite under MODEL_DIR, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -43,14 +44,14 @@ def events() -> list[dict]:
     return out
 
 
-def store_of(model_dir):
+def store_of(model_dir, database_url):
     from backend.learning.store import ExampleStore
     from backend.infra.storage import Database
 
-    return ExampleStore(Database.in_dir(model_dir), "7")
+    return ExampleStore(Database.open(model_dir, database_url), "7")
 
 
-def test_200_concurrent_webhooks_on_4_workers_survive_kill_9_with_every_latest_example_once(backend_factory, tmp_path):
+def test_200_concurrent_webhooks_on_4_workers_survive_kill_9_with_every_latest_example_once(backend_factory, tmp_path, database_url):
     model_dir = tmp_path / "model"
     backend = backend_factory(workers=4, model_dir=model_dir)
     assert httpx.post(backend.url + "/setup", json={"project": "7", "schema": NER_CONFIG}).status_code == 200
@@ -74,7 +75,7 @@ def test_200_concurrent_webhooks_on_4_workers_survive_kill_9_with_every_latest_e
     stop(backend.proc, signal.SIGKILL)  # no clean shutdown: what was acknowledged must be on disk
     restarted = backend_factory(workers=4, model_dir=model_dir)
 
-    store = store_of(model_dir)
+    store = store_of(model_dir, database_url)
     rows = store.annotation_rows()
     assert sorted(rows) == sorted((1000 + t, "label", t + 1) for t in range(TASKS)), "a missing or duplicated example"
     examples = {e.task_id: e for e in store.examples()}

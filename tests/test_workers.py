@@ -1,5 +1,6 @@
 """Four gunicorn workers share state: right after a change made through one worker, every worker serves
-the same model_version, the same few-shot examples and the same response cache."""
+the same model_version, the same few-shot examples and the same response cache; on both store
+engines (SQLite under MODEL_DIR, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def versions_seen_by_every_worker(url: str, body: dict, timeout: float = 60) -> 
 
 
 @pytest.fixture
-def backend(backend_factory, llm):
+def backend(backend_factory, llm, database_url):
     llm.gazetteer = {"Ada Lovelace": "PER", "London": "LOC"}
     return backend_factory(workers=WORKERS)
 

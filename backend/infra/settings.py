@@ -41,6 +41,11 @@ class Settings(BaseSettings):
 
     # --- where state lives ---
     model_dir: Path = Field(default=Path("./data"), description="SQLite stores and logs")
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host:port/dbname: shared state in PostgreSQL (several replicas);"
+        " unset = SQLite under MODEL_DIR",
+    )
     prompts_dir: Path = Field(default=REPO_DIR / "prompts", description="the prompt templates")
     prompt_language: Literal["en", "zh"] = Field(
         default="en",
@@ -154,6 +159,18 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value.rstrip("/") if isinstance(value, str) else value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _blank_url_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// (unset it for SQLite under MODEL_DIR)")
+        return value
 
     @field_validator("openai_base_url", "label_studio_url")
     @classmethod

@@ -1,19 +1,28 @@
-"""SQLite under MODEL_DIR: the state every gunicorn worker and process shares.
+"""The state every gunicorn worker, process and replica shares: SQLite under MODEL_DIR, or PostgreSQL.
 
-One file, WAL mode, one connection per thread. Nothing is cached per process, so a change made by
-one worker is seen by the next request on any other worker.
+SQLite (the default): one file, WAL mode, one connection per thread. PostgreSQL (DATABASE_URL=
+postgresql://...): a psycopg connection pool per process, for several hosts sharing one store.
+Nothing is cached per process, so a change made by one worker (or replica) is seen by the next
+request on any other. Both engines run the same SQL (written with `?` placeholders, translated here
+for PostgreSQL), the same schema (MIGRATIONS) and the same write discipline: one writer at a time.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
 
 from backend.infra.errors import BackendError
 
@@ -22,10 +31,21 @@ DB_NAME = "backend.sqlite3"
 MIN_FREE_BYTES = 1 << 20
 HEALTH_EVERY = 5.0  # seconds a store check stays valid for /health (Label Studio calls it often)
 FAILURE_MEMORY = 60.0  # seconds a failed write keeps the store reported as failing, unless one succeeds
+# PostgreSQL: every write transaction takes this transaction-level advisory lock first, as SQLite's
+# BEGIN IMMEDIATE takes the file's write lock (see Database.transaction)
+WRITE_LOCK = 0x6C6C6D6E6572  # "llmner"
+POOL_SIZE = 16  # connections per process at most (a gunicorn worker runs 8 threads by default)
+CONNECT_TIMEOUT = 10  # seconds to reach PostgreSQL before saying it is unreachable
+
+# what a failing store raises, in either engine: catch these, never one engine's alone
+STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
 
 
-def store_state(error: sqlite3.Error) -> str:
-    """What a SQLite error says about the store: full, read-only, corrupt, busy or failing (I/O)."""
+def store_state(error: BaseException) -> str:
+    """What a store error says about the store: full, read-only, corrupt, busy, unreachable
+    (PostgreSQL) or failing."""
+    if isinstance(error, psycopg.Error):
+        return _pg_state(error)
     name = getattr(error, "sqlite_errorname", "") or ""
     text = str(error).lower()
     if name == "SQLITE_FULL" or "disk is full" in text:
@@ -39,19 +59,67 @@ def store_state(error: sqlite3.Error) -> str:
     return "failing"
 
 
-class StoreUnavailable(BackendError):
-    """The store under MODEL_DIR cannot be used: what went wrong, in words that name the file."""
+def _pg_state(error: psycopg.Error) -> str:
+    code = error.sqlstate or ""
+    if code == "53100":  # disk_full
+        return "full"
+    if code == "25006":  # read_only_sql_transaction: a standby, or default_transaction_read_only
+        return "read-only"
+    if code in ("XX001", "XX002"):  # data_corrupted, index_corrupted
+        return "corrupt"
+    if code in ("55P03", "40P01"):  # lock_not_available (lock_timeout), deadlock_detected
+        return "busy"
+    if code.startswith(("08", "57P", "28", "3D")) or (not code and isinstance(error, psycopg.OperationalError)):
+        # connection failures, the server shutting down, authentication, no such database, a pool timeout
+        return "unreachable"
+    return "failing"
 
-    def __init__(self, path: Path, error: BaseException):
-        self.state = store_state(error) if isinstance(error, sqlite3.Error) else "failing"
-        advice = {
-            "full": "free some space under MODEL_DIR",
-            "read-only": "make MODEL_DIR and the file writable by the backend",
-            "corrupt": "restore it from a backup, or move it away to start with an empty store",
-            "busy": "another process holds its write lock; try again",
-        }.get(self.state, "check the disk under MODEL_DIR")
+
+def redact_url(url: str) -> str:
+    """postgresql://user@host:port/dbname: where a DATABASE_URL points, without its password."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql://(unparsable DATABASE_URL)"
+    user = f"{info['user']}@" if info.get("user") else ""
+    port = f":{info['port']}" if info.get("port") else ""
+    return f"postgresql://{user}{info.get('host') or 'localhost'}{port}/{info.get('dbname') or ''}"
+
+
+def url_password(url: str) -> str | None:
+    """The password a DATABASE_URL carries, to keep it out of messages."""
+    try:
+        return conninfo_to_dict(url).get("password") or None
+    except psycopg.Error:
+        return None
+
+
+class StoreUnavailable(BackendError):
+    """The store cannot be used: what went wrong, in words that name it (the file under MODEL_DIR,
+    or the PostgreSQL host and database; never a password)."""
+
+    def __init__(self, where: Path | str, error: BaseException, secret: str | None = None):
+        self.state = store_state(error) if isinstance(error, STORE_ERRORS) else "failing"
+        postgres = isinstance(where, str) and where.startswith("postgresql://")
+        if postgres:
+            advice = {
+                "full": "free some space on the PostgreSQL server",
+                "read-only": "point DATABASE_URL at a writable primary",
+                "corrupt": "restore the database from a backup",
+                "busy": "another process holds the write lock; try again",
+                "unreachable": "check that PostgreSQL runs there and DATABASE_URL's host, port, database, user and password",
+            }.get(self.state, "check the PostgreSQL server's log")
+        else:
+            advice = {
+                "full": "free some space under MODEL_DIR",
+                "read-only": "make MODEL_DIR and the file writable by the backend",
+                "corrupt": "restore it from a backup, or move it away to start with an empty store",
+                "busy": "another process holds its write lock; try again",
+            }.get(self.state, "check the disk under MODEL_DIR")
         detail = " ".join(str(error).split())[:300]  # one line: quick_check reports over several
-        super().__init__(f"the store {path} is {self.state} ({detail}): {advice}")
+        if secret:
+            detail = detail.replace(secret, "***")
+        super().__init__(f"the store {where} is {self.state} ({detail}): {advice}")
 
 # The schema registry: every table of every store, in one place. Each entry is one version of the
 # schema, applied once and in order (SQLite's user_version counts them); a change is a new entry,
@@ -163,80 +231,226 @@ CREATE TABLE job_failures (
 )
 
 
-class Database:
-    """A SQLite file shared by processes, at the newest schema version. Make one per process
-    (`protocol/services.py` does): it keeps a connection per thread."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+class Row(tuple):
+    """A PostgreSQL row read by name (row["col"]) or position, as sqlite3.Row is in SQLite."""
+
+    _names: dict[str, int]
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._names[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+def _row_factory(cursor: psycopg.Cursor) -> Any:
+    if cursor.description is None:
+        return tuple
+    return _row_type(tuple(column.name for column in cursor.description))
+
+
+@lru_cache(maxsize=256)
+def _row_type(names: tuple[str, ...]) -> type[Row]:
+    return type("Row", (Row,), {"_names": {name: i for i, name in enumerate(names)}})
+
+
+@lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    """The project's SQL (qmark placeholders) for psycopg (format placeholders)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _pg_script(script: str) -> str:
+    """A MIGRATIONS entry in PostgreSQL's dialect: floats are DOUBLE PRECISION (SQLite's REAL is 8
+    bytes), integers BIGINT (SQLite's INTEGER is up to 8 bytes)."""
+    return re.sub(r"\bINTEGER\b", "BIGINT", re.sub(r"\bREAL\b", "DOUBLE PRECISION", script))
+
+
+class PgConnection:
+    """A psycopg connection taking the project's SQL: `execute`, `executemany`, rows by name."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self.raw = conn
+
+    def execute(self, sql: str, params: tuple | list | dict = ()) -> psycopg.Cursor:
+        if not params:
+            return self.raw.execute(sql)
+        return self.raw.execute(_pg_sql(sql), params)
+
+    def executemany(self, sql: str, rows: Any) -> psycopg.Cursor:
+        cursor = self.raw.cursor()
+        rows = list(rows)
+        if rows:
+            cursor.executemany(_pg_sql(sql), rows)
+        return cursor
+
+
+class Database:
+    """The shared store, at the newest schema version: a SQLite file (`Database(path)`,
+    `Database.in_dir(model_dir)`) or a PostgreSQL database (`Database(url=...)`). Make one per
+    process (`protocol/services.py` does): it keeps a connection per thread (SQLite) or a pool
+    of them (PostgreSQL).
+
+    Every write is `with db.transaction() as conn:`; reads are `db.query(...)` (inside a transaction
+    or `db.reading()`, on that transaction's connection). `conn.execute(sql, params)` and
+    `conn.executemany` take `?` placeholders in both engines and give rows readable as row["col"].
+    """
+
+    def __init__(self, path: Path | None = None, *, url: str | None = None):
+        if (path is None) == (url is None):
+            raise ValueError("a Database is a SQLite path or a PostgreSQL url")
+        self.url = url
+        self.path = Path(path) if path is not None else None
+        self.engine = "sqlite" if url is None else "postgresql"
         self._local = threading.local()
         self._failure: tuple[float, str, str] | None = None  # (monotonic time, state, message) of the last failed write
         self._health: tuple[float, dict[str, Any]] | None = None
-        self.migrate()
-
-    def check(self) -> None:
-        """At start, before any worker: the whole file is read (PRAGMA quick_check); a damaged store
-        raises StoreUnavailable naming it, instead of every worker failing to boot."""
-        try:
-            self.migrate()
-            (result,) = self.connection().execute("PRAGMA quick_check(1)").fetchone()
-        except sqlite3.Error as error:
-            raise StoreUnavailable(self.path, error) from None
-        if result != "ok":
-            raise StoreUnavailable(self.path, sqlite3.DatabaseError(f"database disk image is malformed: {result}"))
-
-    def note_failure(self, error: sqlite3.Error) -> None:
-        """A write or read failed: /health reports the store as failing for a while (until a write succeeds)."""
-        self._failure = (time.monotonic(), store_state(error), str(error))
-        self._health = None
-
-    def health(self) -> dict[str, Any]:
-        """The store's state for /health: {"state": ok | busy | full | read-only | corrupt | failing,
-        "path", "detail"?}. Free space, a read and a small write on a connection of its own (never
-        waiting on another writer for more than 0.2 s), and this process's last failure; cached a few seconds."""
-        now = time.monotonic()
-        if self._health is not None and now - self._health[0] < HEALTH_EVERY:
-            return self._health[1]
-        state, detail = "ok", None
-        try:
-            free = shutil.disk_usage(self.path.parent).free
-            if free < MIN_FREE_BYTES:
-                state, detail = "full", f"{free} bytes free under {self.path.parent}"
-        except OSError as error:
-            state, detail = "failing", str(error)
-        if state == "ok":
+        self._pool: ConnectionPool | None = None
+        if url is not None:
+            self._secret = url_password(url)
+            self.where: str = redact_url(url)
             try:
-                conn = sqlite3.connect(self.path, timeout=0.2, isolation_level=None)
-                try:
-                    conn.execute("SELECT count(*) FROM project_values").fetchone()
-                    conn.execute("BEGIN IMMEDIATE")
-                    conn.execute(
-                        "INSERT OR REPLACE INTO project_values(project_id, key, value) VALUES ('', 'health', ?)",
-                        (json.dumps(time.time()),),
-                    )
-                    conn.execute("COMMIT")
-                finally:
-                    conn.close()
-            except sqlite3.Error as error:
-                state, detail = store_state(error), str(error)
-        failure = self._failure
-        if state == "ok" and failure is not None and now - failure[0] < FAILURE_MEMORY:
-            state, detail = failure[1], failure[2]
-        report: dict[str, Any] = {"state": state, "path": str(self.path)}
-        if detail:
-            report["detail"] = detail
-        self._health = (now, report)
-        return report
+                self.migrate()  # on a connection of its own: the server's own words when unreachable, before any pool
+            except psycopg.Error as error:
+                raise self.unavailable(error) from None
+            self._pool = ConnectionPool(
+                url, min_size=0, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT, open=True, name="llm-ner",
+                kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT},
+            )
+        else:
+            self._secret = None
+            self.where = str(self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.migrate()
 
     @classmethod
     def in_dir(cls, model_dir: Path) -> "Database":
         return cls(Path(model_dir) / DB_NAME)
 
+    @classmethod
+    def open(cls, model_dir: Path, database_url: str | None = None) -> "Database":
+        """PostgreSQL when a DATABASE_URL is given, else the SQLite file under MODEL_DIR."""
+        return cls(url=database_url) if database_url else cls.in_dir(model_dir)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Database":
+        url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+        return cls.open(settings.model_dir, url)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        conn = getattr(self._local, "sqlite", None)
+        if conn is not None:
+            conn.close()
+            self._local.sqlite = None
+
+    def unavailable(self, error: BaseException) -> StoreUnavailable:
+        """The error as a StoreUnavailable naming this store."""
+        return StoreUnavailable(self.path if self.path is not None else self.where, error, self._secret)
+
+    def check(self) -> None:
+        """At start, before any worker: SQLite reads the whole file (PRAGMA quick_check), PostgreSQL
+        is reached and migrated; a damaged or unreachable store raises StoreUnavailable naming it,
+        instead of every worker failing to boot."""
+        try:
+            self.migrate()
+            if self.engine == "postgresql":
+                self.query("SELECT 1")
+                return
+            (result,) = self._sqlite().execute("PRAGMA quick_check(1)").fetchone()
+        except STORE_ERRORS as error:
+            raise self.unavailable(error) from None
+        if result != "ok":
+            raise self.unavailable(sqlite3.DatabaseError(f"database disk image is malformed: {result}"))
+
+    def note_failure(self, error: BaseException) -> None:
+        """A write or read failed: /health reports the store as failing for a while (until a write succeeds)."""
+        detail = str(error).replace(self._secret, "***") if self._secret else str(error)
+        self._failure = (time.monotonic(), store_state(error), detail)
+        self._health = None
+
+    def health(self) -> dict[str, Any]:
+        """The store's state for /health: {"state": ok | busy | full | read-only | corrupt |
+        unreachable | failing, "engine", "path" (SQLite) or "database" (PostgreSQL, no password),
+        "detail"?}. A read and a small write on a connection of its own (never waiting on another
+        writer for more than 0.2 s), free space under MODEL_DIR (SQLite), and this process's last
+        failure; cached a few seconds."""
+        now = time.monotonic()
+        if self._health is not None and now - self._health[0] < HEALTH_EVERY:
+            return self._health[1]
+        state, detail = ("ok", None) if self.engine == "postgresql" else self._disk_state()
+        if state == "ok":
+            try:
+                self._probe_write()
+            except STORE_ERRORS as error:
+                state, detail = store_state(error), str(error)
+        failure = self._failure
+        if state == "ok" and failure is not None and now - failure[0] < FAILURE_MEMORY:
+            state, detail = failure[1], failure[2]
+        report: dict[str, Any] = {"state": state, "engine": self.engine}
+        report["path" if self.engine == "sqlite" else "database"] = self.where
+        if detail:
+            report["detail"] = detail.replace(self._secret, "***") if self._secret else detail
+        self._health = (now, report)
+        return report
+
+    def _disk_state(self) -> tuple[str, str | None]:
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+        except OSError as error:
+            return "failing", str(error)
+        if free < MIN_FREE_BYTES:
+            return "full", f"{free} bytes free under {self.path.parent}"
+        return "ok", None
+
+    def _probe_write(self) -> None:
+        write = (
+            "INSERT INTO project_values(project_id, key, value) VALUES ('', 'health', ?) "
+            "ON CONFLICT(project_id, key) DO UPDATE SET value=excluded.value"
+        )
+        if self.engine == "postgresql":
+            with self._pool.connection(timeout=2) as raw:
+                with raw.transaction():
+                    conn = PgConnection(raw)
+                    conn.execute("SET LOCAL lock_timeout = '200ms'")
+                    conn.execute("SELECT count(*) FROM project_values")
+                    conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+                    conn.execute(write, (json.dumps(time.time()),))
+            return
+        conn = sqlite3.connect(self.path, timeout=0.2, isolation_level=None)
+        try:
+            conn.execute("SELECT count(*) FROM project_values").fetchone()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(write, (json.dumps(time.time()),))
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    # ---- schema ----
+    def version(self) -> int:
+        """The schema version the store is at (0: empty)."""
+        if self.engine == "sqlite":
+            return self._sqlite().execute("PRAGMA user_version").fetchone()[0]
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as raw:
+            return self._pg_version(PgConnection(raw))
+
+    @staticmethod
+    def _pg_version(conn: PgConnection) -> int:
+        if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            return 0
+        return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+
     def migrate(self) -> int:
-        """Apply the schema versions this file lacks, each in its own transaction (one process at a
-        time: BEGIN IMMEDIATE); returns the version the file is at."""
-        if self.connection().execute("PRAGMA user_version").fetchone()[0] >= len(MIGRATIONS):
+        """Apply the schema versions the store lacks, each in its own transaction, one process at
+        a time (SQLite: BEGIN IMMEDIATE, the version in PRAGMA user_version; PostgreSQL: the write
+        lock, the versions in the schema_version table); returns the version the store is at."""
+        if self.engine == "postgresql":
+            return self._pg_migrate()
+        if self._sqlite().execute("PRAGMA user_version").fetchone()[0] >= len(MIGRATIONS):
             return len(MIGRATIONS)  # the usual case: no write lock taken
         for version, script in enumerate(MIGRATIONS, start=1):
             with self.transaction() as conn:
@@ -247,8 +461,37 @@ class Database:
                 conn.execute(f"PRAGMA user_version = {version}")
         return len(MIGRATIONS)
 
+    def _pg_migrate(self) -> int:
+        # a connection of its own, not the pool's: a wrong DATABASE_URL fails here with the server's
+        # own words (a pool would only say it timed out)
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, row_factory=_row_factory) as raw:
+            conn = PgConnection(raw)
+            if self._pg_version(conn) >= len(MIGRATIONS):
+                return len(MIGRATIONS)
+            for version, script in enumerate(MIGRATIONS, start=1):
+                with raw.transaction():
+                    # replicas starting at once queue here; the first applies, the others find it done
+                    conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+                    conn.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+                    )
+                    if self._pg_version(conn) >= version:
+                        continue
+                    for statement in _statements(_pg_script(script)):
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO schema_version(version, applied_at) VALUES (?, ?)", (version, time.time()))
+        return len(MIGRATIONS)
+
+    # ---- connections and transactions ----
     def connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
+        """This thread's SQLite connection (SQLite only: PostgreSQL's are lent by `transaction`,
+        `reading` and `query`)."""
+        if self.engine != "sqlite":
+            raise RuntimeError("connection() is SQLite's: use transaction(), reading() or query()")
+        return self._sqlite()
+
+    def _sqlite(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "sqlite", None)
         if conn is None:
             # isolation_level=None: we issue BEGIN ourselves, so writes are explicit transactions
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -256,13 +499,26 @@ class Database:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
+            self._local.sqlite = conn
         return conn
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE: take the write lock up front so concurrent writers queue, not deadlock."""
-        conn = self.connection()
+    def transaction(self, durable: bool = True) -> Iterator[Any]:
+        """A write transaction; writers queue, one at a time, in both engines. SQLite: BEGIN
+        IMMEDIATE takes the file's write lock up front, so concurrent writers queue, not deadlock.
+        PostgreSQL: the first statement takes a transaction-level advisory lock (WRITE_LOCK),
+        released at COMMIT or ROLLBACK; every read-then-write below (the example-set fingerprint,
+        claims, "newest annotation wins") then sees every earlier writer's commit, as in SQLite.
+
+        durable=False (bookkeeping that is cheap to lose: cached answers, usage totals, drafts):
+        PostgreSQL commits without waiting for the WAL flush (synchronous_commit off for this
+        transaction; a server crash may lose the last fraction of a second of them, never corrupt
+        anything), which is what SQLite's WAL with synchronous=NORMAL gives every commit."""
+        if self.engine == "postgresql":
+            with self._pg_transaction(write=True, durable=durable) as conn:
+                yield conn
+            return
+        conn = self._sqlite()
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as error:
@@ -283,11 +539,58 @@ class Database:
             raise
         self._failure = None
 
-    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
-        return self.connection().execute(sql, params).fetchall()
+    @contextmanager
+    def reading(self) -> Iterator[Any]:
+        """A read-only transaction: every query in it sees the same snapshot of the store."""
+        if self.engine == "postgresql":
+            with self._pg_transaction(write=False) as conn:
+                yield conn
+            return
+        conn = self._sqlite()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def _pg_transaction(self, write: bool, durable: bool = True) -> Iterator[PgConnection]:
+        if getattr(self._local, "pg", None) is not None:
+            raise RuntimeError("a transaction is open on this thread already")
+        try:
+            with self._pool.connection() as raw, raw.transaction():
+                conn = PgConnection(raw)
+                if write:
+                    if not durable:
+                        conn.execute("SET LOCAL synchronous_commit = off")
+                    conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+                else:
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                self._local.pg = conn
+                try:
+                    yield conn
+                finally:
+                    self._local.pg = None
+        except psycopg.Error as error:
+            self.note_failure(error)
+            raise
+        if write:
+            self._failure = None
+
+    def query(self, sql: str, params: tuple | list | dict = ()) -> list[Any]:
+        """The rows of one SELECT (on this thread's open transaction, if any)."""
+        if self.engine == "sqlite":
+            return self._sqlite().execute(sql, params).fetchall()
+        conn = getattr(self._local, "pg", None)
+        if conn is not None:
+            return conn.execute(sql, params).fetchall()
+        with self._pool.connection() as raw:
+            return PgConnection(raw).execute(sql, params).fetchall()
 
     # ---- project state ----
     def save_label_config(self, project_id: str, label_config: str) -> None:
+        if self.label_config(project_id) == label_config:
+            return  # the usual case (Label Studio sends it with every /predict): a read, no write transaction
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO projects(project_id, label_config, updated_at) VALUES (?, ?, ?) "
@@ -301,19 +604,20 @@ class Database:
         return rows[0]["label_config"] if rows else None
 
     def get_value(self, project_id: str, key: str) -> Any:
-        return self._get(self.connection(), project_id, key)
+        rows = self.query("SELECT value FROM project_values WHERE project_id=? AND key=?", (project_id, key))
+        return json.loads(rows[0]["value"]) if rows else None
 
     def set_value(self, project_id: str, key: str, value: Any) -> None:
         with self.transaction() as conn:
             self._set(conn, project_id, key, value)
 
     @staticmethod
-    def _get(conn: sqlite3.Connection, project_id: str, key: str) -> Any:
+    def _get(conn: Any, project_id: str, key: str) -> Any:
         row = conn.execute("SELECT value FROM project_values WHERE project_id=? AND key=?", (project_id, key)).fetchone()
         return json.loads(row["value"]) if row is not None else None
 
     @staticmethod
-    def _set(conn: sqlite3.Connection, project_id: str, key: str, value: Any) -> None:
+    def _set(conn: Any, project_id: str, key: str, value: Any) -> None:
         conn.execute(
             "INSERT INTO project_values(project_id, key, value) VALUES (?, ?, ?) "
             "ON CONFLICT(project_id, key) DO UPDATE SET value=excluded.value",
@@ -344,7 +648,7 @@ class Database:
                     self._set(conn, project_id, key, {"value": current, "at": 0})
                 elif seen.get("value") != current:
                     self._set(conn, project_id, key, {"value": current, "at": now})
-        except sqlite3.Error:
+        except STORE_ERRORS:
             pass  # a store that cannot be written (full, read-only): the newest value, unpublished
         return current
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.infra import metrics
-from backend.infra.storage import Database
+from backend.infra.storage import STORE_ERRORS, Database
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +98,13 @@ class UsageLedger:
         return cls(Database.in_dir(model_dir))
 
     def add(self, project_id: str, usage: Usage, tasks: int, cost: float | None) -> None:
-        with self.db.transaction() as conn:
+        with self.db.transaction(durable=False) as conn:
             conn.execute(
                 "INSERT INTO llm_usage(project_id, tasks, calls, prompt_tokens, completion_tokens, cost_usd) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(project_id) DO UPDATE SET tasks=tasks+excluded.tasks, "
-                "calls=calls+excluded.calls, prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
-                "completion_tokens=completion_tokens+excluded.completion_tokens, cost_usd=cost_usd+excluded.cost_usd",
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(project_id) DO UPDATE SET tasks=llm_usage.tasks+excluded.tasks, "
+                "calls=llm_usage.calls+excluded.calls, prompt_tokens=llm_usage.prompt_tokens+excluded.prompt_tokens, "
+                "completion_tokens=llm_usage.completion_tokens+excluded.completion_tokens, "
+                "cost_usd=llm_usage.cost_usd+excluded.cost_usd",
                 (project_id, tasks, usage.calls, usage.prompt_tokens, usage.completion_tokens, cost or 0.0),
             )
 
@@ -120,7 +120,7 @@ class UsageLedger:
         cost = cost_usd(total, price)
         try:
             self.add(project_id, total, tasks, cost)
-        except sqlite3.Error as error:
+        except STORE_ERRORS as error:
             # bookkeeping: a store that cannot be written (a full disk) must not lose the paid-for answers
             log.warning("project %s: usage not recorded: %s", project_id, error)
         metrics.PROJECT_TOKENS.labels(project_id, "prompt").inc(total.prompt_tokens)

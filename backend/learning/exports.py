@@ -64,17 +64,21 @@ def preference_records(schema: NerSchema, templates: PromptTemplates, examples: 
         }
 
 
-def export(kind: str, project_id: str, out: Path, model_dir: Path, prompts_dir: Path, hints: bool = False) -> int:
-    """Write the project's examples as JSONL to `out` (replaced whole, never half-written); returns the line count."""
+def export(
+    kind: str, project_id: str, out: Path, model_dir: Path, prompts_dir: Path, hints: bool = False,
+    database_url: str | None = None,
+) -> int:
+    """Write the project's examples as JSONL to `out` (replaced whole, never half-written); returns the line count.
+    The store is PostgreSQL at `database_url` when given, else the SQLite file under `model_dir`."""
     if kind not in KINDS:
         raise BackendError(f"unknown export '{kind}': use one of {', '.join(KINDS)}")
     db_path = Path(model_dir) / "backend.sqlite3"
-    if not db_path.exists():
+    if not database_url and not db_path.exists():
         raise BackendError(f"no store at {db_path}: set MODEL_DIR to the backend's data directory")
-    db = Database.in_dir(model_dir)
+    db = Database.open(model_dir, database_url)  # an unreachable PostgreSQL raises StoreUnavailable, naming it
     label_config = db.label_config(str(project_id))
     if not label_config:
-        raise BackendError(f"project {project_id} is unknown in {db_path}: connect the backend to it in Label Studio first")
+        raise BackendError(f"project {project_id} is unknown in {db.where}: connect the backend to it in Label Studio first")
     schema = parse_label_config(label_config)
     templates = load_templates(prompts_dir, hints)
     examples = ExampleStore(db, str(project_id)).examples()
@@ -100,4 +104,5 @@ def export_with_settings(kind: str, project_id: str, out: Path) -> int:
     from backend.infra.settings import load_settings
 
     settings = load_settings(**({} if os.environ.get("OPENAI_API_KEY") else {"openai_api_key": "not-needed-for-export"}))
-    return export(kind, project_id, out, settings.model_dir, settings.prompts_dir, settings.occurrence_hints)
+    url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+    return export(kind, project_id, out, settings.model_dir, settings.prompts_dir, settings.occurrence_hints, url)

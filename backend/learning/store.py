@@ -1,4 +1,4 @@
-"""The few-shot example store of one project, in the shared SQLite file under MODEL_DIR.
+"""The few-shot example store of one project, in the shared store (SQLite under MODEL_DIR, or PostgreSQL).
 
 One row per (annotation, <Labels> target): the task text and the human's spans. A task's example is
 its latest annotation (by the annotation's own `updated_at`, so webhooks arriving out of order still
@@ -8,7 +8,7 @@ cannot bring one back.
 The example set's fingerprint is an XOR of row digests kept in the same transaction as every change:
 O(1) per write, and it changes whenever the set's content does (a row's digest leaves out its
 `updated_at`: the same correction sent again with a later time changes nothing). Every worker
-reads it from SQLite on each use; the per-process BM25 index is keyed by it (or by the version
+reads it from the store on each use; the per-process BM25 index is keyed by it (or by the version
 the model publishes from it), so it is rebuilt, never stale.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -25,7 +24,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from backend.infra.storage import Database
+from backend.infra.storage import STORE_ERRORS, Database
 from backend.learning.selection import ExampleIndex, token_cost
 from backend.ner.labelconfig import NerSchema, NerTarget
 from backend.ner.mentions import FewShotExample
@@ -37,8 +36,10 @@ EMPTY = "0" * 32
 # SQLite allows at most 32766 variables in one statement: id lists are sent in slices
 ID_SLICE = 500
 INSERT = (
-    "INSERT OR REPLACE INTO examples(project_id, annotation_id, from_name, task_id, text, spans, draft, updated_at, digest, "
-    "stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO examples(project_id, annotation_id, from_name, task_id, text, spans, draft, updated_at, digest, "
+    "stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(project_id, annotation_id, from_name) DO UPDATE SET "
+    "task_id=excluded.task_id, text=excluded.text, spans=excluded.spans, draft=excluded.draft, "
+    "updated_at=excluded.updated_at, digest=excluded.digest, stored_at=excluded.stored_at"
 )
 
 
@@ -107,6 +108,11 @@ def _slices(ids: Sequence[int]) -> Iterable[Sequence[int]]:
     return (ids[i : i + ID_SLICE] for i in range(0, len(ids), ID_SLICE))
 
 
+def fingerprint_of(digests: Iterable[str]) -> str:
+    """The fingerprint of an example set made of rows with these digests."""
+    return _xor(*digests)
+
+
 def _xor(*digests: str) -> str:
     """The XOR of row digests: adding a row and taking it out are the same operation."""
     value = 0
@@ -171,13 +177,9 @@ class ExampleStore:
     def snapshot(self, max_chars: int | None = None) -> tuple[str, list[StoredExample]]:
         """The fingerprint and the current examples (those of at most `max_chars` characters when
         given), read in one transaction so they agree."""
-        conn = self.db.connection()
-        conn.execute("BEGIN")
-        try:
+        with self.db.reading() as conn:
             fingerprint = self.fingerprint()
             rows = self._rows(conn, max_chars)
-        finally:
-            conn.execute("COMMIT")
         return fingerprint, self._latest(rows)
 
     def examples(self) -> list[StoredExample]:
@@ -186,7 +188,7 @@ class ExampleStore:
     def count(self) -> int:
         """How many examples there are (one per task and target), without reading them."""
         rows = self.db.query(
-            "SELECT COUNT(*) AS n FROM (SELECT DISTINCT task_id, from_name FROM examples WHERE project_id=?)",
+            "SELECT COUNT(*) AS n FROM (SELECT DISTINCT task_id, from_name FROM examples WHERE project_id=?) AS targets",
             (self.project_id,),
         )
         return int(rows[0]["n"])
@@ -326,7 +328,7 @@ class ExampleStore:
             return 0
         with self.db.transaction() as conn:
             conn.executemany(
-                "INSERT OR IGNORE INTO deleted_annotations(project_id, annotation_id) VALUES (?, ?)",
+                "INSERT INTO deleted_annotations(project_id, annotation_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [(self.project_id, i) for i in ids],
             )
             return sum(self._remove(conn, part) for part in _slices(ids))
@@ -404,14 +406,15 @@ class ExampleStore:
             return
         try:
             self._write_drafts(rows)
-        except sqlite3.Error as error:
+        except STORE_ERRORS as error:
             # drafts serve the preference export later: a store that cannot be written loses them, not the answer
             log.warning("project %s: LLM drafts not recorded: %s", self.project_id, error)
 
     def _write_drafts(self, rows: list[tuple]) -> None:
-        with self.db.transaction() as conn:
+        with self.db.transaction(durable=False) as conn:
             conn.executemany(
-                "INSERT INTO drafts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(project_id, task_id, from_name) DO UPDATE SET "
+                "INSERT INTO drafts(project_id, task_id, from_name, text, spans, model_version) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(project_id, task_id, from_name) DO UPDATE SET "
                 "text=excluded.text, spans=excluded.spans, model_version=excluded.model_version",
                 rows,
             )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.infra import metrics
-from backend.infra.storage import Database
+from backend.infra.storage import STORE_ERRORS, Database
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +92,16 @@ class ResponseCache:
             self._pending = {}
             self._writing.append(batch)
         try:
-            with self.db.transaction() as conn:
+            with self.db.transaction(durable=False) as conn:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO llm_cache(key, value, created_at) VALUES (?, ?, ?)",
+                    "INSERT INTO llm_cache(key, value, created_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value, created_at=excluded.created_at",
                     [(key, value, at) for key, (value, at) in batch.items()],
                 )
             before, self._puts = self._puts, self._puts + len(batch)
             if self._puts // PRUNE_EVERY != before // PRUNE_EVERY:
                 self.prune()
-        except sqlite3.Error as error:
+        except STORE_ERRORS as error:
             log.warning("response cache: %d answers not written (%s); they will be asked again", len(batch), error)
         finally:
             with self._lock:

@@ -90,7 +90,9 @@ class Jobs:
     def fail_task(self, job_id: str, task_id: int, reason: str) -> None:
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO job_failures(job_id, task_id, reason) VALUES (?, ?, ?)", (job_id, task_id, reason[:500])
+                "INSERT INTO job_failures(job_id, task_id, reason) VALUES (?, ?, ?) "
+                "ON CONFLICT(job_id, task_id) DO UPDATE SET reason=excluded.reason",
+                (job_id, task_id, reason[:500]),
             )
 
     def cancel(self, job_id: str) -> bool:

@@ -8,7 +8,6 @@ import hmac
 import importlib
 import logging
 import os
-import sqlite3
 import threading
 import time
 from typing import Any
@@ -24,7 +23,7 @@ from backend.infra import metrics
 from backend.infra.errors import BackendError, BadRequest, ConfigError
 from backend.infra.payloads import validated
 from backend.infra.settings import Settings, get_settings
-from backend.infra.storage import StoreUnavailable
+from backend.infra.storage import STORE_ERRORS, StoreUnavailable
 from backend.learning.labelstudio import LabelStudioUnavailable
 from backend.ner.labelconfig import parse_label_config
 from backend.protocol.base import LabelStudioMLBase
@@ -226,11 +225,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         log.warning("%s: %s", request.path, error)
         return jsonify(error=str(error), store=error.state), 503
 
-    @app.errorhandler(sqlite3.Error)
-    def _store_error(error: sqlite3.Error):
-        # a full disk, a read-only or damaged file under MODEL_DIR: say so (503), and /health reports it
+    def _store_error(error: Exception):
+        # a full disk, a read-only or damaged file under MODEL_DIR, PostgreSQL unreachable: say so (503),
+        # and /health reports it
         db.note_failure(error)
-        return _store_unavailable(StoreUnavailable(db.path, error))
+        return _store_unavailable(db.unavailable(error))
+
+    for store_error in STORE_ERRORS:
+        app.register_error_handler(store_error, _store_error)
 
     @app.errorhandler(LabelStudioUnavailable)
     def _label_studio_unavailable(error: LabelStudioUnavailable):
@@ -283,7 +285,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if body.label_config:
             try:
                 db.save_label_config(project, label_config)
-            except sqlite3.Error as error:  # the request carries its config: pre-labels need no write
+            except STORE_ERRORS as error:  # the request carries its config: pre-labels need no write
                 db.note_failure(error)
                 log.warning("/predict: the label config of project %s not saved: %s", project, error)
         model = registry.get(project, label_config)

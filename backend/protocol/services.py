@@ -1,6 +1,6 @@
 """Everything one process creates once and every model object shares: the single home of process state.
 
-One `Database` per process (SQLite keeps a connection per thread), and on it the response cache and
+One `Database` per process (SQLite keeps a connection per thread, PostgreSQL a pool), and on it the response cache and
 the usage ledger; the per-process example indexes; the guards that keep a project's rebuild and the
 warm start from running twice at once; how far webhooks are trusted, the client for calls back to
 Label Studio and the job that secures each project's webhook. Nothing below this layer keeps state
@@ -50,7 +50,7 @@ class Services:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
-        db = Database.in_dir(settings.model_dir)
+        db = Database.from_settings(settings)
         cache = ResponseCache(db, settings.llm_cache_max_rows) if settings.llm_cache else None
         if cache is not None:
             atexit.register(cache.flush)  # a worker stopped gracefully keeps its last answers

@@ -8,7 +8,6 @@ import gc
 import logging
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 import threading
@@ -30,7 +29,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     load_templates(settings.prompts_dir, settings.occurrence_hints)
     settings.model_dir.mkdir(parents=True, exist_ok=True)
-    _check_store(settings.model_dir)
+    _check_store(settings)
     # prometheus_client's multiprocess mode: every worker writes its samples here, /metrics sums them
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir())
     # (only now: importing the llm package creates the metrics, which must see PROMETHEUS_MULTIPROC_DIR)
@@ -90,16 +89,78 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_store(model_dir: Path) -> None:
-    """One line naming the store file when it cannot be used, before any worker tries (and fails) to boot."""
-    from backend.infra.storage import Database, StoreUnavailable
+def _check_store(settings) -> None:
+    """One line naming the store (the file, or PostgreSQL's host and database) when it cannot be used,
+    before any worker tries (and fails) to boot. Migrates it to the newest schema."""
+    from backend.infra.storage import DB_NAME, STORE_ERRORS, Database, StoreUnavailable
 
+    setting = "DATABASE_URL" if settings.database_url is not None else "MODEL_DIR"
     try:
-        Database.in_dir(model_dir).check()
+        db = Database.from_settings(settings)
+    except StoreUnavailable as error:  # PostgreSQL unreachable
+        raise ConfigError(f"{setting}: {error}") from None
+    except STORE_ERRORS as error:  # opening the file failed already
+        raise ConfigError(f"{setting}: {StoreUnavailable(settings.model_dir / DB_NAME, error)}") from None
+    try:
+        db.check()
     except StoreUnavailable as error:
-        raise ConfigError(f"MODEL_DIR: {error}") from None
-    except sqlite3.Error as error:  # opening it failed already
-        raise ConfigError(f"MODEL_DIR: {StoreUnavailable(model_dir / 'backend.sqlite3', error)}") from None
+        raise ConfigError(f"{setting}: {error}") from None
+    finally:
+        db.close()  # its pool's threads would not survive gunicorn's fork: each worker makes its own
+    return None
+
+
+# ---- migrate, migrate-store: the store's schema, and SQLite to PostgreSQL ----
+def _store_settings():
+    from backend.infra.settings import load_settings
+
+    # no LLM key is needed to migrate a store
+    return load_settings(**({} if os.environ.get("OPENAI_API_KEY") else {"openai_api_key": "not-needed-to-migrate"}))
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    settings = _store_settings()
+    if settings.database_url is None:
+        settings.model_dir.mkdir(parents=True, exist_ok=True)
+    _check_store(settings)  # migrates, or says in one line why it cannot
+    from backend.infra.storage import MIGRATIONS, Database
+
+    db = Database.from_settings(settings)
+    try:
+        engine = "PostgreSQL" if db.engine == "postgresql" else "SQLite"
+        print(f"{engine} store {db.where}: schema version {db.version()} (newest {len(MIGRATIONS)})")
+    finally:
+        db.close()
+    return 0
+
+
+def run_migrate_store(args: argparse.Namespace) -> int:
+    from backend.infra.storage import DB_NAME, STORE_ERRORS, Database, StoreUnavailable, redact_url
+    from backend.tools.migrate_store import copy_store
+
+    model_dir = Path(args.model_dir) if args.model_dir else _store_settings().model_dir
+    path = model_dir / DB_NAME
+    if not path.is_file():
+        raise ConfigError(f"--model-dir: no SQLite store at {path}")
+    if not args.to.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("--to: must be a postgresql:// URL")
+    try:
+        source = Database(path)
+    except STORE_ERRORS as error:
+        raise BackendError(str(StoreUnavailable(path, error))) from None
+    target = Database(url=args.to)  # unreachable: StoreUnavailable, naming host and database
+    try:
+        counts = copy_store(source, target)
+    except STORE_ERRORS as error:
+        raise BackendError(f"copying {path} to {redact_url(args.to)} failed, nothing was written: {error}") from None
+    finally:
+        target.close()
+        source.close()
+    print(f"copied {path} into {target.where}:")
+    for table, (rows, changed) in counts.items():
+        what = "projects, fingerprints updated" if table == "example_sets" else "rows, added or replaced"
+        print(f"  {table:<20} {rows:>8} {what}: {changed}")
+    return 0
 
 
 def _metrics_dir() -> Path:
@@ -419,6 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
     serve.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
     serve.set_defaults(handler=run_serve)
+
+    migrate = commands.add_parser(
+        "migrate", help="bring the store (DATABASE_URL, else SQLite under MODEL_DIR) to the newest schema; print its version"
+    )
+    migrate.set_defaults(handler=run_migrate)
+    copy = commands.add_parser(
+        "migrate-store", help="copy a SQLite store into PostgreSQL (idempotent: a second run changes nothing)"
+    )
+    copy.add_argument("--to", required=True, metavar="postgresql://...", help="the PostgreSQL database to copy into")
+    copy.add_argument("--model-dir", metavar="DIR", help="the MODEL_DIR holding backend.sqlite3 (default: MODEL_DIR)")
+    copy.set_defaults(handler=run_migrate_store)
 
     imp = commands.add_parser("import-conll", help="import CoNLL files into a Label Studio project")
     imp.add_argument("files", nargs="+", metavar="FILE")
