@@ -67,6 +67,19 @@ def test_a_job_pre_labels_every_task_once_with_the_backends_version_and_opening_
     assert "0 pre-labeled, 0 failed, 120 skipped of 120 read" in again.stdout and len(llm.requests) == 120
 
 
+def test_concurrency_option_keeps_that_many_calls_in_flight_beyond_the_clients_default(
+    label_studio, connected_project, llm, tmp_path
+):
+    # the LLM client lets 8 calls through without PREDICT_CONCURRENCY: --concurrency 12 must raise that
+    # too (it once sized only the job's threads, and a job asked for 16 ran 8 at a time, 2x the ideal)
+    llm.gazetteer = dict(GAZETTEER)
+    llm.latency = 0.3
+    project = connected_project(texts(48), title="concurrency", connect=False)
+    done = prelabel(llm, tmp_path / "model", label_studio, "--project", str(project.id), "--yes", "--concurrency", "12")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(llm.requests) == 48 and llm.peak_in_flight == 12
+
+
 def test_kill_9_mid_job_then_run_again_continues_without_duplicates_or_paying_twice(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
