@@ -155,6 +155,12 @@ def test_scope_stale_re_pre_labels_unannotated_tasks_after_a_correction(
     for task in project.tasks():
         versions = sorted(p.model_version for p in project.predictions(task.id))
         assert versions == ([old] if task.id == first.id else sorted([old, new]))
+    # these scopes list each task's prediction versions as Label Studio joins them, not every prediction
+    again = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "unannotated", "--yes")
+    assert "0 pre-labeled, 0 failed, 6 skipped of 6 read" in again.stdout, again.stdout + again.stderr
+    annotated_too = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "all", "--yes")
+    assert "1 pre-labeled, 0 failed, 5 skipped of 6 read" in annotated_too.stdout, annotated_too.stdout + annotated_too.stderr
+    assert sorted(p.model_version for p in project.predictions(first.id)) == sorted([old, new])
 
 
 def test_a_job_runs_inside_the_backend_over_http_with_progress_and_cancel(

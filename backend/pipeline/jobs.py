@@ -30,7 +30,7 @@ from backend.infra.storage import Database
 from backend.infra.usage import Usage, UsageLedger, cost_usd, metering
 from backend.pipeline.delivery import Deliveries, Delivery, import_predictions
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, unanswered_reason
-from backend.pipeline.scope import field_of, wanted
+from backend.pipeline.scope import field_of, listed_fields, wanted
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,10 @@ class JobSpec:
     attempts: int = 3  # tries per task within the job (each try has the LLM client's own retries)
 
 
-def project_tasks(client: Any, project_id: int) -> Iterator[Any]:
-    """Every task of the project, read a page at a time (the SDK's pager fetches the next page lazily)."""
-    yield from client.tasks.list(project=project_id, fields="all", page_size=PAGE)
+def project_tasks(client: Any, project_id: int, include: str | None = None) -> Iterator[Any]:
+    """Every task of the project, read a page at a time (the SDK's pager fetches the next page lazily);
+    `include`: only these fields of each (scope.listed_fields)."""
+    yield from client.tasks.list(project=project_id, fields="all", page_size=PAGE, **({"include": include} if include else {}))
 
 
 class Jobs:
@@ -304,7 +305,7 @@ class ProjectJob:
     def _in_scope(self) -> Iterator[dict[str, Any]]:
         """The project's tasks the scope wants, at most `limit`, as {"id", "data"}; counts what it reads."""
         taken = 0
-        for task in project_tasks(self.client, self.spec.project_id):
+        for task in project_tasks(self.client, self.spec.project_id, listed_fields(self.spec.scope, self.version)):
             if self.spec.limit is not None and taken >= self.spec.limit:
                 return
             self.progress.seen += 1
