@@ -67,6 +67,19 @@ def test_a_job_pre_labels_every_task_once_with_the_backends_version_and_opening_
     assert "0 pre-labeled, 0 failed, 120 skipped of 120 read" in again.stdout and len(llm.requests) == 120
 
 
+def test_concurrency_option_keeps_that_many_calls_in_flight_beyond_the_clients_default(
+    label_studio, connected_project, llm, tmp_path
+):
+    # the LLM client lets 8 calls through without PREDICT_CONCURRENCY: --concurrency 12 must raise that
+    # too (it once sized only the job's threads, and a job asked for 16 ran 8 at a time, 2x the ideal)
+    llm.gazetteer = dict(GAZETTEER)
+    llm.latency = 0.3
+    project = connected_project(texts(48), title="concurrency", connect=False)
+    done = prelabel(llm, tmp_path / "model", label_studio, "--project", str(project.id), "--yes", "--concurrency", "12")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(llm.requests) == 48 and llm.peak_in_flight == 12
+
+
 def test_kill_9_mid_job_then_run_again_continues_without_duplicates_or_paying_twice(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
@@ -142,6 +155,12 @@ def test_scope_stale_re_pre_labels_unannotated_tasks_after_a_correction(
     for task in project.tasks():
         versions = sorted(p.model_version for p in project.predictions(task.id))
         assert versions == ([old] if task.id == first.id else sorted([old, new]))
+    # these scopes list each task's prediction versions as Label Studio joins them, not every prediction
+    again = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "unannotated", "--yes")
+    assert "0 pre-labeled, 0 failed, 6 skipped of 6 read" in again.stdout, again.stdout + again.stderr
+    annotated_too = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "all", "--yes")
+    assert "1 pre-labeled, 0 failed, 5 skipped of 6 read" in annotated_too.stdout, annotated_too.stdout + annotated_too.stderr
+    assert sorted(p.model_version for p in project.predictions(first.id)) == sorted([old, new])
 
 
 def test_a_job_runs_inside_the_backend_over_http_with_progress_and_cancel(

@@ -68,6 +68,36 @@ def describe_error(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"[:300]
 
 
+def sdk_client(url: str, api_key: str, timeout: float | None = None) -> Any:
+    """The SDK's client for what the backend and its tools call (projects, tasks, annotations,
+    predictions). Not `label_studio_sdk.client.LabelStudio`: its projects extension imports pandas for
+    DataFrame exports, a third of a project job's memory (~50 MB), and nothing here exports. What its
+    extensions do for listings is kept: a listing ends at the 404 Label Studio answers past the last page."""
+    from label_studio_sdk._extensions.pager_ext import SyncPagerExt
+    from label_studio_sdk.base_client import LabelStudioBase
+    from label_studio_sdk.projects.client import ProjectsClient
+    from label_studio_sdk.tasks.client_ext import TasksClientExt
+
+    class Projects(ProjectsClient):
+        def list(self, **kwargs: Any) -> Any:
+            return SyncPagerExt.from_sync_pager(super().list(**kwargs))
+
+    class LabelStudio(LabelStudioBase):
+        @property
+        def tasks(self) -> TasksClientExt:  # type: ignore[override]
+            if self._tasks is None:
+                self._tasks = TasksClientExt(client_wrapper=self._client_wrapper)
+            return self._tasks
+
+        @property
+        def projects(self) -> Projects:  # type: ignore[override]
+            if self._projects is None:
+                self._projects = Projects(client_wrapper=self._client_wrapper)
+            return self._projects
+
+    return LabelStudio(base_url=url, api_key=api_key, timeout=timeout)
+
+
 class LabelStudioSource:
     """One per process (Services holds it): the SDK client is made once and shared by threads."""
 
@@ -82,9 +112,7 @@ class LabelStudioSource:
     def client(self) -> Any:
         with self._lock:
             if self._client is None:
-                from label_studio_sdk.client import LabelStudio
-
-                self._client = LabelStudio(base_url=self.url, api_key=self._api_key, timeout=self._timeout)
+                self._client = sdk_client(self.url, self._api_key, self._timeout)
             return self._client
 
     # ---- reading ----

@@ -70,10 +70,10 @@ class Delivery:
     score: float | None
 
 
-def label_studio_client(url: str, api_key: str) -> Any:
-    from label_studio_sdk.client import LabelStudio
+def label_studio_client(url: str, api_key: str, timeout: float | None = None) -> Any:
+    from backend.learning.labelstudio import sdk_client
 
-    return LabelStudio(base_url=url, api_key=api_key)
+    return sdk_client(url, api_key, timeout)
 
 
 def read_project(client: Any, project_id: int) -> Any:

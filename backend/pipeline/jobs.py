@@ -30,12 +30,17 @@ from backend.infra.storage import Database
 from backend.infra.usage import Usage, UsageLedger, cost_usd, metering
 from backend.pipeline.delivery import Deliveries, Delivery, import_predictions
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, unanswered_reason
-from backend.pipeline.scope import field_of, wanted
+from backend.pipeline.scope import field_of, listed_fields, wanted
 
 log = logging.getLogger(__name__)
 
-CHUNK = 500  # finished tasks written to Label Studio in one call (each call has a large fixed cost there)
-WRITE_EVERY = 2.0  # seconds: with a slow provider, what is finished is written at least this often
+CHUNK = 500  # finished tasks handed to the writer at once
+WRITE_EVERY = 2.0  # seconds: with a slow provider, what is finished is cached and handed over at least this often
+# Each import_predictions call costs Label Studio 1.23 a recount over every task of the project that has a
+# prediction (~0.7 ms each: 7 s a call at 10,000 tasks), whatever the call's size. So the writer writes
+# everything finished while its last call ran, up to MAX_WRITE, in one call: calls grow as the project does.
+MAX_WRITE = 5000
+MAX_UNWRITTEN = 10_000  # finished tasks waiting for the writer: beyond, no new task starts (memory stays bounded)
 PAGE = 500  # tasks read from Label Studio per request
 _END = object()  # the end of a queue
 HEARTBEAT = 60.0  # a running job not heard of for this long was interrupted (its process died)
@@ -51,9 +56,10 @@ class JobSpec:
     attempts: int = 3  # tries per task within the job (each try has the LLM client's own retries)
 
 
-def project_tasks(client: Any, project_id: int) -> Iterator[Any]:
-    """Every task of the project, read a page at a time (the SDK's pager fetches the next page lazily)."""
-    yield from client.tasks.list(project=project_id, fields="all", page_size=PAGE)
+def project_tasks(client: Any, project_id: int, include: str | None = None) -> Iterator[Any]:
+    """Every task of the project, read a page at a time (the SDK's pager fetches the next page lazily);
+    `include`: only these fields of each (scope.listed_fields)."""
+    yield from client.tasks.list(project=project_id, fields="all", page_size=PAGE, **({"include": include} if include else {}))
 
 
 class Jobs:
@@ -200,16 +206,18 @@ class ProjectJob:
         self.failures: dict[int, str] = {}  # task id -> why its last try failed
         self.stop: tuple[str, str] | None = None  # (state, why) once the job must end early
         self.reading = True
+        self.handed = self.taken = 0  # finished tasks handed to the writer (this thread), taken by it (its thread)
 
     def run(self) -> dict[str, Any]:
         """Pre-label the project's tasks in scope; returns the job's final record.
 
         Three threads keep the provider busy: a reader fetches pages of tasks ahead, this thread
         keeps 2 x `concurrency` tasks in flight (the next starts as soon as one ends, never waiting
-        for the slowest of a batch), and a writer puts finished ones into Label Studio CHUNK at a time."""
+        for the slowest of a batch), and a writer puts finished ones into Label Studio, all that finished
+        during its previous call at once."""
         state, message = "running", ""
         todo: queue.Queue = queue.Queue(maxsize=2 * PAGE)
-        writes: queue.Queue = queue.Queue(maxsize=4)
+        writes: queue.Queue = queue.Queue()  # bounded by MAX_UNWRITTEN tasks
         reader = threading.Thread(target=self._read, args=(todo,), name=f"job-{self.job_id}-read", daemon=True)
         writer = threading.Thread(target=self._write_all, args=(writes,), name=f"job-{self.job_id}-write", daemon=True)
         reader.start()
@@ -222,7 +230,7 @@ class ProjectJob:
         last_write = time.monotonic()
         try:
             while self.stop is None:
-                while not read_all and len(in_flight) < 2 * concurrency:
+                while not read_all and len(in_flight) < 2 * concurrency and self.handed - self.taken < MAX_UNWRITTEN:
                     try:
                         item = todo.get_nowait() if in_flight else todo.get(timeout=0.5)
                     except queue.Empty:
@@ -236,6 +244,8 @@ class ProjectJob:
                 if read_all and not in_flight:
                     break
                 if not in_flight:
+                    if self.handed - self.taken >= MAX_UNWRITTEN:
+                        time.sleep(0.1)  # the writer is behind: wait for it rather than spin
                     continue
                 done, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -250,9 +260,15 @@ class ProjectJob:
                     if attempt + 1 < self.spec.attempts:  # an outage may pass: try it again, later
                         in_flight[pool.submit(self._attempt, task, attempt + 1)] = (task, attempt + 1)
                 if len(finished) >= CHUNK or (finished and time.monotonic() - last_write > WRITE_EVERY):
+                    # answers into the shared cache now, not when the writer gets to them (it may be in a
+                    # long call): a killed job asks nothing twice but what was in flight
+                    self.prelabeler.source.flush()
+                    self.handed += len(finished)
                     writes.put(finished)
                     finished, last_write = [], time.monotonic()
             if finished and self.stop is None:
+                self.prelabeler.source.flush()
+                self.handed += len(finished)
                 writes.put(finished)
         except Exception as error:  # noqa: BLE001 - recorded on the job: the caller reads the state
             self.stop = ("failed", f"{type(error).__name__}: {str(error)[:300]}")
@@ -291,7 +307,21 @@ class ProjectJob:
             todo.put(error)
 
     def _write_all(self, writes: queue.Queue) -> None:
-        while (batch := writes.get()) is not _END:
+        ended = False
+        while not ended:
+            batch = writes.get()
+            if batch is _END:
+                break
+            while len(batch) < MAX_WRITE:  # what finished during the previous call: one call for all of it
+                try:
+                    more = writes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _END:
+                    ended = True
+                    break
+                batch = batch + more
+            self.taken += len(batch)
             if self.stop is not None:
                 continue  # stopped: what is left is in the cache for the next run
             try:
@@ -304,7 +334,7 @@ class ProjectJob:
     def _in_scope(self) -> Iterator[dict[str, Any]]:
         """The project's tasks the scope wants, at most `limit`, as {"id", "data"}; counts what it reads."""
         taken = 0
-        for task in project_tasks(self.client, self.spec.project_id):
+        for task in project_tasks(self.client, self.spec.project_id, listed_fields(self.spec.scope, self.version)):
             if self.spec.limit is not None and taken >= self.spec.limit:
                 return
             self.progress.seen += 1

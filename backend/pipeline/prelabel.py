@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.infra import metrics
-from backend.infra.deadline import DeadlineExceeded, Outcome, map_in_order
+from backend.infra.deadline import DeadlineExceeded, Outcome, map_in_order, time_left
 from backend.infra.errors import BadRequest, LLMError
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage
@@ -196,13 +196,19 @@ class Prelabeler:
     def aligned(self, target: NerTarget, text: str, outcome: TaskOutcome) -> tuple[Alignment, list[Found]]:
         """One LLM call for a text within the context budget; beyond it, one per overlapping chunk."""
         chunks = split(text, self.context_chars, self.chunk_overlap)
-        # under a /predict's deadline, map_in_order runs a single chunk inline, in this thread
-        calls = map_in_order(
-            lambda chunk: self.entities_for(target, text[chunk.start : chunk.end]),
-            chunks,
-            concurrency=min(4, len(chunks)),
-            deadline_seconds=3600.0,  # map_in_order caps it by the deadline of the /predict it runs under
-        )
+        ask = lambda chunk: self.entities_for(target, text[chunk.start : chunk.end])  # noqa: E731
+        if len(chunks) == 1 and time_left() is None:
+            # no deadline to keep (a project job): one call, in this thread. A pool per task cost every
+            # task a thread start and, in that new thread, a new SQLite connection for the cache lookup
+            calls = [Outcome(value=ask(chunks[0]))]
+        else:
+            # under a /predict's deadline, map_in_order runs a single chunk inline, in this thread
+            calls = map_in_order(
+                ask,
+                chunks,
+                concurrency=min(4, len(chunks)),
+                deadline_seconds=3600.0,  # map_in_order caps it by the deadline of the /predict it runs under
+            )
         founds: list[Found] = []
         answers: list[list[tuple[str, str]]] = []
         known = target.label_set

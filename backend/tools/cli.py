@@ -403,8 +403,12 @@ def run_prelabel(args: argparse.Namespace) -> int:
     from backend.tools.prelabel import Options, run_prelabel
 
     settings = load_settings()
+    if args.concurrency:
+        # the LLM client's gate lets PREDICT_CONCURRENCY calls through (8 without it, or what the
+        # probe's burst of 8 measured): --concurrency N must raise that too, or N - 8 threads wait on it
+        settings = settings.model_copy(update={"predict_concurrency": args.concurrency})
     configure_logging(settings.log_level, settings_secrets(settings))
-    spec = JobSpec(args.project, args.scope, args.limit, args.concurrency or settings.predict_concurrency, args.max_cost)
+    spec = JobSpec(args.project, args.scope, args.limit, settings.predict_concurrency, args.max_cost)
     options = Options(dry_run=args.dry_run, yes=args.yes, confirm_usd=settings.prelabel_confirm_usd, progress=not args.quiet)
     return run_prelabel(connect(args.url, args.api_key), spec, settings, options)
 
@@ -416,6 +420,13 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
     if not 1 <= number <= 10**9:
         raise argparse.ArgumentTypeError(f"{value} is not between 1 and 1000000000")
+    return number
+
+
+def _concurrency(value: str) -> int:
+    number = _positive_int(value)
+    if number > 256:  # PREDICT_CONCURRENCY's bound
+        raise argparse.ArgumentTypeError(f"{value} is more than 256 calls in flight")
     return number
 
 
@@ -569,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--scope", choices=SCOPES, default="missing",
                      help="; ".join(f"{name}: {text}" for name, text in SCOPE_HELP.items()))
     pre.add_argument("--limit", type=_positive_int, help="pre-label at most this many tasks")
-    pre.add_argument("--concurrency", type=_positive_int, help="LLM calls in flight (default PREDICT_CONCURRENCY)")
+    pre.add_argument("--concurrency", type=_concurrency, help="LLM calls in flight (default PREDICT_CONCURRENCY)")
     pre.add_argument("--max-cost", type=_positive_float, help="USD: refuse a job whose estimate is above, stop one that spends it")
     pre.add_argument("--dry-run", action="store_true", help="print the estimate and exit; sends nothing to the LLM")
     pre.add_argument("--yes", action="store_true", help="do not ask before spending more than PRELABEL_CONFIRM_USD")

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import bpe_openai
-
 from backend.infra.usage import Usage, cost_usd, price_of
 from backend.ner.labelconfig import parse_label_config
 from backend.ner.mentions import FewShotExample, entities_json
@@ -27,6 +25,9 @@ from backend.tools.importer import label_config_for, sdk_errors
 
 @lru_cache(maxsize=4)
 def _encoding(model: str):
+    # imported here: its tables cost ~60 MB of memory, and `llm-ner prelabel --yes` estimates nothing
+    import bpe_openai
+
     try:
         return bpe_openai.encoding_for_model(model)
     except Exception:  # noqa: BLE001 - an unknown (non-OpenAI) model: count with the newest table

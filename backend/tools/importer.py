@@ -42,13 +42,13 @@ class LabelStudioError(BackendError):
 
 def connect(url: str, api_key: str) -> Any:
     """The SDK client; `api_key` is a personal access token or a legacy token."""
-    from label_studio_sdk.client import LabelStudio
+    from backend.pipeline.delivery import label_studio_client
 
     if not url.startswith(("http://", "https://")):
         raise LabelStudioError(f"--url must start with http:// or https:// (got {url!r})")
     if not api_key:
         raise LabelStudioError("--api-key is empty (or set LABEL_STUDIO_API_KEY)")
-    return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=120)
+    return label_studio_client(url.rstrip("/"), api_key, timeout=120)
 
 
 def _detail(body: Any) -> str:

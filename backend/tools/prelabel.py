@@ -19,7 +19,7 @@ from backend.infra.errors import BackendError
 from backend.infra.settings import Settings
 from backend.pipeline.delivery import read_project
 from backend.pipeline.jobs import JobSpec, Progress, project_tasks
-from backend.pipeline.scope import field_of, wanted
+from backend.pipeline.scope import field_of, listed_fields, wanted
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.server import load_model_class
 from backend.protocol.services import Services
@@ -49,7 +49,7 @@ def _estimate(model: Any, client: Any, spec: JobSpec, settings: Settings) -> Est
     task = prelabeler.tasks[target.from_name]
     texts: list[tuple[str, None]] = []
     examples: list = []
-    for item in project_tasks(client, spec.project_id):
+    for item in project_tasks(client, spec.project_id, listed_fields(spec.scope, model.model_version)):
         if not wanted(item, model.model_version, spec.scope):
             continue
         text = (field_of(item, "data") or {}).get(target.data_key)
