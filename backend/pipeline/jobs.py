@@ -497,6 +497,8 @@ def plan_chunks(
         message = f"reading the project stopped: {type(error).__name__}: {str(error)[:300]}"
         log.warning("job %s: %s", job_id, message)
     jobs.planned(job_id, seen, skipped, message)
+    if message:
+        jobs.finish(job_id, "failed", message)  # the chunks handed over still run and count
     return jobs.get(job_id) or {}
 
 

@@ -86,7 +86,8 @@ class JobQueue:
 
     def plan(self, jobs: Jobs, job_id: str, spec: JobSpec, client: Any, model_version: str) -> dict[str, Any]:
         """Read the project and hand its tasks in scope to the queue, JOB_CHUNK at a time."""
-        return plan_chunks(jobs, job_id, spec, client, model_version, self.settings.job_chunk, self.enqueue_chunk)
+        return plan_chunks(jobs, job_id, spec, client, model_version, self.settings.job_chunk,
+                           lambda chunk, tasks: self.enqueue_chunk(job_id, chunk, tasks))
 
     def cancel(self, jobs: Jobs, job_id: str) -> bool:
         """Ask every worker's chunks of the job to stop (they look between writes) and take its queued
@@ -214,5 +215,6 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> in
         heartbeat=settings.worker_heartbeat,
     )
     log.info("worker %s: queues %s on Redis at %s", worker.name, ", ".join(queues), redis_place(settings))
-    worker.work(burst=burst, logging_level=settings.log_level)
+    # RQ logs each maintenance pass (every heartbeat) at INFO: its own lines from WARNING up, unless debugging
+    worker.work(burst=burst, logging_level="DEBUG" if settings.log_level == "DEBUG" else "WARNING")
     return 0
