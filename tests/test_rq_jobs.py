@@ -22,7 +22,7 @@ from redis import Redis
 from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 
-from tests.conftest import NER_CONFIG, gazetteer_spans, ls_args, region_tuples
+from tests.conftest import NER_CONFIG, cli_on_fake, gazetteer_spans, ls_args, region_tuples
 from tests.processes import REPO, backend_env, wait_until
 
 pytestmark = pytest.mark.label_studio
@@ -43,7 +43,7 @@ def store(request, tmp_path: Path) -> dict[str, str]:
 def rq_env(llm, store, label_studio, redis_url, **extra: str) -> dict[str, str]:
     """The backend's settings, as every process of a test (backend, CLI, workers) gets them."""
     values = dict(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token, REDIS_URL=redis_url,
-                  LLM_RETRY_BASE="0.01", JOB_CHUNK="20", WORKER_HEARTBEAT="1", DELIVERY_LEASE="9", **store)
+                  LLM_RETRY_BASE="0.01", JOB_CHUNK="20", WORKER_HEARTBEAT="1", DELIVERY_LEASE="30", **store)
     values.update(extra)
     return backend_env(llm.base_url, Path(values.pop("MODEL_DIR")), **values)
 
@@ -180,3 +180,17 @@ def test_llm_rpm_is_one_budget_for_two_processes_sharing_redis(backend_factory, 
     answered = sum(1 for answer in answers for entry in answer["results"] if entry != [])
     assert len(llm.requests) == 10 and answered == 10
 
+
+
+def test_a_worker_says_what_it_lacks_instead_of_a_traceback(llm, tmp_path, redis_url):
+    unset = cli_on_fake(llm, tmp_path, "worker")
+    assert unset.returncode == 2 and "set REDIS_URL" in unset.stderr
+    malformed = cli_on_fake(llm, tmp_path, "worker", REDIS_URL="http://127.0.0.1:6379")
+    assert malformed.returncode == 2 and "REDIS_URL" in malformed.stderr
+    unreachable = cli_on_fake(llm, tmp_path, "worker", REDIS_URL="redis://:hunter2@127.0.0.1:1/0")
+    assert unreachable.returncode == 1 and "cannot reach Redis at 127.0.0.1:1" in unreachable.stderr
+    assert "hunter2" not in unreachable.stderr
+    no_label_studio = cli_on_fake(llm, tmp_path, "worker", REDIS_URL=redis_url)
+    assert no_label_studio.returncode == 2 and "LABEL_STUDIO_URL" in no_label_studio.stderr
+    for run in (unset, malformed, unreachable, no_label_studio):
+        assert "Traceback" not in run.stderr
