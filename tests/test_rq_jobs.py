@@ -22,7 +22,8 @@ from redis import Redis
 from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 
-from tests.conftest import NER_CONFIG, cli_on_fake, gazetteer_spans, ls_args, region_tuples
+from tests.conftest import NER_CONFIG, cli, cli_on_fake, gazetteer_spans, ls_args, region_tuples
+from tests.fake_llm import Reply
 from tests.processes import REPO, backend_env, wait_until
 
 pytestmark = pytest.mark.label_studio
@@ -157,6 +158,23 @@ def test_cancel_stops_every_workers_chunks_and_takes_the_queued_ones_off_the_que
     assert len(llm.requests) <= final["done"] + 2 * 2
     assert sum(chunks_ran(w.log_path.read_text(), job_id, "cancelled") for w in workers) >= 1
     assert httpx.delete(f"{backend.url}/jobs/{job_id}", timeout=30).status_code == 409
+
+
+def test_a_task_failing_in_a_workers_chunk_is_reported_with_its_reason_and_never_written_empty(
+    label_studio, backend_factory, connected_project, worker_factory, llm, store, redis_url
+):
+    llm.gazetteer = dict(GAZETTEER)
+    llm.responder = lambda body: Reply(status=500) if "poison" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
+    env = rq_env(llm, store, label_studio, redis_url, LLM_MAX_RETRIES="0")
+    project = connected_project(["Ada Lovelace in Oslo.", "poison pill", "Royal Society."], title="rq failing",
+                                backend=backend_factory(workers=1, model_dir=Path(env["MODEL_DIR"])))
+    worker_factory(env)
+    done = cli("prelabel", "--project", str(project.id), "--yes", "--quiet", *ls_args(label_studio), env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    poisoned = project.tasks()[1]
+    assert "2 pre-labeled, 1 failed, 0 skipped of 3 read" in done.stdout
+    assert f"task {poisoned.id}: llm_server: HTTP 500" in done.stdout
+    assert project.predictions(poisoned.id) == [] and len(llm.requests) == 2 + 3  # the poisoned one tried 3 times
 
 
 def test_llm_rpm_is_one_budget_for_two_processes_sharing_redis(backend_factory, llm, tmp_path, redis_url):

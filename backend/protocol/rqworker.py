@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Callback, Queue, Retry, SimpleWorker
+from rq import Callback, Queue, Retry, SimpleWorker, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.worker import WorkerStatus
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 QUEUE = "llm-ner"
 CHUNK_RETRIES = 3  # runs of a chunk after its first (a dead worker, Label Studio down...)
+RETRY_BACKOFF = (2.0, 10.0, 30.0)  # seconds before the 1st, 2nd, 3rd run again of a chunk that raised
 CHUNK_TIMEOUT = 3600  # seconds: RQ stops a chunk that runs longer (its tasks' LLM calls have their own timeouts)
 MISSED_BEATS = 3  # heartbeats a running chunk may miss before it counts as abandoned
 
@@ -147,7 +149,19 @@ def perform_chunk(job_id: str, chunk: int, tasks: list[dict[str, Any]]) -> str:
         raise BackendError("this worker cannot run the chunk: LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY unset, or the project unknown")
     spec = JobSpec(**json.loads(record["spec"]))
     model = rt.registry.get(record["project_id"], label_config)
-    ended = model.prelabel_chunk(rt.services.label_studio, job_id, chunk, spec, record["model_version"], tasks).run()
+    try:
+        ended = model.prelabel_chunk(rt.services.label_studio, job_id, chunk, spec, record["model_version"], tasks).run()
+    except Exception as error:
+        current = get_current_job()
+        left = current.retries_left if current is not None else None
+        if left:
+            # RQ puts a failed job straight back on the queue: back off first (Label Studio may be
+            # restarting), longer at each run; this worker waits, it could not write meanwhile either
+            delay = RETRY_BACKOFF[min(CHUNK_RETRIES - left, len(RETRY_BACKOFF) - 1)]
+            log.warning("job %s chunk %d failed (%s: %s); run again in %g s", job_id, chunk, type(error).__name__,
+                        str(error)[:200], delay)
+            time.sleep(delay)
+        raise
     log.info("job %s chunk %d (%d tasks): %s", job_id, chunk, len(tasks), ended or "ended by another run")
     return ended
 
