@@ -2,8 +2,8 @@
 over HTTP: a job split into chunks across two `llm-ner worker` processes, a worker killed mid-chunk,
 a cancel that stops every worker's chunks, and LLM_RPM shared by two processes.
 
-Every process of a test shares one store: SQLite in one MODEL_DIR (one host) today; the `store`
-fixture is where PostgreSQL (DATABASE_URL) joins as a second parameter once the storage layer has it.
+The multi-worker tests run once per store engine (`database_url`): SQLite in one MODEL_DIR shared by
+every process (one host), and PostgreSQL (as several hosts would share it).
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ def texts(n: int) -> list[str]:
     return [f"Note {i}: Ada Lovelace wrote to the Royal Society from Oslo." if i % 4 else f"Note {i}: nothing here." for i in range(n)]
 
 
-@pytest.fixture(params=["sqlite"])
-def store(request, tmp_path: Path) -> dict[str, str]:
-    """The settings that give every process of the test one shared store."""
-    return {"MODEL_DIR": str(tmp_path / "model")}
+@pytest.fixture
+def store(database_url, tmp_path: Path) -> dict[str, str]:
+    """The settings that give every process of the test one shared store: SQLite in one MODEL_DIR (one
+    host), or PostgreSQL (DATABASE_URL: any host; each process still has a MODEL_DIR of its own)."""
+    return {"MODEL_DIR": str(tmp_path / "model"), **({"DATABASE_URL": database_url} if database_url else {})}
 
 
 def rq_env(llm, store, label_studio, redis_url, **extra: str) -> dict[str, str]:
