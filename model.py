@@ -27,7 +27,7 @@ from backend.pipeline.interactive import (
     read_marks,
     submitted_guidelines,
 )
-from backend.pipeline.jobs import JobSpec, ProjectJob
+from backend.pipeline.jobs import ChunkRun, JobSpec, ProjectJob
 from backend.pipeline.prelabel import Prelabeler, unanswered_reason
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.wire import ModelResponse, PredictionValue
@@ -113,6 +113,14 @@ class NERModel(LabelStudioMLBase):
         return ProjectJob(
             self.services.jobs, self.services.jobs.create(spec, version, total), spec, client, self.prelabeler(version),
             version, self.services.deliveries, self.services.usage, self.services.price, on_progress,
+            record_drafts=lambda tasks, results: self.examples.record_drafts(self.schema, tasks, results, version),
+        )
+
+    def prelabel_chunk(self, client: Any, job_id: str, chunk: int, spec: JobSpec, version: str, tasks: list[dict[str, Any]]) -> ChunkRun:
+        """One chunk of a job on RQ (`llm-ner worker`), with the job's model_version (`run()` runs it)."""
+        return ChunkRun(
+            self.services.jobs, job_id, chunk, spec, tasks, client, self.prelabeler(version), version,
+            self.services.deliveries, self.services.usage, self.services.price,
             record_drafts=lambda tasks, results: self.examples.record_drafts(self.schema, tasks, results, version),
         )
 

@@ -5,6 +5,7 @@
   `connected_project`, a Label Studio project with this backend connected as its model;
 - the store's engines: `database_url` parametrizes a test over SQLite and PostgreSQL (a fresh database
   of the session's own cluster, `postgres`); settings and backends of that test use it;
+- `redis_server` (one per session) with `redis_url` (emptied per test), and `worker_factory` (`llm-ner worker`);
 - `predict` (POST /predict, checked), `region_tuples` (regions as comparable tuples), `metric`
   (one Prometheus sample of this process), `shown_examples` (the few-shot exchanges of a prompt);
 - Label Studio webhook payloads (`annotation_event`, `deleted_event`, `span`);
@@ -34,7 +35,8 @@ from prometheus_client import REGISTRY
 
 from tests.fake_llm import FakeLLM
 from tests.processes import (
-    REPO, TEST_API_KEY, Backend, LabelStudio, Postgres, backend_env, run_backend, run_label_studio, run_postgres, wait_until,
+    REPO, TEST_API_KEY, Backend, LabelStudio, Postgres, RedisServer, backend_env, run_backend, run_label_studio, run_postgres,
+    run_redis, run_worker, wait_until,
 )
 
 WIKIGOLD = Path(__file__).resolve().parent / "data" / "wikigold" / "wikigold.conll.txt"
@@ -197,6 +199,40 @@ def backend_factory(tmp_path: Path, llm: FakeLLM, request):
         environment = backend_env(llm.base_url, model_dir or tmp_path / "model", **env)
         log_path = tmp_path / f"backend-{len(stack._exit_callbacks)}.log"
         return stack.enter_context(run_backend(environment, workers=workers, log_path=log_path, max_file_bytes=max_file_bytes))
+
+    yield start
+    stack.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server (Debian's), on a free port in a temp dir, for the session."""
+    with run_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """REDIS_URL of the session's redis-server, emptied for this test (queues, rate-limit windows)."""
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path):
+    """Start `llm-ner worker` processes: worker_factory(env, *args) -> Popen (logs in tmp_path/worker-N.log);
+    stopped at the end of the test unless the test killed them."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    logs: list[Path] = []
+
+    def start(env: dict[str, str], *args: str):
+        log_path = tmp_path / f"worker-{len(logs)}.log"
+        logs.append(log_path)
+        proc = stack.enter_context(run_worker(env, log_path, *args))
+        proc.log_path = log_path
+        return proc
 
     yield start
     stack.close()

@@ -295,3 +295,60 @@ def run_postgres(durable: bool = False) -> Iterator[Postgres]:
             subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
                            capture_output=True, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class RedisServer:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def client(self):
+        from redis import Redis
+
+        return Redis.from_url(self.url)
+
+
+@contextmanager
+def run_redis() -> Iterator[RedisServer]:
+    """Debian's redis-server on a free port, its files in a temp dir, nothing saved to disk."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed: `apt-get install -y redis-server` (make test does it)")
+    data_dir = Path(tempfile.mkdtemp(prefix="redis-"))
+    port = free_port()
+    log_path = data_dir / "redis.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "", "--appendonly", "no"],
+            cwd=data_dir, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", proc, log_path)
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-2000:]}")
+        try:
+            return bool(server.client().ping())
+        except Exception:  # noqa: BLE001 - not listening yet
+            return False
+
+    try:
+        if not wait_until(answers, timeout=30, interval=0.05):
+            raise TimeoutError("redis-server did not answer within 30 s")
+        yield server
+    finally:
+        stop(proc)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@contextmanager
+def run_worker(env: dict[str, str], log_path: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """`llm-ner worker ARGS` until the block ends (or a test kills it)."""
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "backend", "worker", *args], cwd=REPO, env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop(proc)

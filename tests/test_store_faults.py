@@ -134,10 +134,17 @@ def test_a_store_damaged_under_a_running_backend_is_reported_by_health_and_answe
     path = settings.model_dir / "backend.sqlite3"
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    # the schema's pages (page 1 and, once it outgrows it, its leaves) are kept: the store opens, its data is garbage
+    schema = {row[0] for row in conn.execute("SELECT pageno FROM dbstat WHERE name='sqlite_schema'")}
     conn.close()
-    with open(path, "r+b") as f:  # every page after the first (the schema) overwritten
-        f.seek(4096)
-        f.write(os.urandom(path.stat().st_size - 4096))
+    pages = path.stat().st_size // page_size
+    assert 1 in schema and len(schema) < pages
+    with open(path, "r+b") as f:  # every other page overwritten
+        for page in range(1, pages + 1):
+            if page not in schema:
+                f.seek((page - 1) * page_size)
+                f.write(os.urandom(page_size))
     fresh = make_client()  # a worker that starts now (the first one's pages may sit in its cache)
     health = fresh.get("/health")
     assert health.status_code == 503 and health.json["store"]["state"] == "corrupt"

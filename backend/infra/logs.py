@@ -67,7 +67,8 @@ def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
 
 
 def settings_secrets(settings) -> list[str]:
-    values = [settings.openai_api_key, settings.basic_auth_pass, settings.label_studio_api_key, settings.database_url]
+    values = [settings.openai_api_key, settings.basic_auth_pass, settings.label_studio_api_key, settings.database_url,
+              settings.redis_url]
     secrets = [v.get_secret_value() for v in values if v is not None]
     if settings.database_url is not None:  # its password alone, too (psycopg messages never echo it, but a log line may)
         from backend.infra.storage import url_password

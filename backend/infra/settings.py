@@ -61,6 +61,20 @@ class Settings(BaseSettings):
     label_studio_url: str | None = None
     label_studio_api_key: SecretStr | None = None
 
+    # --- project jobs on RQ (REDIS_URL set: `llm-ner worker` runs them on any host) ---
+    redis_url: SecretStr | None = Field(
+        default=None, description="redis://...: project jobs run on RQ workers and LLM_RPM/LLM_TPM are shared by every process"
+    )
+    job_chunk: int = Field(default=100, ge=1, le=5000, description="tasks per RQ chunk of a project job")
+    worker_heartbeat: float = Field(
+        default=10.0, gt=0, le=600,
+        description="seconds between an RQ worker's heartbeats; a chunk not heard of for 3 of them is re-run by another worker",
+    )
+    delivery_lease: float = Field(
+        default=180.0, ge=3, le=3600,
+        description="seconds an unconfirmed claim on a (task, version) holds; writes into Label Studio time out at a third of it",
+    )
+
     # --- protecting the backend ---
     basic_auth_user: str | None = None
     basic_auth_pass: SecretStr | None = None
@@ -129,8 +143,8 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=4, ge=0, le=20, description="retries of 429/5xx/timeouts/connection errors")
     llm_retry_base: float = Field(default=0.5, ge=0, description="seconds; first backoff step, doubled per retry")
     llm_retry_cap: float = Field(default=20.0, ge=0, description="seconds; longest backoff between two tries")
-    llm_rpm: int | None = Field(default=None, gt=0, description="requests per minute per worker; unset = no limit")
-    llm_tpm: int | None = Field(default=None, gt=0, description="tokens per minute per worker; unset = no limit")
+    llm_rpm: int | None = Field(default=None, gt=0, description="requests per minute per worker (shared by all with REDIS_URL); unset = no limit")
+    llm_tpm: int | None = Field(default=None, gt=0, description="tokens per minute per worker (shared by all with REDIS_URL); unset = no limit")
     llm_cache: bool = Field(default=True, description="persistent response cache in MODEL_DIR")
     llm_cache_max_rows: int = Field(default=200_000, ge=100, description="oldest cached answers beyond this are dropped")
     llm_logprobs: bool = Field(default=True, description="ask for token logprobs to score spans")
@@ -152,6 +166,18 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_number_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
 
     @field_validator("openai_base_url", "label_studio_url", mode="before")
     @classmethod

@@ -228,6 +228,23 @@ CREATE TABLE job_failures (
     PRIMARY KEY (job_id, task_id)
 );
 """,
+    """
+-- pipeline/delivery.py: a claim has an owner and is confirmed once its prediction is in Label Studio
+-- (claims made before this version were taken only around a write that succeeded: confirmed)
+ALTER TABLE deliveries ADD COLUMN owner TEXT;
+ALTER TABLE deliveries ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1;
+-- pipeline/jobs.py: jobs run in chunks on RQ workers (REDIS_URL); a chunk's counts are added once, when it ends
+ALTER TABLE jobs ADD COLUMN runner TEXT NOT NULL DEFAULT 'process';
+ALTER TABLE jobs ADD COLUMN planned INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE job_chunks (
+    job_id TEXT NOT NULL,
+    chunk INTEGER NOT NULL,
+    tasks INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    finished_at REAL,
+    PRIMARY KEY (job_id, chunk)
+);
+""",
 )
 
 

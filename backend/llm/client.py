@@ -37,7 +37,7 @@ from backend.infra.errors import LLMError, LLMOutputError
 from backend.infra.logs import redact
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage, record_usage
-from backend.llm.ratelimit import ConcurrencyGate, GateTimeout, RateLimited, RateLimiter
+from backend.llm.ratelimit import ConcurrencyGate, GateTimeout, RateLimited, RateLimiter, SharedRateLimiter
 from backend.llm.transport import call_deadline, http_client
 
 if TYPE_CHECKING:
@@ -217,7 +217,11 @@ class LLMClient:
         self._sleep = sleep
         self.model = settings.llm_model
         self.max_tokens = settings.llm_max_tokens
-        self.limiter = RateLimiter(settings.llm_rpm, settings.llm_tpm)
+        self.limiter: RateLimiter | SharedRateLimiter = RateLimiter(settings.llm_rpm, settings.llm_tpm)
+        if settings.redis_url is not None and (settings.llm_rpm or settings.llm_tpm):
+            # one budget for every worker and host: the provider's limit, not a share of it
+            self.limiter = SharedRateLimiter(settings.redis_url.get_secret_value(), f"{settings.openai_base_url}\0{settings.llm_model}",
+                                             settings.llm_rpm, settings.llm_tpm)
         self.gate = ConcurrencyGate(settings.predict_concurrency or DEFAULT_CONCURRENCY, on_change=_log_concurrency)
         metrics.LLM_CONCURRENCY.set(self.gate.limit)
         self.capabilities: Capabilities | None = None

@@ -3,11 +3,13 @@ number of calls in flight at once (ConcurrencyGate).
 
 A sliding 60-second window: a call waits until the window has room, or gives up when the wait
 would outlast the request's deadline (the caller then fails that task instead of overrunning).
-Limits are per worker process: with N gunicorn workers, set each limit to the provider's limit / N.
+Without Redis, limits are per worker process: with N gunicorn workers, set each limit to the
+provider's limit / N. With REDIS_URL, SharedRateLimiter holds one budget for every process and host.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import deque
@@ -136,3 +138,64 @@ class ConcurrencyGate:
             limit = self.limit
         if change and self._on_change is not None:
             self._on_change(limit, change)
+
+
+class SharedRateLimiter:
+    """LLM_RPM and LLM_TPM shared by every process and host on one Redis (REDIS_URL), through the
+    `limits` library: requests in an exact moving window (a log of the last minute's calls, kept
+    in Redis by an atomic script), tokens in a sliding-window counter (two counters per key: a log
+    of every token would be as long as the limit). The same interface as RateLimiter."""
+
+    POLL = 1.0  # seconds between two looks at a full window
+
+    def __init__(self, redis_url: str, provider: str, rpm: int | None = None, tpm: int | None = None,
+                 clock=time.time, sleep=time.sleep):
+        from limits import RateLimitItemPerMinute
+        from limits.storage import RedisStorage
+        from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+
+        if redis_url.startswith("unix://"):
+            redis_url = "redis+unix://" + redis_url[len("unix://"):]
+        storage = RedisStorage(redis_url)
+        self.rpm, self.tpm = rpm, tpm
+        self._clock, self._sleep = clock, sleep
+        self._key = "llm-ner-" + hashlib.sha256(provider.encode()).hexdigest()[:16]  # one budget per endpoint and model
+        self._requests = MovingWindowRateLimiter(storage)
+        self._tokens = SlidingWindowCounterRateLimiter(storage)
+        self._rpm_item = RateLimitItemPerMinute(rpm) if rpm else None
+        self._tpm_item = RateLimitItemPerMinute(tpm) if tpm else None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rpm or self.tpm)
+
+    def acquire(self, tokens: int, time_left: float | None = None) -> list[float] | None:
+        """Wait for room for one call of about `tokens` tokens in the shared window; returns a handle for `settle`."""
+        if not self.enabled:
+            return None
+        # a single call bigger than the whole budget still goes, as in RateLimiter
+        cost = min(max(1, int(tokens)), self.tpm) if self.tpm else 0
+        while True:
+            requests_ok = self._rpm_item is None or self._requests.test(self._rpm_item, self._key)
+            tokens_ok = self._tpm_item is None or self._tokens.test(self._tpm_item, self._key, cost=cost)
+            # each hit is atomic in Redis: a process that took the room since the test makes this one wait
+            if requests_ok and tokens_ok and (self._rpm_item is None or self._requests.hit(self._rpm_item, self._key)):
+                if self._tpm_item is None or self._tokens.hit(self._tpm_item, self._key, cost=cost):
+                    return [self._clock(), float(cost)]
+            resets = []
+            if self._rpm_item is not None:
+                resets.append(self._requests.get_window_stats(self._rpm_item, self._key).reset_time)
+            if self._tpm_item is not None and not tokens_ok:
+                resets.append(self._tokens.get_window_stats(self._tpm_item, self._key).reset_time)
+            needed = max(0.0, max(resets) - self._clock()) if resets else self.POLL
+            if time_left is not None and needed > time_left:
+                raise RateLimited(f"the shared rate limit leaves no room before the deadline ({needed:.1f} s needed)")
+            wait = min(max(needed, 0.05), self.POLL)
+            self._sleep(wait)
+            if time_left is not None:
+                time_left -= wait
+
+    def settle(self, handle: list[float] | None, actual_tokens: int) -> None:
+        """A call that used more tokens than estimated takes the difference too (when the window has it)."""
+        if handle is not None and self._tpm_item is not None and actual_tokens > handle[1]:
+            self._tokens.hit(self._tpm_item, self._key, cost=min(int(actual_tokens - handle[1]), self.tpm))

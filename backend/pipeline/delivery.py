@@ -4,16 +4,18 @@
 Label Studio never asks again for a task holding a prediction of the current model_version, so a
 second delivery of the same (task, version) would sit beside the first for good. Whoever delivers a
 (project, task, model_version) claims it in the store first: a /predict answer, the late-work
-writer or a project job; the others leave it alone, in every worker and process.
+writer or a project job; the others leave it alone, in every worker and process. A claim before a
+write is confirmed after it, so one left by a process killed in between can be taken over (`Deliveries`).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,40 +27,87 @@ log = logging.getLogger(__name__)
 
 
 class Deliveries:
-    def __init__(self, db: Database):
-        self.db = db
+    """Claims on (project, task, model_version), shared by every process through the store.
 
-    def claim(self, project_id: str, model_version: str, task_ids: Iterable[int]) -> set[int]:
-        """The ids of these tasks that nobody delivered yet, now claimed by the caller."""
+    A claim taken before a write into Label Studio has an owner and stays unconfirmed until the write
+    succeeded (`confirm`); a failed write releases it. A process killed between the claim and the
+    write leaves an unconfirmed claim: once it is older than the lease (longer than the write's HTTP
+    timeout, so its holder can no longer be writing), whoever finds the task still without a
+    prediction of that version in Label Studio takes it over (`import_predictions`)."""
+
+    def __init__(self, db: Database, lease: float = 180.0, clock: Callable[[], float] = time.time):
+        self.db = db
+        self.lease = lease
+        self.clock = clock
+        self.owner = f"process-{secrets.token_hex(6)}"  # this process's claims, when the caller names none
+
+    def claim(self, project_id: str, model_version: str, task_ids: Iterable[int], owner: str | None = None) -> set[int]:
+        """The ids of these tasks that nobody claimed yet, now claimed by the caller. With an `owner`, the
+        claims wait for `confirm` (a write into Label Studio follows); without, they are confirmed at once
+        (a /predict answer: Label Studio stores it itself)."""
         ids = sorted({int(t) for t in task_ids})
         if not ids:
             return set()
-        now = time.time()
+        now = self.clock()
+        mine = set()
         with self.db.transaction() as conn:
-            taken = set()
-            for start in range(0, len(ids), 500):  # SQLite's limit on variables per statement
-                part = ids[start : start + 500]
-                marks = ",".join("?" * len(part))
-                taken.update(
-                    r["task_id"] for r in conn.execute(
-                        f"SELECT task_id FROM deliveries WHERE project_id=? AND model_version=? AND task_id IN ({marks})",
-                        (project_id, model_version, *part),
-                    )
-                )
-            mine = [i for i in ids if i not in taken]
-            conn.executemany(
-                "INSERT INTO deliveries(project_id, task_id, model_version, delivered_at) VALUES (?, ?, ?, ?)",
-                [(project_id, i, model_version, now) for i in mine],
-            )
-        return set(mine)
+            for task_id in ids:  # one statement per task: its rowcount says whether the claim is ours
+                inserted = conn.execute(
+                    "INSERT INTO deliveries(project_id, task_id, model_version, delivered_at, owner, confirmed) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, model_version, task_id) DO NOTHING",
+                    (project_id, task_id, model_version, now, owner, 0 if owner else 1),
+                ).rowcount
+                if inserted:
+                    mine.add(task_id)
+        return mine
 
-    def release(self, project_id: str, model_version: str, task_ids: Iterable[int]) -> None:
-        """A delivery that failed: another may try."""
+    def take_over(self, project_id: str, model_version: str, task_ids: Iterable[int], owner: str) -> set[int]:
+        """Of these tasks, those whose claim is unconfirmed and older than the lease, now `owner`'s."""
+        now = self.clock()
+        taken = set()
         with self.db.transaction() as conn:
-            conn.executemany(
-                "DELETE FROM deliveries WHERE project_id=? AND task_id=? AND model_version=?",
-                [(project_id, int(t), model_version) for t in task_ids],
-            )
+            for task_id in sorted({int(t) for t in task_ids}):
+                if conn.execute(
+                    "UPDATE deliveries SET owner=?, delivered_at=? WHERE project_id=? AND model_version=? AND task_id=? "
+                    "AND confirmed=0 AND delivered_at < ?",
+                    (owner, now, project_id, model_version, task_id, now - self.lease),
+                ).rowcount:
+                    taken.add(task_id)
+        return taken
+
+    def confirm(self, project_id: str, model_version: str, task_ids: Iterable[int], owner: str) -> None:
+        """The prediction of these claims is in Label Studio."""
+        with self.db.transaction() as conn:
+            for task_id in sorted({int(t) for t in task_ids}):
+                conn.execute(
+                    "UPDATE deliveries SET confirmed=1 WHERE project_id=? AND model_version=? AND task_id=? AND owner=?",
+                    (project_id, model_version, task_id, owner),
+                )
+
+    def release(self, project_id: str, model_version: str, task_ids: Iterable[int], owner: str | None = None) -> None:
+        """A delivery that failed: another may try (only unconfirmed claims, `owner`'s when given)."""
+        with self.db.transaction() as conn:
+            for task_id in sorted({int(t) for t in task_ids}):
+                conn.execute(
+                    "DELETE FROM deliveries WHERE project_id=? AND task_id=? AND model_version=? AND confirmed=0"
+                    + (" AND owner=?" if owner else ""),
+                    (project_id, task_id, model_version, *((owner,) if owner else ())),
+                )
+
+    def holders(self, project_id: str, model_version: str, task_ids: Iterable[int]) -> dict[int, tuple[str | None, bool, float]]:
+        """task id -> (owner, confirmed, claimed at) for the claimed ones among these tasks."""
+        ids = sorted({int(t) for t in task_ids})
+        found: dict[int, tuple[str | None, bool, float]] = {}
+        for start in range(0, len(ids), 500):  # SQLite's limit on variables per statement
+            part = ids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for row in self.db.query(
+                "SELECT task_id, owner, confirmed, delivered_at FROM deliveries "
+                f"WHERE project_id=? AND model_version=? AND task_id IN ({marks})",
+                (project_id, model_version, *part),
+            ):
+                found[int(row["task_id"])] = (row["owner"], bool(row["confirmed"]), float(row["delivered_at"]))
+        return found
 
 
 @dataclass
@@ -71,6 +120,7 @@ class Delivery:
 
 
 def label_studio_client(url: str, api_key: str, timeout: float | None = None) -> Any:
+    """The SDK's client; `timeout` (seconds per request) keeps every write shorter than a claim's lease."""
     from backend.learning.labelstudio import sdk_client
 
     return sdk_client(url, api_key, timeout)
@@ -88,15 +138,37 @@ def read_project(client: Any, project_id: int) -> Any:
         raise BadRequest(f"cannot read project {project_id} from Label Studio ({why})", status=502) from None
 
 
-def import_predictions(client: Any, deliveries: Deliveries, items: list[Delivery]) -> int:
+def predicted_in_label_studio(client: Any, task_ids: Iterable[int], model_version: str) -> set[int]:
+    """Those of these tasks that hold a prediction of `model_version` in Label Studio (one call per task:
+    only for claims taken over, which are rare)."""
+    return {
+        task_id for task_id in task_ids
+        if any(getattr(p, "model_version", None) == model_version for p in client.predictions.list(task=task_id))
+    }
+
+
+def import_predictions(client: Any, deliveries: Deliveries, items: list[Delivery], owner: str | None = None) -> int:
     """Write these predictions into Label Studio in one call per project, each (task, version) once.
-    Returns how many were written; a failed write releases its claims and raises."""
+    Claims are `owner`'s (this process's by default), confirmed after the write; a claim left
+    unconfirmed past the lease by a holder that died is taken over, and the task written unless Label
+    Studio holds its prediction already (then the claim is only confirmed). Returns how many were
+    written; a write Label Studio refused releases its claims and raises."""
+    owner = owner or deliveries.owner
     written = 0
     by_project: dict[tuple[str, str], list[Delivery]] = {}
     for item in items:
         by_project.setdefault((item.project_id, item.model_version), []).append(item)
     for (project_id, version), group in by_project.items():
-        mine = deliveries.claim(project_id, version, [d.task_id for d in group])
+        ids = [d.task_id for d in group]
+        mine = deliveries.claim(project_id, version, ids, owner)
+        others = [i for i in ids if i not in mine]
+        if others:
+            stale = deliveries.take_over(project_id, version, others, owner)
+            if stale:
+                present = predicted_in_label_studio(client, stale, version)
+                deliveries.confirm(project_id, version, present, owner)
+                mine |= stale - present
+                log.info("took over %d stale claims of project %s (%d already in Label Studio)", len(stale), project_id, len(present))
         batch = [d for d in group if d.task_id in mine]
         if not batch:
             continue
@@ -106,9 +178,14 @@ def import_predictions(client: Any, deliveries: Deliveries, items: list[Delivery
         ]
         try:
             client.projects.import_predictions(id=int(project_id), request=request)
-        except Exception:
-            deliveries.release(project_id, version, mine)
+        except Exception as error:
+            # Label Studio answered an error: nothing was stored, another may try at once. No answer (a
+            # timeout, a dropped connection) may still have stored it: the claims wait for the lease,
+            # after which a taker looks in Label Studio first.
+            if getattr(error, "status_code", None) is not None:
+                deliveries.release(project_id, version, mine, owner)
             raise
+        deliveries.confirm(project_id, version, mine, owner)
         written += len(batch)
     return written
 

@@ -20,7 +20,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -70,14 +70,14 @@ class Jobs:
     def __init__(self, db: Database):
         self.db = db
 
-    def create(self, spec: JobSpec, model_version: str, total: int | None) -> str:
+    def create(self, spec: JobSpec, model_version: str, total: int | None, runner: str = "process") -> str:
         job_id = secrets.token_hex(6)
         now = time.time()
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO jobs(id, project_id, spec, model_version, state, total, started_at, heartbeat_at) "
-                "VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
-                (job_id, str(spec.project_id), json.dumps(spec.__dict__), model_version, total, now, now),
+                "INSERT INTO jobs(id, project_id, spec, model_version, state, total, started_at, heartbeat_at, runner) "
+                "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+                (job_id, str(spec.project_id), json.dumps(spec.__dict__), model_version, total, now, now, runner),
             )
         return job_id
 
@@ -129,10 +129,86 @@ class Jobs:
         rows = self.db.query("SELECT * FROM jobs ORDER BY started_at DESC LIMIT ?", (limit,))
         return [self._describe(dict(r)) for r in rows]
 
+    # ---- jobs on RQ: chunks run by workers on any host; each adds its counts once, as it ends ----
+    def record(self, job_id: str) -> dict[str, Any] | None:
+        rows = self.db.query("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return dict(rows[0]) if rows else None
+
+    def add_chunk(self, job_id: str, chunk: int, tasks: int, seen: int, skipped: int) -> None:
+        """The planner read this far and hands a chunk to the queue (a row first: the job cannot end
+        while the chunk is unfinished)."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO job_chunks(job_id, chunk, tasks) VALUES (?, ?, ?) ON CONFLICT (job_id, chunk) DO NOTHING",
+                (job_id, chunk, tasks),
+            )
+            conn.execute("UPDATE jobs SET seen=?, skipped=?, heartbeat_at=? WHERE id=?", (seen, skipped, time.time(), job_id))
+
+    def planned(self, job_id: str, seen: int, skipped: int, message: str = "") -> None:
+        """The planner read every page (or stopped): the job ends with its last chunk."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET planned=1, seen=?, skipped=?, heartbeat_at=?, message=COALESCE(NULLIF(?, ''), message) WHERE id=?",
+                (seen, skipped, time.time(), message, job_id),
+            )
+            self._settle(conn, job_id)
+
+    def finish_chunk(self, job_id: str, chunk: int, state: str, **increments: float) -> bool:
+        """The chunk ended (done, cancelled or failed): its counts are added to the job's, once whatever
+        how many runs of it end (a re-run after its worker died); the last chunk ends the job. True
+        when this call was the one that ended it."""
+        with self.db.transaction() as conn:
+            first = conn.execute(
+                "UPDATE job_chunks SET state=?, finished_at=? WHERE job_id=? AND chunk=? AND finished_at IS NULL",
+                (state, time.time(), job_id, chunk),
+            ).rowcount
+            if first and increments:
+                sets = ", ".join(f"{name}={name}+?" for name in increments if name in self.COLUMNS)
+                values = [v for name, v in increments.items() if name in self.COLUMNS]
+                conn.execute(f"UPDATE jobs SET {sets}, heartbeat_at=? WHERE id=?", (*values, time.time(), job_id))
+            self._settle(conn, job_id)
+        return bool(first)
+
+    def beat(self, job_id: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (time.time(), job_id))
+
+    def clear_failures(self, job_id: str, task_ids: Iterable[int]) -> None:
+        """Tasks an earlier try failed and a later one delivered."""
+        with self.db.transaction() as conn:
+            for task_id in task_ids:
+                conn.execute("DELETE FROM job_failures WHERE job_id=? AND task_id=?", (job_id, task_id))
+
+    def stop_spending(self, job_id: str, message: str) -> None:
+        """--max-cost reached: the job's chunks stop as on a cancel, and it ends as stopped."""
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE jobs SET cancel_requested=2, message=? WHERE id=? AND cancel_requested=0", (message, job_id))
+
+    def settle(self, job_id: str) -> None:
+        with self.db.transaction() as conn:
+            self._settle(conn, job_id)
+
+    def unfinished_chunks(self, job_id: str) -> list[int]:
+        return [r["chunk"] for r in self.db.query(
+            "SELECT chunk FROM job_chunks WHERE job_id=? AND finished_at IS NULL ORDER BY chunk", (job_id,))]
+
+    @staticmethod
+    def _settle(conn: Any, job_id: str) -> None:
+        """End a planned job whose chunks all ended: done, or cancelled when that was asked."""
+        conn.execute(
+            "UPDATE jobs SET state=CASE cancel_requested WHEN 1 THEN 'cancelled' WHEN 2 THEN 'stopped' ELSE 'done' END, "
+            "message=CASE cancel_requested WHEN 1 THEN 'cancelled on request' ELSE message END, finished_at=? "
+            "WHERE id=? AND state='running' AND planned=1 "
+            "AND NOT EXISTS (SELECT 1 FROM job_chunks WHERE job_id=? AND finished_at IS NULL)",
+            (time.time(), job_id, job_id),
+        )
+
     @staticmethod
     def _describe(row: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
-        if row["state"] == "running" and now - row["heartbeat_at"] > HEARTBEAT:
+        # a job on RQ whose chunks are all queued needs no live process: workers re-run a dead one's chunk
+        on_queue = row.get("runner") == "rq" and row.get("planned")
+        if row["state"] == "running" and not on_queue and now - row["heartbeat_at"] > HEARTBEAT:
             row["state"] = "interrupted"  # its process died: run it again to continue
         elapsed = (row["finished_at"] or now) - row["started_at"]
         rate = row["done"] / elapsed if elapsed > 0 else 0.0
@@ -159,6 +235,7 @@ class Jobs:
             "cost_usd": row["cost_usd"],
             "started_at": row["started_at"],
             "finished_at": row["finished_at"],
+            "runner": row.get("runner") or "process",
         }
 
 
@@ -385,3 +462,240 @@ class ProjectJob:
         self.progress.usage.add(total)
         self.progress.cost_usd += cost_usd(total, self.price) or 0.0
         self.ledger.account(str(self.spec.project_id), len(usages), total, self.price)
+
+
+# ---- project jobs on RQ (REDIS_URL): the same work, in chunks of tasks that workers on any host run ----
+#
+# The planner (the process that starts the job) reads the project page by page and hands the tasks
+# in scope to the queue JOB_CHUNK at a time, a row per chunk in the store first. A worker runs a
+# chunk (`ChunkRun`): it pre-labels the tasks not yet delivered, writes them into Label Studio
+# under claims named after the chunk, and at its end adds the chunk's counts to the job's in one
+# transaction, once: a chunk re-run after its worker died finds the first run's confirmed claims
+# and counts them, its answers in the shared cache (no second paid call), its unconfirmed claims
+# taken over after the lease. The last chunk to end ends the job.
+
+MAX_QUEUED_CHUNKS = 50  # the planner waits while this many of the job's chunks are unfinished (Redis memory)
+
+
+def chunk_owner(job_id: str, chunk: int) -> str:
+    """The prefix of the claims of every run of one chunk (each run adds a token of its own)."""
+    return f"job-{job_id}/{chunk}/"
+
+
+def plan_chunks(
+    jobs: Jobs,
+    job_id: str,
+    spec: JobSpec,
+    client: Any,
+    model_version: str,
+    chunk_size: int,
+    enqueue: Callable[[int, list[dict[str, Any]]], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Read the project's tasks in scope and hand them to `enqueue(chunk number, tasks)` chunk by chunk;
+    memory stays flat (one page and one chunk). Stops early on a cancel; returns the job's record."""
+    seen = skipped = taken = chunk = 0
+    batch: list[dict[str, Any]] = []
+    message = ""
+
+    def hand_over() -> None:
+        nonlocal batch, chunk
+        while len(jobs.unfinished_chunks(job_id)) >= MAX_QUEUED_CHUNKS and not jobs.cancel_requested(job_id):
+            jobs.beat(job_id)  # alive: the job is not shown as interrupted while it waits
+            sleep(0.5)
+        jobs.add_chunk(job_id, chunk, len(batch), seen, skipped)
+        enqueue(chunk, batch)
+        batch, chunk = [], chunk + 1
+
+    try:
+        for task in project_tasks(client, spec.project_id):
+            if spec.limit is not None and taken >= spec.limit:
+                break
+            seen += 1
+            if not wanted(task, model_version, spec.scope):
+                skipped += 1
+                continue
+            taken += 1
+            batch.append({"id": int(field_of(task, "id")), "data": dict(field_of(task, "data") or {})})
+            if len(batch) >= chunk_size:
+                if jobs.cancel_requested(job_id):
+                    break
+                hand_over()
+        if batch and not jobs.cancel_requested(job_id):
+            hand_over()
+    except Exception as error:  # noqa: BLE001 - recorded on the job: the chunks handed over still run
+        message = f"reading the project stopped: {type(error).__name__}: {str(error)[:300]}"
+        log.warning("job %s: %s", job_id, message)
+    jobs.planned(job_id, seen, skipped, message)
+    if message:
+        jobs.finish(job_id, "failed", message)  # the chunks handed over still run and count
+    return jobs.get(job_id) or {}
+
+
+def attempt_task(prelabeler: Prelabeler, task: dict[str, Any], attempt: int, sleep: Callable[[float], None]) -> TaskOutcome:
+    """One try at a task (after a backoff when it is a retry), its LLM usage metered, a failed try's too."""
+    if attempt:
+        sleep(min(30.0, 2.0 * 2 ** (attempt - 1)))
+    with metering() as meter:
+        try:
+            outcome = prelabeler.prelabel(task["data"])
+        except Exception as error:
+            error.usage = meter.take()  # type: ignore[attr-defined]
+            raise
+    outcome.usage = meter.take()
+    return outcome
+
+
+class ChunkRun:
+    """One run of one chunk of a job on RQ (see above)."""
+
+    def __init__(
+        self,
+        jobs: Jobs,
+        job_id: str,
+        chunk: int,
+        spec: JobSpec,
+        tasks: list[dict[str, Any]],
+        client: Any,
+        prelabeler: Prelabeler,
+        model_version: str,
+        deliveries: Deliveries,
+        ledger: UsageLedger,
+        price: tuple[float, float] | None,
+        record_drafts: Callable[[list[dict[str, Any]], list[list[dict[str, Any]]]], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.jobs, self.job_id, self.chunk, self.spec, self.tasks = jobs, job_id, chunk, spec, tasks
+        self.client, self.prelabeler, self.version = client, prelabeler, model_version
+        self.deliveries, self.ledger, self.price = deliveries, ledger, price
+        self.record_drafts, self.sleep = record_drafts, sleep
+        self.project = str(spec.project_id)
+        self.prefix = chunk_owner(job_id, chunk)
+        self.owner = self.prefix + secrets.token_hex(4)
+        self.usage = Usage()
+        self.cost = 0.0
+        self.failures: dict[int, str] = {}
+
+    def run(self) -> str:
+        """Returns how the chunk ended: done, cancelled (the job was), or "" when another run ends it."""
+        if self.spec.max_cost is not None:
+            spent = (self.jobs.record(self.job_id) or {}).get("cost_usd") or 0.0
+            if spent >= self.spec.max_cost:
+                self.jobs.stop_spending(self.job_id, f"spent ${spent:.4f}, the --max-cost of ${self.spec.max_cost:g}")
+        if self.jobs.cancel_requested(self.job_id):
+            return self._finish("cancelled")
+        held = self.deliveries.holders(self.project, self.version, [t["id"] for t in self.tasks])
+        # delivered already (by an earlier run of this chunk, or by anyone): nothing to do
+        todo = [t for t in self.tasks if not (t["id"] in held and held[t["id"]][1])]
+        cancelled = self._prelabel_and_write(todo)
+        if not cancelled:
+            self._take_over_own_claims()
+        return self._finish("cancelled" if cancelled else "done")
+
+    def _prelabel_and_write(self, todo: list[dict[str, Any]]) -> bool:
+        """Pre-label `todo` (retries with backoff) and write what is finished every WRITE_EVERY seconds;
+        True when the job was cancelled meanwhile (the calls in flight end, nothing new starts)."""
+        concurrency = self.spec.concurrency or self.prelabeler.llm.concurrency
+        pending = list(reversed(todo))
+        finished: list[tuple[dict[str, Any], TaskOutcome]] = []
+        cancelled = False
+        last_write = time.monotonic()
+        with ThreadPoolExecutor(concurrency, thread_name_prefix=f"chunk-{self.job_id}-{self.chunk}") as pool:
+            in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
+            while pending or in_flight:
+                while pending and not cancelled and len(in_flight) < concurrency:
+                    task = pending.pop()
+                    in_flight[pool.submit(attempt_task, self.prelabeler, task, 0, self.sleep)] = (task, 0)
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task, attempt = in_flight.pop(future)
+                    error = future.exception()
+                    if error is None:
+                        finished.append((task, future.result()))
+                        self.failures.pop(task["id"], None)
+                        continue
+                    self._account([getattr(error, "usage", None)])
+                    self.failures[task["id"]] = f"{unanswered_reason(error)}: {error}"
+                    if attempt + 1 < self.spec.attempts and not cancelled:
+                        in_flight[pool.submit(attempt_task, self.prelabeler, task, attempt + 1, self.sleep)] = (task, attempt + 1)
+                # answers in the shared cache at once: a worker killed now pays again only for the calls in flight
+                self.prelabeler.source.flush()
+                if finished and (not (pending or in_flight) or time.monotonic() - last_write > WRITE_EVERY):
+                    self._write(finished)
+                    finished, last_write = [], time.monotonic()
+                    cancelled = cancelled or self.jobs.cancel_requested(self.job_id)
+        if finished and not cancelled:
+            self._write(finished)
+        return cancelled
+
+    def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> None:
+        deliveries = [Delivery(self.project, t["id"], self.version, o.results, o.score) for t, o in finished]
+        import_predictions(self.client, self.deliveries, deliveries, owner=self.owner)
+        if self.record_drafts is not None:
+            self.record_drafts([t for t, _ in finished], [o.results for _, o in finished])
+        self._account([o.usage for _, o in finished])
+        metrics.JOB_TASKS.labels("done").inc(len(finished))
+        metrics.DELIVERED.labels("job").inc(len(finished))
+
+    def _take_over_own_claims(self) -> None:
+        """Claims an earlier run of this chunk took and never confirmed (its worker died between the claim
+        and the write): wait out their lease, then take them over (import_predictions looks in Label
+        Studio first). Claims of anyone else are theirs to deliver."""
+        while True:
+            held = self.deliveries.holders(self.project, self.version, [t["id"] for t in self.tasks])
+            stuck = {i: at for i, (owner, confirmed, at) in held.items()
+                     if not confirmed and owner and owner.startswith(self.prefix) and owner != self.owner}
+            if not stuck:
+                return
+            wait_for = min(stuck.values()) + self.deliveries.lease - self.deliveries.clock() + 0.1
+            if wait_for > 0:
+                self.sleep(min(wait_for, 5.0))
+                if self.jobs.cancel_requested(self.job_id):
+                    return
+                continue
+            tasks = [t for t in self.tasks if t["id"] in stuck]
+            self._write([(t, attempt_task(self.prelabeler, t, 0, self.sleep)) for t in tasks])  # from the cache
+
+    def _finish(self, state: str) -> str:
+        held = self.deliveries.holders(self.project, self.version, [t["id"] for t in self.tasks])
+        mine = {i for i, (owner, confirmed, _) in held.items() if confirmed and owner and owner.startswith(self.prefix)}
+        others = {i for i, (owner, confirmed, _) in held.items() if i not in mine and (confirmed or not (owner or "").startswith(self.prefix))}
+        failed = {i: why for i, why in self.failures.items() if i not in mine and i not in others}
+        self.jobs.clear_failures(self.job_id, mine)
+        for task_id, reason in failed.items():
+            self.jobs.fail_task(self.job_id, task_id, reason)
+        metrics.JOB_TASKS.labels("failed").inc(len(failed))
+        ended = self.jobs.finish_chunk(
+            self.job_id, self.chunk, state, done=len(mine), skipped=len(others), failed=len(failed),
+            prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens, calls=self.usage.calls,
+            cost_usd=self.cost,
+        )
+        return state if ended else ""
+
+    def _account(self, usages: list[Usage | None]) -> None:
+        total = Usage()
+        for usage in usages:
+            if usage is not None:
+                total.add(usage)
+        self.usage.add(total)
+        self.cost += cost_usd(total, self.price) or 0.0
+        self.ledger.account(self.project, len(usages), total, self.price)
+
+
+def fail_chunk(jobs: Jobs, deliveries: Deliveries, job_id: str, chunk: int, task_ids: Iterable[int], reason: str) -> None:
+    """A chunk the queue gave up on (its retries spent): the tasks its runs delivered count as done,
+    the others are reported with the reason."""
+    record = jobs.record(job_id)
+    if record is None:
+        return
+    ids = list(task_ids)
+    prefix = chunk_owner(job_id, chunk)
+    held = deliveries.holders(record["project_id"], record["model_version"], ids)
+    mine = {i for i, (owner, confirmed, _) in held.items() if confirmed and (owner or "").startswith(prefix)}
+    failed = [i for i in ids if i not in held]
+    for task_id in failed:
+        jobs.fail_task(job_id, task_id, reason)
+    metrics.JOB_TASKS.labels("failed").inc(len(failed))
+    jobs.finish_chunk(job_id, chunk, "failed", done=len(mine), skipped=len(held) - len(mine), failed=len(failed))

@@ -342,6 +342,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if not hasattr(model, "prelabel_project"):
             raise BadRequest(f"{type(model).__name__} does not run project jobs", status=501)
         spec = JobSpec(body.project, body.scope, body.limit, body.concurrency or settings.predict_concurrency, body.max_cost)
+        if services.job_queue is not None:  # REDIS_URL: chunks on RQ, run by `llm-ner worker` on any host
+            version = model.model_version
+            job_id = services.job_queue.start(services, spec, version, project.label_config, getattr(project, "task_number", None))
+            threading.Thread(target=services.job_queue.plan, args=(services.jobs, job_id, spec, client, version),
+                             name=f"job-{job_id}-plan", daemon=True).start()
+            return jsonify(services.jobs.get(job_id)), 202
         job = model.prelabel_project(client, spec, total=getattr(project, "task_number", None))
         threading.Thread(target=job.run, name=f"job-{job.job_id}", daemon=True).start()
         return jsonify(services.jobs.get(job.job_id)), 202
@@ -362,7 +368,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         job = services.jobs.get(job_id)
         if job is None:
             raise BadRequest(f"no job {job_id[:40]!r}", status=404)
-        if not services.jobs.cancel(job_id):
+        on_queue = services.job_queue is not None and job["runner"] == "rq"
+        if not (services.job_queue.cancel(services.jobs, job_id) if on_queue else services.jobs.cancel(job_id)):
             raise BadRequest(f"job {job_id} is {job['state']}: nothing to cancel", status=409)
         return jsonify(services.jobs.get(job_id)), 202
 

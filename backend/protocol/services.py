@@ -47,6 +47,7 @@ class Services:
     trust: Trust = field(default_factory=lambda: Trust(authenticated=False, verified=False))
     label_studio_source: LabelStudioSource | None = None  # reads what webhooks announce (same credentials)
     securing: WebhookSecuring | None = None  # ...and with basic auth: secures each project's webhook after /setup
+    job_queue: Any = None  # with REDIS_URL: the RQ queue project jobs' chunks go to (protocol/rqworker.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
@@ -54,17 +55,24 @@ class Services:
         cache = ResponseCache(db, settings.llm_cache_max_rows) if settings.llm_cache else None
         if cache is not None:
             atexit.register(cache.flush)  # a worker stopped gracefully keeps its last answers
-        deliveries = Deliveries(db)
+        deliveries = Deliveries(db, lease=settings.delivery_lease)
         client = writer = source = securing = None
         if settings.label_studio_url and settings.label_studio_api_key:
             key = settings.label_studio_api_key.get_secret_value()
-            client = label_studio_client(settings.label_studio_url, key)
+            # a write into Label Studio ends before its claims' lease (pipeline/delivery.py)
+            client = label_studio_client(settings.label_studio_url, key, timeout=settings.delivery_lease / 3)
             writer = PredictionWriter(client, deliveries)
             source = LabelStudioSource(settings.label_studio_url, key)
             if settings.basic_auth_user and settings.basic_auth_pass:
                 securing = WebhookSecuring(source, settings.basic_auth_user, settings.basic_auth_pass.get_secret_value())
+        job_queue = None
+        if settings.redis_url is not None:
+            from backend.protocol.rqworker import JobQueue
+
+            job_queue = JobQueue(settings)
         return cls(
             settings=settings,
+            job_queue=job_queue,
             db=db,
             templates=load_templates(settings.prompts_dir, settings.occurrence_hints),
             llm=LLMClient(settings),

@@ -394,6 +394,20 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- worker: run project jobs' chunks from Redis (REDIS_URL) ----
+def run_worker(args: argparse.Namespace) -> int:
+    from backend.infra.logs import configure_logging, settings_secrets
+    from backend.infra.settings import load_settings
+
+    settings = load_settings()
+    if settings.redis_url is None:
+        raise ConfigError("llm-ner worker runs project jobs from Redis: set REDIS_URL (redis://host:6379/0)")
+    configure_logging(settings.log_level, settings_secrets(settings))
+    from backend.protocol.rqworker import run_worker as work
+
+    return work(settings, args.queue or ["llm-ner"], burst=args.burst)
+
+
 # ---- prelabel: a whole project ----
 def run_prelabel(args: argparse.Namespace) -> int:
     from backend.infra.logs import configure_logging, settings_secrets
@@ -587,6 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     _label_studio_args(pre)
     pre.set_defaults(handler=run_prelabel)
+
+    work = commands.add_parser("worker", help="run project jobs' chunks from Redis (REDIS_URL), on any host with the backend's settings")
+    work.add_argument("--queue", action="append", metavar="NAME", help="queue to take chunks from (repeat; default llm-ner)")
+    work.add_argument("--burst", action="store_true", help="stop once the queues are empty")
+    work.set_defaults(handler=run_worker)
 
     conn = commands.add_parser(
         "connect", help="connect the backend to a Label Studio project: model, pre-labels, webhook credentials, checked"

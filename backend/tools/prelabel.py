@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -97,12 +98,20 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
                         cost=f"${progress.cost_usd:.4f}", refresh=False)
         bar.refresh()
 
-    job = model.prelabel_project(client, spec, total=total, on_progress=show)
-    print(f"job {job.job_id}: pre-labeling project {spec.project_id} (scope {spec.scope})", file=out)
-    try:
-        result = job.run()
-    finally:
-        bar.close()
+    if services.job_queue is not None:  # REDIS_URL: the job's chunks run on `llm-ner worker` processes
+        try:
+            result = _run_on_queue(services, model, client, spec, project, total, bar, out)
+        finally:
+            bar.close()
+        if result is None:
+            return 130
+    else:
+        job = model.prelabel_project(client, spec, total=total, on_progress=show)
+        print(f"job {job.job_id}: pre-labeling project {spec.project_id} (scope {spec.scope})", file=out)
+        try:
+            result = job.run()
+        finally:
+            bar.close()
     print(
         f"job {result['id']} {result['state']}: {result['done']} pre-labeled, {result['failed']} failed, "
         f"{result['skipped']} skipped of {result['seen']} read; {result['prompt_tokens']} prompt + "
@@ -114,3 +123,28 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
     if result["failed"] > 20:
         print(f"  ... and {result['failed'] - 20} more (GET /jobs/{result['id']})", file=out)
     return 0 if result["state"] == "done" and not result["failed"] else 1
+
+
+def _run_on_queue(services: Services, model: Any, client: Any, spec: JobSpec, project: Any, total: int | None,
+                  bar: tqdm, out: TextIO, poll: float = 0.5) -> dict[str, Any] | None:
+    """Hand the project's tasks to the queue chunk by chunk, then follow the job until its last chunk
+    ends; None when interrupted (Ctrl-C: the workers go on with what was handed over)."""
+    queue = services.job_queue
+    version = model.model_version
+    job_id = queue.start(services, spec, version, project.label_config, total)
+    print(f"job {job_id}: pre-labeling project {spec.project_id} (scope {spec.scope}) on the RQ queue "
+          f"{queue.queue.name!r}: `llm-ner worker` processes run it", file=out, flush=True)
+    try:
+        queue.plan(services.jobs, job_id, spec, client, version)
+        while True:
+            job = services.jobs.get(job_id) or {}
+            bar.n = job.get("done", 0) + job.get("failed", 0) + job.get("skipped", 0)
+            bar.set_postfix(done=job.get("done"), failed=job.get("failed"), tokens=job.get("prompt_tokens", 0) + job.get("completion_tokens", 0),
+                            cost=f"${job.get('cost_usd', 0):.4f}", refresh=False)
+            bar.refresh()
+            if job.get("state") != "running":
+                return job
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        print(f"job {job_id} goes on in the workers (DELETE /jobs/{job_id} cancels it)", file=out)
+        return None

@@ -1,0 +1,132 @@
+"""Project jobs on RQ (REDIS_URL) with 1, 2 and 4 `llm-ner worker` processes, against a real Label
+Studio 1.23.2, a real redis-server and the fake OpenAI-compatible server (tests/fake_llm.py). Prints
+figures; asserts nothing.
+
+    .venv/bin/python benchmarks/bench_rq_workers.py
+    .venv/bin/python benchmarks/bench_rq_workers.py --tasks 2000 --capped-tasks 960 --workers 1,2
+
+free    the provider is not the limit (fake latency 0, no cap): tasks/s of the job (from its start to
+        its last chunk) and the scaling from 1 to 2 workers
+capped  the provider is the limit (fake cap 16, latency 300 ms, serving 16 requests at once and
+        queueing the rest; each worker keeps 16 calls in flight, PREDICT_CONCURRENCY=16): wall time
+        against the ideal ceil(N/16) x 0.3 s
+
+Every run has a project, a MODEL_DIR (SQLite, shared by the workers: one host) and an empty cache of
+its own; the time is the job's, from its start (the planner's first page) to its last chunk, with
+the workers started and idle before. CPU seconds of Label Studio and of the workers over the run
+(the project's import included) say where the time goes. The load average is printed next to the
+figures: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import NER_CONFIG  # noqa: E402
+from tests.fake_llm import FakeLLM  # noqa: E402
+from tests.processes import backend_env, run_label_studio, run_redis, run_worker, wait_until  # noqa: E402
+
+GAZETTEER = {"Ada Lovelace": "PER", "Oslo": "LOC", "Royal Society": "ORG"}
+CAP, LATENCY = 16, 0.3
+
+
+def texts(n: int) -> list[str]:
+    return [f"Note {i}: Ada Lovelace wrote to the Royal Society from Oslo." if i % 4 else f"Note {i}: nothing here." for i in range(n)]
+
+
+def make_project(ls, title: str, n: int) -> int:
+    client = ls.client()
+    project = client.projects.create(title=title, label_config=NER_CONFIG)
+    for start in range(0, n, 2000):
+        client.projects.import_tasks(id=project.id, request=[{"text": t} for t in texts(n)[start : start + 2000]])
+    return project.id
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its waited-for children (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int) -> tuple[float, int, str, float, float]:
+    """(seconds from the job's start to its end, tasks done, load average, Label Studio's CPU seconds,
+    the workers' CPU seconds) of one job on `workers` workers."""
+    from redis import Redis
+    from rq import Worker
+
+    from backend.infra.storage import Database
+    from backend.pipeline.jobs import Jobs
+
+    project_id = make_project(ls, f"rq {workers}w {n}", n)
+    model_dir = Path(tempfile.mkdtemp(prefix="bench-rq-"))
+    connection = Redis.from_url(redis.url)
+    connection.flushall()
+    env = backend_env(fake.base_url, model_dir, LOG_LEVEL="WARNING", LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token,
+                      REDIS_URL=redis.url, JOB_CHUNK=str(chunk), PREDICT_CONCURRENCY=str(concurrency))
+    ls_cpu = cpu_seconds(ls.proc.pid)
+    worker_cpu = 0.0
+    with ExitStack() as stack:
+        procs = [stack.enter_context(run_worker(env, model_dir / f"worker-{i}.log")) for i in range(workers)]
+        if not wait_until(lambda: len(Worker.all(connection=connection)) == workers, timeout=60):
+            raise RuntimeError("the workers did not start")
+        done = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project_id), "--yes", "--quiet",
+                               "--url", ls.url, "--api-key", ls.token], cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stdout + done.stderr)
+        worker_cpu = sum(cpu_seconds(p.pid) for p in procs)
+        ls_cpu = cpu_seconds(ls.proc.pid) - ls_cpu
+    (job,) = Jobs(Database.in_dir(model_dir)).list(limit=1)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return job["finished_at"] - job["started_at"], job["done"], load, ls_cpu, worker_cpu
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=1000, help="tasks of the 'free' runs (default 1000)")
+    parser.add_argument("--capped-tasks", type=int, default=480, help="tasks of the 'capped' runs (default 480)")
+    parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
+    parser.add_argument("--chunk", type=int, default=100, help="JOB_CHUNK (default 100, the setting's default)")
+    args = parser.parse_args()
+    counts = [int(w) for w in args.workers.split(",")]
+    fake = FakeLLM()
+    with run_label_studio() as ls, run_redis() as redis:
+        print(f"free: fake latency 0, no cap, {args.tasks} tasks, 4 calls in flight per worker, JOB_CHUNK={args.chunk}")
+        rates = {}
+        for workers in counts:
+            fake.reset()
+            fake.gazetteer = dict(GAZETTEER)
+            wall, done, load, ls_cpu, worker_cpu = run(ls, redis, fake, workers, args.tasks, 4, args.chunk)
+            rates[workers] = done / wall
+            print(f"  {workers} worker(s): {wall:6.1f} s, {rates[workers]:6.1f} tasks/s, {len(fake.requests)} LLM calls;"
+                  f" CPU s: Label Studio {ls_cpu:.1f}, workers {worker_cpu:.1f} (load average {load})", flush=True)
+        if 1 in rates and 2 in rates:
+            print(f"  scaling 1 -> 2 workers: {rates[2] / rates[1]:.2f}x")
+        ideal = math.ceil(args.capped_tasks / CAP) * LATENCY
+        print(f"capped: fake latency {LATENCY * 1000:.0f} ms, cap {CAP}, {args.capped_tasks} tasks, ideal {ideal:.1f} s")
+        for workers in counts:
+            fake.reset()
+            fake.gazetteer = dict(GAZETTEER)
+            fake.latency, fake.max_concurrency = LATENCY, CAP
+            wall, done, load, ls_cpu, worker_cpu = run(ls, redis, fake, workers, args.capped_tasks, CAP, args.chunk)
+            print(f"  {workers} worker(s): {wall:6.1f} s = {wall / ideal:.2f}x the ideal, {done} done, {len(fake.requests)} LLM calls;"
+                  f" CPU s: Label Studio {ls_cpu:.1f}, workers {worker_cpu:.1f} (load average {load})", flush=True)
+    fake.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
