@@ -42,7 +42,7 @@ from backend.llm.batch import (
     request_line,
     usage_of_answer,
 )
-from backend.pipeline.jobs import Jobs, JobSpec, ProjectJob, project_tasks
+from backend.pipeline.jobs import HEARTBEAT, Jobs, JobSpec, ProjectJob, project_tasks
 from backend.pipeline.prelabel import Prelabeler
 from backend.pipeline.scope import field_of, wanted
 
@@ -345,7 +345,14 @@ class BatchJob:
                     states.append(f"{row['id']} {batch.status}{done}")
             if not states:
                 continue
-            note(jobs, job_id, "Batch API: " + ", ".join(states))
+            message = "Batch API: " + ", ".join(states)
+            note(jobs, job_id, message)
+            waited = 0.0
+            while waited < self.poll_seconds and not jobs.cancel_requested(job_id):
+                step = min(self.poll_seconds - waited, HEARTBEAT / 4)  # a long poll keeps the job's heartbeat
+                self.sleep(step)
+                waited += step
+                note(jobs, job_id, message)
             if jobs.cancel_requested(job_id):
                 for row in self.batches.of(self.project, self.version, "submitted"):
                     try:
@@ -353,7 +360,6 @@ class BatchJob:
                     except Exception as error:  # noqa: BLE001 - the job ends cancelled all the same
                         log.warning("batch %s: could not cancel it: %s", row["id"], error)
                 return False
-            self.sleep(self.poll_seconds)
 
     def ingest(self, row: dict[str, Any], batch: Any) -> None:
         results: list[ResultLine] = []
