@@ -41,6 +41,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import hashlib
+import itertools
 import json
 import re
 import select
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+_IDS = itertools.count(1)  # file and batch ids
 PACKED_TEXT = re.compile(r'<text id="([^"]+)">\n(.*?)\n</text>', re.DOTALL)
 ONE_TEXT = re.compile(r"<text>\n(.*)\n</text>", re.DOTALL)  # the text of a single-text request
 
@@ -257,7 +259,7 @@ class FakeLLM:
             return 400, {"error": {"message": "expected a file and purpose=batch"}}
         filename, data = fields["file"]
         with self.lock:
-            file_id = f"file-{len(self.files) + 1}"
+            file_id = f"file-{next(_IDS)}"
             obj = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
                    "filename": filename or "upload.jsonl", "purpose": "batch", "status": "processed"}
             self.files[file_id] = {"object": obj, "data": data}
@@ -265,7 +267,7 @@ class FakeLLM:
 
     def _stored_file(self, name: str, data: bytes, purpose: str = "batch_output") -> str:
         with self.lock:
-            file_id = f"file-{len(self.files) + 1}"
+            file_id = f"file-{next(_IDS)}"
             self.files[file_id] = {"object": {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
                                               "filename": name, "purpose": purpose, "status": "processed"}, "data": data}
         return file_id
@@ -277,7 +279,7 @@ class FakeLLM:
         if request.get("completion_window") != "24h" or not isinstance(request.get("endpoint"), str):
             return 400, {"error": {"message": "completion_window must be 24h, and an endpoint is required"}}
         with self.lock:
-            batch_id = f"batch_{len(self.batches) + 1}"
+            batch_id = f"batch_{next(_IDS)}"  # unique for the process, like a provider's: a reset must not reuse one
             batch = {
                 "id": batch_id, "object": "batch", "endpoint": request["endpoint"], "input_file_id": file_id,
                 "completion_window": "24h", "status": "validating", "created_at": int(time.time()),

@@ -372,6 +372,8 @@ class BatchJob:
                             results.append(parse_result_line(raw, f"file {file_id} line {number}"))
                         except BatchFileError as error:  # one unreadable line costs that line, not the batch
                             log.warning("%s", error)
+        # a line the batch never ran (expired or cancelled before it) is unfinished, not failed
+        results = [r for r in results if not r.error.startswith(("batch_expired", "batch_cancelled"))]
         answered = sum(1 for r in results if r.answered)
         message = ""
         if batch.status != "completed":
