@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from backend.infra.usage import Usage, UsageLedger, cost_usd
+import openai
+
+from backend.infra.usage import Usage, cost_usd
 from backend.llm.batch import (
     TERMINAL,
     BatchAnswers,
@@ -42,6 +44,7 @@ from backend.llm.batch import (
     request_line,
     usage_of_answer,
 )
+from backend.llm.client import describe_api_error
 from backend.pipeline.jobs import HEARTBEAT, Jobs, JobSpec, ProjectJob, project_tasks
 from backend.pipeline.prelabel import Prelabeler
 from backend.pipeline.scope import field_of, wanted
@@ -229,9 +232,6 @@ class Batches:
         with self.db.transaction() as conn:
             conn.executemany("UPDATE llm_batches SET phase='used', updated_at=? WHERE id=?", [(time.time(), b) for b in batch_ids])
 
-    def count(self, project: str) -> int:
-        return self.db.query("SELECT COUNT(*) AS n FROM llm_batches WHERE project_id=?", (project,))[0]["n"]
-
 
 def note(jobs: Jobs, job_id: str, message: str) -> None:
     """What the job is waiting for, in its record (`GET /jobs/<id>`), and a heartbeat: a job polling
@@ -275,8 +275,10 @@ class BatchJob:
             if not self.poll():
                 return self._cancelled()
         except Exception as error:  # noqa: BLE001 - recorded on the job, like a synchronous job's failure
-            log.warning("job %s: batch stage failed: %s", job_id, error)
-            jobs.finish(job_id, "failed", f"Batch API: {type(error).__name__}: {str(error)[:300]}")
+            # describe_api_error: a provider's 401 echoes part of the key, never repeated
+            why = describe_api_error(error) if isinstance(error, openai.OpenAIError) else f"{type(error).__name__}: {str(error)[:300]}"
+            log.warning("job %s: batch stage failed: %s", job_id, why)
+            jobs.finish(job_id, "failed", f"Batch API: {why}")
             return jobs.get(job_id) or {}
         return self.write()
 
