@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from backend.infra.storage import DB_NAME
+from backend.pipeline.jobs import HEARTBEAT
 from tests.conftest import cli, gazetteer_spans, ls_args, region_tuples
 from tests.fake_llm import Reply
-from tests.processes import REPO, backend_env, wait_until
+from tests.processes import REPO, backend_env, stop, wait_until
 
 pytestmark = pytest.mark.label_studio
 
@@ -222,3 +223,26 @@ def test_a_batch_api_job_runs_inside_the_backend_over_http(label_studio, backend
     assert final["state"] == "done" and final["done"] == 12 and final["failed"] == 0
     assert llm.requests == [] and len(llm.batches) == 1
     assert_exact(project, project.model_version())
+
+
+def test_a_backend_restarted_while_its_batch_api_job_waits_resumes_the_stored_batch(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    llm.gazetteer = dict(GAZETTEER)
+    llm.batch_hold = True
+    model_dir = tmp_path / "model"
+    env = dict(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token, BATCH_POLL_SECONDS="0.05")
+    backend = backend_factory(workers=2, model_dir=model_dir, **env)
+    project = connected_project(texts(10), title="backend restart", backend=backend)
+    started = httpx.post(backend.url + "/jobs", json={"project": project.id, "batch_api": True}, timeout=60)
+    assert started.status_code == 202, started.text
+    assert wait_until(lambda: store(model_dir, "SELECT status FROM llm_batches") == [("in_progress",)], timeout=120, interval=0.05)
+    stop(backend.proc, signal.SIGKILL)  # the whole backend, mid-wait
+    llm.batch_hold = False
+    project.backend = backend_factory(workers=2, model_dir=model_dir, **env)  # same store, same MODEL_DIR
+    # it waits for the killed job's heartbeat to go stale (HEARTBEAT), then one worker resumes it
+    written = lambda: all(len(project.predictions(t.id)) == 1 for t in project.tasks())  # noqa: E731
+    assert wait_until(written, timeout=HEARTBEAT + 120, interval=0.5)
+    assert len(llm.batches) == 1 and len(llm.batch_requests) == 10 and llm.requests == []
+    assert_exact(project, project.model_version())
+    assert store(model_dir, "SELECT phase FROM llm_batches") == [("used",)]
