@@ -355,7 +355,14 @@ class Database:
             self._secret = None
             self.where = str(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.migrate()
+            try:
+                self.migrate()
+            except sqlite3.DatabaseError as error:
+                if store_state(error) != "corrupt":
+                    raise
+                # a damaged file, its schema included (the schema outgrew the first page): the worker
+                # starts all the same, and /health and every request that needs the store say so (503)
+                self.note_failure(error)
 
     @classmethod
     def in_dir(cls, model_dir: Path) -> "Database":

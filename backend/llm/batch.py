@@ -119,12 +119,6 @@ def parse_result_line(raw: str, where: str) -> ResultLine:
     return result
 
 
-def read_results(lines: Iterable[str], name: str) -> Iterable[ResultLine]:
-    for number, raw in enumerate(lines, start=1):
-        if raw.strip():
-            yield parse_result_line(raw, f"{name} line {number}")
-
-
 class BatchAnswers:
     """What batches answered, by request id, in the store: read back by `BatchLLM` in any process."""
 
@@ -148,10 +142,6 @@ class BatchAnswers:
     def answer(self, request: str) -> dict[str, Any] | None:
         rows = self.db.query("SELECT body FROM llm_batch_answers WHERE request_id=? AND status=200", (request,))
         return json.loads(rows[0]["body"]) if rows else None
-
-    def failure(self, request: str) -> str | None:
-        rows = self.db.query("SELECT body FROM llm_batch_answers WHERE request_id=? AND status!=200", (request,))
-        return json.loads(rows[0]["body"]).get("error", "") if rows else None
 
     def forget(self, batch_ids: list[str]) -> None:
         """Drop the answers of batches whose tasks are written (they are in the response cache now)."""

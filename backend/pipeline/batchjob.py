@@ -46,7 +46,7 @@ from backend.llm.batch import (
 )
 from backend.llm.client import describe_api_error
 from backend.pipeline.jobs import HEARTBEAT, Jobs, JobSpec, ProjectJob, project_tasks
-from backend.pipeline.prelabel import Prelabeler
+from backend.pipeline.prelabel import Prelabeler, TaskOutcome, task_text
 from backend.pipeline.scope import field_of, wanted
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,20 @@ def record(prelabeler: Prelabeler, tasks: Iterable[dict[str, Any]], every: Calla
         figures.tasks += 1
         if every is not None and figures.tasks % RECORD_NOTE == 0:
             every(figures)
-        try:
-            prelabeler.prelabel(task["data"])
-        except Deferred:
+        deferred = failed = False
+        for target in prelabeler.schema.targets:  # each <Labels> target's requests, not only the first's
+            try:
+                text = task_text(task["data"], target)
+                if text.strip():
+                    prelabeler.aligned(target, text, TaskOutcome())
+            except Deferred:
+                deferred = True
+            except Exception as error:  # noqa: BLE001 - the job meets it again and reports the task
+                log.info("task %s: not in the batch (%s)", task["id"], error)
+                failed = True
+        if deferred:
             figures.deferred += 1
-        except Exception as error:  # noqa: BLE001 - the job meets it again and reports the task
-            log.info("task %s: not in the batch (%s)", task["id"], error)
+        elif failed:
             figures.other += 1
         else:
             figures.answered += 1
