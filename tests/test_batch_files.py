@@ -1,5 +1,6 @@
 """The Batch API's files without a provider: request lines, their split at the per-batch limits,
-result lines as OpenAI and `vllm run-batch` write them, and the endpoint Azure OpenAI wants."""
+result lines as OpenAI and `vllm run-batch` write them, the endpoint Azure OpenAI wants, and the
+batches' records in the store (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 
 import pytest
 
-from backend.llm.batch import BatchFileError, batch_endpoint, parse_result_line, request_id
-from backend.pipeline.batchjob import RequestFiles, batch_price, load_results
+from backend.infra.storage import Database
+from backend.llm.batch import BatchAnswers, BatchFileError, batch_endpoint, parse_result_line, request_id
+from backend.pipeline.batchjob import Batches, RequestFiles, batch_price, load_results
 
 
 def body(text: str) -> dict:
@@ -74,3 +76,27 @@ def test_azure_openai_names_the_batch_endpoint_without_v1_and_the_setting_wins()
 
 def test_the_batch_price_is_half():
     assert batch_price((0.15, 0.6)) == (0.075, 0.3) and batch_price(None) is None
+
+
+def test_batches_and_their_answers_in_the_store_of_either_engine(database_url, tmp_path):
+    db = Database(url=database_url) if database_url else Database.in_dir(tmp_path)
+    batches, answers = Batches(db), BatchAnswers(db)
+    assert batches.add("batch_a", "7", "v1", "job1", "file-1", 3, "validating")
+    assert not batches.add("batch_a", "7", "v1", "job2", "file-2", 3, "validating")  # a batch is recorded once
+    assert batches.pending_projects() == [("7", "v1", "job1")]
+    batches.status("batch_a", "in_progress")
+    completion = {"choices": [{"message": {"content": "{}"}}], "usage": {"prompt_tokens": 1000, "completion_tokens": 500}}
+    results = [
+        parse_result_line(json.dumps({"custom_id": "r1", "response": {"status_code": 200, "body": completion}}), "x"),
+        parse_result_line(json.dumps({"custom_id": "r2", "response": {"status_code": 500, "body": {"error": {"message": "no"}}}}), "x"),
+    ]
+    usage, first = batches.ingest(answers, "batch_a", "completed", results, "1 of 3 lines failed", (1.0, 2.0))
+    assert first and (usage.prompt_tokens, usage.completion_tokens, usage.calls) == (1000, 500, 1)
+    assert not batches.ingest(answers, "batch_a", "completed", results, "", (1.0, 2.0))[1]  # accounted once
+    (row,) = batches.of("7", "v1", "ingested")
+    assert (row["answered"], row["failed"], row["status"]) == (1, 1, "completed")
+    assert row["sync_cost_usd"] == pytest.approx(0.002) and row["cost_usd"] == pytest.approx(0.001)
+    assert answers.answer("r1") == completion and answers.answer("r2") is None and batches.pending_projects() == []
+    batches.used(["batch_a"])
+    answers.forget(["batch_a"])
+    assert answers.answer("r1") is None and batches.of("7", "v1", "ingested") == []
