@@ -17,8 +17,11 @@ from backend.infra import metrics
 from backend.infra.usage import Meter, metering
 from backend.learning import webhooks
 from backend.learning.store import ExampleStore
+from backend.llm.batch import BatchAnswers, BatchLLM, batch_endpoint, provider_client
+from backend.llm.client import LLMClient
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline import warmstart
+from backend.pipeline.batchjob import BatchJob, Batches
 from backend.pipeline.delivery import Delivery
 from backend.pipeline.interactive import (
     MAX_GUIDELINES_CHARS,
@@ -59,9 +62,9 @@ class NERModel(LabelStudioMLBase):
         # What annotators typed in the guidelines <TextArea> of their last submitted annotation.
         return self.get("guidelines") or ""
 
-    def prelabeler(self, version: str, guidelines: str | None = None) -> Prelabeler:
+    def prelabeler(self, version: str, guidelines: str | None = None, llm: LLMClient | None = None) -> Prelabeler:
         return Prelabeler.from_settings(
-            self.settings, self.schema, self.services.templates, self.services.llm,
+            self.settings, self.schema, self.services.templates, llm or self.services.llm,  # llm: a batch job's
             cache=self.services.cache,
             scope=version,  # a new model_version never reuses an answer cached for an old one
             # the index is rebuilt when what is published changes, not on every webhook
@@ -107,11 +110,13 @@ class NERModel(LabelStudioMLBase):
         self.examples.record_drafts(self.schema, tasks, [p.result if p is not None else None for p in predictions], version)
         return ModelResponse(model_version=version, predictions=predictions)
 
-    def prelabel_project(self, client: Any, spec: JobSpec, total: int | None = None, on_progress=None) -> ProjectJob:
-        """A job that pre-labels the project's tasks in `spec.scope` with this model (`job.run()` runs it)."""
+    def prelabel_project(self, client: Any, spec: JobSpec, total: int | None = None, on_progress=None,
+                         llm: LLMClient | None = None) -> ProjectJob:
+        """A job that pre-labels the project's tasks in `spec.scope` with this model (`job.run()` runs it);
+        `llm`: another client for its calls (a Batch API job's, see pipeline/batchjob.py)."""
         version = self.model_version
         return ProjectJob(
-            self.services.jobs, self.services.jobs.create(spec, version, total), spec, client, self.prelabeler(version),
+            self.services.jobs, self.services.jobs.create(spec, version, total), spec, client, self.prelabeler(version, llm=llm),
             version, self.services.deliveries, self.services.usage, self.services.price, on_progress,
             record_drafts=lambda tasks, results: self.examples.record_drafts(self.schema, tasks, results, version),
         )
@@ -123,6 +128,20 @@ class NERModel(LabelStudioMLBase):
             self.services.deliveries, self.services.usage, self.services.price,
             record_drafts=lambda tasks, results: self.examples.record_drafts(self.schema, tasks, results, version),
         )
+
+    def batch_project(self, client: Any, spec: JobSpec, total: int | None = None, on_progress=None,
+                      say=lambda message: None) -> tuple[BatchJob, Prelabeler]:
+        """A project job through the provider's Batch API (pipeline/batchjob.py), and the pre-labeler
+        that records its requests: `batch.run(recorder)` runs it."""
+        services, settings = self.services, self.settings
+        answers = BatchAnswers(services.db)
+        job = self.prelabel_project(client, spec, total, on_progress, llm=BatchLLM(services.llm, answers))
+        batch = BatchJob(
+            job, provider_client(settings), answers, Batches(services.db),
+            batch_endpoint(settings.openai_base_url, settings.llm_batch_endpoint),
+            settings.batch_poll_seconds, settings.batch_max_requests, settings.batch_max_bytes, say=say,
+        )
+        return batch, self.prelabeler(job.version, llm=BatchLLM(services.llm, answers, sink=batch.sink))
 
     def keep_late(self, prelabeler: Prelabeler, task: dict[str, Any], version: str, meter: Meter | None = None):
         """A task the deadline cut keeps running in the background, within PREDICT_BACKLOG; its answer

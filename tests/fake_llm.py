@@ -27,11 +27,21 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
   (a model that picks up names from similar corrected examples);
 - `requests`: every request body received, so tests can assert on prompts; `abandoned`: how many
   answers the client hung up on before their last byte (a Reply's `trickle` sends one byte at a time).
+- the Batch API: `/v1/files` (multipart upload, retrieve, `/content`) and `/v1/batches` (create,
+  retrieve, cancel, list). Each retrieve moves a batch one state on, validating -> in_progress ->
+  finalizing -> completed (`batch_hold`: it stays in_progress until the test clears it); its lines are
+  answered then by the chat endpoint's own logic (`_answer`, so `responder`, `replies`, the gazetteer
+  all apply); `batch_fail(body)`: that line goes to the error file with a 500; `batch_expire_after=N`:
+  the batch expires with only its first N lines answered, the rest in the error file; a malformed input
+  file makes the batch `failed`. Batch lines are in `batch_requests`, not `requests`.
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import hashlib
+import itertools
 import json
 import re
 import select
@@ -43,6 +53,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+_IDS = itertools.count(1)  # file and batch ids
 PACKED_TEXT = re.compile(r'<text id="([^"]+)">\n(.*?)\n</text>', re.DOTALL)
 ONE_TEXT = re.compile(r"<text>\n(.*)\n</text>", re.DOTALL)  # the text of a single-text request
 
@@ -112,6 +123,13 @@ class FakeLLM:
             self.peak_in_flight = 0
             self.abandoned = 0  # answers the client stopped reading before their end
             self._gate: threading.Semaphore | None = None
+            # the Batch API
+            self.files: dict[str, dict[str, Any]] = {}  # id -> {"object": the file object, "data": bytes}
+            self.batches: dict[str, dict[str, Any]] = {}  # id -> the batch object
+            self.batch_requests: list[dict[str, Any]] = []  # every batch line's body, once answered
+            self.batch_hold = False
+            self.batch_fail: Callable[[dict[str, Any]], bool] | None = None
+            self.batch_expire_after: int | None = None
 
     def behave_like_llama_cpp_python(self) -> None:
         """What llama-cpp-python 0.3's server does (tried against the real one with SmolLM2-135M)."""
@@ -181,6 +199,171 @@ class FakeLLM:
             return responder(body)
         return self.gazetteer_reply(body)
 
+    def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        """The chat completion a 200 `reply` to `body` is (the chat endpoint's and the batches' answers)."""
+        prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
+        content = reply.content or ""
+        finish_reason = reply.finish_reason
+        max_tokens = body.get("max_tokens")
+        if self.enforce_max_tokens and isinstance(max_tokens, int) and len(content) > 4 * max_tokens:
+            content, finish_reason = content[: 4 * max_tokens], "length"  # 4 characters a token
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": content if reply.content is not None else None},
+            "finish_reason": finish_reason,
+        }
+        tokens = reply.logprobs
+        if tokens is None and self.auto_logprobs is not None and content:
+            tokens = [(piece, self.auto_logprobs) for piece in re.findall(r"\w+|\W", content)]
+        wants_logprobs = body.get("logprobs") and (
+            "top_logprobs" in body or not self.logprobs_need_top_logprobs
+        )
+        if wants_logprobs and tokens is not None:
+            choice["logprobs"] = {
+                "content": [
+                    {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
+                    for tok, lp in tokens
+                ]
+            }
+        n = 1 if self.ignore_n else int(body.get("n") or 1)
+        choices = [dict(choice, index=i) for i in range(n)]
+        if reply.choices is not None:
+            contents = (reply.choices * n)[:n]
+            choices = [dict(choice, index=i, message={"role": "assistant", "content": c}) for i, c in enumerate(contents)]
+        answer = {
+            "id": f"chatcmpl-fake-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "fake-model"),
+            "choices": choices,
+            "usage": reply.usage if reply.usage is not None else {
+                "prompt_tokens": max(1, prompt_chars // 4),
+                "completion_tokens": max(1, len(content) // 4),
+                "total_tokens": max(1, prompt_chars // 4) + max(1, len(content) // 4),
+            },
+        }
+        return answer
+
+    # ---- the Batch API ----
+    def upload(self, content_type: str, raw: bytes) -> tuple[int, dict[str, Any]]:
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+        )
+        if not message.is_multipart():
+            return 400, {"error": {"message": "a file upload is multipart/form-data"}}
+        fields: dict[str, tuple[str | None, bytes]] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
+        if "file" not in fields or fields.get("purpose", (None, b""))[1] != b"batch":
+            return 400, {"error": {"message": "expected a file and purpose=batch"}}
+        filename, data = fields["file"]
+        with self.lock:
+            file_id = f"file-{next(_IDS)}"
+            obj = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                   "filename": filename or "upload.jsonl", "purpose": "batch", "status": "processed"}
+            self.files[file_id] = {"object": obj, "data": data}
+        return 200, obj
+
+    def _stored_file(self, name: str, data: bytes, purpose: str = "batch_output") -> str:
+        with self.lock:
+            file_id = f"file-{next(_IDS)}"
+            self.files[file_id] = {"object": {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                                              "filename": name, "purpose": purpose, "status": "processed"}, "data": data}
+        return file_id
+
+    def create_batch(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        file_id = request.get("input_file_id")
+        if file_id not in self.files:
+            return 400, {"error": {"message": f"no file {file_id}"}}
+        if request.get("completion_window") != "24h" or not isinstance(request.get("endpoint"), str):
+            return 400, {"error": {"message": "completion_window must be 24h, and an endpoint is required"}}
+        with self.lock:
+            batch_id = f"batch_{next(_IDS)}"  # unique for the process, like a provider's: a reset must not reuse one
+            batch = {
+                "id": batch_id, "object": "batch", "endpoint": request["endpoint"], "input_file_id": file_id,
+                "completion_window": "24h", "status": "validating", "created_at": int(time.time()),
+                "output_file_id": None, "error_file_id": None, "errors": None, "metadata": request.get("metadata"),
+                "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            }
+            self.batches[batch_id] = batch
+        return 200, batch
+
+    def _input_lines(self, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+        """The batch's request lines, or why the input file is invalid (what OpenAI checks)."""
+        lines, ids, models = [], set(), set()
+        for number, raw in enumerate(self.files[batch["input_file_id"]]["data"].decode().splitlines(), 1):
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                return [], f"line {number}: not JSON"
+            if line.get("method") != "POST" or line.get("url") != batch["endpoint"] or not isinstance(line.get("body"), dict):
+                return [], f"line {number}: method POST, url {batch['endpoint']} and a body are required"
+            if line.get("custom_id") in ids:
+                return [], f"line {number}: duplicate custom_id"
+            ids.add(line.get("custom_id"))
+            models.add(line["body"].get("model"))
+            lines.append(line)
+        if len(models) > 1:
+            return [], "every request of a batch must name the same model"
+        return lines, None
+
+    def advance_batch(self, batch_id: str) -> dict[str, Any]:
+        """What a retrieve sees: the batch one state further on (see the module docstring)."""
+        with self.lock:
+            batch = self.batches[batch_id]
+            status = batch["status"]
+        if status == "validating":
+            lines, invalid = self._input_lines(batch)
+            if invalid:
+                batch.update(status="failed", errors={"object": "list", "data": [{"code": "invalid_request", "message": invalid}]})
+            else:
+                batch.update(status="in_progress", request_counts={"total": len(lines), "completed": 0, "failed": 0})
+        elif status == "in_progress" and not self.batch_hold:
+            batch["status"] = "finalizing"
+        elif status == "finalizing":
+            self._finish_batch(batch)
+        elif status == "cancelling":
+            self._finish_batch(batch, cancelled=True)
+        return dict(batch)
+
+    def _finish_batch(self, batch: dict[str, Any], cancelled: bool = False) -> None:
+        lines, _ = self._input_lines(batch)
+        out, errors = [], []
+        for number, line in enumerate(lines):
+            custom_id, body = line["custom_id"], line["body"]
+            request_id = f"req_{batch['id']}_{number}"
+            if cancelled or (self.batch_expire_after is not None and number >= self.batch_expire_after):
+                code = "batch_cancelled" if cancelled else "batch_expired"
+                errors.append({"id": f"batch_req_{number}", "custom_id": custom_id, "response": None,
+                               "error": {"code": code, "message": "This request could not be executed before the batch ended."}})
+                continue
+            reply = Reply(status=500, error_message="fake batch line failure") if self.batch_fail and self.batch_fail(body) else self._answer(body)
+            with self.lock:
+                self.batch_requests.append(body)
+            if reply.status != 200:
+                error_body = {"error": {"message": reply.error_message, "type": "server_error", "code": None}}
+                errors.append({"id": f"batch_req_{number}", "custom_id": custom_id,
+                               "response": {"status_code": reply.status, "request_id": request_id, "body": error_body}, "error": None})
+                continue
+            out.append({"id": f"batch_req_{number}", "custom_id": custom_id,
+                        "response": {"status_code": 200, "request_id": request_id, "body": self.completion(body, reply)}, "error": None})
+        encode = lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()  # noqa: E731
+        if out:
+            batch["output_file_id"] = self._stored_file(f"{batch['id']}_output.jsonl", encode(out))
+        if errors:
+            batch["error_file_id"] = self._stored_file(f"{batch['id']}_error.jsonl", encode(errors))
+        expired = self.batch_expire_after is not None and len(lines) > self.batch_expire_after
+        batch["status"] = "cancelled" if cancelled else "expired" if expired else "completed"
+        batch["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(errors)}
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        with self.lock:
+            batch = self.batches[batch_id]
+            if batch["status"] in ("validating", "in_progress", "finalizing"):
+                batch["status"] = "cancelling"
+        return dict(batch)
+
     def _handler_class(self):
         fake = self
 
@@ -228,16 +411,48 @@ class FakeLLM:
                         fake.abandoned += 1
                     # the client gave up (a deadline or timeout under test): nothing to answer
 
+            def _json(self, status: int, payload: dict[str, Any]) -> None:
+                self._send(status, json.dumps(payload).encode())
+
             def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
+                path = self.path.split("?", 1)[0].rstrip("/")
+                parts = path.split("/")
+                if path.endswith("/models"):
                     self._send(200, json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}).encode())
+                elif path.endswith("/content") and parts[-2] in fake.files:
+                    data = fake.files[parts[-2]]["data"]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                elif parts[-2:-1] == ["files"] and parts[-1] in fake.files:
+                    self._json(200, fake.files[parts[-1]]["object"])
+                elif parts[-2:-1] == ["batches"] and parts[-1] in fake.batches:
+                    self._json(200, fake.advance_batch(parts[-1]))
+                elif path.endswith("/batches"):
+                    with fake.lock:
+                        listed = [dict(b) for b in reversed(fake.batches.values())]
+                    self._json(200, {"object": "list", "data": listed, "has_more": False,
+                                     "first_id": listed[0]["id"] if listed else None, "last_id": listed[-1]["id"] if listed else None})
                 else:
                     self._send(404, b'{"error": {"message": "not found"}}')
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
-                if not self.path.rstrip("/").endswith("/chat/completions"):
+                path = self.path.split("?", 1)[0].rstrip("/")
+                parts = path.split("/")
+                if path.endswith("/files"):
+                    self._json(*fake.upload(self.headers.get("Content-Type") or "", raw))
+                    return
+                if path.endswith("/batches"):
+                    self._json(*fake.create_batch(json.loads(raw or b"{}")))
+                    return
+                if path.endswith("/cancel") and parts[-2] in fake.batches:
+                    self._json(200, fake.cancel_batch(parts[-2]))
+                    return
+                if not path.endswith("/chat/completions"):
                     self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
                     return
                 body = json.loads(raw)
@@ -307,47 +522,7 @@ class FakeLLM:
                 if reply.raw_body is not None:
                     self._send(200, reply.raw_body, reply.headers)
                     return
-                prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
-                content = reply.content or ""
-                finish_reason = reply.finish_reason
-                max_tokens = body.get("max_tokens")
-                if fake.enforce_max_tokens and isinstance(max_tokens, int) and len(content) > 4 * max_tokens:
-                    content, finish_reason = content[: 4 * max_tokens], "length"  # 4 characters a token
-                choice: dict[str, Any] = {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content if reply.content is not None else None},
-                    "finish_reason": finish_reason,
-                }
-                tokens = reply.logprobs
-                if tokens is None and fake.auto_logprobs is not None and content:
-                    tokens = [(piece, fake.auto_logprobs) for piece in re.findall(r"\w+|\W", content)]
-                wants_logprobs = body.get("logprobs") and (
-                    "top_logprobs" in body or not fake.logprobs_need_top_logprobs
-                )
-                if wants_logprobs and tokens is not None:
-                    choice["logprobs"] = {
-                        "content": [
-                            {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
-                            for tok, lp in tokens
-                        ]
-                    }
-                n = 1 if fake.ignore_n else int(body.get("n") or 1)
-                choices = [dict(choice, index=i) for i in range(n)]
-                if reply.choices is not None:
-                    contents = (reply.choices * n)[:n]
-                    choices = [dict(choice, index=i, message={"role": "assistant", "content": c}) for i, c in enumerate(contents)]
-                answer = {
-                    "id": f"chatcmpl-fake-{len(fake.requests)}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body.get("model", "fake-model"),
-                    "choices": choices,
-                    "usage": reply.usage if reply.usage is not None else {
-                        "prompt_tokens": max(1, prompt_chars // 4),
-                        "completion_tokens": max(1, len(content) // 4),
-                        "total_tokens": max(1, prompt_chars // 4) + max(1, len(content) // 4),
-                    },
-                }
+                answer = fake.completion(body, reply)
                 self._send(200, json.dumps(answer).encode(), reply.headers, reply)
 
         return Handler

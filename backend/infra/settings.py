@@ -153,6 +153,19 @@ class Settings(BaseSettings):
     llm_prices: dict[str, tuple[float, float]] | None = Field(
         default=None, description='JSON {"model": [USD per 1M prompt tokens, USD per 1M completion tokens]}'
     )
+    batch_poll_seconds: float = Field(default=60.0, gt=0, description="seconds between two looks at a Batch API batch")
+    batch_max_requests: int = Field(
+        default=50_000, ge=1, le=50_000, description="requests per Batch API batch (the provider's limit: 50,000)"
+    )
+    batch_max_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=1024, le=200 * 1024 * 1024,
+        description="bytes per Batch API input file (the provider's limit: 200 MB)",
+    )
+    llm_batch_endpoint: str | None = Field(
+        default=None,
+        description="the Batch API's endpoint for chat completions; unset = /chat/completions on Azure OpenAI "
+        "(an OPENAI_BASE_URL on *.azure.com), /v1/chat/completions elsewhere",
+    )
     pack_size: int = Field(default=1, ge=1, le=64, description="texts per LLM call; 1 = packing off")
     pack_max_chars: int = Field(default=1000, ge=1, description="only texts up to this length are packed")
     warm_start: bool = Field(default=False, description="pre-compute new tasks' predictions on TASKS_CREATED")

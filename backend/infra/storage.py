@@ -245,6 +245,37 @@ CREATE TABLE job_chunks (
     PRIMARY KEY (job_id, chunk)
 );
 """,
+    """
+-- pipeline/batchjob.py: provider batches (Batch API) of a project's jobs, and the answers they brought back
+CREATE TABLE llm_batches (
+    id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    input_file_id TEXT,
+    requests INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    message TEXT,
+    answered INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL,
+    sync_cost_usd REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX llm_batches_by_project ON llm_batches(project_id, model_version, phase);
+CREATE TABLE llm_batch_answers (
+    request_id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX llm_batch_answers_by_batch ON llm_batch_answers(batch_id);
+""",
 )
 
 
@@ -341,7 +372,14 @@ class Database:
             self._secret = None
             self.where = str(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.migrate()
+            try:
+                self.migrate()
+            except sqlite3.DatabaseError as error:
+                if store_state(error) != "corrupt":
+                    raise
+                # a damaged file, its schema included (the schema outgrew the first page): the worker
+                # starts all the same, and /health and every request that needs the store say so (503)
+                self.note_failure(error)
 
     @classmethod
     def in_dir(cls, model_dir: Path) -> "Database":

@@ -28,7 +28,7 @@ from backend.learning.labelstudio import LabelStudioUnavailable
 from backend.ner.labelconfig import parse_label_config
 from backend.protocol.base import LabelStudioMLBase
 from backend.pipeline.delivery import read_project
-from backend.pipeline.jobs import JobSpec
+from backend.pipeline.jobs import HEARTBEAT, JobSpec
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.services import Services
 from backend.protocol.wire import (
@@ -342,6 +342,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if not hasattr(model, "prelabel_project"):
             raise BadRequest(f"{type(model).__name__} does not run project jobs", status=501)
         spec = JobSpec(body.project, body.scope, body.limit, body.concurrency or settings.predict_concurrency, body.max_cost)
+        if body.batch_api:  # through the provider's Batch API (pipeline/batchjob.py)
+            if not hasattr(model, "batch_project"):
+                raise BadRequest(f"{type(model).__name__} does not run Batch API jobs", status=501)
+            batch, recorder = model.batch_project(client, spec, total=getattr(project, "task_number", None))
+            threading.Thread(target=batch.run, args=(recorder,), name=f"job-{batch.job.job_id}", daemon=True).start()
+            return jsonify(services.jobs.get(batch.job.job_id)), 202
         if services.job_queue is not None:  # REDIS_URL: chunks on RQ, run by `llm-ner worker` on any host
             version = model.model_version
             job_id = services.job_queue.start(services, spec, version, project.label_config, getattr(project, "task_number", None))
@@ -378,4 +384,31 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         data, content_type = metrics.render()
         return Response(data, content_type=content_type)
 
+    if services.label_studio is not None:
+        threading.Thread(target=resume_batch_jobs, args=(services, registry), name="batch-resume", daemon=True).start()
     return app
+
+
+def resume_batch_jobs(services: Services, registry: ModelRegistry, look_every: float = 5.0) -> None:
+    """A backend that starts with Batch API jobs pending (their batches still at the provider, the job
+    that polled them gone) runs each again: it polls the stored batches, never sends new ones. It
+    waits until the old job's heartbeat is stale (a restart within HEARTBEAT still sees it running),
+    and one process takes each project (the store's claim)."""
+    from backend.pipeline.batchjob import Batches
+
+    for project_id, version, job_id in Batches(services.db).pending_projects():
+        try:
+            while (previous := services.jobs.get(job_id)) is not None and previous["state"] == "running":
+                time.sleep(look_every)
+            if previous is None or services.db.claim_interval(project_id, "batch-resume", HEARTBEAT) is not None:
+                continue
+            label_config = services.db.label_config(project_id)
+            model = registry.get(project_id, label_config) if label_config else None
+            if model is None or not hasattr(model, "batch_project"):
+                continue
+            spec = JobSpec(**previous["spec"])
+            batch, recorder = model.batch_project(services.label_studio, spec, total=previous["total"])
+            log.info("project %s: resuming the Batch API job %s as job %s", project_id, job_id, batch.job.job_id)
+            threading.Thread(target=batch.run, args=(recorder,), name=f"job-{batch.job.job_id}", daemon=True).start()
+        except Exception as error:  # noqa: BLE001 - one project's trouble must not stop the backend or the others
+            log.warning("project %s: could not resume its Batch API job: %s", project_id, error)

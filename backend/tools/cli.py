@@ -423,7 +423,8 @@ def run_prelabel(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"predict_concurrency": args.concurrency})
     configure_logging(settings.log_level, settings_secrets(settings))
     spec = JobSpec(args.project, args.scope, args.limit, settings.predict_concurrency, args.max_cost)
-    options = Options(dry_run=args.dry_run, yes=args.yes, confirm_usd=settings.prelabel_confirm_usd, progress=not args.quiet)
+    options = Options(dry_run=args.dry_run, yes=args.yes, confirm_usd=settings.prelabel_confirm_usd, progress=not args.quiet,
+                      batch_api=args.batch_api, batch_file_out=args.batch_file_out, batch_results=args.batch_results)
     return run_prelabel(connect(args.url, args.api_key), spec, settings, options)
 
 
@@ -599,6 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--dry-run", action="store_true", help="print the estimate and exit; sends nothing to the LLM")
     pre.add_argument("--yes", action="store_true", help="do not ask before spending more than PRELABEL_CONFIRM_USD")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch = pre.add_mutually_exclusive_group()
+    batch.add_argument("--batch-api", action="store_true",
+                       help="through the provider's Batch API: half the price, answers within 24 h (run again to resume)")
+    batch.add_argument("--batch-file-out", type=Path, metavar="FILE",
+                       help="write the requests as a batch input JSONL (e.g. for vllm run-batch) and exit")
+    batch.add_argument("--batch-results", type=Path, metavar="FILE",
+                       help="take the answers from a batch results JSONL, then write the predictions")
     _label_studio_args(pre)
     pre.set_defaults(handler=run_prelabel)
 

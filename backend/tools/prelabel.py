@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -19,12 +20,15 @@ from tqdm import tqdm
 from backend.infra.errors import BackendError
 from backend.infra.settings import Settings
 from backend.pipeline.delivery import read_project
+from backend.infra.usage import Usage, cost_usd
+from backend.llm.batch import BatchAnswers, BatchFileError, BatchLLM, batch_endpoint, request_line
+from backend.pipeline.batchjob import BATCH_DISCOUNT, Batches, batch_price, ingest_results, load_results, record, tasks_in_scope
 from backend.pipeline.jobs import JobSpec, Progress, project_tasks
 from backend.pipeline.scope import field_of, listed_fields, wanted
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.server import load_model_class
 from backend.protocol.services import Services
-from backend.tools.estimate import Estimate, estimate
+from backend.tools.estimate import Estimate, count_message_tokens, count_tokens, estimate
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,9 @@ class Options:
     yes: bool = False
     confirm_usd: float = 1.0
     progress: bool = True
+    batch_api: bool = False  # through the provider's Batch API (pipeline/batchjob.py)
+    batch_file_out: Path | None = None  # write the batch's requests here and stop
+    batch_results: Path | None = None  # answers from this results file, then write predictions
 
 
 def _estimate(model: Any, client: Any, spec: JobSpec, settings: Settings) -> Estimate:
@@ -70,14 +77,21 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
     project = read_project(client, spec.project_id)
     model = ModelRegistry(load_model_class(), services).get(str(spec.project_id), project.label_config)
     services.db.save_label_config(str(spec.project_id), project.label_config)
+    if options.batch_file_out is not None:
+        return write_batch_file(model, client, spec, services, options.batch_file_out, out)
+    # a bad results file stops here, before anything is asked or written
+    loaded = load_results(options.batch_results) if options.batch_results is not None else None
     needs_estimate = options.dry_run or spec.max_cost is not None or not options.yes
     if needs_estimate:
         figures = _estimate(model, client, spec, settings)
         print(f"project {spec.project_id}, scope {spec.scope}, model version {model.model_version}", file=out)
         print(figures.describe(), file=out)
+        cost = figures.cost_usd
+        if options.batch_api and cost is not None:
+            print(f"Batch API cost  ${cost * BATCH_DISCOUNT:.4f} (half the synchronous ${cost:.4f}; answers within 24 h)", file=out)
+            cost *= BATCH_DISCOUNT
         if options.dry_run:
             return 0
-        cost = figures.cost_usd
         if spec.max_cost is not None and cost is not None and cost > spec.max_cost:
             raise PrelabelError(f"the estimate (${cost:.4f}) is above --max-cost ${spec.max_cost:g}: nothing was sent")
         big = (cost is not None and cost > options.confirm_usd) or (cost is None and figures.calls > CONFIRM_CALLS)
@@ -98,7 +112,12 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
                         cost=f"${progress.cost_usd:.4f}", refresh=False)
         bar.refresh()
 
-    if services.job_queue is not None:  # REDIS_URL: the job's chunks run on `llm-ner worker` processes
+    if options.batch_api or options.batch_results is not None:
+        try:
+            result = _run_batch(model, client, spec, options, loaded, total, show, out)
+        finally:
+            bar.close()
+    elif services.job_queue is not None:  # REDIS_URL: the job's chunks run on `llm-ner worker` processes
         try:
             result = _run_on_queue(services, model, client, spec, project, total, bar, out)
         finally:
@@ -118,6 +137,8 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
         f"{result['completion_tokens']} completion tokens, ${result['cost_usd']:.4f}" + (f" ({result['message']})" if result["message"] else ""),
         file=out,
     )
+    if result.get("batch"):
+        print(describe_batch(result["batch"]), file=out)
     for failure in result["failures"][:20]:
         print(f"  task {failure['task']}: {failure['reason']}", file=out)
     if result["failed"] > 20:
@@ -148,3 +169,68 @@ def _run_on_queue(services: Services, model: Any, client: Any, spec: JobSpec, pr
     except KeyboardInterrupt:
         print(f"job {job_id} goes on in the workers (DELETE /jobs/{job_id} cancels it)", file=out)
         return None
+
+
+def describe_batch(batch: dict[str, Any]) -> str:
+    lines = [f"Batch API: {batch['batches']} batch(es), {batch['requests']} requests: {batch['answered']} answered"
+             + (f", {batch['failed']} failed and {batch['unfinished']} unfinished, sent synchronously"
+                if batch["failed"] or batch["unfinished"] else "")
+             + f"; {batch['prompt_tokens']} prompt + {batch['completion_tokens']} completion tokens"]
+    if batch["cost_usd"] is not None:
+        saved = batch["sync_cost_usd"] - batch["cost_usd"]
+        lines[0] += f", ${batch['cost_usd']:.4f} at the batch price (synchronous: ${batch['sync_cost_usd']:.4f}, saved ${saved:.4f})"
+    lines += [f"  {message}" for message in batch["messages"][:10]]
+    return "\n".join(lines)
+
+
+def _run_batch(model: Any, client: Any, spec: JobSpec, options: Options, loaded: tuple[str, list] | None,
+               total: int | None, show: Any, out: TextIO) -> dict[str, Any]:
+    batch, recorder = model.batch_project(client, spec, total=total, on_progress=show, say=lambda m: print(m, file=out, flush=True))
+    print(f"job {batch.job.job_id}: pre-labeling project {spec.project_id} (scope {spec.scope}) through the Batch API", file=out)
+    if loaded is None:
+        return batch.run(recorder)
+    file_id, results = loaded
+    # which requests the tasks in scope still need (or that a batch answered): the lines to take
+    recorder.llm.sink = lambda custom_id, body: None
+    record(recorder, tasks_in_scope(client, spec, batch.version))
+    needed = recorder.llm.deferred | recorder.llm.replayed
+    figures = ingest_results(file_id, results, needed, batch.job, batch.answers, batch.batches)
+    print(f"{options.batch_results}: {figures['lines']} lines, {figures['answered']} answers and {figures['failed']} "
+          f"failed lines for the tasks in scope", file=out)
+    if figures["unmatched"]:
+        print(f"{figures['unmatched']} lines match no request still to answer for the tasks in scope (another project, "
+              f"prompt, examples or model, or already answered): not used", file=out)
+    return batch.write()
+
+
+def write_batch_file(model: Any, client: Any, spec: JobSpec, services: Services, path: Path, out: TextIO) -> int:
+    """`--batch-file-out`: the batch's requests as one JSONL file (OpenAI's batch input format, which
+    `vllm run-batch` reads), with the number of requests and the estimated cost; sends nothing."""
+    settings = services.settings
+    url = batch_endpoint(settings.openai_base_url, settings.llm_batch_endpoint)
+    usage = Usage()
+    try:
+        handle = path.open("wb")
+    except OSError as error:
+        raise BatchFileError(f"cannot write {path}: {error.strerror or error}") from None
+
+    def sink(custom_id: str, body: dict[str, Any]) -> None:
+        handle.write(request_line(custom_id, body, url))
+        # the estimate's counts (tools/estimate.py): an answer about a third of the text's tokens
+        usage.add(Usage(count_message_tokens(body["messages"], body["model"]),
+                        count_tokens(body["messages"][-1].get("content") or "", body["model"]) // 3, 1))
+
+    with handle:
+        llm = BatchLLM(services.llm, BatchAnswers(services.db), sink=sink)
+        recorded = record(model.prelabeler(model.model_version, llm=llm), tasks_in_scope(client, spec, model.model_version))
+    price = services.price
+    cost = cost_usd(usage, batch_price(price))
+    print(f"{usage.calls} requests for {recorded.deferred} tasks written to {path} ({recorded.answered} tasks answered "
+          f"already, {recorded.other} that cannot be asked); ~{usage.prompt_tokens} prompt + ~{usage.completion_tokens} "
+          f"completion tokens", file=out)
+    if cost is None:
+        print("estimated cost: unknown (no LLM_PRICES entry for this model)", file=out)
+    else:
+        print(f"estimated cost: ${cost:.4f} at the Batch API's half price (synchronous: ${cost_usd(usage, price):.4f})", file=out)
+    print(f"then: llm-ner prelabel --project {spec.project_id} --batch-results RESULTS.jsonl", file=out)
+    return 0
