@@ -422,16 +422,7 @@ class ProjectJob:
             yield {"id": int(field_of(task, "id")), "data": dict(field_of(task, "data") or {})}
 
     def _attempt(self, task: dict[str, Any], attempt: int) -> TaskOutcome:
-        if attempt:
-            self.sleep(min(30.0, 2.0 * 2 ** (attempt - 1)))
-        with metering() as meter:  # every LLM call of the try, a failed one's too
-            try:
-                outcome = self.prelabeler.prelabel(task["data"])
-            except Exception as error:
-                error.usage = meter.take()  # type: ignore[attr-defined] - read by run() for the ledger
-                raise
-        outcome.usage = meter.take()
-        return outcome
+        return attempt_task(self.prelabeler, task, attempt, self.sleep)
 
     def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> tuple[str, str]:
         """Write finished tasks into Label Studio (the writer thread); returns ("running", "") to go on,
