@@ -16,6 +16,10 @@ its own; the time is the job's, from its start (the planner's first page) to its
 the workers started and idle before. CPU seconds of Label Studio and of the workers over the run
 (the project's import included) say where the time goes. The load average is printed next to the
 figures: the machine may be shared.
+
+--ls-fast-import starts Label Studio with its feature flag
+fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short=true: import_predictions then
+recounts only the tasks it wrote, instead of every task of the project holding a prediction.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,6 +44,7 @@ from tests.processes import backend_env, run_label_studio, run_redis, run_worker
 
 GAZETTEER = {"Ada Lovelace": "PER", "Oslo": "LOC", "Royal Society": "ORG"}
 CAP, LATENCY = 16, 0.3
+LS_FAST_IMPORT = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 
 
 def texts(n: int) -> list[str]:
@@ -53,18 +59,24 @@ def make_project(ls, title: str, n: int) -> int:
     return project.id
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its waited-for children (/proc/PID/stat)."""
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU time of a process and (children) its waited-for children (/proc/PID/stat)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11 : 15 if children else 13]) / os.sysconf("SC_CLK_TCK")
 
 
-def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int) -> tuple[float, int, str, float, float]:
-    """(seconds from the job's start to its end, tasks done, load average, Label Studio's CPU seconds,
-    the workers' CPU seconds) of one job on `workers` workers."""
+def planner_seconds() -> float:
+    """CPU time of this process's waited-for children: the `llm-ner prelabel` that plans the job."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int) -> tuple[float, int, str, dict[str, float], str]:
+    """(seconds from the job's start to its end, tasks done, load average, CPU seconds over the job of
+    Label Studio, the workers, Redis, the planner (`llm-ner prelabel`) and the fake LLM (this process) of one job on `workers` workers."""
     from redis import Redis
     from rq import Worker
 
@@ -77,21 +89,33 @@ def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int) -> 
     connection.flushall()
     env = backend_env(fake.base_url, model_dir, LOG_LEVEL="WARNING", LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token,
                       REDIS_URL=redis.url, JOB_CHUNK=str(chunk), PREDICT_CONCURRENCY=str(concurrency))
-    ls_cpu = cpu_seconds(ls.proc.pid)
-    worker_cpu = 0.0
     with ExitStack() as stack:
         procs = [stack.enter_context(run_worker(env, model_dir / f"worker-{i}.log")) for i in range(workers)]
-        if not wait_until(lambda: len(Worker.all(connection=connection)) == workers, timeout=60):
+        if not wait_until(lambda: len({w.pid for w in Worker.all(connection=connection)}) == workers, timeout=60):
             raise RuntimeError("the workers did not start")
+        pids = {"Label Studio": [ls.proc.pid], "workers": [p.pid for p in procs], "Redis": [redis.proc.pid]}
+        before = {name: sum(cpu_seconds(pid) for pid in group) for name, group in pids.items()}
+        fake_before, planner_before = cpu_seconds(os.getpid(), children=False), planner_seconds()
         done = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project_id), "--yes", "--quiet",
                                "--url", ls.url, "--api-key", ls.token], cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(done.stdout + done.stderr)
-        worker_cpu = sum(cpu_seconds(p.pid) for p in procs)
-        ls_cpu = cpu_seconds(ls.proc.pid) - ls_cpu
+        cpu = {name: sum(cpu_seconds(pid) for pid in group) - before[name] for name, group in pids.items()}
+        cpu["planner"] = planner_seconds() - planner_before
+        cpu["fake LLM"] = cpu_seconds(os.getpid(), children=False) - fake_before
     (job,) = Jobs(Database.in_dir(model_dir)).list(limit=1)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return job["finished_at"] - job["started_at"], job["done"], load, ls_cpu, worker_cpu
+    # the fake's clock is monotonic, the job's is the wall clock
+    started = job["started_at"] - (time.time() - time.monotonic())
+    busy = (fake.reply_times[-1] - fake.request_times[0]) if fake.reply_times else 0.0
+    phases = (f"first LLM request {fake.request_times[0] - started:.2f} s after the start, the job ended "
+              f"{job['finished_at'] - job['started_at'] - (fake.reply_times[-1] - started):.2f} s after the last answer, "
+              f"{sum(b - a for a, b in zip(fake.request_times, fake.reply_times)) / busy if busy else 0:.1f} calls in flight on average")
+    return job["finished_at"] - job["started_at"], job["done"], load, cpu, phases
+
+
+def cpu_line(cpu: dict[str, float]) -> str:
+    return "CPU s: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items())
 
 
 def main() -> int:
@@ -99,9 +123,12 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=1000, help="tasks of the 'free' runs (default 1000)")
     parser.add_argument("--capped-tasks", type=int, default=480, help="tasks of the 'capped' runs (default 480)")
     parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
+    parser.add_argument("--ls-fast-import", action="store_true", help=f"start Label Studio with {LS_FAST_IMPORT}=true")
     parser.add_argument("--chunk", type=int, default=100, help="JOB_CHUNK (default 100, the setting's default)")
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
+    if args.ls_fast_import:
+        os.environ[LS_FAST_IMPORT] = "true"  # run_label_studio passes the environment on
     fake = FakeLLM()
     with run_label_studio() as ls, run_redis() as redis:
         print(f"free: fake latency 0, no cap, {args.tasks} tasks, 4 calls in flight per worker, JOB_CHUNK={args.chunk}")
@@ -109,10 +136,13 @@ def main() -> int:
         for workers in counts:
             fake.reset()
             fake.gazetteer = dict(GAZETTEER)
-            wall, done, load, ls_cpu, worker_cpu = run(ls, redis, fake, workers, args.tasks, 4, args.chunk)
+            wall, done, load, cpu, _ = run(ls, redis, fake, workers, args.tasks, 4, args.chunk)
             rates[workers] = done / wall
+            # every process's CPU seconds over the job (the planner's start-up is not the job's) spread over
+            # the cores: the fastest this machine could go if nothing ever waited
+            ceiling = done / (sum(v for k, v in cpu.items() if k != "planner") / (os.cpu_count() or 1))
             print(f"  {workers} worker(s): {wall:6.1f} s, {rates[workers]:6.1f} tasks/s, {len(fake.requests)} LLM calls;"
-                  f" CPU s: Label Studio {ls_cpu:.1f}, workers {worker_cpu:.1f} (load average {load})", flush=True)
+                  f" {cpu_line(cpu)}; the cores' ceiling {ceiling:.0f} tasks/s (load average {load})", flush=True)
         if 1 in rates and 2 in rates:
             print(f"  scaling 1 -> 2 workers: {rates[2] / rates[1]:.2f}x")
         ideal = math.ceil(args.capped_tasks / CAP) * LATENCY
@@ -121,9 +151,9 @@ def main() -> int:
             fake.reset()
             fake.gazetteer = dict(GAZETTEER)
             fake.latency, fake.max_concurrency = LATENCY, CAP
-            wall, done, load, ls_cpu, worker_cpu = run(ls, redis, fake, workers, args.capped_tasks, CAP, args.chunk)
+            wall, done, load, cpu, phases = run(ls, redis, fake, workers, args.capped_tasks, CAP, args.chunk)
             print(f"  {workers} worker(s): {wall:6.1f} s = {wall / ideal:.2f}x the ideal, {done} done, {len(fake.requests)} LLM calls;"
-                  f" CPU s: Label Studio {ls_cpu:.1f}, workers {worker_cpu:.1f} (load average {load})", flush=True)
+                  f" {cpu_line(cpu)} (load average {load})\n    {phases}", flush=True)
     fake.close()
     return 0
 

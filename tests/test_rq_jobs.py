@@ -130,6 +130,38 @@ def test_a_worker_killed_mid_chunk_has_its_chunk_re_run_by_the_other_without_a_d
     assert survivor.poll() is None and chunks_ran(survivor.log_path.read_text(), job_id) > 0
 
 
+def test_a_burst_worker_started_after_a_worker_died_runs_its_abandoned_chunks_too_before_it_stops(
+    label_studio, backend_factory, connected_project, worker_factory, llm, redis_url, tmp_path
+):
+    """`llm-ner worker --burst` stops when nothing is left anywhere: not while the queue is empty but a
+    dead worker's chunks still count as running (until its missed heartbeats put them back)."""
+    llm.gazetteer = dict(GAZETTEER)
+    llm.latency = 0.2
+    env = rq_env(llm, {"MODEL_DIR": str(tmp_path / "model")}, label_studio, redis_url, PREDICT_CONCURRENCY="2", DELIVERY_LEASE="10")
+    project = connected_project(texts(40), title="rq burst", backend=backend_factory(workers=1, model_dir=Path(env["MODEL_DIR"])))
+    doomed = worker_factory(env)
+    job = subprocess.Popen([sys.executable, "-m", "backend", "prelabel", "--project", str(project.id), "--yes", "--quiet",
+                            *ls_args(label_studio)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        registry = StartedJobRegistry("llm-ner", connection=Redis.from_url(redis_url))
+        # both of its slots hold one of the job's two chunks, some of it written: the queue is empty
+        assert wait_until(lambda: registry.count == 2 and predictions_written(project) >= 2, timeout=120, interval=0.05)
+        os.killpg(doomed.pid, signal.SIGKILL)
+        doomed.wait()
+        burst = subprocess.run([sys.executable, "-m", "backend", "worker", "--burst"], cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=240)
+        assert burst.returncode == 0, burst.stdout + burst.stderr
+        # it found the queue empty, waited for the dead worker's chunks to be put back, and ran them
+        assert registry.count == 0 and Queue("llm-ner", connection=Redis.from_url(redis_url)).count == 0
+        assert predictions_written(project) == 40
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0 and "40 pre-labeled, 0 failed, 0 skipped of 40 read" in out, out + err
+    assert_exact(project, project.model_version())
+
+
 def test_cancel_stops_every_workers_chunks_and_takes_the_queued_ones_off_the_queue(
     label_studio, backend_factory, connected_project, worker_factory, llm, store, redis_url
 ):
@@ -213,3 +245,20 @@ def test_a_worker_says_what_it_lacks_instead_of_a_traceback(llm, tmp_path, redis
     assert no_label_studio.returncode == 2 and "LABEL_STUDIO_URL" in no_label_studio.stderr
     for run in (unset, malformed, unreachable, no_label_studio):
         assert "Traceback" not in run.stderr
+
+
+def test_a_workers_wait_on_an_empty_queue_may_outlast_redis_pys_default_read_timeout(redis_url, tmp_path, monkeypatch):
+    """A worker waits on the queue up to WORKER_HEARTBEAT seconds in one BLMOVE; redis-py 8 stops reading
+    a socket after 5 s unless told otherwise. The worker's connection (the one JobQueue pinged first,
+    lent again to the wait) must outlast the wait."""
+    from backend.infra.settings import load_settings
+    from backend.protocol.rqworker import JobQueue
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("WORKER_HEARTBEAT", "6")
+    monkeypatch.chdir(tmp_path)
+    queue = JobQueue(load_settings())
+    queue.check()
+    assert queue.connection.blmove("rq:queue:empty", "rq:queue:elsewhere", timeout=6) is None

@@ -62,6 +62,33 @@ def test_migrate_applies_each_schema_version_once_when_four_replicas_start_toget
     assert code == 0 and out == f"SQLite store {tmp_path / 'model' / 'backend.sqlite3'}: schema version {newest} (newest {newest})\n"
 
 
+OPEN_AT_ONCE = """
+import sys
+from pathlib import Path
+ready, go, model_dir = (Path(a) for a in sys.argv[1:])
+from backend.infra.storage import Database
+ready.touch()
+while not go.exists():
+    pass  # spin: the six must reach the file within microseconds of each other
+Database.in_dir(model_dir).close()
+"""
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_start(tmp_path):
+    """Several processes on one host (gunicorn workers, `llm-ner worker`s) creating MODEL_DIR's store
+    together: SQLite lets one of them switch the new file to WAL and answers the others "database is
+    locked" at once, without waiting; every one must open it all the same, in each of ten rounds."""
+    for round_ in range(10):
+        model_dir, go = tmp_path / f"model-{round_}", tmp_path / f"go-{round_}"
+        ready = [tmp_path / f"ready-{round_}-{i}" for i in range(6)]
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(r), str(go), str(model_dir)], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ready]
+        assert wait_until(lambda ready=ready: all(r.exists() for r in ready), timeout=60)
+        go.touch()  # all six open the new file at the same moment
+        runs = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+        assert [code for code, _ in runs] == [0] * 6, [err for _, err in runs]
+
+
 # ---- migrate-store ----
 def test_migrate_store_copies_a_sqlite_store_into_postgresql_and_a_second_run_changes_nothing(
     make_client, make_settings, llm, postgres_url, tmp_path
@@ -225,3 +252,40 @@ def test_label_studio_connected_to_one_replica_then_the_other_sees_one_model(con
     project.ls.annotations.delete(id=annotation.id)
     assert wait_until(lambda: project.model_version() == draft.model_version, 30), "replica two to forget the example"
     assert httpx.post(one.url + "/setup", json={"project": str(project.id), "schema": NER_CONFIG}, timeout=30).json()["model_version"] == draft.model_version
+
+
+@pytest.mark.parametrize("pool", [2, 6])
+def test_database_pool_bounds_the_postgresql_connections_of_a_process(postgres_url, tmp_path, monkeypatch, pool):
+    """DATABASE_POOL is the most connections a process holds: six threads reading at once share two
+    connections with DATABASE_POOL=2, and get six of their own with 6 (a barrier holds all six reads open)."""
+    import threading
+
+    from backend.infra.settings import load_settings
+    from backend.infra.storage import Database
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    monkeypatch.setenv("DATABASE_POOL", str(pool))
+    monkeypatch.chdir(tmp_path)
+    db = Database.from_settings(load_settings())
+    together = threading.Barrier(6, timeout=30) if pool >= 6 else None
+    backends: list[int] = []
+
+    def read() -> None:
+        with db.reading() as conn:
+            backends.append(conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"])
+            if together is not None:
+                together.wait()
+
+    threads = [threading.Thread(target=read) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    db.close()
+    assert len(backends) == 6  # every read was served
+    if pool >= 6:
+        assert len(set(backends)) == 6  # six reads open at once: six connections
+    else:
+        assert len(set(backends)) <= pool

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         description="postgresql://user:password@host:port/dbname: shared state in PostgreSQL (several replicas);"
         " unset = SQLite under MODEL_DIR",
     )
+    database_pool: int = Field(
+        default=16, ge=1, le=1000,
+        description="most PostgreSQL connections a process holds (each gunicorn worker and `llm-ner worker`);"
+        " PostgreSQL's max_connections must cover every process of every host",
+    )
     prompts_dir: Path = Field(default=REPO_DIR / "prompts", description="the prompt templates")
     prompt_language: Literal["en", "zh"] = Field(
         default="en",
@@ -69,6 +74,10 @@ class Settings(BaseSettings):
     worker_heartbeat: float = Field(
         default=10.0, gt=0, le=600,
         description="seconds between an RQ worker's heartbeats; a chunk not heard of for 3 of them is re-run by another worker",
+    )
+    worker_chunks: int = Field(
+        default=2, ge=1, le=64,
+        description="chunks an `llm-ner worker` process runs at once; they share its PREDICT_CONCURRENCY",
     )
     delivery_lease: float = Field(
         default=180.0, ge=3, le=3600,

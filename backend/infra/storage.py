@@ -34,7 +34,6 @@ FAILURE_MEMORY = 60.0  # seconds a failed write keeps the store reported as fail
 # PostgreSQL: every write transaction takes this transaction-level advisory lock first, as SQLite's
 # BEGIN IMMEDIATE takes the file's write lock (see Database.transaction)
 WRITE_LOCK = 0x6C6C6D6E6572  # "llmner"
-POOL_SIZE = 16  # connections per process at most (a gunicorn worker runs 8 threads by default)
 CONNECT_TIMEOUT = 10  # seconds to reach PostgreSQL before saying it is unreachable
 
 # what a failing store raises, in either engine: catch these, never one engine's alone
@@ -336,6 +335,23 @@ class PgConnection:
         return cursor
 
 
+def _use_wal(conn: sqlite3.Connection, patience: float = 30.0) -> None:
+    """Put the file in WAL mode (once per file; later connections find it so). Two processes opening a
+    new file at once race for it, and SQLite answers the loser "database is locked" at once, without
+    its busy timeout: try again until the winner is done."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Database:
     """The shared store, at the newest schema version: a SQLite file (`Database(path)`,
     `Database.in_dir(model_dir)`) or a PostgreSQL database (`Database(url=...)`). Make one per
@@ -347,7 +363,7 @@ class Database:
     `conn.executemany` take `?` placeholders in both engines and give rows readable as row["col"].
     """
 
-    def __init__(self, path: Path | None = None, *, url: str | None = None):
+    def __init__(self, path: Path | None = None, *, url: str | None = None, pool_size: int = 16):
         if (path is None) == (url is None):
             raise ValueError("a Database is a SQLite path or a PostgreSQL url")
         self.url = url
@@ -365,7 +381,7 @@ class Database:
             except psycopg.Error as error:
                 raise self.unavailable(error) from None
             self._pool = ConnectionPool(
-                url, min_size=0, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT, open=True, name="llm-ner",
+                url, min_size=0, max_size=pool_size, timeout=CONNECT_TIMEOUT, open=True, name="llm-ner",
                 kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT},
             )
         else:
@@ -386,14 +402,15 @@ class Database:
         return cls(Path(model_dir) / DB_NAME)
 
     @classmethod
-    def open(cls, model_dir: Path, database_url: str | None = None) -> "Database":
-        """PostgreSQL when a DATABASE_URL is given, else the SQLite file under MODEL_DIR."""
-        return cls(url=database_url) if database_url else cls.in_dir(model_dir)
+    def open(cls, model_dir: Path, database_url: str | None = None, pool_size: int = 16) -> "Database":
+        """PostgreSQL when a DATABASE_URL is given (a pool of at most `pool_size` connections), else the
+        SQLite file under MODEL_DIR."""
+        return cls(url=database_url, pool_size=pool_size) if database_url else cls.in_dir(model_dir)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "Database":
         url = settings.database_url.get_secret_value() if settings.database_url is not None else None
-        return cls.open(settings.model_dir, url)
+        return cls.open(settings.model_dir, url, settings.database_pool)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -551,9 +568,9 @@ class Database:
             # isolation_level=None: we issue BEGIN ourselves, so writes are explicit transactions
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
+            _use_wal(conn)
+            conn.execute("PRAGMA synchronous=NORMAL")
             self._local.sqlite = conn
         return conn
 

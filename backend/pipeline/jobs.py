@@ -304,6 +304,10 @@ class ProjectJob:
         in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
         finished: list[tuple[dict[str, Any], TaskOutcome]] = []
         read_all = False
+
+        def again(task: dict[str, Any], attempt: int) -> Future | None:  # an outage may pass: try it again, later
+            return pool.submit(self._attempt, task, attempt) if attempt < self.spec.attempts else None
+
         last_write = time.monotonic()
         try:
             while self.stop is None:
@@ -324,18 +328,7 @@ class ProjectJob:
                     if self.handed - self.taken >= MAX_UNWRITTEN:
                         time.sleep(0.1)  # the writer is behind: wait for it rather than spin
                     continue
-                done, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in done:
-                    task, attempt = in_flight.pop(future)
-                    error = future.exception()
-                    if error is None:
-                        finished.append((task, future.result()))
-                        self.failures.pop(task["id"], None)
-                        continue
-                    self._account([getattr(error, "usage", None)])
-                    self.failures[task["id"]] = f"{unanswered_reason(error)}: {error}"
-                    if attempt + 1 < self.spec.attempts:  # an outage may pass: try it again, later
-                        in_flight[pool.submit(self._attempt, task, attempt + 1)] = (task, attempt + 1)
+                finished += collect_tries(in_flight, self.failures, self._account, again)
                 if len(finished) >= CHUNK or (finished and time.monotonic() - last_write > WRITE_EVERY):
                     # answers into the shared cache now, not when the writer gets to them (it may be in a
                     # long call): a killed job asks nothing twice but what was in flight
@@ -499,7 +492,7 @@ def plan_chunks(
         batch, chunk = [], chunk + 1
 
     try:
-        for task in project_tasks(client, spec.project_id):
+        for task in project_tasks(client, spec.project_id, listed_fields(spec.scope, model_version)):
             if spec.limit is not None and taken >= spec.limit:
                 break
             seen += 1
@@ -521,6 +514,33 @@ def plan_chunks(
     if message:
         jobs.finish(job_id, "failed", message)  # the chunks handed over still run and count
     return jobs.get(job_id) or {}
+
+
+def collect_tries(
+    in_flight: dict[Future, tuple[dict[str, Any], int]],
+    failures: dict[int, str],
+    account: Callable[[list[Usage | None]], None],
+    again: Callable[[dict[str, Any], int], Future | None],
+) -> list[tuple[dict[str, Any], TaskOutcome]]:
+    """Wait (half a second at most) for tries in flight to end and return the tasks that finished. A
+    failed try is metered (`account`) and its reason kept in `failures` (cleared if a later try
+    succeeds); `again(task, next attempt)` may start the next try (an outage may pass) and returns its
+    future, or None when the task has had its tries."""
+    finished = []
+    done, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
+    for future in done:
+        task, attempt = in_flight.pop(future)
+        error = future.exception()
+        if error is None:
+            finished.append((task, future.result()))
+            failures.pop(task["id"], None)
+            continue
+        account([getattr(error, "usage", None)])
+        failures[task["id"]] = f"{unanswered_reason(error)}: {error}"
+        retry = again(task, attempt + 1)
+        if retry is not None:
+            in_flight[retry] = (task, attempt + 1)
+    return finished
 
 
 def attempt_task(prelabeler: Prelabeler, task: dict[str, Any], attempt: int, sleep: Callable[[float], None]) -> TaskOutcome:
@@ -593,26 +613,17 @@ class ChunkRun:
         last_write = time.monotonic()
         with ThreadPoolExecutor(concurrency, thread_name_prefix=f"chunk-{self.job_id}-{self.chunk}") as pool:
             in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
+
+            def again(task: dict[str, Any], attempt: int) -> Future | None:
+                return pool.submit(self._attempt, task, attempt) if attempt < self.spec.attempts and not cancelled else None
+
             while pending or in_flight:
                 while pending and not cancelled and len(in_flight) < concurrency:
                     task = pending.pop()
-                    in_flight[pool.submit(attempt_task, self.prelabeler, task, 0, self.sleep)] = (task, 0)
+                    in_flight[pool.submit(self._attempt, task, 0)] = (task, 0)
                 if not in_flight:
                     break
-                done, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in done:
-                    task, attempt = in_flight.pop(future)
-                    error = future.exception()
-                    if error is None:
-                        finished.append((task, future.result()))
-                        self.failures.pop(task["id"], None)
-                        continue
-                    self._account([getattr(error, "usage", None)])
-                    self.failures[task["id"]] = f"{unanswered_reason(error)}: {error}"
-                    if attempt + 1 < self.spec.attempts and not cancelled:
-                        in_flight[pool.submit(attempt_task, self.prelabeler, task, attempt + 1, self.sleep)] = (task, attempt + 1)
-                # answers in the shared cache at once: a worker killed now pays again only for the calls in flight
-                self.prelabeler.source.flush()
+                finished += collect_tries(in_flight, self.failures, self._account, again)
                 if finished and (not (pending or in_flight) or time.monotonic() - last_write > WRITE_EVERY):
                     self._write(finished)
                     finished, last_write = [], time.monotonic()
@@ -620,6 +631,15 @@ class ChunkRun:
         if finished and not cancelled:
             self._write(finished)
         return cancelled
+
+    def _attempt(self, task: dict[str, Any], attempt: int) -> TaskOutcome:
+        """One try, its answer in the shared cache before it counts as finished: a worker killed at any
+        moment pays again only for its calls in flight (its other chunk goes on calling while this
+        one writes into Label Studio, so waiting for the chunk's loop to flush is not enough)."""
+        try:
+            return attempt_task(self.prelabeler, task, attempt, self.sleep)
+        finally:
+            self.prelabeler.source.flush()
 
     def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> None:
         deliveries = [Delivery(self.project, t["id"], self.version, o.results, o.score) for t, o in finished]

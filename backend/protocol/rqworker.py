@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
+import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -23,8 +27,10 @@ from urllib.parse import urlsplit
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Callback, Queue, Retry, SimpleWorker, get_current_job
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
 
 from backend.infra.errors import BackendError, ConfigError
@@ -45,7 +51,11 @@ MISSED_BEATS = 3  # heartbeats a running chunk may miss before it counts as aban
 def redis_connection(settings: Settings) -> Redis:
     if settings.redis_url is None:
         raise ConfigError("set REDIS_URL to run project jobs on RQ")
-    return Redis.from_url(settings.redis_url.get_secret_value())
+    # redis-py 8 gives up reading a socket after 5 s by default, and a worker waits on the queue (BLMOVE)
+    # up to a heartbeat: a connection made with that default (the first ping's, say) and later lent to
+    # a wait failed it over and over, the worker backing off up to a minute with chunks on the queue
+    return Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=settings.worker_heartbeat + 15,
+                          socket_connect_timeout=10)
 
 
 def redis_place(settings: Settings) -> str:
@@ -178,9 +188,14 @@ def chunk_gave_up(job: Job, connection: Any, kind: Any = None, value: Any = None
 
 
 class ChunkWorker(SimpleWorker):
-    """RQ's SimpleWorker (a chunk runs in the worker's own process) with a heartbeat thread while a
-    chunk runs, abandoned chunks detected after MISSED_BEATS heartbeats, and maintenance (which
-    re-queues them) every heartbeat, idle workers included."""
+    """One slot of a worker process: RQ's SimpleWorker (a chunk runs in this process: the Services, model
+    and LLM client stay warm) in a thread of its own, with a heartbeat thread while a chunk runs, and a
+    chunk abandoned after MISSED_BEATS heartbeats. The process's main thread (`WorkerProcess`) takes
+    the signals and runs RQ's maintenance for all its slots."""
+
+    # RQ's default stops a chunk that outlives its timeout with SIGALRM, which only the main thread can
+    # take: a slot is a thread, so a timer raises in it instead
+    death_penalty_class = TimerDeathPenalty
 
     def __init__(self, *args: Any, heartbeat: float, **kwargs: Any):
         beat = max(1, round(heartbeat))
@@ -188,8 +203,25 @@ class ChunkWorker(SimpleWorker):
 
     @property
     def dequeue_timeout(self) -> int:
-        # RQ blocks on the queue for worker_ttl - 15 s (405 s by default): wake up for maintenance instead
+        # RQ blocks on the queue for worker_ttl - 15 s (405 s by default): look for a stop request every beat
         return max(1, int(self.maintenance_interval))
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
+        # RQ waits on the queue until a chunk comes (its main thread leaves the wait by a signal): a slot
+        # comes out every beat to see whether the process is stopping
+        while True:
+            if self._stop_requested:
+                raise StopRequested()
+            found = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=timeout)
+            if found is not None or timeout is None:
+                return found
+
+    @property
+    def should_run_maintenance_tasks(self) -> bool:
+        return False  # the process's main thread does, every heartbeat, busy slots or not
+
+    def _install_signal_handlers(self) -> None:
+        pass  # only the main thread may; it stops the slots
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return MISSED_BEATS * int(self.job_monitoring_interval)
@@ -215,8 +247,79 @@ class ChunkWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
 
+class WorkerProcess:
+    """`llm-ner worker`: WORKER_CHUNKS slots (RQ workers in threads) sharing this process's model and LLM
+    client, so one chunk's last calls and its write into Label Studio overlap the next chunk's calls;
+    PREDICT_CONCURRENCY bounds the calls in flight of all of them together. The main thread takes
+    SIGINT/SIGTERM (the first: every slot ends its chunk and stops; the second: stop now, the chunks
+    left are abandoned and run again elsewhere) and runs RQ's maintenance every heartbeat, which puts
+    the chunks of dead workers back on the queue."""
+
+    def __init__(self, settings: Settings, queues: list[str], connection: Redis, burst: bool = False):
+        self.settings, self.queue_names, self.connection, self.burst = settings, queues, connection, burst
+        self.beat = max(1, round(settings.worker_heartbeat))
+        self.stopping = threading.Event()
+        self.slots: list[ChunkWorker] = []
+        self.level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
+
+    def _slot(self, number: int) -> ChunkWorker:
+        queues = [Queue(name, connection=self.connection) for name in self.queue_names]
+        return ChunkWorker(queues, connection=self.connection, heartbeat=self.settings.worker_heartbeat,
+                           name=f"{socket.gethostname()}.{os.getpid()}.{number}.{secrets.token_hex(3)}")
+
+    def _signal(self, signum: int, frame: Any) -> None:
+        if self.stopping.is_set():
+            log.warning("worker: second %s: stopping now; the chunks running are run again by another worker",
+                        signal.Signals(signum).name)
+            os._exit(1)
+        log.info("worker: %s: every slot ends its chunk, then stops (again: stop now)", signal.Signals(signum).name)
+        self.stopping.set()
+        for slot in self.slots:
+            slot._stop_requested = True  # RQ's own flag: the slot's loop ends after its chunk or its wait
+
+    def _maintain(self) -> None:
+        try:
+            self.slots[0].clean_registries()  # RQ's: abandoned chunks back on the queue, at most one pass per interval
+        except Exception as error:  # noqa: BLE001 - Redis away for a moment: the next beat tries again
+            log.warning("worker: maintenance failed: %s", error)
+
+    def _left_anywhere(self) -> bool:
+        """Chunks on the queues or running (in any worker, dead ones included until maintenance re-queues them)."""
+        for name in self.queue_names:
+            queue = Queue(name, connection=self.connection)
+            running = StartedJobRegistry(queue=queue).count  # RQ's cleanup first: abandoned chunks go back on the queue
+            if running or queue.count:
+                return True
+        return False
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._signal)
+        signal.signal(signal.SIGTERM, self._signal)
+        while True:
+            self.slots = [self._slot(n) for n in range(self.settings.worker_chunks)]
+            threads = [threading.Thread(target=slot.work, kwargs={"burst": self.burst, "logging_level": self.level},
+                                        name=f"rq-slot-{n}") for n, slot in enumerate(self.slots)]
+            for thread in threads:
+                thread.start()
+            while any(thread.is_alive() for thread in threads):
+                self._maintain()
+                for thread in threads:
+                    thread.join(timeout=self.beat / len(threads))
+            # --burst: the queues were empty for every slot; a chunk still running elsewhere may be a dead
+            # worker's, put back on the queue after its missed beats: wait for it rather than leave it
+            if not self.burst or self.stopping.is_set():
+                return 0
+            while not self.stopping.is_set() and self._left_anywhere():
+                self._maintain()
+                if any(Queue(name, connection=self.connection).count for name in self.queue_names):
+                    break
+                self.stopping.wait(self.beat)
+            else:
+                return 0
+
+
 def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> int:
-    """`llm-ner worker`: run job chunks from these queues until stopped (or, with burst, until they are empty)."""
+    """`llm-ner worker`: run job chunks from these queues until stopped (or, with burst, until none is left)."""
     global _runtime
     queue = JobQueue(settings)
     queue.check()
@@ -224,11 +327,5 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> in
         _runtime = WorkerRuntime.from_settings(settings)
     if _runtime.services.label_studio is None:
         raise ConfigError("a worker writes predictions into Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    worker = ChunkWorker(
-        [Queue(name, connection=queue.connection) for name in queues], connection=queue.connection,
-        heartbeat=settings.worker_heartbeat,
-    )
-    log.info("worker %s: queues %s on Redis at %s", worker.name, ", ".join(queues), redis_place(settings))
-    # RQ logs each maintenance pass (every heartbeat) at INFO: its own lines from WARNING up, unless debugging
-    worker.work(burst=burst, logging_level="DEBUG" if settings.log_level == "DEBUG" else "WARNING")
-    return 0
+    log.info("worker: %d slots on queues %s on Redis at %s", settings.worker_chunks, ", ".join(queues), redis_place(settings))
+    return WorkerProcess(settings, queues, queue.connection, burst).run()
