@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.conftest import NER_CONFIG  # noqa: E402
 from tests.fake_llm import FakeLLM  # noqa: E402
-from tests.processes import backend_env, run_label_studio, run_redis, run_worker, wait_until  # noqa: E402
+from tests.processes import backend_env, run_label_studio, run_postgres, run_redis, run_worker, wait_until  # noqa: E402
 
 GAZETTEER = {"Ada Lovelace": "PER", "Oslo": "LOC", "Royal Society": "ORG"}
 CAP, LATENCY = 16, 0.3
@@ -74,7 +74,7 @@ def planner_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int) -> tuple[float, int, str, dict[str, float], str]:
+def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int, pg=None) -> tuple[float, int, str, dict[str, float], str]:
     """(seconds from the job's start to its end, tasks done, load average, CPU seconds over the job of
     Label Studio, the workers, Redis, the planner (`llm-ner prelabel`) and the fake LLM (this process) of one job on `workers` workers."""
     from redis import Redis
@@ -87,23 +87,33 @@ def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int) -> 
     model_dir = Path(tempfile.mkdtemp(prefix="bench-rq-"))
     connection = Redis.from_url(redis.url)
     connection.flushall()
+    store = {}
+    if pg is not None:  # a database of the run's own, over TCP as another host would reach it
+        name = f"bench_{model_dir.name.replace('-', '_')}"
+        pg.admin(f"CREATE DATABASE {name}")
+        store = {"DATABASE_URL": pg.tcp_url(name)}
     env = backend_env(fake.base_url, model_dir, LOG_LEVEL="WARNING", LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token,
-                      REDIS_URL=redis.url, JOB_CHUNK=str(chunk), PREDICT_CONCURRENCY=str(concurrency))
+                      REDIS_URL=redis.url, JOB_CHUNK=str(chunk), PREDICT_CONCURRENCY=str(concurrency), **store)
     with ExitStack() as stack:
         procs = [stack.enter_context(run_worker(env, model_dir / f"worker-{i}.log")) for i in range(workers)]
         if not wait_until(lambda: len({w.pid for w in Worker.all(connection=connection)}) == workers, timeout=60):
             raise RuntimeError("the workers did not start")
         pids = {"Label Studio": [ls.proc.pid], "workers": [p.pid for p in procs], "Redis": [redis.proc.pid]}
         before = {name: sum(cpu_seconds(pid) for pid in group) for name, group in pids.items()}
+        pg_before = postgres_seconds(pg) if pg is not None else 0.0
         fake_before, planner_before = cpu_seconds(os.getpid(), children=False), planner_seconds()
         done = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project_id), "--yes", "--quiet",
                                "--url", ls.url, "--api-key", ls.token], cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(done.stdout + done.stderr)
         cpu = {name: sum(cpu_seconds(pid) for pid in group) - before[name] for name, group in pids.items()}
+        if pg is not None:
+            cpu["PostgreSQL"] = postgres_seconds(pg) - pg_before
         cpu["planner"] = planner_seconds() - planner_before
         cpu["fake LLM"] = cpu_seconds(os.getpid(), children=False) - fake_before
-    (job,) = Jobs(Database.in_dir(model_dir)).list(limit=1)
+    db = Database.open(model_dir, store.get("DATABASE_URL"))
+    (job,) = Jobs(db).list(limit=1)
+    db.close()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     # the fake's clock is monotonic, the job's is the wall clock
     started = job["started_at"] - (time.time() - time.monotonic())
@@ -112,6 +122,19 @@ def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int) -> 
               f"{job['finished_at'] - job['started_at'] - (fake.reply_times[-1] - started):.2f} s after the last answer, "
               f"{sum(b - a for a, b in zip(fake.request_times, fake.reply_times)) / busy if busy else 0:.1f} calls in flight on average")
     return job["finished_at"] - job["started_at"], job["done"], load, cpu, phases
+
+
+def postgres_seconds(pg) -> float:
+    """CPU time of the postmaster, its live children (a process per connection) and its ended ones."""
+    postmaster = int((pg.socket_dir / "data" / "postmaster.pid").read_text().split()[0])
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return cpu_seconds(postmaster) + sum(cpu_seconds(pid) for pid in children)
 
 
 def cpu_line(cpu: dict[str, float]) -> str:
@@ -124,19 +147,22 @@ def main() -> int:
     parser.add_argument("--capped-tasks", type=int, default=480, help="tasks of the 'capped' runs (default 480)")
     parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
     parser.add_argument("--ls-fast-import", action="store_true", help=f"start Label Studio with {LS_FAST_IMPORT}=true")
+    parser.add_argument("--postgresql", action="store_true",
+                        help="the workers share a PostgreSQL database (a cluster of the run's own) instead of SQLite")
     parser.add_argument("--chunk", type=int, default=100, help="JOB_CHUNK (default 100, the setting's default)")
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
     if args.ls_fast_import:
         os.environ[LS_FAST_IMPORT] = "true"  # run_label_studio passes the environment on
     fake = FakeLLM()
-    with run_label_studio() as ls, run_redis() as redis:
+    with run_label_studio() as ls, run_redis() as redis, (run_postgres(durable=True) if args.postgresql else nullcontext()) as pg:
+        print(f"store: {'PostgreSQL (TCP, durable commits)' if pg else 'SQLite in one MODEL_DIR'}")
         print(f"free: fake latency 0, no cap, {args.tasks} tasks, 4 calls in flight per worker, JOB_CHUNK={args.chunk}")
         rates = {}
         for workers in counts:
             fake.reset()
             fake.gazetteer = dict(GAZETTEER)
-            wall, done, load, cpu, _ = run(ls, redis, fake, workers, args.tasks, 4, args.chunk)
+            wall, done, load, cpu, _ = run(ls, redis, fake, workers, args.tasks, 4, args.chunk, pg)
             rates[workers] = done / wall
             # every process's CPU seconds over the job (the planner's start-up is not the job's) spread over
             # the cores: the fastest this machine could go if nothing ever waited
@@ -151,7 +177,7 @@ def main() -> int:
             fake.reset()
             fake.gazetteer = dict(GAZETTEER)
             fake.latency, fake.max_concurrency = LATENCY, CAP
-            wall, done, load, cpu, phases = run(ls, redis, fake, workers, args.capped_tasks, CAP, args.chunk)
+            wall, done, load, cpu, phases = run(ls, redis, fake, workers, args.capped_tasks, CAP, args.chunk, pg)
             print(f"  {workers} worker(s): {wall:6.1f} s = {wall / ideal:.2f}x the ideal, {done} done, {len(fake.requests)} LLM calls;"
                   f" {cpu_line(cpu)} (load average {load})\n    {phases}", flush=True)
     fake.close()
