@@ -305,10 +305,15 @@ class WorkerProcess:
                 self._maintain()
                 for thread in threads:
                     thread.join(timeout=self.beat / len(threads))
+            if self.stopping.is_set():
+                return 0
+            if not self.burst:
+                # RQ ends a worker's loop by itself only on an error it cannot handle (logged above): a
+                # process left with no slot exits non-zero, for its supervisor (compose, systemd) to restart it
+                log.error("worker: every slot stopped on its own (see above); exiting")
+                return 1
             # --burst: the queues were empty for every slot; a chunk still running elsewhere may be a dead
             # worker's, put back on the queue after its missed beats: wait for it rather than leave it
-            if not self.burst or self.stopping.is_set():
-                return 0
             while not self.stopping.is_set() and self._left_anywhere():
                 self._maintain()
                 if any(Queue(name, connection=self.connection).count for name in self.queue_names):
