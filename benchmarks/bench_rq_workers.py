@@ -11,11 +11,13 @@ capped  the provider is the limit (fake cap 16, latency 300 ms, serving 16 reque
         queueing the rest; each worker keeps 16 calls in flight, PREDICT_CONCURRENCY=16): wall time
         against the ideal ceil(N/16) x 0.3 s
 
-Every run has a project, a MODEL_DIR (SQLite, shared by the workers: one host) and an empty cache of
-its own; the time is the job's, from its start (the planner's first page) to its last chunk, with
-the workers started and idle before. CPU seconds of Label Studio and of the workers over the run
-(the project's import included) say where the time goes. The load average is printed next to the
-figures: the machine may be shared.
+Every run has a project, a MODEL_DIR (SQLite, shared by the workers: one host; --postgresql: a
+database of its own in a cluster the benchmark starts) and an empty cache of its own; the time is
+the job's, from its start (the planner's first page) to its last chunk, with the workers started
+and idle before. The CPU seconds of every process over the run (Label Studio, the workers, Redis,
+PostgreSQL, the planner, the fake LLM in this process) say where the time goes; spread over the
+cores they give the fastest the machine could go (the cores' ceiling). The load average is printed
+next to the figures: the machine may be shared.
 
 --ls-fast-import starts Label Studio with its feature flag
 fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short=true: import_predictions then
