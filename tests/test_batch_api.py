@@ -246,3 +246,25 @@ def test_a_backend_restarted_while_its_batch_api_job_waits_resumes_the_stored_ba
     assert len(llm.batches) == 1 and len(llm.batch_requests) == 10 and llm.requests == []
     assert_exact(project, project.model_version())
     assert store(model_dir, "SELECT phase FROM llm_batches") == [("used",)]
+
+
+def test_cancelling_a_batch_api_job_while_its_batch_waits_cancels_the_batch_at_the_provider_and_writes_nothing(
+    label_studio, backend_factory, connected_project, llm
+):
+    llm.gazetteer = dict(GAZETTEER)
+    llm.batch_hold = True  # the provider keeps the batch in_progress
+    backend = backend_factory(workers=1, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token,
+                              BATCH_POLL_SECONDS="0.05")
+    project = connected_project(texts(8), title="batch cancel", backend=backend)
+    started = httpx.post(backend.url + "/jobs", json={"project": project.id, "batch_api": True}, timeout=60)
+    assert started.status_code == 202, started.text
+    job_id = started.json()["id"]
+    assert wait_until(lambda: [b["status"] for b in llm.batches.values()] == ["in_progress"], timeout=120, interval=0.05)
+    assert httpx.delete(f"{backend.url}/jobs/{job_id}", timeout=30).status_code == 202
+    final = wait_until(lambda: (j := httpx.get(f"{backend.url}/jobs/{job_id}").json())["state"] != "running" and j, timeout=60)
+    assert final["state"] == "cancelled" and "its batches too" in final["message"], final
+    (batch,) = llm.batches.values()
+    assert batch["status"] in ("cancelling", "cancelled")  # the provider was asked to stop it
+    assert final["done"] == 0 and llm.requests == [] and llm.batch_requests == []  # nothing answered, nothing paid
+    assert all(project.predictions(t.id) == [] for t in project.tasks())
+    assert httpx.delete(f"{backend.url}/jobs/{job_id}", timeout=30).status_code == 409
