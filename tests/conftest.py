@@ -475,6 +475,27 @@ def gazetteer_spans(text: str, gazetteer: dict[str, str]) -> set[tuple[int, int,
     }
 
 
+# ---- project jobs (test_prelabel_job, test_rq_jobs, test_batch_api) ----
+JOB_GAZETTEER = {"Ada Lovelace": "PER", "Oslo": "LOC", "Royal Society": "ORG"}
+
+
+def job_texts(n: int, word: str = "Note") -> list[str]:
+    """n task texts, three in four naming every JOB_GAZETTEER surface, the others none."""
+    return [f"{word} {i}: Ada Lovelace wrote to the Royal Society from Oslo." if i % 4 else f"{word} {i}: nothing here." for i in range(n)]
+
+
+def predictions_written(project) -> int:
+    return len(list(project.ls.predictions.list(project=project.id)))  # one call for the whole project
+
+
+def assert_exact(project, version: str) -> None:
+    """Every task holds exactly one prediction, of `version`, with JOB_GAZETTEER's spans."""
+    for task in project.tasks():
+        (prediction,) = project.predictions(task.id)
+        assert prediction.model_version == version
+        assert set(region_tuples(prediction.result, "start", "end", "label")) == gazetteer_spans(task.data["text"], JOB_GAZETTEER)
+
+
 # ---- the llm-ner command and Label Studio projects it makes ----
 def run_cli(llm, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`llm-ner ARGS` on the fake LLM, settings from `env`."""

@@ -16,18 +16,14 @@ import pytest
 
 from backend.infra.storage import DB_NAME
 from backend.pipeline.jobs import HEARTBEAT
-from tests.conftest import cli, gazetteer_spans, ls_args, region_tuples
+from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_texts, ls_args
 from tests.fake_llm import Reply
 from tests.processes import REPO, backend_env, stop, wait_until
 
 pytestmark = pytest.mark.label_studio
 
-GAZETTEER = {"Ada Lovelace": "PER", "Oslo": "LOC", "Royal Society": "ORG"}
 PRICES = '{"fake": [1000, 2000]}'  # USD per 1M tokens: large, so that costs compare beyond rounding
 
-
-def texts(n: int, word: str = "Note") -> list[str]:
-    return [f"{word} {i}: Ada Lovelace wrote to the Royal Society from Oslo." if i % 4 else f"{word} {i}: nothing here." for i in range(n)]
 
 
 def job_env(llm, model_dir, label_studio, **extra) -> dict[str, str]:
@@ -54,21 +50,15 @@ def results_of(project) -> dict[int, set]:
     return out
 
 
-def assert_exact(project, version):
-    for task in project.tasks():
-        (prediction,) = project.predictions(task.id)
-        assert prediction.model_version == version
-        assert set(region_tuples(prediction.result, "start", "end", "label")) == gazetteer_spans(task.data["text"], GAZETTEER)
-
 
 def test_batch_api_pre_labels_every_task_like_the_synchronous_job_with_no_synchronous_call_at_half_price(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.auto_logprobs = -0.05  # scores too must come out the same
     model_dir, twin_dir = tmp_path / "model", tmp_path / "twin"  # the twin has a response cache of its own
-    batched = connected_project(texts(30), title="batch", backend=backend_factory(workers=1, model_dir=model_dir))
-    synchronous = connected_project(texts(30), title="sync twin", backend=backend_factory(workers=1, model_dir=twin_dir))
+    batched = connected_project(job_texts(30), title="batch", backend=backend_factory(workers=1, model_dir=model_dir))
+    synchronous = connected_project(job_texts(30), title="sync twin", backend=backend_factory(workers=1, model_dir=twin_dir))
 
     dry = prelabel(llm, model_dir, label_studio, "--project", str(batched.id), "--batch-api", "--dry-run")
     assert dry.returncode == 0 and "Batch API cost  $" in dry.stdout and "half the synchronous $" in dry.stdout
@@ -101,10 +91,10 @@ def test_batch_api_pre_labels_every_task_like_the_synchronous_job_with_no_synchr
 def test_lines_that_fail_in_the_batch_or_that_an_expired_batch_left_are_sent_synchronously_or_reported(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     model_dir = tmp_path / "model"
     backend = backend_factory(workers=1, model_dir=model_dir)
-    project = connected_project(texts(12), title="partial", backend=backend)
+    project = connected_project(job_texts(12), title="partial", backend=backend)
     llm.batch_fail = lambda body: "Note 1:" in body["messages"][-1]["content"] or "Note 2:" in body["messages"][-1]["content"]
     done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--batch-api")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -116,9 +106,9 @@ def test_lines_that_fail_in_the_batch_or_that_an_expired_batch_left_are_sent_syn
 
     # an expired batch answered 3 of its 8 lines; the rest go synchronous, and a task whose
     # synchronous call fails too is reported with its reason, never written empty
-    expiring = connected_project(texts(8, word="Memo"), title="expired", backend=backend)
+    expiring = connected_project(job_texts(8, word="Memo"), title="expired", backend=backend)
     llm.reset()
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.batch_expire_after = 3
     llm.responder = lambda body: Reply(status=500) if "Memo 7:" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
     done = prelabel(llm, model_dir, label_studio, "--project", str(expiring.id), "--batch-api", LLM_MAX_RETRIES="0")
@@ -135,10 +125,10 @@ def test_lines_that_fail_in_the_batch_or_that_an_expired_batch_left_are_sent_syn
 def test_a_job_killed_while_its_batch_runs_resumes_that_batch_without_a_second_one_or_a_duplicate(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.batch_hold = True  # the batch stays in_progress until the test lets it go
     model_dir = tmp_path / "model"
-    project = connected_project(texts(20), title="restart", backend=backend_factory(workers=1, model_dir=model_dir))
+    project = connected_project(job_texts(20), title="restart", backend=backend_factory(workers=1, model_dir=model_dir))
     args = [sys.executable, "-m", "backend", "prelabel", "--project", str(project.id), "--yes", "--quiet", "--batch-api",
             *ls_args(label_studio)]
     proc = subprocess.Popen(args, cwd=REPO, env=job_env(llm, model_dir, label_studio), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -158,9 +148,9 @@ def test_a_job_killed_while_its_batch_runs_resumes_that_batch_without_a_second_o
 
 
 def test_batch_file_out_then_batch_results_round_trip(label_studio, backend_factory, connected_project, llm, tmp_path):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     model_dir = tmp_path / "model"
-    project = connected_project(texts(10), title="files", backend=backend_factory(workers=1, model_dir=model_dir))
+    project = connected_project(job_texts(10), title="files", backend=backend_factory(workers=1, model_dir=model_dir))
     requests = tmp_path / "requests.jsonl"
     out = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--batch-file-out", str(requests))
     assert out.returncode == 0, out.stdout + out.stderr
@@ -189,7 +179,7 @@ def test_batch_file_out_then_batch_results_round_trip(label_studio, backend_fact
 
 def test_bad_batch_files_get_a_clear_message_and_no_traceback(label_studio, backend_factory, connected_project, llm, tmp_path):
     model_dir = tmp_path / "model"
-    project = connected_project(texts(2), title="bad files", backend=backend_factory(workers=1, model_dir=model_dir))
+    project = connected_project(job_texts(2), title="bad files", backend=backend_factory(workers=1, model_dir=model_dir))
     cases = {
         "missing.jsonl": (None, "cannot read"),
         "prose.jsonl": ("this is not json\n", "prose.jsonl line 1: not a JSON line"),
@@ -212,10 +202,10 @@ def test_bad_batch_files_get_a_clear_message_and_no_traceback(label_studio, back
 
 
 def test_a_batch_api_job_runs_inside_the_backend_over_http(label_studio, backend_factory, connected_project, llm, tmp_path):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     backend = backend_factory(workers=1, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token,
                               BATCH_POLL_SECONDS="0.05")
-    project = connected_project(texts(12), title="http batch", backend=backend)
+    project = connected_project(job_texts(12), title="http batch", backend=backend)
     started = httpx.post(backend.url + "/jobs", json={"project": project.id, "batch_api": True}, timeout=60)
     assert started.status_code == 202, started.text
     job_id = started.json()["id"]
@@ -228,12 +218,12 @@ def test_a_batch_api_job_runs_inside_the_backend_over_http(label_studio, backend
 def test_a_backend_restarted_while_its_batch_api_job_waits_resumes_the_stored_batch(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.batch_hold = True
     model_dir = tmp_path / "model"
     env = dict(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token, BATCH_POLL_SECONDS="0.05")
     backend = backend_factory(workers=2, model_dir=model_dir, **env)
-    project = connected_project(texts(10), title="backend restart", backend=backend)
+    project = connected_project(job_texts(10), title="backend restart", backend=backend)
     started = httpx.post(backend.url + "/jobs", json={"project": project.id, "batch_api": True}, timeout=60)
     assert started.status_code == 202, started.text
     assert wait_until(lambda: store(model_dir, "SELECT status FROM llm_batches") == [("in_progress",)], timeout=120, interval=0.05)
@@ -251,11 +241,11 @@ def test_a_backend_restarted_while_its_batch_api_job_waits_resumes_the_stored_ba
 def test_cancelling_a_batch_api_job_while_its_batch_waits_cancels_the_batch_at_the_provider_and_writes_nothing(
     label_studio, backend_factory, connected_project, llm
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.batch_hold = True  # the provider keeps the batch in_progress
     backend = backend_factory(workers=1, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token,
                               BATCH_POLL_SECONDS="0.05")
-    project = connected_project(texts(8), title="batch cancel", backend=backend)
+    project = connected_project(job_texts(8), title="batch cancel", backend=backend)
     started = httpx.post(backend.url + "/jobs", json={"project": project.id, "batch_api": True}, timeout=60)
     assert started.status_code == 202, started.text
     job_id = started.json()["id"]

@@ -12,17 +12,13 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import cli, gazetteer_spans, ls_args, region_tuples, span
+from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_texts, ls_args, predictions_written, span
 from tests.fake_llm import Reply
 from tests.processes import REPO, backend_env, wait_until
 
 pytestmark = pytest.mark.label_studio
 
-GAZETTEER = {"Ada Lovelace": "PER", "Oslo": "LOC", "Royal Society": "ORG"}
 
-
-def texts(n: int) -> list[str]:
-    return [f"Note {i}: Ada Lovelace wrote to the Royal Society from Oslo." if i % 4 else f"Note {i}: nothing here." for i in range(n)]
 
 
 def job_env(llm, model_dir, label_studio, **extra) -> dict[str, str]:
@@ -38,24 +34,15 @@ def all_predictions(project) -> dict[int, list]:
     return {t.id: project.predictions(t.id) for t in project.tasks()}
 
 
-def predictions_written(project) -> int:
-    return len(list(project.ls.predictions.list(project=project.id)))  # one call for the whole project
-
-
-def assert_exact(project, version):
-    for task in project.tasks():
-        (prediction,) = project.predictions(task.id)
-        assert prediction.model_version == version
-        assert set(region_tuples(prediction.result, "start", "end", "label")) == gazetteer_spans(task.data["text"], GAZETTEER)
 
 
 def test_a_job_pre_labels_every_task_once_with_the_backends_version_and_opening_a_task_asks_nothing(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     model_dir = tmp_path / "model"
     backend = backend_factory(workers=1, model_dir=model_dir)
-    project = connected_project(texts(120), title="job", backend=backend)
+    project = connected_project(job_texts(120), title="job", backend=backend)
     done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "120 pre-labeled, 0 failed, 0 skipped of 120 read" in done.stdout
@@ -72,9 +59,9 @@ def test_concurrency_option_keeps_that_many_calls_in_flight_beyond_the_clients_d
 ):
     # the LLM client lets 8 calls through without PREDICT_CONCURRENCY: --concurrency 12 must raise that
     # too (it once sized only the job's threads, and a job asked for 16 ran 8 at a time, 2x the ideal)
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.latency = 0.3
-    project = connected_project(texts(48), title="concurrency", connect=False)
+    project = connected_project(job_texts(48), title="concurrency", connect=False)
     done = prelabel(llm, tmp_path / "model", label_studio, "--project", str(project.id), "--yes", "--concurrency", "12")
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(llm.requests) == 48 and llm.peak_in_flight == 12
@@ -83,10 +70,10 @@ def test_concurrency_option_keeps_that_many_calls_in_flight_beyond_the_clients_d
 def test_kill_9_mid_job_then_run_again_continues_without_duplicates_or_paying_twice(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.latency = 0.1
     model_dir = tmp_path / "model"
-    project = connected_project(texts(200), title="resume", backend=backend_factory(workers=1, model_dir=model_dir))
+    project = connected_project(job_texts(200), title="resume", backend=backend_factory(workers=1, model_dir=model_dir))
     args = [sys.executable, "-m", "backend", "prelabel", "--project", str(project.id), "--yes", "--quiet", "--concurrency", "4",
             *ls_args(label_studio)]
     proc = subprocess.Popen(args, cwd=REPO, env=job_env(llm, model_dir, label_studio), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -107,7 +94,7 @@ def test_kill_9_mid_job_then_run_again_continues_without_duplicates_or_paying_tw
 def test_a_failing_task_is_reported_with_its_reason_and_never_written_empty(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.responder = lambda body: Reply(status=500) if "poison" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
     model_dir = tmp_path / "model"
     project = connected_project(["Ada Lovelace in Oslo.", "poison pill", "Royal Society."], title="failing",
@@ -121,9 +108,9 @@ def test_a_failing_task_is_reported_with_its_reason_and_never_written_empty(
 
 
 def test_dry_run_and_max_cost_send_nothing(label_studio, backend_factory, connected_project, llm, tmp_path):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     model_dir = tmp_path / "model"
-    project = connected_project(texts(8), title="estimate", backend=backend_factory(workers=1, model_dir=model_dir))
+    project = connected_project(job_texts(8), title="estimate", backend=backend_factory(workers=1, model_dir=model_dir))
     dry = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--dry-run")
     assert dry.returncode == 0 and "texts           8" in dry.stdout and "LLM calls       8" in dry.stdout
     costly = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--max-cost", "0.000001",
@@ -137,10 +124,10 @@ def test_dry_run_and_max_cost_send_nothing(label_studio, backend_factory, connec
 def test_scope_stale_re_pre_labels_unannotated_tasks_after_a_correction(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     model_dir = tmp_path / "model"
     backend = backend_factory(workers=1, model_dir=model_dir)
-    project = connected_project(texts(6), title="stale", backend=backend)
+    project = connected_project(job_texts(6), title="stale", backend=backend)
     assert prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes").returncode == 0
     old = project.model_version()
     first = project.tasks()[1]
@@ -166,10 +153,10 @@ def test_scope_stale_re_pre_labels_unannotated_tasks_after_a_correction(
 def test_a_job_runs_inside_the_backend_over_http_with_progress_and_cancel(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.latency, llm.max_concurrency = 0.2, 2
     backend = backend_factory(workers=2, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
-    project = connected_project(texts(150), title="http job", backend=backend)
+    project = connected_project(job_texts(150), title="http job", backend=backend)
     started = httpx.post(backend.url + "/jobs", json={"project": project.id, "concurrency": 2}, timeout=60)
     assert started.status_code == 202, started.text
     job = started.json()

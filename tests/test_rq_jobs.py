@@ -22,17 +22,15 @@ from redis import Redis
 from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 
-from tests.conftest import NER_CONFIG, cli, cli_on_fake, gazetteer_spans, ls_args, region_tuples
+from tests.conftest import (
+    JOB_GAZETTEER, NER_CONFIG, assert_exact, cli, cli_on_fake, job_texts, ls_args, predictions_written,
+)
 from tests.fake_llm import Reply
 from tests.processes import REPO, backend_env, wait_until
 
 pytestmark = pytest.mark.label_studio
 
-GAZETTEER = {"Ada Lovelace": "PER", "Oslo": "LOC", "Royal Society": "ORG"}
 
-
-def texts(n: int) -> list[str]:
-    return [f"Note {i}: Ada Lovelace wrote to the Royal Society from Oslo." if i % 4 else f"Note {i}: nothing here." for i in range(n)]
 
 
 @pytest.fixture
@@ -50,16 +48,18 @@ def rq_env(llm, store, label_studio, redis_url, **extra: str) -> dict[str, str]:
     return backend_env(llm.base_url, Path(values.pop("MODEL_DIR")), **values)
 
 
-def predictions_written(project) -> int:
-    return len(list(project.ls.predictions.list(project=project.id)))
 
 
-def assert_exact(project, version):
-    """Every task holds exactly one prediction, of `version`, with the gazetteer's spans."""
-    for task in project.tasks():
-        (prediction,) = project.predictions(task.id)
-        assert prediction.model_version == version
-        assert set(region_tuples(prediction.result, "start", "end", "label")) == gazetteer_spans(task.data["text"], GAZETTEER)
+def rq_backend(backend_factory, env: dict[str, str], workers: int):
+    """A backend that hands the jobs posted to it to the queue, with the test's store and settings."""
+    return backend_factory(workers=workers, model_dir=Path(env["MODEL_DIR"]), **{k: env[k] for k in
+                           ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "JOB_CHUNK")})
+
+
+def start_job(backend, project) -> dict:
+    started = httpx.post(backend.url + "/jobs", json={"project": project.id}, timeout=60)
+    assert started.status_code == 202, started.text
+    return started.json()
 
 
 def busy_worker(redis_url: str, pid: int) -> bool:
@@ -74,16 +74,13 @@ def chunks_ran(log: str, job_id: str, ending: str = "done") -> int:
 def test_a_job_on_rq_is_split_across_two_workers_every_task_once_with_progress_from_both(
     label_studio, backend_factory, connected_project, worker_factory, llm, store, redis_url
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.latency = 0.05
     env = rq_env(llm, store, label_studio, redis_url, PREDICT_CONCURRENCY="4")
-    backend = backend_factory(workers=1, model_dir=Path(env["MODEL_DIR"]), **{k: env[k] for k in
-                              ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "JOB_CHUNK")})
-    project = connected_project(texts(300), title="rq job", backend=backend)
+    backend = rq_backend(backend_factory, env, workers=1)
+    project = connected_project(job_texts(300), title="rq job", backend=backend)
     workers = [worker_factory(env), worker_factory(env)]
-    started = httpx.post(backend.url + "/jobs", json={"project": project.id}, timeout=60)
-    assert started.status_code == 202, started.text
-    job = started.json()
+    job = start_job(backend, project)
     assert job["runner"] == "rq" and job["state"] == "running" and job["total"] == 300
 
     def current() -> dict:
@@ -105,11 +102,11 @@ def test_a_job_on_rq_is_split_across_two_workers_every_task_once_with_progress_f
 def test_a_worker_killed_mid_chunk_has_its_chunk_re_run_by_the_other_without_a_duplicate_or_a_second_paid_call(
     label_studio, backend_factory, connected_project, worker_factory, llm, store, redis_url
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.latency = 0.1
     env = rq_env(llm, store, label_studio, redis_url, PREDICT_CONCURRENCY="4", JOB_CHUNK="25")
     backend = backend_factory(workers=1, model_dir=Path(env["MODEL_DIR"]))
-    project = connected_project(texts(300), title="rq kill", backend=backend)
+    project = connected_project(job_texts(300), title="rq kill", backend=backend)
     doomed, survivor = worker_factory(env), worker_factory(env)
     job = subprocess.Popen([sys.executable, "-m", "backend", "prelabel", "--project", str(project.id), "--yes", "--quiet",
                             *ls_args(label_studio)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -135,10 +132,10 @@ def test_a_burst_worker_started_after_a_worker_died_runs_its_abandoned_chunks_to
 ):
     """`llm-ner worker --burst` stops when nothing is left anywhere: not while the queue is empty but a
     dead worker's chunks still count as running (until its missed heartbeats put them back)."""
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.latency = 0.2
     env = rq_env(llm, {"MODEL_DIR": str(tmp_path / "model")}, label_studio, redis_url, PREDICT_CONCURRENCY="2", DELIVERY_LEASE="10")
-    project = connected_project(texts(40), title="rq burst", backend=backend_factory(workers=1, model_dir=Path(env["MODEL_DIR"])))
+    project = connected_project(job_texts(40), title="rq burst", backend=backend_factory(workers=1, model_dir=Path(env["MODEL_DIR"])))
     doomed = worker_factory(env)
     job = subprocess.Popen([sys.executable, "-m", "backend", "prelabel", "--project", str(project.id), "--yes", "--quiet",
                             *ls_args(label_studio)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -165,16 +162,13 @@ def test_a_burst_worker_started_after_a_worker_died_runs_its_abandoned_chunks_to
 def test_cancel_stops_every_workers_chunks_and_takes_the_queued_ones_off_the_queue(
     label_studio, backend_factory, connected_project, worker_factory, llm, store, redis_url
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.latency = 0.2
     env = rq_env(llm, store, label_studio, redis_url, PREDICT_CONCURRENCY="2")
-    backend = backend_factory(workers=2, model_dir=Path(env["MODEL_DIR"]), **{k: env[k] for k in
-                              ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "JOB_CHUNK")})
-    project = connected_project(texts(200), title="rq cancel", backend=backend)
+    backend = rq_backend(backend_factory, env, workers=2)
+    project = connected_project(job_texts(200), title="rq cancel", backend=backend)
     workers = [worker_factory(env), worker_factory(env)]
-    started = httpx.post(backend.url + "/jobs", json={"project": project.id}, timeout=60)
-    assert started.status_code == 202, started.text
-    job_id = started.json()["id"]
+    job_id = start_job(backend, project)["id"]
 
     def current() -> dict:
         return httpx.get(f"{backend.url}/jobs/{job_id}", timeout=30).json()
@@ -196,7 +190,7 @@ def test_cancel_stops_every_workers_chunks_and_takes_the_queued_ones_off_the_que
 def test_a_task_failing_in_a_workers_chunk_is_reported_with_its_reason_and_never_written_empty(
     label_studio, backend_factory, connected_project, worker_factory, llm, store, redis_url
 ):
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     llm.responder = lambda body: Reply(status=500) if "poison" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
     env = rq_env(llm, store, label_studio, redis_url, LLM_MAX_RETRIES="0")
     project = connected_project(["Ada Lovelace in Oslo.", "poison pill", "Royal Society."], title="rq failing",
@@ -213,13 +207,13 @@ def test_a_task_failing_in_a_workers_chunk_is_reported_with_its_reason_and_never
 def test_llm_rpm_is_one_budget_for_two_processes_sharing_redis(backend_factory, llm, tmp_path, redis_url):
     """Two backends (as on two hosts: separate MODEL_DIRs) with LLM_RPM=10: together they send 10
     requests in the minute, not 10 each; the tasks beyond it are left unanswered at the deadline."""
-    llm.gazetteer = dict(GAZETTEER)
+    llm.gazetteer = dict(JOB_GAZETTEER)
     limits = dict(REDIS_URL=redis_url, LLM_RPM="10", PREDICT_DEADLINE="3", PREDICT_BACKLOG="0")
     backends = [backend_factory(workers=1, model_dir=tmp_path / f"host-{i}", **limits) for i in range(2)]
     answers: list[dict] = [{}, {}]
 
     def ask(i: int) -> None:
-        body = {"tasks": [{"id": 100 * i + n, "data": {"text": t}} for n, t in enumerate(texts(10))], "project": "1.1",
+        body = {"tasks": [{"id": 100 * i + n, "data": {"text": t}} for n, t in enumerate(job_texts(10))], "project": "1.1",
                 "label_config": NER_CONFIG}
         answers[i] = httpx.post(backends[i].url + "/predict", json=body, timeout=60).json()
 
