@@ -439,13 +439,7 @@ class ProjectJob:
         return "running", ""
 
     def _account(self, usages: list[Usage | None]) -> None:
-        total = Usage()
-        for usage in usages:
-            if usage is not None:
-                total.add(usage)
-        self.progress.usage.add(total)
-        self.progress.cost_usd += cost_usd(total, self.price) or 0.0
-        self.ledger.account(str(self.spec.project_id), len(usages), total, self.price)
+        self.progress.cost_usd += account_usage(self.ledger, str(self.spec.project_id), usages, self.price, self.progress.usage)
 
 
 # ---- project jobs on RQ (REDIS_URL): the same work, in chunks of tasks that workers on any host run ----
@@ -514,6 +508,19 @@ def plan_chunks(
     if message:
         jobs.finish(job_id, "failed", message)  # the chunks handed over still run and count
     return jobs.get(job_id) or {}
+
+
+def account_usage(ledger: UsageLedger, project: str, usages: list[Usage | None], price: tuple[float, float] | None,
+                  into: Usage) -> float:
+    """Add the usage of these tries (None: a try that never reached the provider) to `into` and to the
+    project's ledger; returns what they cost (0 without a price)."""
+    total = Usage()
+    for usage in usages:
+        if usage is not None:
+            total.add(usage)
+    into.add(total)
+    ledger.account(project, len(usages), total, price)
+    return cost_usd(total, price) or 0.0
 
 
 def collect_tries(
@@ -686,13 +693,7 @@ class ChunkRun:
         return state if ended else ""
 
     def _account(self, usages: list[Usage | None]) -> None:
-        total = Usage()
-        for usage in usages:
-            if usage is not None:
-                total.add(usage)
-        self.usage.add(total)
-        self.cost += cost_usd(total, self.price) or 0.0
-        self.ledger.account(self.project, len(usages), total, self.price)
+        self.cost += account_usage(self.ledger, self.project, usages, self.price, self.usage)
 
 
 def fail_chunk(jobs: Jobs, deliveries: Deliveries, job_id: str, chunk: int, task_ids: Iterable[int], reason: str) -> None:
