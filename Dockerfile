@@ -15,10 +15,13 @@ RUN useradd --create-home --uid 1000 app \
     && chown 1000:1000 /data
 
 # prompts last: editing a template does not reinstall the package
+# dependencies from the lock (requirements/backend.txt is uv.lock exported by `make lock`), then the project alone
+COPY requirements/backend.txt ./requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/backend.txt
 COPY pyproject.toml README.md LICENSE ./
 COPY backend ./backend
 COPY model.py ./
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps .
 COPY prompts ./prompts
 
 USER 1000

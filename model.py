@@ -21,7 +21,7 @@ from backend.llm.batch import BatchAnswers, BatchLLM, batch_endpoint, provider_c
 from backend.llm.client import LLMClient
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline import warmstart
-from backend.pipeline.batchjob import BatchJob, Batches
+from backend.pipeline.batchjob import Batches, BatchJob
 from backend.pipeline.delivery import Delivery
 from backend.pipeline.interactive import (
     MAX_GUIDELINES_CHARS,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.spans.alignment import align  # noqa: E402
-from backend.tools.conll import build_units, read_conll  # noqa: E402
-from backend.tools.scorer import score  # noqa: E402
+from backend.spans.alignment import align
+from backend.tools.conll import build_units, read_conll
+from backend.tools.scorer import score
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "wikigold" / "wikigold.conll.txt"
 QUOTES = str.maketrans({"'": "\u2019", '"': "\u201c"})

@@ -25,10 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_alignment import lazy, oracle, run  # noqa: E402
+from bench_alignment import lazy, oracle, run
 
-from backend.ner.task import needs_hint, occurrence_context  # noqa: E402
-from backend.tools.conll import build_units, read_conll  # noqa: E402
+from backend.ner.task import needs_hint, occurrence_context
+from backend.tools.conll import build_units, read_conll
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "zh" / "news.bio.conll"
 

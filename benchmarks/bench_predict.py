@@ -173,8 +173,8 @@ def overhead(n: int = 200, rounds: int = 5) -> None:
 
 
 def tokens(limit: int = 200) -> None:
-    from backend.tools.conll import build_units, read_conll
     from backend.infra.usage import count_message_tokens
+    from backend.tools.conll import build_units, read_conll
 
     print("== prompt tokens per CoNLL sentence (wikigold), 3 few-shot examples ==")
     units = [u for u in build_units(read_conll(WIKIGOLD), per="sentence") if u.text.strip()]

@@ -22,26 +22,27 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_predict import sentence  # noqa: E402
+
 from tests.conftest import NER_CONFIG  # noqa: E402
 
 FAKE = """
 import sys, time
-sys.path.insert(0, %r)
+sys.path.insert(0, REPO_PATH)
 from tests.fake_llm import FakeLLM
 fake = FakeLLM()
 fake.gazetteer = {"Ada Lovelace": "PER", "Charles Babbage": "PER", "London": "LOC"}
 print(fake.base_url, flush=True)
 time.sleep(3600)
-""" % str(REPO)
+""".replace("REPO_PATH", repr(str(REPO)))
 
 
 def main() -> None:
     from backend.infra import deadline
-    from backend.spans.alignment import align
+    from backend.infra.settings import load_settings
     from backend.llm.source import found_from_answer
     from backend.pipeline.prelabel import span_results
     from backend.protocol.server import create_app
-    from backend.infra.settings import load_settings
+    from backend.spans.alignment import align
 
     fake = subprocess.Popen([sys.executable, "-c", FAKE], stdout=subprocess.PIPE, text=True)
     try:
@@ -80,8 +81,8 @@ def main() -> None:
         text = two_kb(7)
         examples = prelabeler.select_examples(target, text)
         messages = task.messages(text, examples)
-        key = source.key(task, messages)
-        ask = lambda: prelabeler.llm.ask_full(messages, task.parse, task.repair_prompt, task.json_schema())  # noqa: E731
+        source.key(task, messages)
+        ask = lambda: prelabeler.llm.ask_full(messages, task.parse, task.repair_prompt, task.json_schema())
         found = found_from_answer(ask())
         aligned = align(text, found.entities)
         fresh = iter([two_kb(20_000 + i) for i in range(300)])

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.tools.cli import main as llm_ner  # noqa: E402
-from backend.tools.conll import build_units, read_conll  # noqa: E402
-from tests.fake_llm import FakeLLM  # noqa: E402
-from tests.conftest import gazetteer_for  # noqa: E402
+from backend.tools.cli import main as llm_ner
+from backend.tools.conll import build_units, read_conll
+from tests.conftest import gazetteer_for
+from tests.fake_llm import FakeLLM
 
 REPO = Path(__file__).resolve().parent.parent
 WIKIGOLD = REPO / "tests" / "data" / "wikigold" / "wikigold.conll.txt"

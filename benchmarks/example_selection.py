@@ -17,12 +17,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from backend.infra.storage import Database  # noqa: E402
+from backend.learning.selection import ExampleIndex  # noqa: E402
+from backend.learning.store import ExampleStore  # noqa: E402
+from backend.ner.labelconfig import parse_label_config  # noqa: E402
 from backend.spans.alignment import Span  # noqa: E402
 from backend.tools.conll import build_units, read_conll  # noqa: E402
-from backend.learning.store import ExampleStore  # noqa: E402
-from backend.learning.selection import ExampleIndex  # noqa: E402
-from backend.ner.labelconfig import parse_label_config  # noqa: E402
-from backend.infra.storage import Database  # noqa: E402
 
 WIKIGOLD = REPO / "tests" / "data" / "wikigold" / "wikigold.conll.txt"
 CONFIG = """<View><Labels name="label" toName="text"><Label value="PER"/><Label value="ORG"/><Label value="LOC"/>

@@ -35,8 +35,19 @@ from prometheus_client import REGISTRY
 
 from tests.fake_llm import FakeLLM
 from tests.processes import (
-    REPO, TEST_API_KEY, Backend, LabelStudio, Postgres, RedisServer, backend_env, run_backend, run_label_studio, run_postgres,
-    run_redis, run_worker, wait_until,
+    REPO,
+    TEST_API_KEY,
+    Backend,
+    LabelStudio,
+    Postgres,
+    RedisServer,
+    backend_env,
+    run_backend,
+    run_label_studio,
+    run_postgres,
+    run_redis,
+    run_worker,
+    wait_until,
 )
 
 WIKIGOLD = Path(__file__).resolve().parent / "data" / "wikigold" / "wikigold.conll.txt"

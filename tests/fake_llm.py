@@ -49,9 +49,10 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 _IDS = itertools.count(1)  # file and batch ids
 PACKED_TEXT = re.compile(r'<text id="([^"]+)">\n(.*?)\n</text>', re.DOTALL)
@@ -348,7 +349,7 @@ class FakeLLM:
                 continue
             out.append({"id": f"batch_req_{number}", "custom_id": custom_id,
                         "response": {"status_code": 200, "request_id": request_id, "body": self.completion(body, reply)}, "error": None})
-        encode = lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()  # noqa: E731
+        encode = lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()
         if out:
             batch["output_file_id"] = self._stored_file(f"{batch['id']}_output.jsonl", encode(out))
         if errors:

@@ -12,10 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
@@ -330,7 +330,7 @@ def run_redis() -> Iterator[RedisServer]:
             raise RuntimeError(f"redis-server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-2000:]}")
         try:
             return bool(server.client().ping())
-        except Exception:  # noqa: BLE001 - not listening yet
+        except Exception:
             return False
 
     try:

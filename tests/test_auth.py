@@ -165,7 +165,7 @@ def test_label_studio_basic_auth_setting_connects_and_predicts_and_its_unsecured
     # LABEL_STUDIO_URL/API_KEY: the webhook is refused, and the log says what to do
     # (tests/test_trust_label_studio.py: `llm-ner connect`, or the backend securing it itself)
     ls.annotations.create(id=task["id"], result=prediction.result)
-    refused = lambda: counter(httpx.get(backend.url + "/metrics", headers=GOOD).text, "/webhook", "401") >= 1  # noqa: E731
+    refused = lambda: counter(httpx.get(backend.url + "/metrics", headers=GOOD).text, "/webhook", "401") >= 1
     assert wait_until(refused, 30), "Label Studio's ANNOTATION_CREATED webhook to arrive"
     assert "run `llm-ner connect --project ID`" in backend.log()
     text = httpx.get(backend.url + "/metrics", headers=GOOD).text

@@ -133,7 +133,7 @@ def test_a_job_killed_while_its_batch_runs_resumes_that_batch_without_a_second_o
             *ls_args(label_studio)]
     proc = subprocess.Popen(args, cwd=REPO, env=job_env(llm, model_dir, label_studio), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        polled = lambda: (model_dir / DB_NAME).exists() and store(model_dir, "SELECT status FROM llm_batches") == [("in_progress",)]  # noqa: E731
+        polled = lambda: (model_dir / DB_NAME).exists() and store(model_dir, "SELECT status FROM llm_batches") == [("in_progress",)]
         assert wait_until(polled, timeout=120, interval=0.05)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
@@ -231,7 +231,7 @@ def test_a_backend_restarted_while_its_batch_api_job_waits_resumes_the_stored_ba
     llm.batch_hold = False
     project.backend = backend_factory(workers=2, model_dir=model_dir, **env)  # same store, same MODEL_DIR
     # it waits for the killed job's heartbeat to go stale (HEARTBEAT), then one worker resumes it
-    written = lambda: all(len(project.predictions(t.id)) == 1 for t in project.tasks())  # noqa: E731
+    written = lambda: all(len(project.predictions(t.id)) == 1 for t in project.tasks())
     assert wait_until(written, timeout=HEARTBEAT + 120, interval=0.5)
     assert len(llm.batches) == 1 and len(llm.batch_requests) == 10 and llm.requests == []
     assert_exact(project, project.model_version())

@@ -11,7 +11,6 @@ import pytest
 from tests.conftest import NER_CONFIG, predict, region_tuples_per_task
 from tests.processes import wait_until
 
-
 AUTH = "Basic " + base64.b64encode(b"robot:warm-pass-0a1b").decode()
 
 

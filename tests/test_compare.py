@@ -15,7 +15,14 @@ from backend.tools.diagnosis import micro_f1, task_counts
 from backend.tools.runs import load_configuration
 from backend.tools.scorer import score
 from tests.conftest import (
-    FAKE_PRICES, check_html_report, cli_on_fake, gazetteer_figures, gazetteer_for, gazetteer_spans, wikigold_slice, write_config,
+    FAKE_PRICES,
+    check_html_report,
+    cli_on_fake,
+    gazetteer_figures,
+    gazetteer_for,
+    gazetteer_spans,
+    wikigold_slice,
+    write_config,
 )
 from tests.processes import TEST_API_KEY, free_port
 

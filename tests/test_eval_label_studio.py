@@ -12,8 +12,18 @@ from backend.spans.alignment import Span
 from backend.tools.conll import build_units, read_conll
 from backend.tools.importer import target_of
 from tests.conftest import (
-    FAKE_PRICES, check_html_report, cli, cli_on_fake, gazetteer_figures, gazetteer_for, gazetteer_spans, ls_args, project_id_from, tasks_of,
-    wikigold_slice, write_config,
+    FAKE_PRICES,
+    check_html_report,
+    cli,
+    cli_on_fake,
+    gazetteer_figures,
+    gazetteer_for,
+    gazetteer_spans,
+    ls_args,
+    project_id_from,
+    tasks_of,
+    wikigold_slice,
+    write_config,
 )
 
 pytestmark = pytest.mark.label_studio

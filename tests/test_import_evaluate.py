@@ -9,7 +9,15 @@ import pytest
 
 from backend.tools.conll import build_units, read_conll
 from tests.conftest import (
-    NER_CONFIG, cli, gazetteer_for, gazetteer_spans, ls_args, predictions, project_id_from, stored, tasks_of,
+    NER_CONFIG,
+    cli,
+    gazetteer_for,
+    gazetteer_spans,
+    ls_args,
+    predictions,
+    project_id_from,
+    stored,
+    tasks_of,
     wikigold_slice,
 )
 

@@ -2,9 +2,9 @@
 
 import time
 
-from backend.spans.alignment import Span
-from backend.pipeline.interactive import merge_llm, propagate, read_marks
 from backend.ner.labelconfig import parse_label_config
+from backend.pipeline.interactive import merge_llm, propagate, read_marks
+from backend.spans.alignment import Span
 from tests.conftest import NER_CONFIG, predict, region_tuples
 from tests.fake_llm import entities_reply
 

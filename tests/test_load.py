@@ -87,7 +87,7 @@ def test_idle_and_slowloris_connections_hold_no_thread(backend_factory, llm):
         for i in range(12):
             health.append(timed(lambda: httpx.get(backend.url + "/health", timeout=5)))
             body = {"tasks": [{"id": i, "data": {"text": f"Oslo {i}."}}], "project": "1.1", "label_config": NER_CONFIG}
-            predicts.append(timed(lambda: httpx.post(backend.url + "/predict", json=body, timeout=10)))
+            predicts.append(timed(lambda body=body: httpx.post(backend.url + "/predict", json=body, timeout=10)))
             time.sleep(0.5)
         assert max(health) < 1.0, sorted(health)[-3:]
         assert max(predicts) < 2.0, sorted(predicts)[-3:]

@@ -198,7 +198,7 @@ def test_an_echoed_start_or_end_of_a_secret_is_masked():
 
     key = "sk-proj-4f9a1c2b3d4e5f60718293a4b5c6d7e8"
     formatter = RedactingFormatter("%(message)s", [key])
-    line = lambda text: formatter.format(logging.LogRecord("x", logging.INFO, __file__, 1, text, None, None))  # noqa: E731
+    line = lambda text: formatter.format(logging.LogRecord("x", logging.INFO, __file__, 1, text, None, None))
     echoed = f"Incorrect API key provided: {key[:10]}*****{key[-4:]}"
     assert line(echoed) == "Incorrect API key provided: ***" + "*****" + key[-4:]
     assert line(f"key {key[:7]}... rejected") == "key ***... rejected"

@@ -23,7 +23,14 @@ from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 
 from tests.conftest import (
-    JOB_GAZETTEER, NER_CONFIG, assert_exact, cli, cli_on_fake, job_texts, ls_args, predictions_written,
+    JOB_GAZETTEER,
+    NER_CONFIG,
+    assert_exact,
+    cli,
+    cli_on_fake,
+    job_texts,
+    ls_args,
+    predictions_written,
 )
 from tests.fake_llm import Reply
 from tests.processes import REPO, backend_env, wait_until

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from backend.infra.errors import LLMOutputError
-from backend.ner.mentions import FewShotExample
-from backend.ner.labelconfig import parse_label_config
 from backend.infra.settings import REPO_DIR
+from backend.ner.labelconfig import parse_label_config
+from backend.ner.mentions import FewShotExample
 from backend.ner.task import NerTask, parse_answer
 from backend.ner.templates import load_templates
 from tests.conftest import NER_CONFIG

@@ -216,7 +216,7 @@ def test_guidelines_longer_than_a_page_are_not_taken(make_client, llm):
 
     client = make_client(setup_project="7")
     version(client, config=GUIDELINES_CONFIG)
-    box = lambda text: {"from_name": "instructions", "to_name": "text", "type": "textarea", "value": {"text": [text]}}  # noqa: E731
+    box = lambda text: {"from_name": "instructions", "to_name": "text", "type": "textarea", "value": {"text": [text]}}
     short = annotation_event("ANNOTATION_CREATED", 11, 1, TEXT, [box("Teams are ORG.")])
     too_long = box("x" * (MAX_GUIDELINES_CHARS + 1))
     long = annotation_event("ANNOTATION_CREATED", 12, 2, TEXT, [too_long], updated_at="2025-02-01T00:00:00Z")

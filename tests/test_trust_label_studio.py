@@ -151,7 +151,7 @@ def test_verified_webhooks_teach_what_label_studio_holds_not_what_the_payload_sa
     genuine = [(annotation.id, [("Jordan", "PER")])]
     assert learned(backend, project.id) == genuine
 
-    post = lambda body: httpx.post(backend.url + "/webhook", json=body)  # noqa: E731
+    post = lambda body: httpx.post(backend.url + "/webhook", json=body)
     # a forged update of a real annotation: Label Studio's version is what counts
     assert post(forged_update(project.id, annotation.id, tasks[0].id)).json()["outcome"] == "unchanged"
     # an annotation Label Studio does not have: nothing learnt

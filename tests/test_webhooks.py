@@ -12,7 +12,15 @@ from hypothesis import settings as settings_hypothesis
 from hypothesis import strategies as st
 
 from tests.conftest import (
-    NER_CONFIG, PROJECT_TOKEN, annotation_event, deleted_event, metric, open_store, predict, shown_examples, span,
+    NER_CONFIG,
+    PROJECT_TOKEN,
+    annotation_event,
+    deleted_event,
+    metric,
+    open_store,
+    predict,
+    shown_examples,
+    span,
 )
 
 
@@ -258,8 +266,8 @@ ALPHABET = "ab AB😀é\r\n\t.,-"
     raw=st.lists(st.tuples(st.integers(-3, 60), st.integers(-3, 60), st.text(alphabet=ALPHABET, max_size=8) | st.none()), max_size=6),
 )
 def test_every_kept_human_span_matches_the_text_whatever_the_offsets(text, raw):
-    from backend.ner.labelconfig import parse_label_config
     from backend.learning.webhooks import check_spans
+    from backend.ner.labelconfig import parse_label_config
 
     (target,) = parse_label_config(NER_CONFIG).targets
     results = [{"from_name": "label", "type": "labels", "value": {"start": a, "end": b, "labels": ["PER"], **({} if t is None else {"text": t})}}
@@ -275,8 +283,8 @@ def test_start_training_answers_at_once_and_rebuilds_after_the_answer(tmp_path, 
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from backend.protocol.server import create_app
     from backend.infra.settings import load_settings
+    from backend.protocol.server import create_app
     from tests.processes import TEST_API_KEY, wait_until
 
     seen = []

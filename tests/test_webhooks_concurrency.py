@@ -45,8 +45,8 @@ def events() -> list[dict]:
 
 
 def store_of(model_dir, database_url):
-    from backend.learning.store import ExampleStore
     from backend.infra.storage import Database
+    from backend.learning.store import ExampleStore
 
     return ExampleStore(Database.open(model_dir, database_url), "7")
 

@@ -49,7 +49,7 @@ class Outcome(Generic[O]):
 def _inline(func: Callable[[I], O], item: I) -> Outcome[O]:
     try:
         return Outcome(value=func(item))
-    except Exception as error:  # noqa: BLE001 - reported in the outcome, as a pooled call would be
+    except Exception as error:
         return Outcome(error=error)
 
 

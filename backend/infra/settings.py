@@ -228,7 +228,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _prompt_language(self) -> "Settings":
+    def _prompt_language(self) -> Settings:
         # a language picks its prompt set (so PROMPTS_DIR=/app/prompts, as in the Docker image, still
         # works) and its defaults; a setting given explicitly wins
         if self.prompt_language != "en" and (self.prompts_dir / self.prompt_language).is_dir():
@@ -238,13 +238,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _chunk_overlap_fits(self) -> "Settings":
+    def _chunk_overlap_fits(self) -> Settings:
         if self.llm_chunk_overlap * 2 > self.llm_context_chars:
             raise ValueError("LLM_CHUNK_OVERLAP must be at most half of LLM_CONTEXT_CHARS")
         return self
 
     @model_validator(mode="after")
-    def _auth_pair(self) -> "Settings":
+    def _auth_pair(self) -> Settings:
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass and self.basic_auth_pass.get_secret_value()):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         return self

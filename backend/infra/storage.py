@@ -15,10 +15,11 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -398,17 +399,17 @@ class Database:
                 self.note_failure(error)
 
     @classmethod
-    def in_dir(cls, model_dir: Path) -> "Database":
+    def in_dir(cls, model_dir: Path) -> Database:
         return cls(Path(model_dir) / DB_NAME)
 
     @classmethod
-    def open(cls, model_dir: Path, database_url: str | None = None, pool_size: int = 16) -> "Database":
+    def open(cls, model_dir: Path, database_url: str | None = None, pool_size: int = 16) -> Database:
         """PostgreSQL when a DATABASE_URL is given (a pool of at most `pool_size` connections), else the
         SQLite file under MODEL_DIR."""
         return cls(url=database_url, pool_size=pool_size) if database_url else cls.in_dir(model_dir)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Database":
+    def from_settings(cls, settings: Any) -> Database:
         url = settings.database_url.get_secret_value() if settings.database_url is not None else None
         return cls.open(settings.model_dir, url, settings.database_pool)
 

@@ -26,7 +26,7 @@ class Usage:
     completion_tokens: int = 0
     calls: int = 0
 
-    def add(self, other: "Usage") -> None:
+    def add(self, other: Usage) -> None:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.calls += other.calls
@@ -93,7 +93,7 @@ class UsageLedger:
         self.db = db
 
     @classmethod
-    def in_dir(cls, model_dir: Path) -> "UsageLedger":
+    def in_dir(cls, model_dir: Path) -> UsageLedger:
         """A ledger on its own connection to MODEL_DIR's store (tools and tests; the server's is in Services)."""
         return cls(Database.in_dir(model_dir))
 

@@ -39,7 +39,7 @@ def field_of(obj: Any, name: str, default: Any = None) -> Any:
 
 def basic_auth_header(user: str, password: str) -> str:
     """What an HTTP client sends for these credentials (UTF-8, as Label Studio's `requests` does for str)."""
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
 def _plain_annotation(annotation: Any) -> dict[str, Any]:
@@ -129,7 +129,7 @@ class LabelStudioSource:
                     plain = _plain_task(task)
                     if plain["id"] in part:
                         found[plain["id"]] = plain
-        except Exception as error:  # noqa: BLE001 - the SDK raises its own errors and httpx's
+        except Exception as error:
             raise LabelStudioUnavailable(f"could not read tasks of project {project_id}: {describe_error(error)}") from None
         return found
 
@@ -137,7 +137,7 @@ class LabelStudioSource:
         """Whether Label Studio still has this annotation (a 404 is the only "no")."""
         try:
             self.client.annotations.get(id=int(annotation_id))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             if getattr(error, "status_code", None) == 404:
                 return False
             raise LabelStudioUnavailable(f"could not read annotation {annotation_id}: {describe_error(error)}") from None
@@ -181,7 +181,7 @@ class LabelStudioSource:
                     "corrections will not reach the backend"
                 )
             return lines
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             what = f"could not secure the webhook of project {project_id}"
             raise LabelStudioUnavailable(f"{what}: {describe_error(error)}") from None
 

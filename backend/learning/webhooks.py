@@ -118,7 +118,7 @@ class Trust:
     verified: bool  # events are checked against Label Studio (LABEL_STUDIO_URL/API_KEY)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Trust":
+    def from_settings(cls, settings: Settings) -> Trust:
         return cls(
             authenticated=bool(settings.basic_auth_user),
             verified=bool(settings.label_studio_url and settings.label_studio_api_key),
@@ -231,7 +231,7 @@ def check_spans(text: str | _Text, results: Sequence[dict[str, Any]], target: Ne
             checked.counts["dropped_unknown_label"] += 1
             continue
         start, end, surface = value.get("start"), value.get("end"), value.get("text")
-        integers = type(start) is int and type(end) is int  # noqa: E721 - not bool, not float
+        integers = type(start) is int and type(end) is int
         offsets_ok = integers and 0 <= start < end <= len(text)
         if not isinstance(surface, str) or not surface.strip():
             if offsets_ok and text[start:end].strip():
@@ -374,7 +374,7 @@ def _deleted_ids(payload: dict[str, Any]) -> list[int]:
     ids = []
     for i, item in enumerate(items):
         value = item.get("id") if isinstance(item, dict) else None
-        if type(value) is int and 1 <= value <= MAX_ID:  # noqa: E721 - the usual case, without pydantic per item
+        if type(value) is int and 1 <= value <= MAX_ID:
             ids.append(value)
         else:
             ids.append(validated(DeletedAnnotation, item, f"annotations[{i}]").id)
@@ -410,7 +410,7 @@ def on_tasks_created(payload: dict[str, Any], store: ExampleStore, settings: Set
         return Learned("ignored: warm start needs an authenticated or verified webhook")
     items = payload.get("tasks") if isinstance(payload.get("tasks"), list) else []
     _too_many(items, MAX_NEW_TASKS, "tasks")
-    ids = [i["id"] for i in items if isinstance(i, dict) and type(i.get("id")) is int and 1 <= i["id"] <= MAX_ID]  # noqa: E721
+    ids = [i["id"] for i in items if isinstance(i, dict) and type(i.get("id")) is int and 1 <= i["id"] <= MAX_ID]
     if source is not None:
         tasks = [{"id": t["id"], "data": t["data"]} for t in source.tasks(int(store.project_id), ids).values()]
     else:
@@ -463,7 +463,7 @@ def on_start_training(
     def work() -> None:
         try:
             rebuild(schema, store, source, settings.max_text_chars)
-        except Exception as error:  # noqa: BLE001 - a background thread: the log is the only place to report to
+        except Exception as error:
             log.warning("START_TRAINING: rebuilding project %s failed: %s", store.project_id, describe_error(error))
         finally:
             rebuilds.release(store.project_id)

@@ -55,7 +55,7 @@ class ResponseCache:
         self._lock = threading.Lock()
 
     @classmethod
-    def in_dir(cls, model_dir: Path, max_rows: int = 200_000) -> "ResponseCache":
+    def in_dir(cls, model_dir: Path, max_rows: int = 200_000) -> ResponseCache:
         """A cache on its own connection to MODEL_DIR's store (tools and tests; the server's is in Services)."""
         return cls(Database.in_dir(model_dir), max_rows)
 

@@ -351,7 +351,7 @@ class LLMClient:
                         )
                     if not isinstance(response, dict):
                         raise ValueError("the completion body is not a JSON object")
-                except Exception as error:  # noqa: BLE001 - classified below; unknown errors are re-raised
+                except Exception as error:
                     elapsed = time.perf_counter() - started
                     metrics.LLM_SECONDS.observe(elapsed)
                     error_class, retryable, delay = classify(error)
@@ -524,7 +524,7 @@ class LLMClient:
         for choice in completion.choices:
             try:
                 values.append(parse(choice.content))
-            except LLMOutputError as error:
+            except LLMOutputError:
                 if choice.truncated:
                     truncated = True
                     error = LLMOutputError(_truncated(completion.max_tokens))
@@ -548,7 +548,7 @@ class LLMClient:
         usage.add(completion.usage)
         try:
             value = parse(completion.content)
-        except LLMOutputError as error:
+        except LLMOutputError:
             if completion.choices and completion.choices[0].truncated:
                 metrics.LLM_TRUNCATED.inc()
                 raise LLMOutputError(_truncated(completion.max_tokens) + ", again after asking once more") from None
@@ -593,7 +593,7 @@ def _usage_of(response: dict[str, Any]) -> Usage:
 
     def count(key: str) -> int:
         value = usage.get(key)
-        if type(value) is not int or not 0 <= value <= MAX_TOKENS_PER_CALL:  # noqa: E721 - bools, floats, 1e30, -5
+        if type(value) is not int or not 0 <= value <= MAX_TOKENS_PER_CALL:
             return 0
         return value
 

@@ -98,7 +98,7 @@ class Plan:
     speed: bool = False
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> "Plan":
+    def for_settings(cls, settings: Settings) -> Plan:
         forced = settings.llm_structured_output
         return cls(
             modes=MODES if forced == "auto" else (forced,),
@@ -108,7 +108,7 @@ class Plan:
         )
 
     @classmethod
-    def everything(cls) -> "Plan":
+    def everything(cls) -> Plan:
         return cls(every_form=True, n=True, burst=BURST, speed=True)
 
     @property
@@ -146,7 +146,7 @@ class Capabilities:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, value: dict[str, Any]) -> "Capabilities":
+    def from_json(cls, value: dict[str, Any]) -> Capabilities:
         value = dict(value)
         value["forms"] = [FormResult(**f) for f in value.get("forms", [])]
         return cls(**value)
@@ -233,7 +233,7 @@ def probe(llm: LLMClient, plan: Plan) -> Capabilities:
             try:
                 response, seconds = _post(llm, body, timeout)
                 choice = _first_choice(response)
-            except Exception as error:  # noqa: BLE001 - every failure is described, none is fatal to the caller
+            except Exception as error:
                 if _fatal(error):
                     raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
                 if unsupported_part(error, body) == "logprobs":
@@ -261,7 +261,7 @@ def probe(llm: LLMClient, plan: Plan) -> Capabilities:
             body["response_format"] = fmt
         try:
             caps.latency = _post(llm, body, timeout)[1]
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
     if plan.n:
         caps.n = _probe_n(llm, timeout)
@@ -276,7 +276,7 @@ def _probe_n(llm: LLMClient, timeout: float) -> bool:
     body = {"model": llm.model, "messages": _tiny(0), "temperature": 0.7, "max_tokens": 8, "n": 2}
     try:
         response, _ = _post(llm, body, timeout)
-    except Exception as error:  # noqa: BLE001 - a refused `n` is the answer we are after
+    except Exception as error:
         if _fatal(error):
             raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
         return False
@@ -288,7 +288,7 @@ def _tiny_call(llm: LLMClient, i: int, timeout: float, max_tokens: int = 8) -> t
     body = {"model": llm.model, "messages": _tiny(i), "temperature": 0, "max_tokens": max_tokens}
     try:
         response, seconds = _post(llm, body, timeout)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
     usage = response.get("usage")
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None

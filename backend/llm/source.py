@@ -48,7 +48,7 @@ class Found:
         return value
 
     @classmethod
-    def from_cache(cls, value: dict[str, Any]) -> "Found":
+    def from_cache(cls, value: dict[str, Any]) -> Found:
         return cls(
             entities=[Mention(t, l) for t, l in value["entities"]],
             scores={Mention(t, l): s for t, l, s in value.get("scores", [])},

@@ -57,7 +57,7 @@ class _DeadlineStream(httpcore2.NetworkStream):
     def close(self) -> None:
         self._stream.close()
 
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> "_DeadlineStream":
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> _DeadlineStream:
         return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, _capped(timeout, httpcore2.ConnectTimeout)))
 
     def get_extra_info(self, info: str) -> Any:

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from backend.ner.mentions import Mention
 
 
-
 def _token_offsets(tokens: Sequence[tuple[str, float]]) -> list[tuple[int, int, float]]:
     offsets, position = [], 0
     for token, logprob in tokens:

@@ -133,7 +133,7 @@ def record(prelabeler: Prelabeler, tasks: Iterable[dict[str, Any]], every: Calla
                     prelabeler.aligned(target, text, TaskOutcome())
             except Deferred:
                 deferred = True
-            except Exception as error:  # noqa: BLE001 - the job meets it again and reports the task
+            except Exception as error:
                 log.info("task %s: not in the batch (%s)", task["id"], error)
                 failed = True
         if deferred:
@@ -282,7 +282,7 @@ class BatchJob:
                 self.submit(recorder)
             if not self.poll():
                 return self._cancelled()
-        except Exception as error:  # noqa: BLE001 - recorded on the job, like a synchronous job's failure
+        except Exception as error:
             # describe_api_error: a provider's 401 echoes part of the key, never repeated
             why = describe_api_error(error) if isinstance(error, openai.OpenAIError) else f"{type(error).__name__}: {str(error)[:300]}"
             log.warning("job %s: batch stage failed: %s", job_id, why)
@@ -367,7 +367,7 @@ class BatchJob:
                 for row in self.batches.of(self.project, self.version, "submitted"):
                     try:
                         self.provider.batches.cancel(row["id"])
-                    except Exception as error:  # noqa: BLE001 - the job ends cancelled all the same
+                    except Exception as error:
                         log.warning("batch %s: could not cancel it: %s", row["id"], error)
                 return False
 

@@ -340,7 +340,7 @@ class ProjectJob:
                 self.prelabeler.source.flush()
                 self.handed += len(finished)
                 writes.put(finished)
-        except Exception as error:  # noqa: BLE001 - recorded on the job: the caller reads the state
+        except Exception as error:
             self.stop = ("failed", f"{type(error).__name__}: {str(error)[:300]}")
         finally:
             self.reading = False
@@ -373,7 +373,7 @@ class ProjectJob:
                 if not self.reading:
                     return
             todo.put(_END)
-        except Exception as error:  # noqa: BLE001 - handed to the job's thread, which records it
+        except Exception as error:
             todo.put(error)
 
     def _write_all(self, writes: queue.Queue) -> None:
@@ -396,7 +396,7 @@ class ProjectJob:
                 continue  # stopped: what is left is in the cache for the next run
             try:
                 stop = self._write(batch)
-            except Exception as error:  # noqa: BLE001 - the job stops and says why
+            except Exception as error:
                 stop = ("failed", f"writing to Label Studio: {type(error).__name__}: {str(error)[:300]}")
             if stop[0] != "running":
                 self.stop = stop
@@ -501,7 +501,7 @@ def plan_chunks(
                 hand_over()
         if batch and not jobs.cancel_requested(job_id):
             hand_over()
-    except Exception as error:  # noqa: BLE001 - recorded on the job: the chunks handed over still run
+    except Exception as error:
         message = f"reading the project stopped: {type(error).__name__}: {str(error)[:300]}"
         log.warning("job %s: %s", job_id, message)
     jobs.planned(job_id, seen, skipped, message)

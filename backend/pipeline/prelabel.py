@@ -140,7 +140,7 @@ class Prelabeler:
         scope: str = "",
         select_examples: ExampleSelector | None = None,
         guidelines: str | None = None,
-    ) -> "Prelabeler":
+    ) -> Prelabeler:
         """The pre-labeler the settings describe: what /predict, warm start and the command-line tools use."""
         return cls(
             schema, templates, llm,
@@ -196,7 +196,7 @@ class Prelabeler:
     def aligned(self, target: NerTarget, text: str, outcome: TaskOutcome) -> tuple[Alignment, list[Found]]:
         """One LLM call for a text within the context budget; beyond it, one per overlapping chunk."""
         chunks = split(text, self.context_chars, self.chunk_overlap)
-        ask = lambda chunk: self.entities_for(target, text[chunk.start : chunk.end])  # noqa: E731
+        ask = lambda chunk: self.entities_for(target, text[chunk.start : chunk.end])
         if len(chunks) == 1 and time_left() is None:
             # no deadline to keep (a project job): one call, in this thread. A pool per task cost every
             # task a thread start and, in that new thread, a new SQLite connection for the cache lookup

@@ -25,7 +25,7 @@ def precompute(model: Any, tasks: Sequence[dict[str, Any]], one_at_a_time: threa
             chunk = list(tasks[start : start + CHUNK])
             try:
                 response = model.predict(chunk, cache_only=True)
-            except Exception:  # noqa: BLE001 - a background thread has no caller to report to but the log
+            except Exception:
                 log.exception("warm start: predicting %d tasks failed", len(chunk))
                 continue
             labeled += sum(1 for p in response.predictions if p is not None and p.result)

@@ -129,7 +129,7 @@ class WorkerRuntime:
     registry: ModelRegistry
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "WorkerRuntime":
+    def from_settings(cls, settings: Settings) -> WorkerRuntime:
         from backend.protocol.server import load_model_class
 
         services = Services.from_settings(settings)
@@ -234,7 +234,7 @@ class ChunkWorker(SimpleWorker):
             while not stop.wait(self.job_monitoring_interval):
                 try:
                     self.maintain_heartbeats(job, execution)
-                except Exception as error:  # noqa: BLE001 - a missed beat; the next one may pass
+                except Exception as error:
                     log.warning("worker %s: heartbeat failed: %s", self.name, error)
 
         thread = threading.Thread(target=beat, name="rq-heartbeat", daemon=True)
@@ -280,7 +280,7 @@ class WorkerProcess:
     def _maintain(self) -> None:
         try:
             self.slots[0].clean_registries()  # RQ's: abandoned chunks back on the queue, at most one pass per interval
-        except Exception as error:  # noqa: BLE001 - Redis away for a moment: the next beat tries again
+        except Exception as error:
             log.warning("worker: maintenance failed: %s", error)
 
     def _left_anywhere(self) -> bool:

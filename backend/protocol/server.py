@@ -26,18 +26,18 @@ from backend.infra.settings import Settings, get_settings
 from backend.infra.storage import STORE_ERRORS, StoreUnavailable
 from backend.learning.labelstudio import LabelStudioUnavailable
 from backend.ner.labelconfig import parse_label_config
-from backend.protocol.base import LabelStudioMLBase
 from backend.pipeline.delivery import read_project
 from backend.pipeline.jobs import HEARTBEAT, JobSpec
+from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.services import Services
 from backend.protocol.wire import (
+    JobRequest,
     PredictRequest,
     PredictResponse,
     SetupRequest,
     SetupResponse,
     TaskIn,
-    JobRequest,
     WebhookRequest,
     project_id_of,
 )
@@ -65,7 +65,7 @@ def _raw_body() -> bytes:
             request.stream.read(1)
     except HTTPException:
         raise
-    except Exception as error:  # noqa: BLE001 - the server's own parse errors: invalid chunk sizes, cut bodies
+    except Exception as error:
         log.info("%s: the request body could not be read: %s", request.path, type(error).__name__)
         raise BadRequest("the request body could not be read (malformed chunked transfer encoding?)") from None
     return raw
@@ -396,7 +396,7 @@ def resume_batch_jobs(services: Services, registry: ModelRegistry, look_every: f
     and one process takes each project (the store's claim)."""
     from backend.pipeline.batchjob import Batches
 
-    for project_id, version, job_id in Batches(services.db).pending_projects():
+    for project_id, _version, job_id in Batches(services.db).pending_projects():
         try:
             while (previous := services.jobs.get(job_id)) is not None and previous["state"] == "running":
                 time.sleep(look_every)
@@ -410,5 +410,5 @@ def resume_batch_jobs(services: Services, registry: ModelRegistry, look_every: f
             batch, recorder = model.batch_project(services.label_studio, spec, total=previous["total"])
             log.info("project %s: resuming the Batch API job %s as job %s", project_id, job_id, batch.job.job_id)
             threading.Thread(target=batch.run, args=(recorder,), name=f"job-{batch.job.job_id}", daemon=True).start()
-        except Exception as error:  # noqa: BLE001 - one project's trouble must not stop the backend or the others
+        except Exception as error:
             log.warning("project %s: could not resume its Batch API job: %s", project_id, error)

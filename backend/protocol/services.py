@@ -50,7 +50,7 @@ class Services:
     job_queue: Any = None  # with REDIS_URL: the RQ queue project jobs' chunks go to (protocol/rqworker.py)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Services":
+    def from_settings(cls, settings: Settings) -> Services:
         db = Database.from_settings(settings)
         cache = ResponseCache(db, settings.llm_cache_max_rows) if settings.llm_cache else None
         if cache is not None:

@@ -259,9 +259,9 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    from backend.infra.settings import load_settings
     from backend.tools.runs import Configuration, load_configuration
     from backend.tools.simulate import parse_schedule, simulate
-    from backend.infra.settings import load_settings
 
     configuration = load_configuration(args.config) if args.config else Configuration("environment", load_settings())
     schedule = parse_schedule(args.schedule)

@@ -288,16 +288,6 @@ def labels_of(documents: Iterable[Document]) -> list[str]:
 
 
 # ---- tasks ----
-@dataclass(frozen=True)
-class Span:
-    """A character span of a task text: `text[start:end] == self.text`."""
-
-    start: int
-    end: int
-    text: str
-    label: str
-
-
 @dataclass
 class Unit:
     """One task: a document or a sentence, its text, token offsets and gold entities as spans."""

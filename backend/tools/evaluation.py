@@ -231,7 +231,7 @@ def predict_conll(
         bar.close()
     predicted: list[list[SpanTuple]] = []
     failed = 0
-    for unit, outcome in zip(units, outcomes):
+    for _unit, outcome in zip(units, outcomes):
         if outcome.error is not None:
             failed += 1
             predicted.append([])

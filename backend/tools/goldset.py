@@ -48,7 +48,7 @@ class GoldSet:
     def labels(self) -> list[str]:
         return list(self.target.label_names)
 
-    def with_tasks(self, tasks: Sequence[GoldTask]) -> "GoldSet":
+    def with_tasks(self, tasks: Sequence[GoldTask]) -> GoldSet:
         return replace(self, tasks=list(tasks))
 
 

@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from backend.infra.errors import BackendError
 from backend.infra.settings import Settings
-from backend.pipeline.delivery import read_project
 from backend.infra.usage import Usage, cost_usd
 from backend.llm.batch import BatchAnswers, BatchFileError, BatchLLM, batch_endpoint, request_line
-from backend.pipeline.batchjob import BATCH_DISCOUNT, Batches, batch_price, ingest_results, load_results, record, tasks_in_scope
+from backend.pipeline.batchjob import BATCH_DISCOUNT, batch_price, ingest_results, load_results, record, tasks_in_scope
+from backend.pipeline.delivery import read_project
 from backend.pipeline.jobs import JobSpec, Progress, project_tasks
 from backend.pipeline.scope import field_of, listed_fields, wanted
 from backend.protocol.registry import ModelRegistry

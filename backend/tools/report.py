@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -290,7 +290,7 @@ def _system_sections(system: dict[str, Any], labels: Sequence[str], heading: str
 
 
 def _page(title: str, subtitle: Sequence[str], body: Sequence[str]) -> str:
-    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = "".join(f'<p class="meta">{escape(line)}</p>' for line in [*subtitle, f"made {made} by llm-ner"])
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

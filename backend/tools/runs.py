@@ -141,7 +141,7 @@ class Workspace:
         self.cache.flush()
         self._tmp.cleanup()
 
-    def __enter__(self) -> "Workspace":
+    def __enter__(self) -> Workspace:
         return self
 
     def __exit__(self, *exc: object) -> None:
