@@ -121,6 +121,37 @@ def test_dry_run_and_max_cost_send_nothing(label_studio, backend_factory, connec
     assert llm.requests == [] and all(p == [] for p in all_predictions(project).values())
 
 
+TWO_TEXTS = """<View>
+  <Labels name="label" toName="t1,t2">
+    <Label value="PER"/><Label value="LOC"/><Label value="ORG"/>
+  </Labels>
+  <Text name="t1" value="$first"/>
+  <Text name="t2" value="$second"/>
+</View>"""
+
+
+def test_a_labels_serving_two_texts_is_estimated_then_pre_labeled_on_both(label_studio, llm, tmp_path):
+    # the estimate looked the prompt up by the <Labels> name, while the prelabeler files a shared
+    # <Labels>'s prompts by name>toName: every prelabel that estimated first died with KeyError 'label'
+    llm.gazetteer = dict(JOB_GAZETTEER)
+    ls = label_studio.client()
+    project = ls.projects.create(title="two texts", label_config=TWO_TEXTS)
+    ls.projects.import_tasks(id=project.id, request=[{"first": f"Ada Lovelace in Oslo, {i}.", "second": f"Royal Society {i}."}
+                                                     for i in range(3)])
+    model_dir = tmp_path / "model"
+    dry = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "texts           6" in dry.stdout and "LLM calls       6" in dry.stdout
+    assert llm.requests == []
+    done = prelabel(llm, model_dir, label_studio, "--project", str(project.id))  # estimates, then runs (no cost known)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 pre-labeled, 0 failed" in done.stdout and len(llm.requests) == 6
+    for task in ls.tasks.list(project=project.id):
+        [prediction] = ls.predictions.list(task=task.id)
+        regions = {(r["to_name"], r["value"]["text"], r["value"]["labels"][0]) for r in prediction.result}
+        assert regions == {("t1", "Ada Lovelace", "PER"), ("t1", "Oslo", "LOC"), ("t2", "Royal Society", "ORG")}
+
+
 def test_scope_stale_re_pre_labels_unannotated_tasks_after_a_correction(
     label_studio, backend_factory, connected_project, llm, tmp_path
 ):

@@ -51,24 +51,30 @@ class Options:
 
 
 def _estimate(model: Any, client: Any, spec: JobSpec, settings: Settings) -> Estimate:
-    """What the job would send: the tasks in scope, each with the examples the model would pick for it."""
+    """What the job would send: the tasks in scope, each with the examples the model would pick for it;
+    one call per text of each target (a <Labels> serving two texts asks twice per task)."""
     prelabeler = model.prelabeler(model.model_version)
-    target = model.schema.targets[0]
-    task = prelabeler.tasks[target.from_name]
-    texts: list[tuple[str, None]] = []
-    examples: list = []
+    targets = model.schema.targets
+    texts: dict[str, list[tuple[str, None]]] = {target.key: [] for target in targets}
+    examples: dict[str, list] = {}
+    read = 0
     for item in project_tasks(client, spec.project_id, listed_fields(spec.scope, model.model_version)):
+        if spec.limit is not None and read >= spec.limit:
+            break
         if not wanted(item, model.model_version, spec.scope):
             continue
-        text = (field_of(item, "data") or {}).get(target.data_key)
-        if isinstance(text, str):
-            if not texts:
-                # the first task's examples stand for every task's: their number and size vary little
-                examples = list(prelabeler.select_examples(target, text))
-            texts.append((text, None))
-        if spec.limit is not None and len(texts) >= spec.limit:
-            break
-    return estimate(task, texts, examples, settings, settings.pack_size)
+        read += 1
+        for target in targets:
+            text = (field_of(item, "data") or {}).get(target.data_key)
+            if isinstance(text, str):
+                if target.key not in examples:
+                    # the first task's examples stand for every task's: their number and size vary little
+                    examples[target.key] = list(prelabeler.select_examples(target, text))
+                texts[target.key].append((text, None))
+    parts = [estimate(prelabeler.tasks[target.key], texts[target.key], examples.get(target.key, []), settings, settings.pack_size)
+             for target in targets]
+    return Estimate(parts[0].model, sum(p.texts for p in parts), sum(p.calls for p in parts),
+                    sum(p.prompt_tokens for p in parts), sum(p.completion_tokens for p in parts), parts[0].price)
 
 
 def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Options,
