@@ -1,0 +1,138 @@
+"""The docs stay honest where a machine can check them: a short README, links that resolve, every
+setting documented, every module in the module map, every `llm-ner` command they name real, every
+test, benchmark and module file they name present."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from backend.infra.settings import Settings
+from backend.tools.cli import build_parser
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+README_LINES = 300
+
+
+def pages() -> list[Path]:
+    found = [REPO / "README.md", REPO / "README.zh-CN.md", *sorted(DOCS.rglob("*.md"))]
+    assert len(found) > 3, "docs/ has no pages"
+    return found
+
+
+def prose(text: str) -> str:
+    """The text outside fenced code blocks (links and anchors in code are not links)."""
+    return re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.M | re.S)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, markup and punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip())  # a link keeps its text
+    text = text.replace("`", "").lower()
+    kept = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LNM")
+    return kept.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    for line in prose(path.read_text(encoding="utf-8")).splitlines():
+        match = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if match:
+            base = slug(match.group(1))
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            found.add(base if n == 0 else f"{base}-{n}")
+    return found
+
+
+def links(path: Path) -> list[str]:
+    text = prose(path.read_text(encoding="utf-8"))
+    return re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text)
+
+
+def test_the_readme_is_short():
+    lines = (REPO / "README.md").read_text(encoding="utf-8").count("\n")
+    assert lines <= README_LINES, f"README.md has {lines} lines, more than {README_LINES}: move detail into docs/"
+
+
+@pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_resolves(page: Path):
+    broken = []
+    for target in links(page):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...: not ours to check
+            continue
+        file, _, anchor = target.partition("#")
+        resolved = (page.parent / file).resolve() if file else page
+        if not resolved.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+            broken.append(f"{target}: no heading with anchor #{anchor} in {resolved.relative_to(REPO)}")
+    assert not broken, f"{page.relative_to(REPO)}: " + "; ".join(broken)
+
+
+def test_every_setting_is_in_the_configuration_page():
+    page = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", page))
+    settings = {name.upper() for name in Settings.model_fields}
+    assert len(settings) > 40
+    missing = sorted(settings - documented)
+    assert not missing, f"settings missing from docs/configuration.md: {missing}"
+
+
+def module_map() -> str:
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    match = re.search(r"^## Module map\n(.*?)(?=^## )", text, flags=re.M | re.S)
+    assert match, "docs/architecture.md has no '## Module map' section"
+    return match.group(1)
+
+
+def test_every_backend_module_is_in_the_module_map():
+    rows: dict[str, str] = {}
+    for line in module_map().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            rows[cells[0].strip("`").rstrip("/")] = cells[-1]
+    modules = sorted((REPO / "backend").rglob("*.py"))
+    assert len(modules) > 50
+    missing = []
+    for module in modules:
+        relative = module.relative_to(REPO / "backend")
+        package = "backend" if len(relative.parts) == 1 else "/".join(relative.parts[:-1])
+        if package != "backend" and module.name == "__init__.py":
+            continue  # a package's empty marker
+        row = rows.get(package)
+        if row is None or f"`{module.name}`" not in row:
+            missing.append(str(module.relative_to(REPO)))
+    assert not missing, f"modules missing from docs/architecture.md's module map: {missing}"
+
+
+def subcommands() -> set[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")  # argparse keeps subparsers here only
+    return set(action.choices)
+
+
+def test_every_llm_ner_command_named_in_the_docs_exists():
+    commands = subcommands()
+    assert {"serve", "prelabel", "connect", "doctor"} <= commands
+    unknown = set()
+    for page in pages():
+        for name in re.findall(r"\bllm-ner ([a-z][a-z-]*)", page.read_text(encoding="utf-8")):
+            if name not in commands:
+                unknown.add(f"{page.relative_to(REPO)}: llm-ner {name}")
+    assert not unknown, f"no such llm-ner command: {sorted(unknown)}"
+
+
+def test_every_file_the_docs_name_exists():
+    missing = set()
+    for page in pages():
+        text = page.read_text(encoding="utf-8")
+        for path in re.findall(r"`((?:tests|benchmarks|backend|prompts|requirements)/[\w./-]+\.(?:py|j2|txt|in|md))", text):
+            if not (REPO / path).exists():
+                missing.add(f"{page.relative_to(REPO)}: {path}")
+    assert not missing, f"files named in the docs that do not exist: {sorted(missing)}"
