@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from backend.infra.errors import BadRequest, validation_message
 
 M = TypeVar("M", bound=BaseModel)
+
+MAX_ID = 2**63 - 1  # SQLite's and PostgreSQL's largest integer; Label Studio's ids are far below
+# An id of Label Studio's (task, annotation, project): a JSON integer from 1 to MAX_ID. Strict: `true`
+# would be 1 and "3" would be 3 under pydantic's lax rules, and either could name a real object.
+Id = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
 
 
 class Lenient(BaseModel):

@@ -32,14 +32,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
 from prometheus_client import Counter as PromCounter
-from pydantic import Field, field_validator
+from pydantic import Field, StrictBool, field_validator
 
 from backend.infra.errors import BadRequest, ConfigError
 from backend.infra.guards import OnePerKey
-from backend.infra.payloads import Lenient, validated
+from backend.infra.payloads import MAX_ID, Id, Lenient, validated
 from backend.infra.settings import Settings
 from backend.learning.labelstudio import LabelStudioSource, describe_error
 from backend.learning.store import ExampleStore, timestamp
@@ -54,7 +54,6 @@ SPANS = PromCounter("llm_ner_example_spans_total", "Spans of human annotations, 
 MAX_RESULTS = 5_000  # regions of one annotation
 MAX_DELETED_IDS = 100_000  # annotation ids of one ANNOTATIONS_DELETED
 MAX_NEW_TASKS = 1_000  # tasks of one TASKS_CREATED handed to the warm start
-MAX_ID = 2**63 - 1  # SQLite's largest integer; Label Studio's ids are far below
 EARLIEST = 946_684_800.0  # 2000-01-01T00:00:00Z: no annotation is older
 FUTURE_SLACK = 86_400.0  # clocks disagree, but not by more than a day
 # Checking spans: where an offset is wrong, the surface is looked for near it first; searches of the
@@ -62,8 +61,6 @@ FUTURE_SLACK = 86_400.0  # clocks disagree, but not by more than a day
 # wrong regions costs milliseconds, not minutes
 NEAR = 2_000
 WHOLE_TEXT_SEARCHES = 50
-
-Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
 def plausible_time(value: object, now: float | None = None) -> float:
@@ -93,7 +90,7 @@ class EventAnnotation(Lenient):
     id: Id
     task: Id | dict[str, Any] | None = None
     result: list[dict[str, Any]] = Field(default_factory=list)
-    was_cancelled: bool = False
+    was_cancelled: StrictBool = False
     updated_at: float = Field(default=None, validate_default=True)  # type: ignore[assignment]
 
     @field_validator("updated_at", mode="before")
@@ -107,7 +104,9 @@ class EventTask(Lenient):
     data: dict[str, Any]
 
 
-class DeletedAnnotation(Lenient):
+class Ref(Lenient):
+    """Something named by its id only (an annotation deleted, the task of an annotation, a new task)."""
+
     id: Id
 
 
@@ -340,14 +339,14 @@ def _task_id(payload: dict[str, Any]) -> int | None:
         ref = payload["task"].get("id")
     if ref is None:
         return None
-    return validated(DeletedAnnotation, {"id": ref}, "annotation.task").id
+    return validated(Ref, {"id": ref}, "annotation.task").id
 
 
 def on_verified_annotation(
     event: str, payload: dict[str, Any], schema: NerSchema, store: ExampleStore, settings: Settings, source: LabelStudioSource
 ) -> Learned:
     """The payload only says which annotation changed: what it is now is read from Label Studio."""
-    annotation_id = validated(DeletedAnnotation, payload.get("annotation"), "annotation").id
+    annotation_id = validated(Ref, payload.get("annotation"), "annotation").id
     task_id = _task_id(payload)
     if task_id is None:
         raise BadRequest("annotation.task or task.id: missing (which task the annotation belongs to)")
@@ -377,7 +376,7 @@ def _deleted_ids(payload: dict[str, Any]) -> list[int]:
         if type(value) is int and 1 <= value <= MAX_ID:
             ids.append(value)
         else:
-            ids.append(validated(DeletedAnnotation, item, f"annotations[{i}]").id)
+            ids.append(validated(Ref, item, f"annotations[{i}]").id)
     return ids
 
 
@@ -410,11 +409,11 @@ def on_tasks_created(payload: dict[str, Any], store: ExampleStore, settings: Set
         return Learned("ignored: warm start needs an authenticated or verified webhook")
     items = payload.get("tasks") if isinstance(payload.get("tasks"), list) else []
     _too_many(items, MAX_NEW_TASKS, "tasks")
-    ids = [i["id"] for i in items if isinstance(i, dict) and type(i.get("id")) is int and 1 <= i["id"] <= MAX_ID]
     if source is not None:
+        ids = [validated(Ref, item, f"tasks[{i}]").id for i, item in enumerate(items)]
         tasks = [{"id": t["id"], "data": t["data"]} for t in source.tasks(int(store.project_id), ids).values()]
     else:
-        tasks = [{"id": t.get("id"), "data": t["data"]} for t in items if isinstance(t, dict) and isinstance(t.get("data"), dict)]
+        tasks = [validated(EventTask, item, f"tasks[{i}]").model_dump(include={"id", "data"}) for i, item in enumerate(items)]
     # a text too long to pre-label is not worth a background LLM call either
     tasks = [t for t in tasks if all(not isinstance(v, str) or len(v) <= settings.max_text_chars for v in t["data"].values())]
     return Learned("warm start" if tasks else "no tasks", tasks=tasks)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, SkipValidation, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, SkipValidation, StrictStr, field_validator
 
-from backend.infra.payloads import Lenient
+from backend.infra.payloads import Id, Lenient
 
 _PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -37,10 +37,10 @@ def _parse_extra_params(value: object) -> object:
 
 class SetupRequest(Lenient):
     project: str
-    label_config: str = Field(alias="schema", min_length=1)
-    hostname: str | None = None
+    label_config: StrictStr = Field(alias="schema", min_length=1)
+    hostname: StrictStr | None = None
     access_token: SecretStr | None = None
-    model_version: str | None = None
+    model_version: StrictStr | None = None
     extra_params: dict[str, Any] | None = None
 
     @field_validator("project", mode="before")
@@ -58,13 +58,10 @@ class SetupResponse(BaseModel):
     model_version: str
 
 
-# ids are stored in SQLite (drafts, examples): its 64-bit integers. A larger id is refused with the
-# request, before any LLM call is paid for, not at the end with the whole batch lost.
-SQLITE_INT = Field(ge=-(2**63), le=2**63 - 1)
-
-
 class TaskIn(Lenient):
-    id: Annotated[int, SQLITE_INT] | None = None
+    # stored with drafts and deliveries: an id out of range is refused with the request, before any
+    # LLM call is paid for, not at the end with the whole batch lost
+    id: Id | None = None
     data: dict[str, Any]
 
 
@@ -75,7 +72,7 @@ class PredictParams(Lenient):
 class PredictRequest(Lenient):
     tasks: list[TaskIn]
     project: str | None = None
-    label_config: str | None = None
+    label_config: StrictStr | None = None
     params: PredictParams | None = None
     context: dict[str, Any] | None = None
 
@@ -163,9 +160,10 @@ class PredictResponse(BaseModel):
 class JobRequest(BaseModel):
     """POST /jobs: pre-label a whole project (see pipeline/jobs.py)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` is not project 1, "yes" does not start a Batch API job, "3" is not a number
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    project: int = Field(ge=1, le=2**53)
+    project: Id
     scope: Literal["missing", "unannotated", "stale", "all"] = "missing"
     limit: int | None = Field(default=None, ge=1, le=10**9)
     concurrency: int | None = Field(default=None, ge=1, le=256)
@@ -174,5 +172,5 @@ class JobRequest(BaseModel):
 
 
 class WebhookRequest(Lenient):
-    action: str = Field(min_length=1)
+    action: StrictStr = Field(min_length=1)
     project: dict[str, Any] | None = None
