@@ -84,6 +84,61 @@ def test_every_setting_is_in_the_configuration_page():
     assert not missing, f"settings missing from docs/configuration.md: {missing}"
 
 
+# settings whose default the page describes in words rather than as the literal value
+DEFAULTS_IN_WORDS = {
+    "OPENAI_API_KEY": "required, no default",
+    "OPENAI_BASE_URL": "unset means OpenAI's own URL",
+    "PROMPTS_DIR": "an absolute path into the checkout",
+    "LLM_BATCH_ENDPOINT": "unset means a URL derived from OPENAI_BASE_URL",
+}
+
+
+def documented_defaults() -> dict[str, str]:
+    """Each `| `NAME`[, `NAME2`] | default[, default2] | meaning |` row of the configuration page."""
+    found = {}
+    for line in (DOCS / "configuration.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        names = re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0])
+        literals = re.findall(r"`([^`]*)`", cells[1]) or [cells[1]]
+        for i, name in enumerate(names):
+            found[name] = literals[i] if len(literals) == len(names) else literals[0]
+    return found
+
+
+def as_documented(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, Path):
+        return f"./{value}"
+    return str(value)
+
+
+def same_value(documented: str, code: str) -> bool:
+    try:
+        return float(documented) == float(code)  # 1.0 and 1 are one default
+    except ValueError:
+        return documented == code
+
+
+def test_every_documented_default_is_the_code_default():
+    documented = documented_defaults()
+    wrong = []
+    for name, field in Settings.model_fields.items():
+        env = name.upper()
+        if env in DEFAULTS_IN_WORDS or env not in documented:
+            continue  # a missing row is test_every_setting_is_in_the_configuration_page's to report
+        if not same_value(documented[env], as_documented(field.default)):
+            wrong.append(f"{env}: the page says {documented[env]!r}, the code {as_documented(field.default)!r}")
+    assert len(documented) > 40
+    assert not wrong, "docs/configuration.md: " + "; ".join(wrong)
+
+
 def module_map() -> str:
     text = (DOCS / "architecture.md").read_text(encoding="utf-8")
     match = re.search(r"^## Module map\n(.*?)(?=^## )", text, flags=re.M | re.S)
