@@ -183,6 +183,16 @@ def test_every_llm_ner_command_named_in_the_docs_exists():
     assert not unknown, f"no such llm-ner command: {sorted(unknown)}"
 
 
+def test_every_metric_is_documented_and_every_documented_metric_exists():
+    code = {m for module in (REPO / "backend").rglob("*.py")
+            for m in re.findall(r'"(llm_ner_[a-z_]+)"', module.read_text(encoding="utf-8"))}
+    assert len(code) > 15
+    named = {m for page in pages() for m in re.findall(r"\b(llm_ner_[a-z_]+)", page.read_text(encoding="utf-8"))}
+    assert not named - code, f"metrics the docs name that no module defines: {sorted(named - code)}"
+    listed = set(re.findall(r"\b(llm_ner_[a-z_]+)", (DOCS / "llm-endpoints.md").read_text(encoding="utf-8")))
+    assert not code - listed, f"metrics missing from docs/llm-endpoints.md's list: {sorted(code - listed)}"
+
+
 def test_every_file_the_docs_name_exists():
     missing = set()
     for page in pages():
