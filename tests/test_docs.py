@@ -183,6 +183,22 @@ def test_every_llm_ner_command_named_in_the_docs_exists():
     assert not unknown, f"no such llm-ner command: {sorted(unknown)}"
 
 
+def test_every_flag_the_docs_give_a_command_exists():
+    parsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    flags = {name: {o for a in sub._actions for o in a.option_strings} for name, sub in parsers.items()}
+    unknown = set()
+    checked = 0
+    for page in pages():
+        for match in re.finditer(r"\bllm-ner ([a-z][a-z-]*)([^`\n]*)", page.read_text(encoding="utf-8")):
+            command, rest = match.group(1), match.group(2).split(" #")[0]  # a shell comment is not the command's
+            for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", rest):
+                checked += 1
+                if command in flags and flag not in flags[command]:
+                    unknown.add(f"{page.relative_to(REPO)}: llm-ner {command} {flag}")
+    assert checked > 50
+    assert not unknown, f"flags the commands do not have: {sorted(unknown)}"
+
+
 def test_every_metric_is_documented_and_every_documented_metric_exists():
     code = {m for module in (REPO / "backend").rglob("*.py")
             for m in re.findall(r'"(llm_ner_[a-z_]+)"', module.read_text(encoding="utf-8"))}
