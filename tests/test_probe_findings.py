@@ -193,24 +193,31 @@ def test_the_debug_access_log_never_shows_a_malformed_basic_auth_credential(back
     assert password not in log
 
 
-def test_an_echoed_start_or_end_of_a_secret_is_masked():
+def test_masking_hides_whole_secrets_in_every_spelling_and_never_text_that_shares_a_prefix():
     from backend.infra.logs import RedactingFormatter
 
+    password = "models-are-42-Strong!/p@ss"  # starts with an ordinary word
     key = "sk-proj-4f9a1c2b3d4e5f60718293a4b5c6d7e8"
-    formatter = RedactingFormatter("%(message)s", [key])
+    formatter = RedactingFormatter("%(message)s", [password, key])
     line = lambda text: formatter.format(logging.LogRecord("x", logging.INFO, __file__, 1, text, None, None))
-    echoed = f"Incorrect API key provided: {key[:10]}*****{key[-4:]}"
-    assert line(echoed) == "Incorrect API key provided: ***" + "*****" + key[-4:]
-    assert line(f"key {key[:7]}... rejected") == "key ***... rejected"
-    assert line(f"ends with ...{key[-8:]}") == "ends with ...***"
-    assert line("no secret here: sk-pro") == "no secret here: ***"  # six characters of its start are enough
+    # text that merely shares a start with a secret is left alone (a prefix rule blanked "models" in every path)
+    assert line("loaded /srv/models/ner and /srv/models-are/x") == "loaded /srv/models/ner and /srv/models-are/x"
+    assert line("Incorrect API key provided: sk-proj-****d7e8") == "Incorrect API key provided: sk-proj-****d7e8"
+    # the whole secret, as written, URL-encoded (userinfo, form bodies) and JSON-escaped
+    assert line(f"key {key} rejected") == "key *** rejected"
+    assert line(f"login failed: {password}.") == "login failed: ***."
+    assert line("postgresql://bob:models-are-42-Strong%21%2Fp%40ss@db/x") == "postgresql://bob:***@db/x"
+    assert line("form: password=models-are-42-Strong%21%2Fp%40ss&user=bob") == "form: password=***&user=bob"
+    assert line(json.dumps({"error": f"bad {password}"})) == '{"error": "bad ***"}'
+    # and any URL's password, configured or not
+    assert line("proxy http://robot:hunter2hunter@proxy:3128 refused") == "proxy http://robot:***@proxy:3128 refused"
 
 
-def test_the_llm_clients_error_messages_mask_an_echoed_key_prefix(make_client, llm, caplog):
+def test_the_llm_clients_error_messages_mask_an_echoed_key(make_client, llm, caplog):
     caplog.set_level(logging.INFO)
-    llm.replies.append(Reply(status=401, error_message=f"Incorrect API key provided: {TEST_API_KEY[:7]}***"))
+    llm.replies.append(Reply(status=400, error_message=f"invalid request from key {TEST_API_KEY}"))
     assert results(make_client(), ["Oslo."]) == [[]]  # failed: unanswered, Label Studio asks again
-    assert TEST_API_KEY[:7] not in caplog.text
+    assert "invalid request from key ***" in caplog.text and TEST_API_KEY not in caplog.text
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])

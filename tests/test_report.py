@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from html import escape
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,21 @@ def test_the_compare_report_renders_in_chromium_with_every_plot(tmp_path, llm, b
     assert errors == []
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+
+
+ODD_LABEL = r"$\undefinedcmd{x}$"  # matplotlib's mathtext would parse it, and fail on the unknown command
+
+
+@pytest.mark.parametrize("command", ["compare", "simulate"])
+def test_a_label_in_dollars_is_drawn_as_plain_text_in_the_html_report(tmp_path, llm, command):
+    sentences = [f"Ada B-{ODD_LABEL}\nwrote O\nin O\nOslo B-LOC\n. O" for _ in range(6)]
+    source = tmp_path / "odd.conll"
+    source.write_text("\n\n".join(sentences) + "\n", encoding="utf-8")
+    llm.gazetteer = {"Ada": ODD_LABEL, "Oslo": "LOC"}
+    report = tmp_path / "report.html"
+    extra = ["--config", str(write_config(tmp_path, "$one$", "LLM_MODEL=fake\n"))] if command == "compare" else ["--schedule", "0,1"]
+    done = cli_on_fake(llm, tmp_path, command, str(source), "--per", "sentence", *extra, "--html", str(report), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert check_html_report(report)  # the plots were drawn
+    assert escape(ODD_LABEL) in report.read_text(encoding="utf-8")

@@ -26,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from backend.infra.errors import BackendError
+from backend.infra.masking import Secrets, url_password
 
 DB_NAME = "backend.sqlite3"
 # less free space than this under MODEL_DIR and the store is as good as full: say so before writes fail
@@ -86,19 +87,11 @@ def redact_url(url: str) -> str:
     return f"postgresql://{user}{info.get('host') or 'localhost'}{port}/{info.get('dbname') or ''}"
 
 
-def url_password(url: str) -> str | None:
-    """The password a DATABASE_URL carries, to keep it out of messages."""
-    try:
-        return conninfo_to_dict(url).get("password") or None
-    except psycopg.Error:
-        return None
-
-
 class StoreUnavailable(BackendError):
     """The store cannot be used: what went wrong, in words that name it (the file under MODEL_DIR,
     or the PostgreSQL host and database; never a password)."""
 
-    def __init__(self, where: Path | str, error: BaseException, secret: str | None = None):
+    def __init__(self, where: Path | str, error: BaseException, secrets: Secrets | None = None):
         self.state = store_state(error) if isinstance(error, STORE_ERRORS) else "failing"
         postgres = isinstance(where, str) and where.startswith("postgresql://")
         if postgres:
@@ -117,8 +110,8 @@ class StoreUnavailable(BackendError):
                 "busy": "another process holds its write lock; try again",
             }.get(self.state, "check the disk under MODEL_DIR")
         detail = " ".join(str(error).split())[:300]  # one line: quick_check reports over several
-        if secret:
-            detail = detail.replace(secret, "***")
+        if secrets is not None:
+            detail = secrets.mask(detail)
         super().__init__(f"the store {where} is {self.state} ({detail}): {advice}")
 
 # The schema registry: every table of every store, in one place. Each entry is one version of the
@@ -375,7 +368,7 @@ class Database:
         self._health: tuple[float, dict[str, Any]] | None = None
         self._pool: ConnectionPool | None = None
         if url is not None:
-            self._secret = url_password(url)
+            self._secrets = Secrets([url_password(url)])
             self.where: str = redact_url(url)
             try:
                 self.migrate()  # on a connection of its own: the server's own words when unreachable, before any pool
@@ -386,7 +379,7 @@ class Database:
                 kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT},
             )
         else:
-            self._secret = None
+            self._secrets = Secrets()
             self.where = str(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -423,7 +416,7 @@ class Database:
 
     def unavailable(self, error: BaseException) -> StoreUnavailable:
         """The error as a StoreUnavailable naming this store."""
-        return StoreUnavailable(self.path if self.path is not None else self.where, error, self._secret)
+        return StoreUnavailable(self.path if self.path is not None else self.where, error, self._secrets)
 
     def check(self) -> None:
         """At start, before any worker: SQLite reads the whole file (PRAGMA quick_check), PostgreSQL
@@ -442,7 +435,7 @@ class Database:
 
     def note_failure(self, error: BaseException) -> None:
         """A write or read failed: /health reports the store as failing for a while (until a write succeeds)."""
-        detail = str(error).replace(self._secret, "***") if self._secret else str(error)
+        detail = self._secrets.mask(str(error))
         self._failure = (time.monotonic(), store_state(error), detail)
         self._health = None
 
@@ -467,7 +460,7 @@ class Database:
         report: dict[str, Any] = {"state": state, "engine": self.engine}
         report["path" if self.engine == "sqlite" else "database"] = self.where
         if detail:
-            report["detail"] = detail.replace(self._secret, "***") if self._secret else detail
+            report["detail"] = self._secrets.mask(detail)
         self._health = (now, report)
         return report
 

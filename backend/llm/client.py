@@ -34,7 +34,7 @@ from openai import OpenAI
 
 from backend.infra import deadline, metrics
 from backend.infra.errors import LLMError, LLMOutputError
-from backend.infra.logs import redact
+from backend.infra.masking import Secrets
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage, record_usage
 from backend.llm.ratelimit import ConcurrencyGate, GateTimeout, RateLimited, RateLimiter, SharedRateLimiter
@@ -209,6 +209,7 @@ def classify(error: BaseException) -> tuple[str, bool, float | None]:
 class LLMClient:
     def __init__(self, settings: Settings, client: OpenAI | None = None, sleep: Callable[[float], None] = time.sleep):
         self.settings = settings
+        self.secrets = Secrets.from_settings(settings)
         # one client per process (see services.py), so this remembers per process what the endpoint accepts
         self._working_mode: str | None = None
         self._logprobs_ok = settings.llm_logprobs
@@ -306,8 +307,8 @@ class LLMClient:
                 self._working_mode = mode
 
     def _scrub(self, message: str) -> str:
-        # servers echo keys, or their first or last characters, in error messages: never pass them on
-        return redact(message, [self.settings.openai_api_key.get_secret_value()])
+        # servers echo keys in error messages (and a base URL's userinfo): never pass them on
+        return self.secrets.mask(message)
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2^attempt)], so retrying workers spread out."""

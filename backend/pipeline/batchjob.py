@@ -133,6 +133,8 @@ def record(prelabeler: Prelabeler, tasks: Iterable[dict[str, Any]], every: Calla
                     prelabeler.aligned(target, text, TaskOutcome())
             except Deferred:
                 deferred = True
+            except BatchFileError:  # the requests file cannot be written (a full disk): no task can be
+                raise
             except Exception as error:
                 log.info("task %s: not in the batch (%s)", task["id"], error)
                 failed = True
@@ -245,7 +247,7 @@ def note(jobs: Jobs, job_id: str, message: str) -> None:
     """What the job is waiting for, in its record (`GET /jobs/<id>`), and a heartbeat: a job polling
     a batch for hours is alive."""
     with jobs.db.transaction() as conn:
-        conn.execute("UPDATE jobs SET message=?, heartbeat_at=? WHERE id=?", (message, time.time(), job_id))
+        conn.execute("UPDATE jobs SET message=?, heartbeat_at=? WHERE id=?", (jobs.secrets.mask(message), time.time(), job_id))
 
 
 class BatchJob:

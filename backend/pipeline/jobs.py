@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.infra import metrics
+from backend.infra.masking import Secrets
 from backend.infra.storage import Database
 from backend.infra.usage import Usage, UsageLedger, cost_usd, metering
 from backend.pipeline.delivery import Deliveries, Delivery, import_predictions
@@ -67,8 +68,11 @@ class Jobs:
 
     COLUMNS = ("done", "failed", "skipped", "seen", "prompt_tokens", "completion_tokens", "calls", "cost_usd")
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, secrets: Secrets | None = None):
         self.db = db
+        # messages and failure reasons quote errors, and a Label Studio or proxy error body may echo the
+        # token: they are masked before they are stored (GET /jobs shows them to any caller)
+        self.secrets = secrets or Secrets()
 
     def create(self, spec: JobSpec, model_version: str, total: int | None, runner: str = "process") -> str:
         job_id = secrets.token_hex(6)
@@ -90,7 +94,7 @@ class Jobs:
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE jobs SET state=?, message=?, finished_at=?, heartbeat_at=? WHERE id=?",
-                (state, message, time.time(), time.time(), job_id),
+                (state, self.secrets.mask(message), time.time(), time.time(), job_id),
             )
 
     def fail_task(self, job_id: str, task_id: int, reason: str) -> None:
@@ -98,7 +102,7 @@ class Jobs:
             conn.execute(
                 "INSERT INTO job_failures(job_id, task_id, reason) VALUES (?, ?, ?) "
                 "ON CONFLICT(job_id, task_id) DO UPDATE SET reason=excluded.reason",
-                (job_id, task_id, reason[:500]),
+                (job_id, task_id, self.secrets.mask(reason)[:500]),
             )
 
     def cancel(self, job_id: str) -> bool:
@@ -149,7 +153,7 @@ class Jobs:
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE jobs SET planned=1, seen=?, skipped=?, heartbeat_at=?, message=COALESCE(NULLIF(?, ''), message) WHERE id=?",
-                (seen, skipped, time.time(), message, job_id),
+                (seen, skipped, time.time(), self.secrets.mask(message), job_id),
             )
             self._settle(conn, job_id)
 
@@ -182,7 +186,8 @@ class Jobs:
     def stop_spending(self, job_id: str, message: str) -> None:
         """--max-cost reached: the job's chunks stop as on a cancel, and it ends as stopped."""
         with self.db.transaction() as conn:
-            conn.execute("UPDATE jobs SET cancel_requested=2, message=? WHERE id=? AND cancel_requested=0", (message, job_id))
+            conn.execute("UPDATE jobs SET cancel_requested=2, message=? WHERE id=? AND cancel_requested=0",
+                         (self.secrets.mask(message), job_id))
 
     def settle(self, job_id: str) -> None:
         with self.db.transaction() as conn:

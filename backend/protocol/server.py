@@ -214,6 +214,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         # which gunicorn worker answered: lets operators (and the multi-worker test) tell workers apart
         response.headers["X-Backend-Worker"] = str(os.getpid())
+        if not (response.is_streamed or response.direct_passthrough):
+            # the last word on secrets: an error quoting Label Studio's or a proxy's body, a job record, a
+            # URL with a password, whatever the route, leaves without them
+            body = response.get_data(as_text=True)
+            masked = services.secrets.mask(body)
+            if masked != body:
+                response.set_data(masked)
         return response
 
     @app.errorhandler(BadRequest)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.infra.guards import OnePerKey
+from backend.infra.masking import Secrets
 from backend.infra.settings import Settings
 from backend.infra.storage import Database
 from backend.infra.usage import UsageLedger, price_of
@@ -47,6 +48,7 @@ class Services:
     trust: Trust = field(default_factory=lambda: Trust(authenticated=False, verified=False))
     label_studio_source: LabelStudioSource | None = None  # reads what webhooks announce (same credentials)
     securing: WebhookSecuring | None = None  # ...and with basic auth: secures each project's webhook after /setup
+    secrets: Secrets = field(default_factory=Secrets)  # what every answer, record and log line is masked of
     job_queue: Any = None  # with REDIS_URL: the RQ queue project jobs' chunks go to (protocol/rqworker.py)
 
     @classmethod
@@ -65,6 +67,7 @@ class Services:
             source = LabelStudioSource(settings.label_studio_url, key)
             if settings.basic_auth_user and settings.basic_auth_pass:
                 securing = WebhookSecuring(source, settings.basic_auth_user, settings.basic_auth_pass.get_secret_value())
+        secrets = Secrets.from_settings(settings)
         job_queue = None
         if settings.redis_url is not None:
             from backend.protocol.rqworker import JobQueue
@@ -82,7 +85,8 @@ class Services:
             backlog=Backlog(settings.predict_backlog),
             writer=writer,
             label_studio=client,
-            jobs=Jobs(db),
+            jobs=Jobs(db, secrets),
+            secrets=secrets,
             trust=Trust.from_settings(settings),
             label_studio_source=source,
             securing=securing,

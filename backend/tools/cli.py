@@ -13,8 +13,10 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from backend.infra.errors import BackendError, ConfigError
+from backend.infra.masking import Secrets, url_password
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -642,9 +644,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class MaskedStream:
+    """stdout or stderr with every secret masked in what is written: the commands print what Label
+    Studio, the LLM endpoint or a proxy answered (which may echo a token), and URLs given with a password."""
+
+    def __init__(self, stream: TextIO, secrets: Secrets):
+        self._stream = stream
+        self._secrets = secrets
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._secrets.mask(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _secrets_of(args: argparse.Namespace) -> Secrets:
+    """The environment's secrets (as `serve` would read them), the keys given as options and the
+    password of any URL given as one."""
+    given = [value for name, value in vars(args).items() if isinstance(value, str) and name.endswith("key")]
+    urls = [value for value in vars(args).values() if isinstance(value, str) and "://" in value]
+    return Secrets.from_environment() + [*given, *map(url_password, urls)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    secrets = _secrets_of(args)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = MaskedStream(sys.stdout, secrets), MaskedStream(sys.stderr, secrets)  # type: ignore[assignment]
     try:
         return args.handler(args)
     except ConfigError as error:
@@ -653,5 +682,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BackendError as error:
         print(f"llm-ner: {error}", file=sys.stderr)
         return 1
+    except OSError as error:
+        # an output that cannot be written and that no command names itself (a full disk, a missing
+        # directory, no permission): one line, not a traceback
+        print(f"llm-ner: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        sys.stdout, sys.stderr = streams

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.infra.errors import BackendError
+from backend.infra.outputs import write_output
 from backend.spans.alignment import Span
 
 DOCSTART = "-DOCSTART-"
@@ -457,4 +458,4 @@ def write_conll(
             for token, tag in zip(sentence.tokens, tags):
                 lines.append(sep.join([token.text, token.tag, tag] if with_gold else [token.text, tag]))
             lines.append("")
-    Path(path).write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+    write_output(path, "\n".join(lines) + ("\n" if lines else ""))

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from backend.infra.errors import BackendError
+from backend.infra.outputs import write_output
 from backend.ner.labelconfig import NerTarget
 from backend.tools.conll import build_units, labels_of, read_files, write_conll
 from backend.tools.diagnosis import error_table, task_counts, worst_tasks
@@ -168,7 +169,7 @@ def evaluate_project(client: Any, project_id: int, model_version: str | None = N
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_output(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---- offline ----

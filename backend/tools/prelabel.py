@@ -220,15 +220,26 @@ def write_batch_file(model: Any, client: Any, spec: JobSpec, services: Services,
     except OSError as error:
         raise BatchFileError(f"cannot write {path}: {error.strerror or error}") from None
 
+    def unwritable(error: OSError) -> BatchFileError:
+        return BatchFileError(f"cannot write {path}: {error.strerror or error}")
+
     def sink(custom_id: str, body: dict[str, Any]) -> None:
-        handle.write(request_line(custom_id, body, url))
+        try:
+            handle.write(request_line(custom_id, body, url))
+        except OSError as error:  # a full disk: one line naming the file
+            raise unwritable(error) from None
         # the estimate's counts (tools/estimate.py): an answer about a third of the text's tokens
         usage.add(Usage(count_message_tokens(body["messages"], body["model"]),
                         count_tokens(body["messages"][-1].get("content") or "", body["model"]) // 3, 1))
 
-    with handle:
+    try:
         llm = BatchLLM(services.llm, BatchAnswers(services.db), sink=sink)
         recorded = record(model.prelabeler(model.model_version, llm=llm), tasks_in_scope(client, spec, model.model_version))
+    finally:
+        try:
+            handle.close()  # writes what is still buffered: where a full disk shows with a small file
+        except OSError as error:
+            raise unwritable(error) from None
     price = services.price
     cost = cost_usd(usage, batch_price(price))
     print(f"{usage.calls} requests for {recorded.deferred} tasks written to {path} ({recorded.answered} tasks answered "

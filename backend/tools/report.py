@@ -8,15 +8,18 @@ page is rendered from the same dict `--json` writes, so everything it shows is i
 from __future__ import annotations
 
 import base64
+import functools
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 from matplotlib.figure import Figure
 
+from backend.infra.outputs import write_output
 from backend.tools.diagnosis import KINDS, MISSED, SPURIOUS
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
@@ -59,6 +62,19 @@ mark sup { font-size: 9px; font-weight: 700; margin-left: 2px; }
 
 
 # ---- plots ----
+def _plain_text(plot: Callable[..., str]) -> Callable[..., str]:
+    """Labels and system names are the user's text, drawn as written: a `$` in one is not the start of
+    matplotlib's mathtext (`$\\undefinedcmd{x}$` as a label crashed the whole report). Text objects read
+    the setting when made and tick labels are made while drawing, so it holds for the whole plot."""
+
+    @functools.wraps(plot)
+    def draw(*args: Any, **kwargs: Any) -> str:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return draw
+
+
 def _png(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -69,6 +85,7 @@ def _color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
+@_plain_text
 def per_label_plot(systems: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
     """Strict P, R and F1 per label (and micro, macro), one bar per system; partial F1 as a black tick."""
     groups = list(labels) + ["micro", "macro"]
@@ -98,6 +115,7 @@ def per_label_plot(systems: Sequence[dict[str, Any]], labels: Sequence[str]) -> 
     return _png(fig)
 
 
+@_plain_text
 def errors_plot(systems: Sequence[dict[str, Any]]) -> str:
     """Matched spans by kind, one stacked bar per system."""
     fig = Figure(figsize=(9, 1.3 + 0.6 * len(systems)), layout="constrained")
@@ -115,6 +133,7 @@ def errors_plot(systems: Sequence[dict[str, Any]]) -> str:
     return _png(fig)
 
 
+@_plain_text
 def differences_plot(differences: Sequence[dict[str, Any]]) -> str:
     """Each pair's difference in micro F1 with its 95% bootstrap interval; 0 is marked."""
     fig = Figure(figsize=(8, 1.2 + 0.45 * len(differences)), layout="constrained")
@@ -132,6 +151,7 @@ def differences_plot(differences: Sequence[dict[str, Any]]) -> str:
     return _png(fig)
 
 
+@_plain_text
 def curve_plot(points: Sequence[dict[str, Any]], target: float | None, reached_at: int | None) -> str:
     """F1 against corrections learned, with the cost of pre-labeling the held-out part on a second axis."""
     xs = [p["corrections"] for p in points]
@@ -430,4 +450,4 @@ RENDERERS = {"evaluate": evaluate_html, "compare": compare_html, "simulate": sim
 
 
 def write_html(path: str | Path, payload: dict[str, Any]) -> None:
-    Path(path).write_text(RENDERERS[payload["kind"]](payload), encoding="utf-8")
+    write_output(path, RENDERERS[payload["kind"]](payload))
