@@ -94,7 +94,7 @@ def test_a_packed_answer_that_does_not_parse_gets_one_repair_turn(make_client, l
     assert region_tuples_per_task(predict(make_client(pack_size=2), TEXTS[:2]), *SPAN) == [[("Oslo", 0, "LOC")], []]
     repair = llm.requests[1]["messages"]
     assert repair[-2] == {"role": "assistant", "content": "Here you go: Oslo is a LOC"}
-    assert '{"results": [{"id"' in repair[-1]["content"] and len(llm.requests) == 2
+    assert "\"results\" list" in repair[-1]["content"] and len(llm.requests) == 2
 
 
 def annotate(client, task_id, unit):

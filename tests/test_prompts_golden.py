@@ -11,6 +11,7 @@ intended change, regenerate the files and read the diff before committing:
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -136,3 +137,42 @@ def test_english_packed_prompt(en_task):
     texts = ["Oslo is cold.", "Ada wrote notes.", EN_TEXT]
     assert_golden("en/packed.txt", transcript(pack_messages(en_task, texts, EN_EXAMPLES)))
     assert_golden("en/pack_repair.txt", pack_repair_prompt(en_task, "results.0.id: Field required") + "\n")
+
+
+# ---- no placeholder syntax a small model copies (issue 27: SmolLM2-135M answered "<exact text>") ----
+PLACEHOLDER = re.compile(r'"<[^"<>]+>"|<(?:原文|标签|id|label|exact text)>')
+
+CUSTOM_CONFIG = """<View>
+  <Labels name="label" toName="text"><Label value="DRUG"/><Label value="DOSE"/></Labels>
+  <Text name="text" value="$text"/>
+</View>"""
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+@pytest.mark.parametrize("hints", [False, True])
+def test_no_prompt_shows_the_answer_format_with_placeholders(language, hints):
+    config = settings(prompt_language=language, occurrence_hints=hints)
+    templates = load_templates(config.prompts_dir, config.occurrence_hints)
+    for label_config in (NER_CONFIG, ZH_CONFIG, CUSTOM_CONFIG):
+        task = NerTask(parse_label_config(label_config).targets[0], templates)
+        prompts = [
+            transcript(task.messages(EN_TEXT)), task.repair_prompt("entities.0.text: Field required"),
+            transcript(pack_messages(task, ["Oslo is cold.", "Rome."])), pack_repair_prompt(task, "results: Field required"),
+        ]
+        for prompt in prompts:
+            assert not PLACEHOLDER.search(prompt), prompt
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_the_format_is_shown_by_a_worked_example_with_the_projects_labels(language):
+    config = settings(prompt_language=language)
+    templates = load_templates(config.prompts_dir, config.occurrence_hints)
+    for label_config in (NER_CONFIG, ZH_CONFIG):
+        task = NerTask(parse_label_config(label_config).targets[0], templates)
+        example = task.worked_example()
+        answer = json.loads(example["answer"])["entities"]
+        assert {e["label"] for e in answer} == set(task.target.label_names) - {"MISC"}
+        assert all(e["text"] in example["text"] for e in answer) and example["answer"] in task.system_prompt()
+    # labels the example does not know: no example rather than a wrong one
+    custom = NerTask(parse_label_config(CUSTOM_CONFIG).targets[0], templates)
+    assert custom.worked_example() is None and "Marie Curie" not in custom.system_prompt()

@@ -40,6 +40,11 @@ PACKED_TASKS = Counter("llm_ner_packed_texts_total", "Texts answered through a p
 EXAMPLES = Gauge(
     "llm_ner_examples", "Few-shot examples stored per project", ["project"], multiprocess_mode="mostrecent"
 )
+ENTITY_TEXTS = Counter(
+    "llm_ner_entity_text_schemas_total",
+    "Texts asked with entity texts constrained to their spans (spans), or not: too many candidates, or an endpoint that takes no schema (free)",
+    ["schema"],
+)
 LLM_TRUNCATED = Counter("llm_ner_llm_truncated_total", "LLM answers cut off at max_tokens (finish_reason length)")
 LLM_CONCURRENCY = Gauge(
     "llm_ner_llm_concurrency", "LLM calls a worker lets in flight at once (adapts to the endpoint)",

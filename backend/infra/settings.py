@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         default="auto",
         description="auto: the strongest form the endpoint accepts (probed), falling back when one is rejected",
     )
+    constrain_entity_texts: bool = Field(
+        default=True,
+        description="where the endpoint constrains decoding to a JSON schema, each entity's text is an enum of the"
+        " task text's word n-grams, so it can only be a span of the text (texts with too many n-grams: the plain schema)",
+    )
     llm_probe: bool = Field(
         default=True,
         description="probe the endpoint once (structured output, logprobs, n, concurrency) before the first call",

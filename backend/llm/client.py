@@ -525,7 +525,8 @@ class LLMClient:
         for choice in completion.choices:
             try:
                 values.append(parse(choice.content))
-            except LLMOutputError:
+            except LLMOutputError as invalid:
+                error = invalid
                 if choice.truncated:
                     truncated = True
                     error = LLMOutputError(_truncated(completion.max_tokens))

@@ -15,16 +15,80 @@ from typing import Any
 
 from backend.infra import metrics
 from backend.infra.deadline import map_in_order
-from backend.infra.errors import BackendError
+from backend.infra.errors import BackendError, LLMOutputError
 from backend.infra.usage import Usage
 from backend.llm.cache import ResponseCache, cache_key
 from backend.llm.client import Answer, LLMClient
 from backend.ner import confidence
+from backend.ner.constraints import MAX_TOKENS, MIN_TOKENS, EntitySchema, TextLimits
 from backend.ner.mentions import FewShotExample, Mention
 from backend.ner.packing import pack_examples, pack_messages, pack_repair_prompt, pack_schema, parse_packed
 from backend.ner.task import NerTask
+from backend.spans.alignment import align
 
 log = logging.getLogger(__name__)
+
+# How large an enum of entity texts each structured-output form takes (ner/constraints.py); the forms
+# that send no schema constrain nothing. json_schema: OpenAI's strict structured outputs (1,000 enum
+# values per schema, 15,000 characters over them); vLLM and llama.cpp's server take as much.
+# json_object_schema: llama-cpp-python compiles the enum into a grammar, whose size slows every token.
+TEXT_LIMITS = {
+    "json_schema": TextLimits(max_values=1000, max_chars=15_000),
+    "json_object_schema": TextLimits(max_values=1000, max_chars=15_000),
+}
+
+
+def describe_entity_texts(mode: str | None, constrain: bool) -> str:
+    """What `llm-ner doctor` says of entity texts with this structured-output form."""
+    if not constrain:
+        return "free (CONSTRAIN_ENTITY_TEXTS=false): texts not in the task are dropped, and an answer of only such texts is asked again"
+    limits = TEXT_LIMITS.get(mode or "")
+    if limits is None:
+        return f"free: structured output {mode or 'none'} takes no schema (an answer of only texts not in the task is asked again)"
+    return (
+        f"constrained to spans of the task text ({mode}: an enum of its n-grams of {MIN_TOKENS} to {MAX_TOKENS} words,"
+        f" at most {limits.max_values} values and {limits.max_chars:,} characters, roughly a text of 300 words;"
+        " longer texts and chunks use the plain schema, said in the log)"
+    )
+
+
+def unplaced(task: NerTask, text: str, mentions: Sequence[Mention]) -> str | None:
+    """None when the answer listed no entity or at least one of them can be placed in the text; else
+    why none can (for the repair turn): the texts that are not in it, the labels that are not allowed."""
+    if not mentions:
+        return None
+    known = task.target.label_set
+    usable = [(m.text, m.label) for m in mentions if m.label in known and m.text.strip()]
+    if usable and align(text, usable, label_all_mentions=False, allow_overlap=True).spans:
+        return None
+    # those with a known label could not be placed; the others, only when their text is not in it
+    missing = list(dict.fromkeys(m.text.strip() for m in mentions if m.text.strip() and (m.label in known or m.text.strip() not in text)))
+    labels = list(dict.fromkeys(m.label for m in mentions if m.label not in known))
+    why = []
+    if missing:
+        quoted = ", ".join(f'"{t[:80]}"' for t in missing[:10])
+        why.append(f"these entity texts do not occur in the text: {quoted}")
+    if labels:
+        quoted = ", ".join(f'"{label[:40]}"' for label in labels[:10])
+        why.append(f"these labels are not among the allowed ones: {quoted}")
+    return (
+        "none of the entities you listed can be found in the text; " + "; ".join(why)
+        + '. Each "text" must be copied exactly, character for character, from the text you were given'
+    )
+
+
+def placed_parser(task: NerTask, text: str):
+    """`task.parse`, refusing an answer none of whose entities is in the text: it gets the repair
+    turn, and failing again fails the task (asked again later) instead of storing "no entities"."""
+
+    def parse(content: str | None) -> list[Mention]:
+        mentions = task.parse(content)
+        error = unplaced(task, text, mentions)
+        if error is not None:
+            raise LLMOutputError(error)
+        return mentions
+
+    return parse
 
 
 @dataclass
@@ -135,28 +199,60 @@ def found_per_text(answer: Answer[dict[str, list[Mention]]], ids: Sequence[str])
 
 class EntitySource:
     def __init__(
-        self, llm: LLMClient, cache: ResponseCache | None = None, scope: str = "", samples: int = 1, temperature: float = 0.7
+        self, llm: LLMClient, cache: ResponseCache | None = None, scope: str = "", samples: int = 1, temperature: float = 0.7,
+        constrain: bool = True,
     ):
         self.llm = llm
         self.cache = cache
         self.scope = scope  # the model_version: a new version never reuses an old answer
         self.samples = samples
         self.temperature = temperature if samples > 1 else 0.0  # one answer: the most likely one
+        self.constrain = constrain  # CONSTRAIN_ENTITY_TEXTS
         self._prefilled: dict[str, Found] = {}  # answers packing got for this request, by key
+        self._said: set[str] = set()  # the schema kinds this source has logged at INFO (once each)
 
-    def key(self, task: NerTask, messages: list[dict[str, str]]) -> str:
+    def schema(self, task: NerTask, text: str) -> EntitySchema:
+        """The answer's schema for `text`: its entity texts constrained to its spans where the
+        endpoint's structured-output form constrains decoding and the spans fit its limits."""
+        if self.constrain:
+            self.llm.prepare()  # the probe decides the structured-output form, so whether it constrains
+        mode = self.llm.mode if self.constrain else None
+        limits = TEXT_LIMITS.get(mode) if mode is not None else None
+        chosen = task.schema_for(text, limits)
+        metrics.ENTITY_TEXTS.labels(chosen.kind).inc()
+        if chosen.constrained:
+            said, message, args = "spans", "entity texts constrained to spans of the text (%s, %d candidates)", (mode, chosen.candidates)
+        elif limits is not None:
+            # said for every such text: a user should know which texts went unconstrained
+            said, message, args = "", (
+                "entity texts not constrained for a text of %d characters: %d candidates of %d tokens or fewer exceed "
+                "the %s limits (%d values, %d characters); the plain schema is used"
+            ), (len(text), chosen.candidates, chosen.tokens, mode, limits.max_values, limits.max_chars)
+        else:
+            why = "CONSTRAIN_ENTITY_TEXTS is off" if not self.constrain else f"structured output {mode} takes no schema"
+            said, message, args = "free", "entity texts not constrained (%s)", (why,)
+        if said in self._said:
+            log.debug(message, *args)
+        else:
+            log.info(message, *args)
+            if said:
+                self._said.add(said)
+        return chosen
+
+    def key(self, task: NerTask, messages: list[dict[str, str]], schema: dict[str, Any] | None = None) -> str:
         return cache_key(
             scope=self.scope,
             model=self.llm.model,
             messages=messages,
-            schema=task.json_schema(),
+            schema=task.json_schema() if schema is None else schema,
             samples=self.samples,
             temperature=self.temperature,
             max_tokens=self.llm.max_tokens,
         )
 
     def cached(self, request: TextRequest) -> tuple[str, Found | None]:
-        key = self.key(request.task, request.task.messages(request.text, request.examples))
+        schema = self.schema(request.task, request.text).schema
+        key = self.key(request.task, request.task.messages(request.text, request.examples), schema)
         value = self.cache.get(key) if self.cache is not None else None
         return key, Found.from_cache(value) if value is not None else None
 
@@ -171,7 +267,8 @@ class EntitySource:
 
     def find(self, task: NerTask, text: str, examples: Sequence[FewShotExample] = ()) -> Found:
         messages = task.messages(text, examples)
-        key = self.key(task, messages)
+        schema = self.schema(task, text).schema
+        key = self.key(task, messages, schema)
         prefilled = self._prefilled.pop(key, None)
         if prefilled is not None:
             return prefilled
@@ -180,7 +277,7 @@ class EntitySource:
             if value is not None:
                 return Found.from_cache(value)
         answer = self.llm.ask_full(
-            messages, task.parse, task.repair_prompt, task.json_schema(),
+            messages, placed_parser(task, text), task.repair_prompt, schema,
             samples=self.samples, temperature=self.temperature, max_tokens=self.llm.answer_tokens(len(text)),
         )
         found = found_from_answer(answer)
@@ -219,7 +316,9 @@ class EntitySource:
             max_tokens=self.llm.answer_tokens(sum(len(t) + 8 for t in texts)),
         )
         found = found_per_text(answer, ids)
-        for i, (key, _) in zip(ids, pack):
+        for i, (key, request) in zip(ids, pack):
+            if i in found and unplaced(task, request.text, found[i].entities) is not None:
+                del found[i]  # none of its entities is in it: asked alone, with its repair turn
             if i in found:
                 self._prefilled[key] = found[i]
                 self.remember(key, found[i])

@@ -53,7 +53,7 @@ def packed_answer(answers: Sequence[Sequence[tuple[str, str]]]) -> str:
 
 def pack_messages(task: NerTask, texts: Sequence[str], examples: Sequence[FewShotExample] = ()) -> list[dict[str, str]]:
     """The system prompt with packing instructions, the examples as one packed exchange, then the texts."""
-    messages = [{"role": "system", "content": task.system_prompt() + "\n\n" + task.templates.render("pack", hints=task.templates.hints)}]
+    messages = [{"role": "system", "content": task.system_prompt() + "\n\n" + task.templates.render("pack", hints=task.templates.hints, example=task.example)}]
     if examples:
         messages.append({"role": "user", "content": packed_user([e.text for e in examples])})
         messages.append({"role": "assistant", "content": packed_answer([e.entities for e in examples])})

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from backend.infra.errors import LLMOutputError, validation_message
+from backend.ner.constraints import EntitySchema, TextLimits, constrained_schema
 from backend.ner.labelconfig import NerTarget
 from backend.ner.mentions import FewShotExample, Listing, Mention, entities_json
 from backend.ner.templates import PromptTemplates, render_source
@@ -114,6 +115,31 @@ class NerTask:
         self.guidelines = guidelines or ""
         self._json_schema: dict[str, Any] | None = None
         self._system_prompts: dict[tuple[tuple[str, str], ...], str] = {}
+        self.example = self.worked_example()
+
+    def worked_example(self) -> dict[str, str] | None:
+        """The answer format shown by example rather than with placeholders (small models copy
+        `"<exact text>"` into their answers): the templates' example.json with the entities whose
+        label goes by a name of this project (case aside); None when none does."""
+        example = self.templates.example
+        if not example:
+            return None
+        names = {name.casefold(): name for name in self.target.label_names}
+        entities, starts, cursor = [], [], 0
+        for entity in example["entities"]:
+            label = next((names[n.casefold()] for n in entity["labels"] if isinstance(n, str) and n.casefold() in names), None)
+            start = example["text"].find(entity["text"], cursor)
+            if label is None or start == -1:
+                continue
+            entities.append((entity["text"], label))
+            starts.append(start)
+            cursor = start + len(entity["text"])
+        if not entities:
+            return None
+        text = example["text"]
+        answer = hinted_answer_json(text, tuple(entities), tuple(starts)) if self.templates.hints else entities_json(entities)
+        # the list alone, for the packed form's example (pack.j2)
+        return {"text": text, "answer": answer, "entities": json.dumps(json.loads(answer)["entities"], ensure_ascii=False)}
 
     # ---- prompt ----
     def system_prompt(self, examples: Sequence[FewShotExample] = ()) -> str:
@@ -127,7 +153,7 @@ class NerTask:
                 self._system_prompts.clear()
             prompt = self._system_prompts[negatives] = self.templates.render(
                 "system", labels=self.target.labels, guidelines=self.guidelines, negatives=list(negatives),
-                hints=self.templates.hints,
+                hints=self.templates.hints, example=self.example,
             )
         return prompt
 
@@ -165,6 +191,11 @@ class NerTask:
 
     def _build_json_schema(self) -> dict[str, Any]:
         return entities_schema(self.target.label_names, hints=self.templates.hints)
+
+    def schema_for(self, text: str, limits: TextLimits | None) -> EntitySchema:
+        """The answer's schema for this text: entity texts constrained to its spans where the endpoint
+        constrains decoding (`limits`, see ner/constraints.py), else `json_schema()`."""
+        return constrained_schema(self.json_schema(), text, limits)
 
     # ---- answer ----
     def parse(self, content: str | None) -> list[Mention]:

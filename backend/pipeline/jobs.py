@@ -561,7 +561,7 @@ def attempt_task(prelabeler: Prelabeler, task: dict[str, Any], attempt: int, sle
         sleep(min(30.0, 2.0 * 2 ** (attempt - 1)))
     with metering() as meter:
         try:
-            outcome = prelabeler.prelabel(task["data"])
+            outcome = prelabeler.prelabel(task["data"], task.get("id"))
         except Exception as error:
             error.usage = meter.take()  # type: ignore[attr-defined]
             raise

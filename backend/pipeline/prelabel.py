@@ -149,7 +149,9 @@ class Prelabeler:
             label_all_mentions=settings.label_all_mentions,
             context_chars=settings.llm_context_chars,
             chunk_overlap=settings.llm_chunk_overlap,
-            source=EntitySource(llm, cache, scope, settings.llm_samples, settings.llm_sample_temperature),
+            source=EntitySource(
+                llm, cache, scope, settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts
+            ),
         )
 
     def prelabel_many(
@@ -164,7 +166,7 @@ class Prelabeler:
         if pack_size > 1:  # short texts several to a call; each task below finds its answer
             self.prefill(tasks, pack_size, pack_max_chars, concurrency, deadline)
         outcomes = map_in_order(
-            lambda task: self.prelabel(task.get("data") or {}),
+            lambda task: self.prelabel(task.get("data") or {}, task.get("id")),
             tasks,
             concurrency=concurrency,
             deadline_seconds=deadline - time.monotonic(),
@@ -226,7 +228,8 @@ class Prelabeler:
             return align(text, answers[0], **options), founds
         return align_chunks(text, chunks, answers, **options), founds
 
-    def prelabel(self, data: dict[str, Any]) -> TaskOutcome:
+    def prelabel(self, data: dict[str, Any], task_id: Any = None) -> TaskOutcome:
+        """One task's pre-labels; `task_id` only names it in the log."""
         outcome = TaskOutcome()
         span_scores: list[float | None] = []
         empty_scores: list[float] = []
@@ -247,6 +250,6 @@ class Prelabeler:
         if dropped:
             for reason, count in dropped.items():
                 metrics.DROPPED.labels(reason).inc(count)
-            log.info("dropped entities: %s", dropped)
+            log.info("task %s: dropped entities: %s", task_id if task_id is not None else "(no id)", dropped)
         outcome.score = confidence.task_score(span_scores, min(empty_scores) if empty_scores else None)
         return outcome

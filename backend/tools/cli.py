@@ -321,6 +321,7 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 def format_capabilities(caps, settings) -> str:
     from backend.llm.probe import MODE_NAMES, advise
+    from backend.llm.source import describe_entity_texts
 
     lines = ["structured output"]
     for form in caps.forms:
@@ -337,6 +338,8 @@ def format_capabilities(caps, settings) -> str:
     if caps.latency is not None:
         speed = f"; at least {1 / caps.seconds_per_token:.0f} tokens/s" if caps.seconds_per_token else ""
         row("latency", f"{caps.latency:.2f} s for a short pre-labeling request, warm{speed}")
+    mode = settings.llm_structured_output if settings.llm_structured_output != "auto" else caps.mode
+    row("entity texts", describe_entity_texts(mode, settings.constrain_entity_texts))
     advice = advise(caps, settings)
     for i, item in enumerate(advice.uses):
         row("the backend uses" if i == 0 else "", item)

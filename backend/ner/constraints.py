@@ -1,0 +1,120 @@
+"""Entity texts that can only be spans of the task's text: the answer's JSON schema with `text` as an
+enum of the text's word n-grams.
+
+An endpoint that constrains decoding to the schema (OpenAI's strict `json_schema`, llama.cpp's
+`json_object` with a schema) then cannot write an entity text that is not in the task: no copied
+placeholder, no paraphrase, no whole sentence. Small models need it most (they copy the prompt's
+format or the sentence); large ones lose nothing, as their entities are spans anyway.
+
+Candidates are runs of up to `max_tokens` tokens (a word, one character of a script written
+without spaces, or one punctuation mark) within one line, that neither start nor end with
+punctuation, except an abbreviation's final full stop ("U.S.", "Inc."), and hold no punctuation
+but the kinds names have (`AT&T`, `Coca-Cola`, `O'Brien`). Their spelling is the
+text's own (its spacing included). Beyond the endpoint's limits (enum values, their characters)
+the n-grams are shortened down to `MIN_TOKENS`; a text that still has too many candidates gets the
+plain schema, and `EntitySchema.constrained` says so (the log and `llm-ner doctor` report it).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# scripts written without spaces (CJK, Thai...): each character is a token of its own
+_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3005-\u3007\u3040-\u30ff\u3100-\u312f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003ffff"
+_TOKEN = re.compile(f"[{_UNSPACED}]|[^\\W{_UNSPACED}]+|[^\\w\\s]")
+_HAS_UNSPACED = re.compile(f"[{_UNSPACED}]")
+
+# the longest entity, in tokens: "University of California at Los Angeles" (6 words), 联合国教科文组织 (8 characters)
+MAX_TOKENS = 6
+MAX_TOKENS_UNSPACED = 8
+# below this, n-grams would cut common names ("Bank of America"): the plain schema is better
+MIN_TOKENS = 3
+# an abbreviation's last full stop belongs to it ("U.S.", "Inc.", "Jr.")
+_ABBREVIATION = 3
+# the punctuation a name may hold: "U.S.", "AT&T", "Coca-Cola", "O'Brien", "Guns N' Roses", "AC/DC", "Jean·Paul"
+_INSIDE = ".&'-\u2019/\u00b7"
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """What one endpoint's constrained decoding takes in an enum (OpenAI: 1,000 enum values in a
+    schema, and 15,000 characters over them beyond 250 values)."""
+
+    max_values: int
+    max_chars: int
+
+
+@dataclass(frozen=True)
+class EntitySchema:
+    """The answer schema for one text, and how it was built (for the log, the metrics and the doctor)."""
+
+    schema: dict[str, Any]
+    constrained: bool
+    candidates: int = 0  # the enum's size (constrained), or how many there were (too many)
+    tokens: int = 0  # the longest candidate, in tokens
+
+    @property
+    def kind(self) -> str:
+        return "spans" if self.constrained else "free"
+
+
+def _tokens(text: str) -> list[tuple[int, int, bool]]:
+    """(start, end, is a word) of each token."""
+    return [(m.start(), m.end(), m.group()[0].isalnum() or m.group()[0] == "_") for m in _TOKEN.finditer(text)]
+
+
+def candidates(text: str, max_tokens: int) -> list[str]:
+    """The text's spans an entity may be, in order of first appearance, each once."""
+    tokens = _tokens(text)
+    out: dict[str, None] = {}
+    for i, (start, _, word) in enumerate(tokens):
+        if not word:
+            continue
+        for j in range(i, min(len(tokens), i + max_tokens)):
+            t_start, t_end, t_word = tokens[j]
+            if j > i and "\n" in text[tokens[j - 1][1] : t_start]:
+                break  # entities do not run over a line break
+            if not t_word:
+                if text[t_start] not in _INSIDE:
+                    break  # a comma, a bracket, a quote, CJK punctuation: names do not run over them
+                # "U.S." and "Inc.": a full stop right after a short word ends the candidate with it
+                prev_start, prev_end, prev_word = tokens[j - 1]
+                if text[t_start] == "." and prev_word and prev_end == t_start and prev_end - prev_start <= _ABBREVIATION:
+                    out.setdefault(text[start:t_end], None)
+                continue
+            out.setdefault(text[start:t_end], None)
+    return list(out)
+
+
+def longest_tokens(text: str) -> int:
+    return MAX_TOKENS_UNSPACED if _HAS_UNSPACED.search(text) else MAX_TOKENS
+
+
+def fits(values: list[str], limits: TextLimits, reserved: int) -> bool:
+    return len(values) + reserved <= limits.max_values and sum(len(v) for v in values) <= limits.max_chars
+
+
+def constrained_schema(plain: dict[str, Any], text: str, limits: TextLimits | None) -> EntitySchema:
+    """`plain` (an `entities_schema`) with each entity's `text` an enum of the text's spans, when the
+    endpoint constrains decoding (`limits` set) and they fit its limits; else `plain` itself."""
+    if limits is None:
+        return EntitySchema(plain, False)
+    item = plain["schema"]["properties"]["entities"]["items"]
+    reserved = len(item["properties"]["label"].get("enum", ()))  # the labels' enum counts against the limit
+    values: list[str] = []
+    size = longest_tokens(text)
+    while size >= MIN_TOKENS:
+        values = candidates(text, size)
+        if fits(values, limits, reserved):
+            break
+        size -= 1
+    else:
+        return EntitySchema(plain, False, len(values), size + 1)
+    if not values:
+        return EntitySchema(plain, False)  # no word at all: nothing to constrain to
+    schema = copy.deepcopy(plain)
+    schema["schema"]["properties"]["entities"]["items"]["properties"]["text"] = {"type": "string", "enum": values}
+    return EntitySchema(schema, True, len(values), size)
