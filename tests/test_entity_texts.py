@@ -63,10 +63,10 @@ def test_entity_texts_can_only_be_spans_of_the_task_text():
 
 
 def test_chinese_texts_are_cut_by_character_and_occurrence_hints_stay():
-    text = "新华社北京电，联合国教科文组织总干事访华。"
+    text = "新华社北京电，联合国教科文组织总干事访问了星海科技（上海）有限公司。"
     chosen = task(hints=True).schema_for(text, TEXT_LIMITS["json_object_schema"])
     properties = chosen.schema["schema"]["properties"]["entities"]["items"]["properties"]
-    assert {"新华社", "北京", "联合国教科文组织"} <= set(properties["text"]["enum"])
+    assert {"新华社", "北京", "联合国教科文组织", "星海科技（上海）有限公司"} <= set(properties["text"]["enum"])
     assert "，" not in "".join(properties["text"]["enum"]) and properties["context"] == {"type": ["string", "null"]}
 
 

@@ -138,4 +138,31 @@ def test_doctor_reports_what_the_server_does_and_what_the_backend_will_use(llama
     # it runs one request at a time (a lock around the model)
     assert re.search(r"concurrency\s+1 request at once", out) and re.search(r"latency\s+\d+\.\d\d s", out)
     assert re.search(r"the backend uses\s+structured output: json_object with a schema", out)
+    assert re.search(r"entity texts\s+constrained to spans of the task text \(json_object_schema", out)
     assert "span scores from logprobs" in out and "PREDICT_CONCURRENCY=1" in out
+
+
+def test_constrained_entity_texts_store_only_exact_spans_of_each_task(llama_server, tmp_path):
+    """Issue 27: SmolLM2 copied the prompt's placeholders (`"<exact text>"`) and whole sentences, and
+    31 of 39 tasks were stored as "no entities". With entity texts constrained to spans of the text,
+    every task is answered, and every stored span is the task's own text at its offsets."""
+    from backend.ner.constraints import MAX_TOKENS, candidates
+
+    # generous: a loaded 2-core machine runs this one request at a time, several seconds each
+    env = default_env(llama_server, tmp_path / "model") | {"PREDICT_DEADLINE": "900", "LLM_TIMEOUT": "300"}
+    with run_backend(env, workers=1, log_path=tmp_path / "backend.log") as backend:
+        tasks = [{"id": i + 1, "data": {"text": text}} for i, text in enumerate(SENTENCES)]
+        response = httpx.post(
+            backend.url + "/predict", json={"tasks": tasks, "project": "1.1", "label_config": NER_CONFIG}, timeout=1000
+        )
+        log = backend.log()
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert "entity texts constrained to spans of the text (json_object_schema" in log, log[-3000:]
+    assert "entity texts not constrained" not in log
+    assert "no pre-labels" not in log and all(isinstance(entry, dict) for entry in results), log[-3000:]
+    regions = [(text, region["value"]) for text, entry in zip(SENTENCES, results) for region in entry["result"]]
+    assert regions, "the model labelled nothing in five sentences"
+    for text, value in regions:
+        assert text[value["start"] : value["end"]] == value["text"] and value["text"] in candidates(text, MAX_TOKENS)
+        assert "<" not in value["text"] and set(value["labels"]) <= LABELS

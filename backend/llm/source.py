@@ -211,14 +211,17 @@ class EntitySource:
         self._prefilled: dict[str, Found] = {}  # answers packing got for this request, by key
         self._said: set[str] = set()  # the schema kinds this source has logged at INFO (once each)
 
-    def schema(self, task: NerTask, text: str) -> EntitySchema:
+    def schema(self, task: NerTask, text: str, say: bool = True) -> EntitySchema:
         """The answer's schema for `text`: its entity texts constrained to its spans where the
-        endpoint's structured-output form constrains decoding and the spans fit its limits."""
+        endpoint's structured-output form constrains decoding and the spans fit its limits
+        (`say`: count it in /metrics and the log)."""
         if self.constrain:
             self.llm.prepare()  # the probe decides the structured-output form, so whether it constrains
         mode = self.llm.mode if self.constrain else None
         limits = TEXT_LIMITS.get(mode) if mode is not None else None
         chosen = task.schema_for(text, limits)
+        if not say:
+            return chosen
         metrics.ENTITY_TEXTS.labels(chosen.kind).inc()
         if chosen.constrained:
             said, message, args = "spans", "entity texts constrained to spans of the text (%s, %d candidates)", (mode, chosen.candidates)
@@ -251,7 +254,7 @@ class EntitySource:
         )
 
     def cached(self, request: TextRequest) -> tuple[str, Found | None]:
-        schema = self.schema(request.task, request.text).schema
+        schema = self.schema(request.task, request.text, say=False).schema
         key = self.key(request.task, request.task.messages(request.text, request.examples), schema)
         value = self.cache.get(key) if self.cache is not None else None
         return key, Found.from_cache(value) if value is not None else None

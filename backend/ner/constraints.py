@@ -27,15 +27,16 @@ _UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3005-\u3007\u3040-\u30ff\u
 _TOKEN = re.compile(f"[{_UNSPACED}]|[^\\W{_UNSPACED}]+|[^\\w\\s]")
 _HAS_UNSPACED = re.compile(f"[{_UNSPACED}]")
 
-# the longest entity, in tokens: "University of California at Los Angeles" (6 words), 联合国教科文组织 (8 characters)
+# the longest entity, in tokens: "University of California at Los Angeles" (6 words), 星海科技（上海）有限公司 (12)
 MAX_TOKENS = 6
-MAX_TOKENS_UNSPACED = 8
+MAX_TOKENS_UNSPACED = 12
 # below this, n-grams would cut common names ("Bank of America"): the plain schema is better
 MIN_TOKENS = 3
 # an abbreviation's last full stop belongs to it ("U.S.", "Inc.", "Jr.")
 _ABBREVIATION = 3
-# the punctuation a name may hold: "U.S.", "AT&T", "Coca-Cola", "O'Brien", "Guns N' Roses", "AC/DC", "Jean·Paul"
-_INSIDE = ".&'-\u2019/\u00b7"
+# the punctuation a name may hold: "U.S.", "AT&T", "Coca-Cola", "O'Brien", "AC/DC", "安东尼奥·古特雷斯",
+# "星海科技（上海）有限公司"
+_INSIDE = ".&'-\u2019/\u00b7()\uff08\uff09"
 
 
 @dataclass(frozen=True)

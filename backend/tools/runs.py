@@ -182,8 +182,9 @@ class TimedLLM(LLMClient):
 class MeasuredSource(EntitySource):
     """The backend's EntitySource, keeping with each answer the tokens and seconds it took."""
 
-    def __init__(self, llm: LLMClient, cache: ResponseCache | None, scope: str, samples: int, temperature: float):
-        super().__init__(llm, cache, scope, samples, temperature)
+    def __init__(self, llm: LLMClient, cache: ResponseCache | None, scope: str, samples: int, temperature: float,
+                 constrain: bool = True):
+        super().__init__(llm, cache, scope, samples, temperature, constrain)
         self._lock = threading.Lock()
         self._pack_seconds: dict[str, float] = {}
         self.seconds: list[float] = []  # per text answered: the seconds of the request that answered it
@@ -203,7 +204,7 @@ class MeasuredSource(EntitySource):
                 self._pack_seconds[key] = seconds  # a packed answer: `find` serves it later, in another thread
 
     def find(self, task, text, examples=()):
-        key = self.key(task, task.messages(text, examples))
+        key = self.key(task, task.messages(text, examples), self.schema(task, text, say=False).schema)
         packed = key in self._prefilled
         found = super().find(task, text, examples)
         if found.cached and self.cache is not None:
@@ -286,7 +287,7 @@ def run_configuration(
     # the endpoint is part of the scope: one model name served by two endpoints gives two answers
     cache = workspace.cache if settings.llm_cache else None  # LLM_CACHE=false: every request is sent
     source = MeasuredSource(llm, cache, f"llm-ner evaluation|{settings.openai_base_url or 'openai'}",
-                            settings.llm_samples, settings.llm_sample_temperature)
+                            settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts)
     select = store.selector(settings.few_shot_k, settings.few_shot_token_budget) if store is not None else None
     target = schema.targets[0]
     prelabeler = Prelabeler(

