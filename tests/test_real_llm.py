@@ -39,17 +39,22 @@ def default_env(llama_server, model_dir: Path) -> dict[str, str]:
     return env
 
 
+def predict_sentences(backend, timeout: float) -> list:
+    """/predict of SENTENCES, one task each: the results, after checking the answer is a 200."""
+    tasks = [{"id": i + 1, "data": {"text": text}} for i, text in enumerate(SENTENCES)]
+    response = httpx.post(
+        backend.url + "/predict", json={"tasks": tasks, "project": "1.1", "label_config": NER_CONFIG}, timeout=timeout
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
 def test_predict_through_gunicorn_answers_every_task_with_exact_scored_spans(llama_server, tmp_path):
     with run_backend(default_env(llama_server, tmp_path / "model"), workers=2, log_path=tmp_path / "backend.log") as backend:
         setup = httpx.post(backend.url + "/setup", json={"project": "1", "schema": NER_CONFIG}, timeout=30)
         assert setup.status_code == 200
-        tasks = [{"id": i + 1, "data": {"text": text}} for i, text in enumerate(SENTENCES)]
-        response = httpx.post(
-            backend.url + "/predict", json={"tasks": tasks, "project": "1.1", "label_config": NER_CONFIG}, timeout=150
-        )
+        results = predict_sentences(backend, timeout=150)
         log = backend.log()
-    assert response.status_code == 200, response.text
-    results = response.json()["results"]
     assert len(results) == len(SENTENCES)
     assert "no pre-labels" not in log, log[-3000:]  # no failed task: each one got the LLM's answer
     assert all(isinstance(entry, dict) for entry in results)  # (a failed one would be `[]`)
@@ -151,13 +156,8 @@ def test_constrained_entity_texts_store_only_exact_spans_of_each_task(llama_serv
     # generous: a loaded 2-core machine runs this one request at a time, several seconds each
     env = default_env(llama_server, tmp_path / "model") | {"PREDICT_DEADLINE": "900", "LLM_TIMEOUT": "300"}
     with run_backend(env, workers=1, log_path=tmp_path / "backend.log") as backend:
-        tasks = [{"id": i + 1, "data": {"text": text}} for i, text in enumerate(SENTENCES)]
-        response = httpx.post(
-            backend.url + "/predict", json={"tasks": tasks, "project": "1.1", "label_config": NER_CONFIG}, timeout=1000
-        )
+        results = predict_sentences(backend, timeout=1000)
         log = backend.log()
-    assert response.status_code == 200, response.text
-    results = response.json()["results"]
     assert "entity texts constrained to spans of the text (json_object_schema" in log, log[-3000:]
     assert "entity texts not constrained" not in log
     assert "no pre-labels" not in log and all(isinstance(entry, dict) for entry in results), log[-3000:]
