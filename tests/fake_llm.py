@@ -15,9 +15,16 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
   `format_error_status=500` for json_schema, `logprobs_need_top_logprobs` (none without
   `top_logprobs`), `auto_logprobs` (every answer carries token logprobs), `ignore_n` (one choice
   whatever `n`; `reject_n`: a 400 for n > 1, as llama.cpp's llama-server answers), `enforce_max_tokens` (an answer longer than `max_tokens` is cut there, with
-  finish_reason "length"), one request at a time;
+  finish_reason "length"), one request at a time, `finish_abandoned` (a request whose client hung up
+  mid-answer keeps its turn until its answer is done: only one still waiting for its turn is
+  dropped), `context_tokens=2048` (a prompt of that many tokens or more, 4 characters a token, is
+  answered with its 400 `context_length_exceeded`, in its words);
+- llama.cpp's llama-server: `props` (GET /props at the server's root gives `n_ctx` and `total_slots`,
+  from `context_tokens` and `max_concurrency`) and `context_style="llama-server"` (its 400
+  `exceed_context_size_error` instead);
 - a client that hangs up is noticed, as servers that stop on disconnect do: a request waiting for
-  its turn or its latency is dropped and its arrival time recorded in `disconnects`;
+  its turn or its latency is dropped and its arrival time recorded in `disconnects` (with
+  `finish_abandoned`, one already answering runs to its end; `finished_abandoned` counts them);
 - `model_gazetteers`: {model: gazetteer} answers a request for that model (`body["model"]`) with its own
   gazetteer instead, so configurations naming different models get answers of different quality;
 - `skill`: a function (few-shot examples in the prompt) -> share in [0, 1] of the gazetteer's surfaces
@@ -25,7 +32,8 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
   (a model that gets better with more examples);
 - `recall_examples`: also list the surfaces the prompt's few-shot answers labelled, with their labels
   (a model that picks up names from similar corrected examples);
-- `requests`: every request body received, so tests can assert on prompts; `abandoned`: how many
+- `requests`: every request body received, so tests can assert on prompts; `peak_open`: the most chat
+  requests open at once, those waiting for their turn included (what the client sent at once); `abandoned`: how many
   answers the client hung up on before their last byte (a Reply's `trickle` sends one byte at a time).
 - the Batch API: `/v1/files` (multipart upload, retrieve, `/content`) and `/v1/batches` (create,
   retrieve, cancel, list). Each retrieve moves a batch one state on, validating -> in_progress ->
@@ -67,6 +75,8 @@ class Reply:
     delay: float = 0.0
     raw_body: bytes | None = None  # sent as is (e.g. truncated JSON)
     error_message: str = "fake error"
+    error_type: str = "fake"
+    error_extra: dict[str, Any] = field(default_factory=dict)  # more fields of the error object
     logprobs: list[tuple[str, float]] | None = None  # (token, logprob) pairs for the content
     close_connection: bool = False  # drop the connection without answering
     choices: list[str] | None = None  # one content per sample when the request asks for n > 1
@@ -115,6 +125,11 @@ class FakeLLM:
             self.ignore_n = False
             self.reject_n = False  # llama.cpp's llama-server: n > 1 is an error
             self.enforce_max_tokens = False
+            self.finish_abandoned = False  # llama-cpp-python: an answer under way runs on after its client left
+            self.finished_abandoned = 0  # answers generated to their end for a client that had left
+            self.context_tokens: int | None = None  # prompts of this many tokens or more: a 400
+            self.context_style = "llama-cpp-python"  # or "llama-server": whose words the 400 has
+            self.props = False  # llama-server's GET /props
             self.disconnects: list[float] = []  # arrival times of requests whose client hung up
             self.requests: list[dict[str, Any]] = []
             self.auth_headers: list[str | None] = []
@@ -122,6 +137,8 @@ class FakeLLM:
             self.reply_times: list[float] = []  # time.monotonic() once each answer was sent
             self.in_flight = 0
             self.peak_in_flight = 0
+            self.open = 0  # chat requests received and not yet answered, those waiting for their turn included
+            self.peak_open = 0  # the most of them at once: what the client sent at once
             self.abandoned = 0  # answers the client stopped reading before their end
             self._gate: threading.Semaphore | None = None
             # the Batch API
@@ -141,6 +158,15 @@ class FakeLLM:
         self.ignore_n = True
         self.enforce_max_tokens = True
         self.max_concurrency = 1
+        self.finish_abandoned = True
+        self.context_tokens = 2048  # its default n_ctx
+
+    def behave_like_llama_server(self, n_ctx: int = 4096, slots: int = 1) -> None:
+        """What llama.cpp's llama-server does about its context and slots."""
+        self.context_tokens = n_ctx
+        self.context_style = "llama-server"
+        self.props = True
+        self.max_concurrency = slots
 
     @property
     def base_url(self) -> str:
@@ -177,7 +203,30 @@ class FakeLLM:
         found.sort()
         return [(s, l) for _, s, l in found]
 
+    def context_error(self, body: dict[str, Any]) -> Reply | None:
+        """The 400 a prompt past `context_tokens` gets, in the words of the server played."""
+        prompt_tokens = sum(len(m.get("content") or "") for m in body.get("messages", [])) // 4
+        if self.context_tokens is None or prompt_tokens < self.context_tokens:
+            return None
+        if self.context_style == "llama-server":
+            message = f"request ({prompt_tokens} tokens) exceeds the available context size ({self.context_tokens} tokens), try increasing it"
+            return Reply(status=400, error_message=message, error_type="exceed_context_size_error",
+                         error_extra={"n_prompt_tokens": prompt_tokens, "n_ctx": self.context_tokens})
+        # llama-cpp-python's server (llama_cpp/server/errors.py), for a chat completion
+        completion_tokens = body.get("max_tokens")
+        message = (
+            f"This model's maximum context length is {self.context_tokens} tokens. "
+            f"However, you requested {(completion_tokens or 0) + prompt_tokens} tokens "
+            f"({prompt_tokens} in the messages, {completion_tokens} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+        return Reply(status=400, error_message=message, error_type="invalid_request_error",
+                     error_extra={"param": "messages", "code": "context_length_exceeded"})
+
     def _answer(self, body: dict[str, Any]) -> Reply:
+        too_long = self.context_error(body)
+        if too_long is not None:
+            return too_long
         fmt = (body.get("response_format") or {}).get("type")
         if fmt and self.reject_response_format:
             return Reply(status=self.format_error_status, error_message=f"response_format {fmt} is not supported by this server")
@@ -418,7 +467,10 @@ class FakeLLM:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0].rstrip("/")
                 parts = path.split("/")
-                if path.endswith("/models"):
+                if path == "/props" and fake.props:
+                    self._json(200, {"default_generation_settings": {"n_ctx": fake.context_tokens, "params": {}},
+                                     "total_slots": fake.max_concurrency or 1, "model_path": "fake.gguf"})
+                elif path.endswith("/models"):
                     self._send(200, json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}).encode())
                 elif path.endswith("/content") and parts[-2] in fake.files:
                     data = fake.files[parts[-2]]["data"]
@@ -458,6 +510,16 @@ class FakeLLM:
                     return
                 body = json.loads(raw)
                 with fake.lock:
+                    fake.open += 1
+                    fake.peak_open = max(fake.peak_open, fake.open)
+                try:
+                    self._chat(body)
+                finally:
+                    with fake.lock:
+                        fake.open -= 1
+
+            def _chat(self, body: dict[str, Any]) -> None:
+                with fake.lock:
                     fake.requests.append(body)
                     fake.auth_headers.append(self.headers.get("Authorization"))
                     fake.request_times.append(self.arrived)
@@ -474,7 +536,13 @@ class FakeLLM:
                         fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
                     try:
                         reply = fake._answer(body)
-                        if (fake.latency or reply.delay) and self._client_gone(fake.latency + reply.delay):
+                        seconds = fake.latency + reply.delay
+                        if seconds and fake.finish_abandoned:
+                            if self._client_gone(seconds, keep_on=True):
+                                with fake.lock:
+                                    fake.finished_abandoned += 1
+                                return  # generated to its end, for nobody
+                        elif seconds and self._client_gone(seconds):
                             return  # stops "generating" for a client that left
                         self._respond(body, reply)
                     finally:
@@ -486,8 +554,9 @@ class FakeLLM:
                     if gate is not None:
                         gate.release()
 
-            def _client_gone(self, seconds: float) -> bool:
-                """Wait up to `seconds` (0: just look); True as soon as the client closes the connection."""
+            def _client_gone(self, seconds: float, keep_on: bool = False) -> bool:
+                """Wait up to `seconds` (0: just look); True as soon as the client closes the connection
+                (with `keep_on`: after the `seconds`, whether the client left meanwhile or not)."""
                 end = time.monotonic() + seconds
                 while True:
                     remaining = max(0.0, end - time.monotonic())
@@ -505,6 +574,8 @@ class FakeLLM:
                             with fake.lock:
                                 fake.disconnects.append(self.arrived)
                             self.close_connection = True
+                            if keep_on:
+                                time.sleep(max(0.0, end - time.monotonic()))
                             return True
                         time.sleep(remaining)  # more bytes from the client: nothing to watch for
                         return False
@@ -517,7 +588,7 @@ class FakeLLM:
                     self.connection.shutdown(2)
                     return
                 if reply.status != 200:
-                    error = {"error": {"message": reply.error_message, "type": "fake", "code": reply.status}}
+                    error = {"error": {"message": reply.error_message, "type": reply.error_type, "code": reply.status, **reply.error_extra}}
                     self._send(reply.status, json.dumps(error).encode(), reply.headers)
                     return
                 if reply.raw_body is not None:

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
         description="where the endpoint constrains decoding to a JSON schema, each entity's text is an enum of the"
         " task text's word n-grams, so it can only be a span of the text (texts with too many n-grams: the plain schema)",
     )
+    llm_task_timeout: float | None = Field(
+        default=None, gt=0,
+        description="seconds one text's answer may take in all: its LLM calls, their retries and the repair turn"
+        " (each chunk of a long text has its own); unset = 2 x LLM_TIMEOUT",
+    )
     llm_probe: bool = Field(
         default=True,
         description="probe the endpoint once (structured output, logprobs, n, concurrency) before the first call",
@@ -140,7 +145,8 @@ class Settings(BaseSettings):
     )
     predict_concurrency: int | None = Field(
         default=None, ge=1, le=256,
-        description="most LLM calls in flight per worker; unset = what the probe measured (8 without a probe)",
+        description="most LLM calls in flight per worker; unset = what the probe measured (one at a time until"
+        " it has, or when it could not; 8 with LLM_PROBE=false)",
     )
     predict_deadline: float = Field(
         default=90.0, gt=0, description="seconds; below Label Studio's 100 s ML_TIMEOUT_PREDICT"

@@ -13,11 +13,25 @@ errors are worth another try, never sleep past the /predict deadline, and count 
 /metrics: 429 (honouring Retry-After), 5xx, timeouts, connection errors and unreadable bodies are
 tried again with exponential backoff, full jitter and a cap; 400/401/403/404 fail at once. A
 deterministic request (temperature 0) that timed out is sent again once, not more: it would take
-as long again. Calls wait for a slot of the ConcurrencyGate before their timeout starts.
+as long again; to an endpoint that runs one call at a time it is not sent again at all, since such
+a server (llama-cpp-python's) goes on generating the abandoned answer and the copy would wait
+behind it. Calls wait for a slot of the ConcurrencyGate before their timeout starts.
+
+Each answer (`ask_full`: its calls, their retries and the repair turn) has a time budget,
+LLM_TASK_TIMEOUT (twice LLM_TIMEOUT unless set), inside the request's deadline when there is one:
+retries never multiply a slow answer's cost.
+
+A prompt longer than the endpoint's context window is a 400 that names the window (OpenAI's, vLLM's
+and llama-cpp-python's "maximum context length is N tokens", llama-server's "available context size
+(N tokens)"): it is never sent again as it was. The client keeps the window (`context_tokens`, also
+read from llama-server's /props by the probe) and the characters per prompt token it has seen, so
+the text can be cut into chunks that fit (pipeline/prelabel.py); a prompt that fits with a smaller
+max_tokens is sent again with that.
 """
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
 import logging
 import math
@@ -64,6 +78,26 @@ SLOW_SHARE = 0.5
 PROBE_RETRY_SECONDS = 60.0
 # a Retry-After longer than this is a quota that ran out, not a hiccup: fail instead of waiting
 MAX_RETRY_AFTER = 60.0
+# the fewest tokens worth asking for an answer: below, the prompt must shrink instead
+MIN_ANSWER_TOKENS = 64
+# characters per prompt token are measured on prompts at least this long (a short one is mostly the
+# chat template's own tokens)
+MEASURED_PROMPT_CHARS = 1000
+# a context-length 400, in the words of OpenAI, vLLM and llama-cpp-python ("maximum context length is
+# N tokens ... (P in the messages, C in the completion)"), llama-cpp-python's own ("Requested tokens
+# (P) exceed context window of N") and llama.cpp's llama-server ("request (P tokens) exceeds the
+# available context size (N tokens)", with n_ctx and n_prompt_tokens in the error object)
+_WINDOW_WORDS = (
+    re.compile(r"maximum context length is (\d+)"),
+    re.compile(r"context window of (\d+)"),
+    re.compile(r"available context size \((\d+) tokens"),
+)
+_PROMPT_WORDS = (
+    re.compile(r"\((\d+) in the messages"),
+    re.compile(r"requested tokens \((\d+)\)", re.IGNORECASE),
+    re.compile(r"request \((\d+) tokens\)"),
+)
+_CONTEXT_HINTS = ("context length", "context window", "context size", "context_length_exceeded", "exceed_context_size")
 
 
 @dataclass
@@ -107,6 +141,54 @@ class LLMCallFailed(LLMError):
         self.error_class = error_class
         self.api_message = api_message
         self.part = part  # "logprobs" / "n" / "response_format": the part of the request the endpoint refused
+
+
+class ContextTooLong(LLMCallFailed):
+    """The prompt does not fit in the endpoint's context window (a 400 that says so)."""
+
+    def __init__(self, message: str, window: int | None, prompt_tokens: int | None, prompt_chars: int):
+        super().__init__(message, "context_length")
+        self.window = window  # tokens, when the endpoint named them
+        self.prompt_tokens = prompt_tokens
+        self.prompt_chars = prompt_chars
+
+
+def context_limit(error: BaseException) -> tuple[int | None, int | None] | None:
+    """(context window, prompt tokens) named by a 400 that says the prompt is too long (either may be
+    None when its words do not say); None for any other error."""
+    if not isinstance(error, openai.APIStatusError) or error.status_code not in (400, 413, 422):
+        return None
+    message = getattr(error, "message", "") or ""
+    body = error.body if isinstance(error.body, dict) else {}
+    error_type = f"{body.get('type', '')} {body.get('code', '')}"
+    if not any(hint in f"{message.lower()} {error_type}" for hint in _CONTEXT_HINTS):
+        return None
+
+    def number(patterns: tuple[re.Pattern[str], ...], field: str) -> int | None:
+        if isinstance(body.get(field), int):
+            return body[field]
+        for pattern in patterns:
+            found = pattern.search(message)
+            if found:
+                return int(found.group(1))
+        return None
+
+    return number(_WINDOW_WORDS, "n_ctx"), number(_PROMPT_WORDS, "n_prompt_tokens")
+
+
+def prompt_chars(messages: list[dict[str, Any]]) -> int:
+    return sum(len(str(m.get("content") or "")) for m in messages)
+
+
+# until the endpoint's usage measured it: English text is ~4 characters a token, other scripts fewer
+CHARS_PER_TOKEN = 3.0
+
+
+def text_chars_for(window: int, other_tokens: float, chars_per_token: float | None) -> int:
+    """Characters of task text one call may carry in a context window of `window` tokens when the rest
+    of its prompt (instructions, examples) takes `other_tokens`: half of what is left, its answer the
+    other half (an entity's JSON takes more tokens than its text), less a tenth for the estimate's error."""
+    return int((window - other_tokens) / 2 * (chars_per_token or CHARS_PER_TOKEN) * 0.9)
 
 
 def describe_api_error(error: Exception) -> str:
@@ -206,6 +288,28 @@ def classify(error: BaseException) -> tuple[str, bool, float | None]:
     return "other", False, None
 
 
+@dataclass
+class _Budget:
+    """An answer's time (LLM_TASK_TIMEOUT), counted from when its first call got a slot of the gate."""
+
+    seconds: float
+    started: float | None = None
+
+
+# the budget of the answer asked in this context (`ask_full`): its retries and repair turn share it
+_answer_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("answer_budget", default=None)
+
+
+def _time_left() -> float | None:
+    """Seconds left to this call: the request's deadline, or its answer's budget if that ends first."""
+    left = deadline.time_left()
+    budget = _answer_budget.get()
+    if budget is None or budget.started is None:
+        return left
+    spent = budget.seconds - (time.monotonic() - budget.started)
+    return spent if left is None else min(left, spent)
+
+
 class LLMClient:
     def __init__(self, settings: Settings, client: OpenAI | None = None, sleep: Callable[[float], None] = time.sleep):
         self.settings = settings
@@ -223,7 +327,15 @@ class LLMClient:
             # one budget for every worker and host: the provider's limit, not a share of it
             self.limiter = SharedRateLimiter(settings.redis_url.get_secret_value(), f"{settings.openai_base_url}\0{settings.llm_model}",
                                              settings.llm_rpm, settings.llm_tpm)
-        self.gate = ConcurrencyGate(settings.predict_concurrency or DEFAULT_CONCURRENCY, on_change=_log_concurrency)
+        # with a probe to come, one call at a time until it has measured more: a local server that
+        # runs one (llama-cpp-python's) sent 8 at once times them all out
+        first = DEFAULT_CONCURRENCY if not settings.llm_probe else 1
+        self.gate = ConcurrencyGate(settings.predict_concurrency or first, on_change=_log_concurrency)
+        self.task_seconds = settings.llm_task_timeout or 2 * settings.llm_timeout
+        # the endpoint's context window in tokens (the probe's /props, or a 400 that named it), and the
+        # fewest characters per prompt token seen in its answers' usage: what sizes the chunks of a text
+        self.context_tokens: int | None = None
+        self.chars_per_token: float | None = None
         metrics.LLM_CONCURRENCY.set(self.gate.limit)
         self.capabilities: Capabilities | None = None
         self._probe_lock = threading.Lock()
@@ -254,7 +366,9 @@ class LLMClient:
         if self._probed:
             return self.capabilities
         left = deadline.time_left()
-        if not self._probe_lock.acquire(timeout=-1 if left is None else max(0.0, left)):
+        # another thread's probe may wait long for a slow server's first answer: keep half of the
+        # time for the work itself (one call at a time meanwhile: the gate starts at 1)
+        if not self._probe_lock.acquire(timeout=-1 if left is None else max(0.0, left / 2)):
             return None
         try:
             if self._probed:
@@ -267,7 +381,14 @@ class LLMClient:
                 capabilities = probe.cached_probe(self, plan=probe.Plan.for_settings(self.settings))
             except probe.ProbeFailed as error:
                 self._probe_failed_at = time.monotonic()
-                log.warning("could not probe the LLM endpoint (%s); using the defaults until it answers", error)
+                one = self.settings.predict_concurrency is None
+                log.warning(
+                    "could not probe the LLM endpoint (%s); %s until it answers", error,
+                    "one LLM call at a time (PREDICT_CONCURRENCY sets it)" if one else "using the defaults",
+                )
+                if one:
+                    self.gate.reset(1)
+                    metrics.LLM_CONCURRENCY.set(1)
                 return None
             self.use(capabilities)
             self._probed = True
@@ -286,9 +407,20 @@ class LLMClient:
                 self._logprobs_ok = capabilities.logprobs
             if capabilities.n is not None:
                 self._n_ok = capabilities.n
+        if capabilities.context_tokens:
+            self.learn_context(capabilities.context_tokens)
         if settings.predict_concurrency is None and capabilities.concurrency is not None:
             self.gate.reset(capabilities.concurrency)
             metrics.LLM_CONCURRENCY.set(self.gate.limit)
+
+    def learn_context(self, window: int | None = None, chars: int = 0, tokens: int | None = None) -> None:
+        """Keep the endpoint's context window, and `chars` characters of prompt taking `tokens` tokens."""
+        with self._lock:
+            if window:
+                self.context_tokens = window
+            if tokens and chars >= MEASURED_PROMPT_CHARS:
+                ratio = chars / tokens
+                self.chars_per_token = ratio if self.chars_per_token is None else min(self.chars_per_token, ratio)
 
     def _first_mode(self) -> str:
         if self.settings.llm_structured_output != "auto":
@@ -316,21 +448,27 @@ class LLMClient:
 
     def _create(self, kwargs: dict[str, Any]) -> Any:
         """One chat completion, tried again where that can help, never past the request's deadline."""
-        estimate = sum(len(str(m.get("content") or "")) for m in kwargs["messages"]) // 4
+        chars = prompt_chars(kwargs["messages"])
+        estimate = chars // 4
         deterministic = not kwargs.get("temperature") and kwargs.get("n", 1) == 1
         attempt = timeouts = 0
         while True:
-            left = deadline.time_left()
+            left = _time_left()
             if left is not None and left <= 0.05:
-                raise LLMCallFailed("the request's deadline passed before the LLM answered", "deadline")
+                raise LLMCallFailed(self._no_time_left(), "deadline")
             try:
                 slot = self.gate.acquire(left)
             except GateTimeout as error:
                 raise LLMCallFailed(f"no LLM call slot before the deadline: {error}", "deadline") from None
+            budget = _answer_budget.get()
+            if budget is not None and budget.started is None:
+                budget.started = time.monotonic()  # waiting for the first slot is not the answer's time
             congested = False
             try:
                 # waiting for the slot took time: the HTTP timeout is counted from now
-                left = deadline.time_left()
+                left = _time_left()
+                if left is not None and left <= 0.05:
+                    raise LLMCallFailed(self._no_time_left(), "deadline")
                 try:
                     handle = self.limiter.acquire(estimate + kwargs["max_tokens"] // 4, left)
                 except RateLimited as error:
@@ -358,6 +496,13 @@ class LLMClient:
                     error_class, retryable, delay = classify(error)
                     if error_class == "other":
                         raise
+                    limit = context_limit(error)
+                    if limit is not None:
+                        window, prompt_tokens = limit
+                        self.learn_context(window, chars, prompt_tokens)
+                        metrics.LLM_ERRORS.labels("context_length").inc()
+                        metrics.LLM_CALLS.labels("context_length").inc()
+                        raise ContextTooLong(self._scrub(describe_api_error(error)), window, prompt_tokens, chars) from None
                     # a timeout the deadline cut short says nothing about the endpoint's load
                     congested = (error_class == "timeout" and timeout >= self.settings.llm_timeout) or (
                         error_class == "rate_limit" or getattr(error, "status_code", None) == 503
@@ -374,6 +519,13 @@ class LLMClient:
                         metrics.LLM_CALLS.labels(error_class).inc()
                         log.warning("LLM call failed: it timed out twice after %g s; the same request would take as long again", timeout)
                         raise LLMCallFailed(f"timed out twice ({timeout:g} s each)", error_class) from None
+                    if error_class == "timeout" and self.gate.ceiling == 1:
+                        metrics.LLM_CALLS.labels(error_class).inc()
+                        log.warning(
+                            "LLM call failed: it timed out after %g s, and is not sent again: an endpoint that runs one"
+                            " call at a time goes on generating the abandoned answer, so the copy would wait behind it", timeout,
+                        )
+                        raise LLMCallFailed(f"timed out after {timeout:g} s", error_class) from None
                     if not retryable or attempt >= self.settings.llm_max_retries:
                         metrics.LLM_CALLS.labels(error_class).inc()
                         why = "not retried" if not retryable else f"after {attempt} retries"
@@ -385,7 +537,7 @@ class LLMClient:
                         log.warning("LLM call failed (%s): the endpoint asks to wait %.0f s; not waiting", error_class, delay)
                         raise LLMCallFailed(message, error_class) from None
                     delay = self.backoff(attempt) if delay is None else delay
-                    left = deadline.time_left()
+                    left = _time_left()
                     if left is not None and delay >= left:
                         metrics.LLM_CALLS.labels(error_class).inc()
                         log.warning("LLM call failed (%s) and no time is left to retry: %s", error_class, message)
@@ -400,6 +552,7 @@ class LLMClient:
                     congested = elapsed > SLOW_SHARE * self.settings.llm_timeout
                     usage = _usage_of(response)
                     total = usage.prompt_tokens + usage.completion_tokens if response.get("usage") else estimate
+                    self.learn_context(chars=chars, tokens=usage.prompt_tokens)
                     self.limiter.settle(handle, total)
                     metrics.PROMPT_TOKENS.inc(usage.prompt_tokens)
                     metrics.COMPLETION_TOKENS.inc(usage.completion_tokens)
@@ -409,6 +562,18 @@ class LLMClient:
                 self.gate.release(slot, congested)
             self._sleep(delay)
             attempt += 1
+
+    def _no_time_left(self) -> str:
+        return f"no time was left for the LLM call (LLM_TASK_TIMEOUT={self.task_seconds:g} s an answer, or the request's deadline)"
+
+    def _fitting_answer(self, messages: list[dict[str, str]], max_tokens: int) -> int:
+        """max_tokens, within what the context window leaves after the prompt (when both are known)."""
+        with self._lock:
+            window, ratio = self.context_tokens, self.chars_per_token
+        if window is None or ratio is None:
+            return max_tokens
+        room = window - int(prompt_chars(messages) / ratio * 1.1)
+        return max(min(MIN_ANSWER_TOKENS, max_tokens), min(max_tokens, room))
 
     def _request(self, messages: list[dict[str, str]], mode: str, json_schema: dict[str, Any] | None, n: int,
                  temperature: float, max_tokens: int, logprobs: bool) -> dict[str, Any]:
@@ -469,12 +634,21 @@ class LLMClient:
         self, messages: list[dict[str, str]], json_schema: dict[str, Any] | None, n: int, temperature: float, max_tokens: int
     ) -> Completion:
         mode = self._first_mode()
+        max_tokens = self._fitting_answer(messages, max_tokens)
         while True:
             with self._lock:
                 want_logprobs = self._logprobs_ok
             kwargs = self._request(messages, mode, json_schema, n, temperature, max_tokens, want_logprobs)
             try:
                 response = self._create(kwargs)
+            except ContextTooLong as error:
+                window, prompt = error.window, error.prompt_tokens
+                if window and prompt and prompt + MIN_ANSWER_TOKENS <= window < prompt + max_tokens:
+                    # the prompt fits; the answer it may have does not (OpenAI and vLLM count max_tokens)
+                    log.info("the LLM endpoint's context window is %d tokens: asking again with max_tokens=%d", window, window - prompt)
+                    max_tokens = window - prompt
+                    continue
+                raise
             except LLMCallFailed as error:
                 if error.error_class not in ("bad_request", "unsupported"):
                     raise
@@ -515,7 +689,24 @@ class LLMClient:
         max_tokens: int | None = None,
     ) -> Answer[T]:
         """Ask (for `samples` answers), parse; when no answer parses, ask once more showing the model its
-        error, or, for an answer cut off at max_tokens, asking again without it."""
+        error, or, for an answer cut off at max_tokens, asking again without it. All of it within the
+        answer's time budget (LLM_TASK_TIMEOUT)."""
+        token = _answer_budget.set(_Budget(self.task_seconds))
+        try:
+            return self._ask_full(messages, parse, repair_prompt, json_schema, samples, temperature, max_tokens)
+        finally:
+            _answer_budget.reset(token)
+
+    def _ask_full(
+        self,
+        messages: list[dict[str, str]],
+        parse: Callable[[str | None], T],
+        repair_prompt: Callable[[str], str],
+        json_schema: dict[str, Any] | None,
+        samples: int,
+        temperature: float,
+        max_tokens: int | None,
+    ) -> Answer[T]:
         usage = Usage()
         completion = self.complete(messages, json_schema, n=samples, temperature=temperature, max_tokens=max_tokens)
         usage.add(completion.usage)

@@ -8,8 +8,15 @@
   `top_logprobs`); they work when the answer carries them.
 - n: two answers asked for in one request; honoured when two come back.
 - concurrency: a burst of identical short requests sent at once: an endpoint running c of them at a
-  time answers them in burst/c waves, told apart by the gaps between answers.
+  time answers them in burst/c waves, told apart by the gaps between answers. llama.cpp's
+  llama-server says it instead: `total_slots` in its /props.
+- context window: llama-server's /props (`n_ctx` per slot); the doctor also sends a prompt as long as
+  the backend's longest and reads the window from the 400 a shorter window answers.
 - latency: the pre-labeling request's seconds; generation speed (doctor only).
+
+The first answer may be slow (a local server loading its model, compiling the schema's grammar, or
+still generating answers abandoned before a restart): it is waited for FIRST_ANSWER_TIMEOUTS x
+LLM_TIMEOUT. A probe that cannot finish leaves the client at one call at a time (client.py).
 
 The server (LLMClient.prepare) probes what its settings leave open, once per process, and shares the
 result with the other workers of MODEL_DIR through `llm-capabilities.json` (emptied when
@@ -23,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -38,13 +46,16 @@ from backend.infra.settings import Settings
 from backend.llm.client import (
     ANSWER_TOKENS_BASE,
     ANSWER_TOKENS_PER_CHAR,
+    CHARS_PER_TOKEN,
     MODES,
     LLMClient,
     _content_of,
     _finish_reason,
     _token_logprobs,
+    context_limit,
     describe_api_error,
     response_format,
+    text_chars_for,
     unsupported_part,
 )
 from backend.ner.task import entities_schema
@@ -55,7 +66,8 @@ CACHE_FILE = "llm-capabilities.json"
 CACHE_SECONDS = 600.0  # workers started together share one probe; a later process probes afresh
 BURST = 8  # requests of the concurrency probe: also the most it can report
 BURST_SECONDS = 8.0  # a slow endpoint gets a smaller burst, so the probe stays short
-PROBE_TIMEOUT = 30.0
+FIRST_ANSWER_TIMEOUTS = 3  # the probe's first request waits this many LLM_TIMEOUTs
+PROPS_TIMEOUT = 5.0  # llama-server answers /props at once; other servers answer 404 at once
 WAVE_GAP = 0.25  # a gap between two answers of a burst longer than this share of a service time: a new wave
 MODE_NAMES = {
     "json_schema": "json_schema",
@@ -75,6 +87,10 @@ PROBE_MESSAGES = [
     {"role": "user", "content": "Ada Lovelace was born in London."},
 ]
 PROBE_MAX_TOKENS = 64
+# the doctor's long prompt: as long as the backend's longest (a chunk of LLM_CONTEXT_CHARS, the examples
+# FEW_SHOT_TOKEN_BUDGET allows, the instructions), in ordinary words
+INSTRUCTION_CHARS = 1000  # a pre-labeling prompt's instructions with a few labels
+LONG_SENTENCE = "Ada Lovelace was born in London and worked with Charles Babbage on the Analytical Engine. "
 
 
 def _tiny(i: int) -> list[dict[str, str]]:
@@ -92,6 +108,7 @@ class Plan:
 
     modes: tuple[str, ...] = MODES
     every_form: bool = False  # try every form, not only until one works
+    context: bool = False  # send the backend's longest prompt: does it fit the context window?
     logprobs: bool = True
     n: bool = False
     burst: int = 0  # 0: no concurrency probe
@@ -109,7 +126,7 @@ class Plan:
 
     @classmethod
     def everything(cls) -> Plan:
-        return cls(every_form=True, n=True, burst=BURST, speed=True)
+        return cls(every_form=True, n=True, burst=BURST, speed=True, context=True)
 
     @property
     def key(self) -> str:
@@ -135,6 +152,9 @@ class Capabilities:
     burst: str = ""  # how the concurrency figure was measured
     latency: float | None = None  # seconds for the short pre-labeling request (asked twice with `speed`: the second)
     seconds_per_token: float | None = None
+    context_tokens: int | None = None  # the context window, when the endpoint tells (llama-server's /props)
+    chars_per_token: float | None = None  # of the pre-labeling request's prompt, from its usage
+    context: str = ""  # how the context window was found, or what the long prompt met (doctor)
     probed_at: float = 0.0
 
     @property
@@ -168,11 +188,39 @@ class Capabilities:
             parts.append(f"{self.concurrency} request{'s' if self.concurrency > 1 else ''} at once ({self.burst})")
         if self.latency is not None:
             parts.append(f"{self.latency:.2f} s a short pre-labeling request")
+        if self.context_tokens:
+            parts.append(f"a context window of {self.context_tokens} tokens")
         return f"LLM endpoint {self.endpoint} (model {self.model}): " + ", ".join(parts)
 
 
 def endpoint_of(settings: Settings) -> str:
     return settings.openai_base_url or "https://api.openai.com/v1"
+
+
+def server_props(llm: LLMClient) -> dict[str, Any] | None:
+    """llama.cpp's llama-server's /props (at the server's root, not under /v1); None elsewhere."""
+    base = llm.settings.openai_base_url
+    if not base:
+        return None  # OpenAI has none
+    root = base.rstrip("/").removesuffix("/v1")
+    try:
+        props = llm.client.with_options(base_url=root).get("/props", cast_to=dict, options={"timeout": PROPS_TIMEOUT})
+    except Exception:
+        return None
+    return props if isinstance(props, dict) else None
+
+
+def _read_props(llm: LLMClient, caps: Capabilities) -> int | None:
+    """The context window and slots llama-server tells; returns its slots (None: not told)."""
+    props = server_props(llm)
+    if props is None:
+        return None
+    settings = props.get("default_generation_settings")
+    n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+    if type(n_ctx) is int and n_ctx > 0:
+        caps.context_tokens = n_ctx
+    slots = props.get("total_slots")
+    return slots if type(slots) is int and slots > 0 else None
 
 
 def _post(llm: LLMClient, body: dict[str, Any], timeout: float) -> tuple[dict[str, Any], float]:
@@ -215,8 +263,10 @@ def _describe_answer(choice: dict[str, Any]) -> str:
 def probe(llm: LLMClient, plan: Plan) -> Capabilities:
     """Ask the endpoint what `plan` lists; raises ProbeFailed when it cannot be used at all."""
     settings = llm.settings
-    timeout = min(settings.llm_timeout, PROBE_TIMEOUT)
+    timeout = settings.llm_timeout
+    first_timeout = FIRST_ANSWER_TIMEOUTS * settings.llm_timeout
     caps = Capabilities(endpoint_of(settings), llm.model, probed_at=time.time())
+    slots = _read_props(llm, caps)
     want_logprobs = plan.logprobs
     for mode in plan.modes:
         body: dict[str, Any] = {"model": llm.model, "messages": PROBE_MESSAGES, "temperature": 0, "max_tokens": PROBE_MAX_TOKENS}
@@ -230,20 +280,28 @@ def probe(llm: LLMClient, plan: Plan) -> Capabilities:
                 body.pop("logprobs", None)
                 body.pop("top_logprobs", None)
             started = time.perf_counter()
+            answered = any(f.works for f in caps.forms) or caps.latency is not None
+            wait = timeout if answered else first_timeout
             try:
-                response, seconds = _post(llm, body, timeout)
+                response, seconds = _post(llm, body, wait)
                 choice = _first_choice(response)
             except Exception as error:
+                if isinstance(error, openai.APITimeoutError):
+                    raise ProbeFailed(f"no answer to a short pre-labeling request within {wait:g} s") from None
                 if _fatal(error):
                     raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
                 if unsupported_part(error, body) == "logprobs":
                     caps.logprobs = False
                     continue
-                detail = " ".join(llm._scrub(describe_api_error(error)).split())[:200]
+                detail = _shortened(" ".join(llm._scrub(describe_api_error(error)).split()))
                 caps.forms.append(FormResult(mode, False, detail, time.perf_counter() - started))
                 break
             if "logprobs" in body:
                 caps.logprobs = bool(_token_logprobs(choice))
+            usage = response.get("usage")
+            tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+            if type(tokens) is int and tokens > 0 and caps.chars_per_token is None:
+                caps.chars_per_token = sum(len(m["content"]) for m in PROBE_MESSAGES) / tokens
             caps.forms.append(FormResult(mode, True, _describe_answer(choice), seconds))
             if caps.latency is None:
                 caps.latency = seconds
@@ -265,11 +323,56 @@ def probe(llm: LLMClient, plan: Plan) -> Capabilities:
             raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
     if plan.n:
         caps.n = _probe_n(llm, timeout)
-    if plan.burst > 1:
+    if plan.burst > 1 and slots is not None:
+        caps.concurrency, caps.burst = slots, "the server's /props: total_slots"
+    elif plan.burst > 1:
         _probe_concurrency(llm, caps, plan.burst, timeout)
     if plan.speed:
         caps.seconds_per_token = _probe_speed(llm, timeout)
+    if caps.context_tokens:
+        caps.context = "the server's /props: n_ctx"
+    elif plan.context:
+        _probe_context(llm, caps, timeout)
     return caps
+
+
+def longest_prompt_chars(settings: Settings) -> int:
+    return settings.llm_context_chars + 4 * settings.few_shot_token_budget + INSTRUCTION_CHARS
+
+
+def _probe_context(llm: LLMClient, caps: Capabilities, timeout: float) -> None:
+    """Send a prompt as long as the backend's longest: a server whose context window is shorter answers
+    a 400 that names it (llama-cpp-python, llama-server, vLLM, OpenAI)."""
+    chars = longest_prompt_chars(llm.settings)
+    text = (LONG_SENTENCE * (chars // len(LONG_SENTENCE) + 1))[:chars]
+    body = {"model": llm.model, "messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": 1}
+    try:
+        response, _ = _post(llm, body, timeout)
+    except Exception as error:
+        limit = context_limit(error)
+        if limit is None:
+            if _fatal(error) and not isinstance(error, openai.APITimeoutError):
+                raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
+            caps.context = f"a prompt of {chars} characters (the backend's longest) failed: " + _shortened(
+                " ".join(llm._scrub(describe_api_error(error)).split())
+            )
+            return
+        window, prompt_tokens = limit
+        caps.context_tokens = window
+        if prompt_tokens:
+            caps.chars_per_token = chars / prompt_tokens
+        told = f" ({prompt_tokens} tokens)" if prompt_tokens else ""
+        caps.context = (
+            f"a prompt of {chars} characters{told}, the backend's longest, was refused as too long"
+            + ("" if window else " (the server named no window size)")
+        )
+        return
+    usage = response.get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    if type(tokens) is int and tokens > 0:
+        caps.chars_per_token = chars / tokens
+    told = f" ({tokens} tokens)" if type(tokens) is int else ""
+    caps.context = f"a prompt of {chars} characters{told}, the backend's longest, fits"
 
 
 def _probe_n(llm: LLMClient, timeout: float) -> bool:
@@ -299,7 +402,12 @@ def _probe_concurrency(llm: LLMClient, caps: Capabilities, burst: int, timeout: 
     """A burst of identical requests sent at once: an endpoint running c of them at a time answers
     them in burst/c waves. Judged within the burst itself, the figure holds on a machine whose speed
     drifts (a shared CPU) better than against a lone request timed at another moment."""
-    alone = _tiny_call(llm, 1, timeout)[0]  # also warms the endpoint up
+    try:
+        alone = _tiny_call(llm, 1, timeout)[0]  # also warms the endpoint up
+    except ProbeFailed as error:
+        # a server too slow for one short request now is not one to send several to
+        caps.concurrency, caps.burst = 1, f"a lone request failed: {error}"
+        return
     size = max(2, min(burst, int(BURST_SECONDS / max(alone, 1e-3))))
     done: list[float] = []
     errors: list[BaseException] = []
@@ -334,6 +442,40 @@ def _probe_concurrency(llm: LLMClient, caps: Capabilities, burst: int, timeout: 
     waves = 1 + sum(1 for a, b in zip(done, done[1:]) if b - a > WAVE_GAP * first)
     caps.concurrency = max(1, min(size, math.ceil(size / waves)))
     caps.burst = f"of {size} requests sent at once, the first was answered after {first:.2f} s, the last after {last:.2f} s"
+
+
+_PYDANTIC_ERROR = re.compile(r"""'loc': \(([^)]*)\), 'msg': (?:"([^"]*)"|'([^']*)')""")
+
+
+def _shortened(detail: str, limit: int = 200) -> str:
+    """A server's error in at most `limit` characters, cut between words and never inside a quotation
+    or brackets. A pydantic validation error (llama-cpp-python's) is told by its message and field."""
+    found = _PYDANTIC_ERROR.search(detail)
+    if found:
+        field = ".".join(part.strip(" '") for part in found.group(1).split(",") if part.strip(" '"))
+        head = detail[: detail.index(":", detail.index("HTTP")) + 1] if "HTTP" in detail else ""
+        detail = f"{head} {found.group(2) or found.group(3)} ({field})".strip()
+    if len(detail) <= limit:
+        return detail
+    cut = detail[:limit].rsplit(" ", 1)[0]
+    pairs = (("'", "'"), ('"', '"'), ("(", ")"), ("[", "]"), ("{", "}"))
+
+    def quotes(text: str, quote: str) -> list[int]:  # an apostrophe (it's) is not a quote
+        return [m.start() for m in re.finditer(re.escape(quote), text) if not re.match(r"\w\W\w", text[max(0, m.start() - 1) : m.start() + 2])]
+
+    def opened_at(text: str) -> int | None:
+        for opening, closing in pairs:
+            if opening == closing:
+                where = quotes(text, opening)
+                if len(where) % 2:
+                    return where[-1]
+            elif text.count(opening) > text.count(closing):
+                return text.rindex(opening)
+        return None
+
+    while (at := opened_at(cut)) is not None:
+        cut = cut[:at].rstrip()
+    return cut.rstrip(" ,:;") + " …"
 
 
 def _probe_speed(llm: LLMClient, timeout: float) -> float | None:
@@ -440,6 +582,21 @@ def advise(caps: Capabilities, settings: Settings) -> Advice:
         sentence = latency + per_token * min(settings.llm_max_tokens, ANSWER_TOKENS_BASE + ANSWER_TOKENS_PER_CHAR * 150)
         if sentence > settings.llm_timeout / 2:
             recommended.append(f"LLM_TIMEOUT={math.ceil(4 * sentence)} (a sentence's answer may take ~{sentence:.0f} s)")
+    if caps.context_tokens:
+        other = INSTRUCTION_CHARS / (caps.chars_per_token or CHARS_PER_TOKEN) + settings.few_shot_token_budget
+        chars = text_chars_for(caps.context_tokens, other, caps.chars_per_token)
+        if chars < 200:
+            recommended.append(
+                f"a larger context window: {caps.context_tokens} tokens hold no text with FEW_SHOT_TOKEN_BUDGET="
+                f"{settings.few_shot_token_budget} (llama-cpp-python: --n_ctx 8192; llama.cpp: -c 8192)"
+            )
+        elif chars < settings.llm_context_chars:
+            overlap = min(settings.llm_chunk_overlap, chars // 4)
+            recommended.append(
+                f"LLM_CONTEXT_CHARS={chars}" + (f" LLM_CHUNK_OVERLAP={overlap}" if overlap < settings.llm_chunk_overlap else "")
+                + f" (a chunk, the examples and the answer fit in the {caps.context_tokens}-token context window;"
+                " the backend cuts chunks to it by itself once it has seen the window)"
+            )
     if latency is not None and concurrency:
         fits = int(settings.predict_deadline / max(latency, 1e-3)) * concurrency
         notes.append(f"about {fits} short tasks fit in one /predict (PREDICT_DEADLINE={settings.predict_deadline:g} s)")

@@ -528,6 +528,9 @@ def account_usage(ledger: UsageLedger, project: str, usages: list[Usage | None],
     return cost_usd(total, price) or 0.0
 
 
+SPENT = ("deadline", "llm_deadline", "llm_timeout", "llm_context_length")  # failures a job does not try again
+
+
 def collect_tries(
     in_flight: dict[Future, tuple[dict[str, Any], int]],
     failures: dict[int, str],
@@ -548,8 +551,11 @@ def collect_tries(
             failures.pop(task["id"], None)
             continue
         account([getattr(error, "usage", None)])
-        failures[task["id"]] = f"{unanswered_reason(error)}: {error}"
-        retry = again(task, attempt + 1)
+        reason = unanswered_reason(error)
+        failures[task["id"]] = f"{reason}: {error}"
+        # a try that used up its time budget (LLM_TASK_TIMEOUT) or did not fit the context window would
+        # do so again: tries are for outages; a later job or request asks it again
+        retry = None if reason in SPENT else again(task, attempt + 1)
         if retry is not None:
             in_flight[retry] = (task, attempt + 1)
     return finished

@@ -16,7 +16,7 @@ from backend.infra.errors import BadRequest, LLMError
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage
 from backend.llm.cache import ResponseCache
-from backend.llm.client import LLMClient
+from backend.llm.client import CHARS_PER_TOKEN, ContextTooLong, LLMCallFailed, LLMClient, prompt_chars, text_chars_for
 from backend.llm.source import EntitySource, Found, TextRequest
 from backend.ner import confidence
 from backend.ner.labelconfig import NerSchema, NerTarget
@@ -98,6 +98,16 @@ def unanswered_reason(error: BaseException) -> str:
     return "error"
 
 
+def _no_fit(error: ContextTooLong, size: int) -> LLMCallFailed:
+    window = f"of {error.window} tokens" if error.window else ""
+    return LLMCallFailed(
+        f"the prompt does not fit in the LLM endpoint's context window {window} even with {size}-character chunks of"
+        " the text: start the server with a larger context (llama-cpp-python: --n_ctx 8192; llama.cpp: -c 8192)"
+        f" or lower FEW_SHOT_TOKEN_BUDGET ({error})",
+        "context_length",
+    )
+
+
 def task_text(data: dict[str, Any], target: NerTarget) -> str:
     if target.data_key not in data:
         raise BadRequest(f"task data has no '{target.data_key}' key (the <Text> value ${target.data_key})")
@@ -105,6 +115,11 @@ def task_text(data: dict[str, Any], target: NerTarget) -> str:
     if not isinstance(value, str):
         raise BadRequest(f"task data '{target.data_key}' must be a string, not {type(value).__name__}")
     return value
+
+
+# chunks are sized to the endpoint's context window when it is known (client.text_chars_for)
+MIN_CHUNK_CHARS = 200  # below, the instructions and examples alone fill the window
+RESPLITS = 3  # a text a 400 said was too long is split again at most this many times
 
 
 class Prelabeler:
@@ -119,6 +134,7 @@ class Prelabeler:
         source: EntitySource | None = None,
         context_chars: int = 12_000,
         chunk_overlap: int = 300,
+        examples_tokens: int = 0,
     ):
         self.schema = schema
         self.llm = llm
@@ -127,6 +143,7 @@ class Prelabeler:
         self.label_all_mentions = label_all_mentions
         self.context_chars = context_chars
         self.chunk_overlap = chunk_overlap
+        self.examples_tokens = examples_tokens  # what a prompt's examples may take (FEW_SHOT_TOKEN_BUDGET)
         self.tasks = {t.key: NerTask(t, templates, guidelines) for t in schema.targets}
 
     @classmethod
@@ -149,6 +166,7 @@ class Prelabeler:
             label_all_mentions=settings.label_all_mentions,
             context_chars=settings.llm_context_chars,
             chunk_overlap=settings.llm_chunk_overlap,
+            examples_tokens=settings.few_shot_token_budget if select_examples is not None and settings.few_shot_k else 0,
             source=EntitySource(
                 llm, cache, scope, settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts
             ),
@@ -179,13 +197,13 @@ class Prelabeler:
         """Answer the short, uncached texts of these tasks `pack_size` to an LLM call, ahead of the
         per-task pass, which then finds them answered (PACK_SIZE > 1; see ner/packing.py)."""
         # a text long enough to be chunked is asked chunk by chunk, under other keys: never pack it
-        max_chars = min(max_chars, self.context_chars)
+        longest = {target.key: min(max_chars, self.chunk_chars(target)) for target in self.schema.targets}
         requests = []
         for task in tasks:
             data = task.get("data") or {}
             for target in self.schema.targets:
                 text = data.get(target.data_key)
-                if isinstance(text, str) and text.strip() and len(text) <= max_chars:
+                if isinstance(text, str) and text.strip() and len(text) <= longest[target.key]:
                     requests.append(TextRequest(self.tasks[target.key], text, self.select_examples(target, text)))
         # leave the per-task pass time to build the results of what the packs answered
         reserve = min(2.0, 0.1 * max(0.0, deadline - time.monotonic()))
@@ -195,9 +213,36 @@ class Prelabeler:
         task = self.tasks[target.key]
         return self.source.find(task, text, self.select_examples(target, text))
 
+    def chunk_chars(self, target: NerTarget) -> int:
+        """The longest text one call carries: LLM_CONTEXT_CHARS, or less where the endpoint's context
+        window (as the probe read it or a 400 named it) holds less."""
+        window = self.llm.context_tokens
+        if not window:
+            return self.context_chars
+        ratio = self.llm.chars_per_token
+        instructions = prompt_chars(self.tasks[target.key].messages("")) / (ratio or CHARS_PER_TOKEN)
+        fit = text_chars_for(window, instructions + self.examples_tokens, ratio)
+        return max(MIN_CHUNK_CHARS, min(self.context_chars, fit))
+
     def aligned(self, target: NerTarget, text: str, outcome: TaskOutcome) -> tuple[Alignment, list[Found]]:
-        """One LLM call for a text within the context budget; beyond it, one per overlapping chunk."""
-        chunks = split(text, self.context_chars, self.chunk_overlap)
+        """One LLM call for a text within the context budget; beyond it, one per overlapping chunk. A
+        chunk the endpoint says is too long for its context window splits the text again, smaller."""
+        size = self.chunk_chars(target)
+        for _ in range(RESPLITS):
+            try:
+                return self._aligned(target, text, outcome, size)
+            except ContextTooLong as error:
+                smaller = min(self.chunk_chars(target), size // 2)  # the 400 named the window: sized to it
+                if smaller < MIN_CHUNK_CHARS or size <= MIN_CHUNK_CHARS:
+                    raise _no_fit(error, size) from None
+                log.info("the LLM endpoint's context window (%s tokens) is too small for %d characters of text"
+                         " with the prompt: splitting the text into chunks of %d", error.window or "?", size, smaller)
+                size = smaller
+        return self._aligned(target, text, outcome, size)
+
+    def _aligned(self, target: NerTarget, text: str, outcome: TaskOutcome, size: int) -> tuple[Alignment, list[Found]]:
+        overlap = self.chunk_overlap if size >= self.context_chars else min(self.chunk_overlap, size // 4)
+        chunks = split(text, size, overlap)
         ask = lambda chunk: self.entities_for(target, text[chunk.start : chunk.end])
         if len(chunks) == 1 and time_left() is None:
             # no deadline to keep (a project job): one call, in this thread. A pool per task cost every
@@ -208,7 +253,8 @@ class Prelabeler:
             calls = map_in_order(
                 ask,
                 chunks,
-                concurrency=min(4, len(chunks)),
+                # no more at once than the endpoint runs: the others would only spend their time budget waiting
+                concurrency=min(4, len(chunks), self.llm.concurrency),
                 deadline_seconds=3600.0,  # map_in_order caps it by the deadline of the /predict it runs under
             )
         founds: list[Found] = []

@@ -335,6 +335,10 @@ def format_capabilities(caps, settings) -> str:
     row("n", "honoured" if caps.n else "ignored or refused (one answer for n=2)")
     if caps.concurrency is not None:
         row("concurrency", f"{caps.concurrency} request{'s' if caps.concurrency > 1 else ''} at once ({caps.burst})")
+    if caps.context:
+        window = f"{caps.context_tokens} tokens ({caps.context})" if caps.context_tokens else caps.context
+        per_token = f"; {caps.chars_per_token:.1f} characters a token" if caps.chars_per_token else ""
+        row("context window", window + per_token)
     if caps.latency is not None:
         speed = f"; at least {1 / caps.seconds_per_token:.0f} tokens/s" if caps.seconds_per_token else ""
         row("latency", f"{caps.latency:.2f} s for a short pre-labeling request, warm{speed}")
