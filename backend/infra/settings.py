@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     llm_task_timeout: float | None = Field(
         default=None, gt=0,
         description="seconds one text's answer may take in all: its LLM calls, their retries and the repair turn"
-        " (each chunk of a long text has its own); unset = 2 x LLM_TIMEOUT",
+        " (each chunk of a long text has its own); unset = 3 x LLM_TIMEOUT",
     )
     llm_probe: bool = Field(
         default=True,

@@ -18,7 +18,7 @@ a server (llama-cpp-python's) goes on generating the abandoned answer and the co
 behind it. Calls wait for a slot of the ConcurrencyGate before their timeout starts.
 
 Each answer (`ask_full`: its calls, their retries and the repair turn) has a time budget,
-LLM_TASK_TIMEOUT (twice LLM_TIMEOUT unless set), inside the request's deadline when there is one:
+LLM_TASK_TIMEOUT (3 x LLM_TIMEOUT unless set), inside the request's deadline when there is one:
 retries never multiply a slow answer's cost.
 
 A prompt longer than the endpoint's context window is a 400 that names the window (OpenAI's, vLLM's
@@ -331,7 +331,7 @@ class LLMClient:
         # runs one (llama-cpp-python's) sent 8 at once times them all out
         first = DEFAULT_CONCURRENCY if not settings.llm_probe else 1
         self.gate = ConcurrencyGate(settings.predict_concurrency or first, on_change=_log_concurrency)
-        self.task_seconds = settings.llm_task_timeout or 2 * settings.llm_timeout
+        self.task_seconds = settings.llm_task_timeout or 3 * settings.llm_timeout
         # the endpoint's context window in tokens (the probe's /props, or a 400 that named it), and the
         # fewest characters per prompt token seen in its answers' usage: what sizes the chunks of a text
         self.context_tokens: int | None = None
