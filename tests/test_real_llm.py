@@ -158,7 +158,9 @@ def test_constrained_entity_texts_store_only_exact_spans_of_each_task(llama_serv
     with run_backend(env, workers=1, log_path=tmp_path / "backend.log") as backend:
         results = predict_sentences(backend, timeout=1000)
         log = backend.log()
-    assert "entity texts constrained to spans of the text (json_object_schema" in log, log[-3000:]
+    # (json_object_schema once the probe has found it; json_schema, then the fallback, when the probe
+    # could not finish on a loaded machine: the same enum either way)
+    assert "entity texts constrained to spans of the text (" in log, log[-3000:]
     assert "entity texts not constrained" not in log
     assert "no pre-labels" not in log and all(isinstance(entry, dict) for entry in results), log[-3000:]
     regions = [(text, region["value"]) for text, entry in zip(SENTENCES, results) for region in entry["result"]]
