@@ -19,7 +19,7 @@ TEXT = "Jordan signed with the Chicago Bulls in 1984."
 def verified(make_client):
     """Verified mode (Label Studio credentials set) with a Label Studio that is not there: a body that
     passed validation would be answered 503 (Label Studio could not be asked), never 400."""
-    return make_client(setup_project="7", label_studio_url=f"http://127.0.0.1:{free_port()}", label_studio_api_key="k" * 40)
+    return make_client(label_studio_url=f"http://127.0.0.1:{free_port()}", label_studio_api_key="k" * 40)
 
 
 @pytest.mark.parametrize(

@@ -274,7 +274,7 @@ def test_warm_start_runs_only_on_an_authenticated_webhook(make_client, llm):
     created = {"action": "TASKS_CREATED", "tasks": [{"id": 1, "data": {"text": "Ada wrote."}}], "project": {"id": 7}}
     open_client = make_client(setup_project="7", warm_start=True)
     response = open_client.post("/webhook", json=created)
-    assert response.status_code == 201 and "authenticated or verified" in response.json["outcome"]
+    assert response.status_code == 403 and "TASKS_CREATED" in response.json["error"], response.json
     assert llm.requests == []
 
     auth = {"Authorization": "Basic " + base64.b64encode(f"{AUTH_USER}:{AUTH_PASS}".encode()).decode()}
@@ -301,7 +301,8 @@ def test_start_training_rebuilds_a_project_at_most_once_per_interval_whatever_th
     from tests.processes import free_port
 
     nowhere = f"http://127.0.0.1:{free_port()}"  # the rebuild itself fails: what matters is how often it starts
-    workers = [make_client(setup_project="7", label_studio_url=nowhere, label_studio_api_key="k" * 40) for _ in range(2)]
+    make_client(setup_project="7")  # the project is known (with Label Studio unreachable, /setup could not check it)
+    workers = [make_client(label_studio_url=nowhere, label_studio_api_key="k" * 40) for _ in range(2)]
     event = {"action": "START_TRAINING", "project": {"id": 7}}
     first = workers[0].post("/webhook", json=event)
     assert first.status_code == 201 and first.json["outcome"] == "rebuilding"

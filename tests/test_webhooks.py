@@ -206,7 +206,7 @@ def test_unknown_and_unused_events_are_acknowledged(client, action):
 
 def test_start_training_without_label_studio_settings_is_a_clear_4xx(client):
     response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7, "label_config": NER_CONFIG, "token": PROJECT_TOKEN}})
-    assert response.status_code == 422
+    assert response.status_code == 403  # the trust table: not offered in open mode
     assert "LABEL_STUDIO_URL" in response.json["error"] and "LABEL_STUDIO_API_KEY" in response.json["error"]
 
 
@@ -303,10 +303,11 @@ def test_start_training_answers_at_once_and_rebuilds_after_the_answer(tmp_path, 
     server = ThreadingHTTPServer(("127.0.0.1", 0), SlowLabelStudio)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     ls_key = "ls-key-0123456789abcdef"
-    settings = load_settings(openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, model_dir=tmp_path / "m", _env_file=None,
-                             label_studio_url=f"http://127.0.0.1:{server.server_address[1]}", label_studio_api_key=ls_key)
+    base = dict(openai_api_key=TEST_API_KEY, openai_base_url=llm.base_url, model_dir=tmp_path / "m", _env_file=None)
+    # the project made known by a worker without Label Studio credentials (with them, /setup would ask the slow one)
+    assert create_app(load_settings(**base)).test_client().post("/setup", json={"project": "7", "schema": NER_CONFIG}).status_code == 200
+    settings = load_settings(**base, label_studio_url=f"http://127.0.0.1:{server.server_address[1]}", label_studio_api_key=ls_key)
     client = create_app(settings).test_client()
-    client.post("/setup", json={"project": "7", "schema": NER_CONFIG})
     caplog.set_level(logging.INFO)
     try:
         started = time.perf_counter()

@@ -189,6 +189,14 @@ class Settings(BaseSettings):
     pack_size: int = Field(default=1, ge=1, le=64, description="texts per LLM call; 1 = packing off")
     pack_max_chars: int = Field(default=1000, ge=1, description="only texts up to this length are packed")
     warm_start: bool = Field(default=False, description="pre-compute new tasks' predictions on TASKS_CREATED")
+    warm_start_window: float = Field(
+        default=3600.0, gt=0,
+        description="with LABEL_STUDIO_URL/_API_KEY: only tasks Label Studio created within this many seconds are warm-started",
+    )
+    setup_projects_per_hour: int = Field(
+        default=100, ge=1,
+        description="open mode: label configs /setup (or /predict) may create or change per hour, all projects together",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -665,6 +665,10 @@ class Database:
                 (project_id, label_config, time.time()),
             )
 
+    def projects_changed_since(self, since: float) -> int:
+        """How many projects had their label config created or changed since `since` (epoch seconds)."""
+        return int(self.query("SELECT COUNT(*) AS n FROM projects WHERE updated_at >= ?", (since,))[0]["n"])
+
     def label_config(self, project_id: str) -> str | None:
         rows = self.query("SELECT label_config FROM projects WHERE project_id=?", (project_id,))
         return rows[0]["label_config"] if rows else None

@@ -52,10 +52,15 @@ def _plain_annotation(annotation: Any) -> dict[str, Any]:
 
 
 def _plain_task(task: Any) -> dict[str, Any]:
+    annotations = field_of(task, "annotations") or []
     return {
         "id": field_of(task, "id"),
         "data": field_of(task, "data") or {},
-        "annotations": [_plain_annotation(a) for a in field_of(task, "annotations") or []],
+        "annotations": [_plain_annotation(a) for a in annotations],
+        "created_at": field_of(task, "created_at"),  # a datetime (the SDK's), or None
+        # what the warm start needs to know: has the task been predicted or annotated already
+        "predictions": max(int(field_of(task, "total_predictions") or 0), len(field_of(task, "predictions") or [])),
+        "annotated": max(int(field_of(task, "total_annotations") or 0), len(annotations)),
     }
 
 
@@ -141,6 +146,27 @@ class LabelStudioSource:
             if getattr(error, "status_code", None) == 404:
                 return False
             raise LabelStudioUnavailable(f"could not read annotation {annotation_id}: {describe_error(error)}") from None
+        return True
+
+    def label_config(self, project_id: int) -> str | None:
+        """The project's label config as Label Studio holds it; None when it has no such project."""
+        try:
+            project = self.client.projects.get(id=int(project_id))
+        except Exception as error:
+            if getattr(error, "status_code", None) == 404:
+                return None
+            raise LabelStudioUnavailable(f"could not read project {project_id}: {describe_error(error)}") from None
+        return field_of(project, "label_config")
+
+    def token_reaches(self, token: str, project_id: int) -> bool:
+        """Whether Label Studio takes `token` (a user's API key) and shows its user this project: what a
+        caller proves by sending `Authorization: Token <key>` (401, 403 and 404 are "no")."""
+        try:
+            sdk_client(self.url, token, self._timeout).projects.get(id=int(project_id))
+        except Exception as error:
+            if getattr(error, "status_code", None) in (401, 403, 404):
+                return False
+            raise LabelStudioUnavailable(f"could not check a token at Label Studio: {describe_error(error)}") from None
         return True
 
     def all_tasks(self, project_id: int) -> Iterator[dict[str, Any]]:

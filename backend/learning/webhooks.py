@@ -356,8 +356,10 @@ def on_verified_annotation(
     if annotation is None:
         if source.annotation_exists(annotation_id):
             raise BadRequest(f"Label Studio has annotation {annotation_id}, but not in task {task_id} of project {project_id}")
-        removed = store.delete_annotations([annotation_id])
-        log.info("%s: annotation %s is not in Label Studio (deleted): %d rows removed", event, annotation_id, removed)
+        # deleted, or never made: only an annotation the store holds is forgotten (and barred), so that
+        # an event naming ids Label Studio has not given out yet cannot refuse them when they come
+        removed = store.delete_annotations(store.known([annotation_id]))
+        log.info("%s: annotation %s is not in Label Studio: %d rows removed", event, annotation_id, removed)
         return Learned("gone")
     return _learn(
         event, annotation_id, task_id, task["data"], annotation["result"] if isinstance(annotation["result"], list) else [],
@@ -404,6 +406,8 @@ def on_tasks_created(payload: dict[str, Any], store: ExampleStore, settings: Set
     """The new tasks for the warm start: read from Label Studio, or taken from an authenticated payload."""
     if not settings.warm_start:
         return Learned("ignored")
+    if not settings.llm_cache:
+        return Learned("ignored: the warm start fills the response cache, and LLM_CACHE is off")
     if not (trust.authenticated or source is not None):
         log.info("TASKS_CREATED: no warm start from an unauthenticated, unverified webhook")
         return Learned("ignored: warm start needs an authenticated or verified webhook")
@@ -411,7 +415,14 @@ def on_tasks_created(payload: dict[str, Any], store: ExampleStore, settings: Set
     _too_many(items, MAX_NEW_TASKS, "tasks")
     if source is not None:
         ids = [validated(Ref, item, f"tasks[{i}]").id for i, item in enumerate(items)]
-        tasks = [{"id": t["id"], "data": t["data"]} for t in source.tasks(int(store.project_id), ids).values()]
+        # only what Label Studio shows as new and not yet predicted or annotated: an event naming old
+        # or predicted tasks (forged, or sent again) pays for nothing
+        since = time.time() - settings.warm_start_window
+        tasks = [{"id": t["id"], "data": t["data"]} for t in source.tasks(int(store.project_id), ids).values()
+                 if not t["predictions"] and not t["annotated"] and t["created_at"] is not None
+                 and timestamp(t["created_at"]) >= since]
+        if len(tasks) < len(ids):
+            log.info("TASKS_CREATED: %d of %d tasks are new in Label Studio, without prediction: warm-started", len(tasks), len(ids))
     else:
         tasks = [validated(EventTask, item, f"tasks[{i}]").model_dump(include={"id", "data"}) for i, item in enumerate(items)]
     # a text too long to pre-label is not worth a background LLM call either

@@ -31,6 +31,7 @@ from backend.pipeline.jobs import HEARTBEAT, JobSpec
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.services import Services
+from backend.protocol.trust import EVENTS, PREDICT_CONFIG, ROUTES, SETUP, Gate, Unproven
 from backend.protocol.wire import (
     JobRequest,
     PredictRequest,
@@ -43,12 +44,6 @@ from backend.protocol.wire import (
 )
 
 log = logging.getLogger(__name__)
-
-# Probes need no credentials. /webhook needs them when basic auth is on: Label Studio creates its webhook
-# without them (PROTOCOL.md), so the backend or `llm-ner connect` adds them to it (README: "How webhooks
-# are trusted"); without basic auth it is open, and what it may do is bounded (learning/webhooks.py).
-OPEN_ROUTES = {"/", "/health"}
-
 
 def load_model_class(path: str = "model:NERModel") -> type[LabelStudioMLBase]:
     module_name, _, class_name = path.partition(":")
@@ -183,6 +178,23 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.json = OrjsonProvider(app)
     app.extensions["llm_ner"] = {"services": services, "registry": registry}
 
+    gate = services.gate or Gate(settings, services.label_studio_source, db)
+
+    def credentials_ok() -> bool:
+        if not settings.basic_auth_user:
+            return False
+        credentials = _basic_credentials()
+        user_ok = credentials is not None and _same_secret(credentials[0], settings.basic_auth_user)
+        pass_ok = credentials is not None and _same_secret(
+            credentials[1], settings.basic_auth_pass.get_secret_value()  # type: ignore[union-attr]
+        )
+        return user_ok and pass_ok
+
+    def prove(action: str, *, early: bool = False, **facts: Any):
+        """What the trust table (protocol/trust.py) asks of this request for `action`, or Unproven."""
+        return gate.check(action, credentials_ok=credentials_ok(), authorization=request.headers.get("Authorization", ""),
+                          early=early, **facts)
+
     refused_webhook = _Once(
         "a webhook without the basic-auth credentials was refused (401). If it came from Label Studio, run "
         "`llm-ner connect --project ID` (or give the backend LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY) so that "
@@ -190,22 +202,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
 
     @app.before_request
-    def _start() -> Response | None:
+    def _start() -> None:
         g.started = time.perf_counter()
-        if settings.basic_auth_user and request.path not in OPEN_ROUTES:
-            credentials = _basic_credentials()
-            user_ok = credentials is not None and _same_secret(credentials[0], settings.basic_auth_user)
-            pass_ok = credentials is not None and _same_secret(
-                credentials[1], settings.basic_auth_pass.get_secret_value()  # type: ignore[union-attr]
-            )
-            if not (user_ok and pass_ok):
-                if request.path == "/webhook":
-                    refused_webhook.warn()
-                response = jsonify(error="authentication required")
-                response.status_code = 401
-                response.headers["WWW-Authenticate"] = 'Basic realm="llm-ner-backend"'
-                return response
-        return None
+        route = f"{request.method} {request.url_rule.rule}" if request.url_rule is not None else None
+        if route in ROUTES:
+            prove(route, early=True)  # the route's own row; what needs the body is asked by the route itself
+        elif settings.basic_auth_user and not credentials_ok():
+            raise Unproven("authentication required", 401)  # no such route: say nothing more without credentials
 
     @app.after_request
     def _measure(response: Response) -> Response:
@@ -226,6 +229,18 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.errorhandler(BadRequest)
     def _bad_request(error: BadRequest):
         return jsonify(error=str(error)), error.status
+
+    @app.errorhandler(Unproven)
+    def _unproven(error: Unproven):
+        response = jsonify(error=str(error))
+        response.status_code = error.status
+        if error.status == 401:
+            if request.path == "/webhook":
+                refused_webhook.warn()
+            response.headers["WWW-Authenticate"] = 'Basic realm="llm-ner-backend"'
+        if error.retry_after is not None:
+            response.headers["Retry-After"] = str(error.retry_after)
+        return response
 
     @app.errorhandler(StoreUnavailable)
     def _store_unavailable(error: StoreUnavailable):
@@ -275,6 +290,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.post("/setup")
     def setup():
         body: SetupRequest = _body(SetupRequest)
+        if db.label_config(body.project) != body.label_config:
+            prove(SETUP, project=body.project, label_config=body.label_config)
         model = registry.get(body.project, body.label_config)  # parses the config: 422 if unsupported
         db.save_label_config(body.project, body.label_config)
         model.set_extra_params(body.extra_params)
@@ -289,13 +306,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         label_config = body.label_config or db.label_config(project)
         if not label_config:
             raise BadRequest(f"no label config for project {project}: send label_config or call /setup first")
-        if body.label_config:
+        model = registry.get(project, label_config)  # parses the config: 422 if unsupported
+        if body.label_config and db.label_config(project) != label_config:
             try:
+                prove(PREDICT_CONFIG, project=project, label_config=label_config)
                 db.save_label_config(project, label_config)
+            except (Unproven, LabelStudioUnavailable) as refused:  # the answer still uses it; the store does not
+                log.info("/predict: the label config of project %s is not stored: %s", project, refused)
             except STORE_ERRORS as error:  # the request carries its config: pre-labels need no write
                 db.note_failure(error)
                 log.warning("/predict: the label config of project %s not saved: %s", project, error)
-        model = registry.get(project, label_config)
         _refuse_long_texts(body.tasks, label_config, settings.max_text_chars)
         tasks = [task.model_dump() for task in body.tasks]
         response = model.predict(tasks, context=body.interactive_context)
@@ -331,6 +351,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if not label_config:
             log.info("webhook %.60r for unknown project %s: ignored", body.action, project_id)
             return jsonify(status="ignored", reason="unknown project"), 200
+        if body.action in EVENTS and (body.action != "TASKS_CREATED" or settings.warm_start):
+            prove(EVENTS[body.action])
         model = registry.get(project_id, label_config)
         learned = model.fit(body.action, payload)
         if learned is None:  # a model class of another kind
@@ -341,6 +363,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.post("/jobs")
     def start_job():
         body: JobRequest = _body(JobRequest)
+        prove("POST /jobs", project=body.project)
         client = services.label_studio
         if client is None:
             raise ConfigError("jobs write into Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
@@ -381,6 +404,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         job = services.jobs.get(job_id)
         if job is None:
             raise BadRequest(f"no job {job_id[:40]!r}", status=404)
+        prove("DELETE /jobs/<job_id>", project=job["spec"]["project"])
         on_queue = services.job_queue is not None and job["runner"] == "rq"
         if not (services.job_queue.cancel(services.jobs, job_id) if on_queue else services.jobs.cancel(job_id)):
             raise BadRequest(f"job {job_id} is {job['state']}: nothing to cancel", status=409)

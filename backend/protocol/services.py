@@ -27,6 +27,7 @@ from backend.llm.client import LLMClient
 from backend.ner.templates import PromptTemplates, load_templates
 from backend.pipeline.delivery import Backlog, Deliveries, PredictionWriter, label_studio_client
 from backend.pipeline.jobs import Jobs
+from backend.protocol.trust import Gate
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Services:
     securing: WebhookSecuring | None = None  # ...and with basic auth: secures each project's webhook after /setup
     secrets: Secrets = field(default_factory=Secrets)  # what every answer, record and log line is masked of
     job_queue: Any = None  # with REDIS_URL: the RQ queue project jobs' chunks go to (protocol/rqworker.py)
+    gate: Gate | None = None  # what each route asks a caller to prove (protocol/trust.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
@@ -90,6 +92,7 @@ class Services:
             trust=Trust.from_settings(settings),
             label_studio_source=source,
             securing=securing,
+            gate=Gate(settings, source, db),
         )
 
     @property
