@@ -495,6 +495,12 @@ def job_texts(n: int, word: str = "Note") -> list[str]:
     return [f"{word} {i}: Ada Lovelace wrote to the Royal Society from Oslo." if i % 4 else f"{word} {i}: nothing here." for i in range(n)]
 
 
+def job_auth(backend) -> dict[str, str]:
+    """What a caller of POST/DELETE /jobs proves in verified mode (protocol/trust.py): a Label Studio
+    user's key that reaches the project; here the one the backend itself was given."""
+    return {"Authorization": f"Token {backend.env['LABEL_STUDIO_API_KEY']}"}
+
+
 def predictions_written(project) -> int:
     return len(list(project.ls.predictions.list(project=project.id)))  # one call for the whole project
 

@@ -16,7 +16,7 @@ import pytest
 
 from backend.infra.storage import DB_NAME
 from backend.pipeline.jobs import HEARTBEAT
-from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_texts, ls_args
+from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_auth, job_texts, ls_args
 from tests.fake_llm import Reply
 from tests.processes import REPO, backend_env, stop, wait_until
 
@@ -206,7 +206,7 @@ def test_a_batch_api_job_runs_inside_the_backend_over_http(label_studio, backend
     backend = backend_factory(workers=1, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token,
                               BATCH_POLL_SECONDS="0.05")
     project = connected_project(job_texts(12), title="http batch", backend=backend)
-    started = httpx.post(backend.url + "/jobs", json={"project": project.id, "batch_api": True}, timeout=60)
+    started = httpx.post(backend.url + "/jobs", headers=job_auth(backend), json={"project": project.id, "batch_api": True}, timeout=60)
     assert started.status_code == 202, started.text
     job_id = started.json()["id"]
     final = wait_until(lambda: (j := httpx.get(f"{backend.url}/jobs/{job_id}").json())["state"] != "running" and j, timeout=120)
@@ -224,7 +224,7 @@ def test_a_backend_restarted_while_its_batch_api_job_waits_resumes_the_stored_ba
     env = dict(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token, BATCH_POLL_SECONDS="0.05")
     backend = backend_factory(workers=2, model_dir=model_dir, **env)
     project = connected_project(job_texts(10), title="backend restart", backend=backend)
-    started = httpx.post(backend.url + "/jobs", json={"project": project.id, "batch_api": True}, timeout=60)
+    started = httpx.post(backend.url + "/jobs", headers=job_auth(backend), json={"project": project.id, "batch_api": True}, timeout=60)
     assert started.status_code == 202, started.text
     assert wait_until(lambda: store(model_dir, "SELECT status FROM llm_batches") == [("in_progress",)], timeout=120, interval=0.05)
     stop(backend.proc, signal.SIGKILL)  # the whole backend, mid-wait
@@ -246,15 +246,15 @@ def test_cancelling_a_batch_api_job_while_its_batch_waits_cancels_the_batch_at_t
     backend = backend_factory(workers=1, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token,
                               BATCH_POLL_SECONDS="0.05")
     project = connected_project(job_texts(8), title="batch cancel", backend=backend)
-    started = httpx.post(backend.url + "/jobs", json={"project": project.id, "batch_api": True}, timeout=60)
+    started = httpx.post(backend.url + "/jobs", headers=job_auth(backend), json={"project": project.id, "batch_api": True}, timeout=60)
     assert started.status_code == 202, started.text
     job_id = started.json()["id"]
     assert wait_until(lambda: [b["status"] for b in llm.batches.values()] == ["in_progress"], timeout=120, interval=0.05)
-    assert httpx.delete(f"{backend.url}/jobs/{job_id}", timeout=30).status_code == 202
+    assert httpx.delete(f"{backend.url}/jobs/{job_id}", headers=job_auth(backend), timeout=30).status_code == 202
     final = wait_until(lambda: (j := httpx.get(f"{backend.url}/jobs/{job_id}").json())["state"] != "running" and j, timeout=60)
     assert final["state"] == "cancelled" and "its batches too" in final["message"], final
     (batch,) = llm.batches.values()
     assert batch["status"] in ("cancelling", "cancelled")  # the provider was asked to stop it
     assert final["done"] == 0 and llm.requests == [] and llm.batch_requests == []  # nothing answered, nothing paid
     assert all(project.predictions(t.id) == [] for t in project.tasks())
-    assert httpx.delete(f"{backend.url}/jobs/{job_id}", timeout=30).status_code == 409
+    assert httpx.delete(f"{backend.url}/jobs/{job_id}", headers=job_auth(backend), timeout=30).status_code == 409

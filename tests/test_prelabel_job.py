@@ -12,7 +12,7 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_texts, ls_args, predictions_written, span
+from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_auth, job_texts, ls_args, predictions_written, span
 from tests.fake_llm import Reply
 from tests.processes import REPO, backend_env, wait_until
 
@@ -188,18 +188,18 @@ def test_a_job_runs_inside_the_backend_over_http_with_progress_and_cancel(
     llm.latency, llm.max_concurrency = 0.2, 2
     backend = backend_factory(workers=2, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
     project = connected_project(job_texts(150), title="http job", backend=backend)
-    started = httpx.post(backend.url + "/jobs", json={"project": project.id, "concurrency": 2}, timeout=60)
+    started = httpx.post(backend.url + "/jobs", headers=job_auth(backend), json={"project": project.id, "concurrency": 2}, timeout=60)
     assert started.status_code == 202, started.text
     job = started.json()
     assert job["state"] == "running" and job["total"] == 150
     assert wait_until(lambda: httpx.get(f"{backend.url}/jobs/{job['id']}").json()["done"] >= 50, timeout=120)
     progress = httpx.get(f"{backend.url}/jobs/{job['id']}").json()  # any worker answers: the record is shared
     assert progress["tasks_per_second"] > 0 and progress["eta_seconds"] is not None and progress["prompt_tokens"] > 0
-    assert httpx.delete(f"{backend.url}/jobs/{job['id']}").status_code == 202
+    assert httpx.delete(f"{backend.url}/jobs/{job['id']}", headers=job_auth(backend)).status_code == 202
     final = wait_until(lambda: (j := httpx.get(f"{backend.url}/jobs/{job['id']}").json())["state"] != "running" and j, timeout=60)
     assert final["state"] == "cancelled" and 50 <= final["done"] < 150
     assert predictions_written(project) == final["done"]
     assert httpx.get(backend.url + "/jobs").json()["jobs"][0]["id"] == job["id"]
-    bad = httpx.post(backend.url + "/jobs", json={"project": project.id, "scope": "everything"})
+    bad = httpx.post(backend.url + "/jobs", headers=job_auth(backend), json={"project": project.id, "scope": "everything"})
     assert bad.status_code == 400 and "scope" in bad.json()["error"]
     assert httpx.get(backend.url + "/jobs/nope").status_code == 404

@@ -28,6 +28,7 @@ from tests.conftest import (
     assert_exact,
     cli,
     cli_on_fake,
+    job_auth,
     job_texts,
     ls_args,
     predictions_written,
@@ -64,7 +65,7 @@ def rq_backend(backend_factory, env: dict[str, str], workers: int):
 
 
 def start_job(backend, project) -> dict:
-    started = httpx.post(backend.url + "/jobs", json={"project": project.id}, timeout=60)
+    started = httpx.post(backend.url + "/jobs", headers=job_auth(backend), json={"project": project.id}, timeout=60)
     assert started.status_code == 202, started.text
     return started.json()
 
@@ -181,7 +182,7 @@ def test_cancel_stops_every_workers_chunks_and_takes_the_queued_ones_off_the_que
         return httpx.get(f"{backend.url}/jobs/{job_id}", timeout=30).json()
 
     assert wait_until(lambda: current()["done"] >= 40 and all(busy_worker(redis_url, w.pid) for w in workers), timeout=120, interval=0.05)
-    assert httpx.delete(f"{backend.url}/jobs/{job_id}", timeout=30).status_code == 202
+    assert httpx.delete(f"{backend.url}/jobs/{job_id}", headers=job_auth(backend), timeout=30).status_code == 202
     final = wait_until(lambda: (j := current())["state"] != "running" and j, timeout=60)
     assert final and final["state"] == "cancelled" and 40 <= final["done"] < 200, final
     assert predictions_written(project) == final["done"]
@@ -191,7 +192,7 @@ def test_cancel_stops_every_workers_chunks_and_takes_the_queued_ones_off_the_que
     # the chunks running at the cancel let their calls in flight end and start nothing more
     assert len(llm.requests) <= final["done"] + 2 * 2
     assert sum(chunks_ran(w.log_path.read_text(), job_id, "cancelled") for w in workers) >= 1
-    assert httpx.delete(f"{backend.url}/jobs/{job_id}", timeout=30).status_code == 409
+    assert httpx.delete(f"{backend.url}/jobs/{job_id}", headers=job_auth(backend), timeout=30).status_code == 409
 
 
 def test_a_task_failing_in_a_workers_chunk_is_reported_with_its_reason_and_never_written_empty(

@@ -166,3 +166,102 @@ def test_verified_webhooks_teach_what_label_studio_holds_not_what_the_payload_sa
     # a genuine deletion (Label Studio's own ANNOTATIONS_DELETED) is applied
     ls.annotations.delete(id=annotation.id)
     assert wait_until(lambda: learned(backend, project.id) == [], 30), "the deletion to reach the backend"
+
+
+# ---- verified mode, in-process against the same Label Studio: the probe's findings (issue 26) ----
+@pytest.fixture
+def verified_app(make_settings, label_studio):
+    from backend.protocol.server import create_app
+
+    def make(**overrides):
+        return create_app(make_settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token, **overrides))
+
+    return make
+
+
+def test_verified_mode_starts_cancels_and_reconfigures_nothing_for_an_unproven_caller(label_studio, verified_app, llm):
+    app = verified_app()
+    client = app.test_client()
+    ls, project, tasks = new_project(label_studio, "verified jobs")
+    assert client.post("/setup", json={"project": str(project.id), "schema": NER_CONFIG}).status_code == 200  # Label Studio's own
+
+    # a whole-project job, unauthenticated: refused, nothing paid, nothing written
+    started = client.post("/jobs", json={"project": project.id, "scope": "all", "concurrency": 256})
+    assert started.status_code == 403 and "Token" in started.json["error"], started.json
+    wrong = client.post("/jobs", json={"project": project.id}, headers={"Authorization": "Token " + "0" * 40})
+    assert wrong.status_code == 403
+    assert client.get("/jobs").json["jobs"] == [] and llm.requests == []
+
+    # someone's job: a stranger cannot cancel it; its owner's key can
+    from backend.pipeline.jobs import JobSpec
+
+    jobs = app.extensions["llm_ner"]["services"].jobs
+    job_id = jobs.create(JobSpec(project.id, "missing", None, 1, None), "v", 2)
+    assert client.delete(f"/jobs/{job_id}").status_code == 403 and not jobs.cancel_requested(job_id)
+    assert client.delete(f"/jobs/{job_id}", headers={"Authorization": f"Token {label_studio.token}"}).status_code == 202
+    assert jobs.cancel_requested(job_id)
+    jobs.finish(job_id, "cancelled")
+
+    # a label config that is not Label Studio's is not stored: a genuine PER correction keeps its span
+    forged = NER_CONFIG.replace('value="PER"', 'value="PERSON"')
+    refused = client.post("/setup", json={"project": str(project.id), "schema": forged})
+    assert refused.status_code == 403 and "label config" in refused.json["error"]
+    text = tasks[0].data["text"]
+    annotation = ls.annotations.create(id=tasks[0].id, result=[span(text, "Jordan", "PER")])
+    event = annotation_event("ANNOTATION_CREATED", annotation.id, tasks[0].id, text, [], project=project.id)
+    assert client.post("/webhook", json=event).json["outcome"] == "stored"
+    assert learned_in(app, project.id) == [(annotation.id, [("Jordan", "PER")])]
+
+
+def learned_in(app, project_id: int):
+    from backend.learning.store import ExampleStore
+
+    db = app.extensions["llm_ner"]["services"].db
+    return [(e.annotation_id, [(s.text, s.label) for s in e.spans]) for e in ExampleStore(db, str(project_id)).examples()]
+
+
+def test_verified_mode_never_bars_annotation_ids_label_studio_has_not_given_out(label_studio, verified_app, llm):
+    app = verified_app()
+    client = app.test_client()
+    ls, project, tasks = new_project(label_studio, "verified future ids")
+    assert client.post("/setup", json={"project": str(project.id), "schema": NER_CONFIG}).status_code == 200
+    text = tasks[0].data["text"]
+    first = ls.annotations.create(id=tasks[0].id, result=[span(text, "Jordan", "PER")])
+    for future in range(first.id + 1, first.id + 6):  # the next five ids, not made yet
+        forged = annotation_event("ANNOTATION_CREATED", future, tasks[1].id, "x", [], project=project.id)
+        assert client.post("/webhook", json=forged).json["outcome"] == "gone"
+    # annotators then make them: every correction is learnt, none refused as deleted
+    made = []
+    for _ in range(5):
+        task = tasks[1]
+        annotation = ls.annotations.create(id=task.id, result=[span(task.data["text"], "Pippen", "PER")])
+        made.append(annotation.id)
+        event = annotation_event("ANNOTATION_CREATED", annotation.id, task.id, task.data["text"], [], project=project.id)
+        assert client.post("/webhook", json=event).json["outcome"] == "stored"
+    assert set(made) & set(range(first.id + 1, first.id + 6)), (first.id, made)  # ids the forger named
+    assert sorted(a for a, _ in learned_in(app, project.id)) == sorted(made)
+
+
+def test_forged_tasks_created_naming_existing_tasks_pays_for_nothing(label_studio, verified_app, llm):
+    """3 forged TASKS_CREATED naming the project's tasks: those Label Studio shows as predicted,
+    annotated, or created before WARM_START_WINDOW are not new work: no LLM call at all."""
+    import time
+
+    app = verified_app(warm_start=True, warm_start_window=0.5)
+    client = app.test_client()
+    ls = label_studio.client()
+    project = ls.projects.create(title="verified warm start", label_config=NER_CONFIG)
+    ls.projects.import_tasks(id=project.id, request=[{"text": f"Ada number {i} lives in Oslo."} for i in range(30)])
+    tasks = sorted(ls.tasks.list(project=project.id), key=lambda t: t.id)
+    for task in tasks[:10]:
+        ls.predictions.create(task=task.id, result=[], model_version="earlier")
+    for task in tasks[10:20]:
+        ls.annotations.create(id=task.id, result=[])
+    time.sleep(1.0)  # the other ten are now older than WARM_START_WINDOW (0.5 s): not new
+    assert client.post("/setup", json={"project": str(project.id), "schema": NER_CONFIG}).status_code == 200
+    llm.gazetteer = {"Ada": "PER", "Oslo": "LOC"}
+    forged = {"action": "TASKS_CREATED", "project": {"id": project.id}, "tasks": [{"id": t.id} for t in tasks]}
+    for _ in range(3):
+        response = client.post("/webhook", json=forged)
+        assert response.status_code == 201 and response.json["outcome"] == "no tasks", response.json
+    assert llm.requests == []

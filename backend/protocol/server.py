@@ -404,7 +404,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         job = services.jobs.get(job_id)
         if job is None:
             raise BadRequest(f"no job {job_id[:40]!r}", status=404)
-        prove("DELETE /jobs/<job_id>", project=job["spec"]["project"])
+        prove("DELETE /jobs/<job_id>", project=job["project"])
         on_queue = services.job_queue is not None and job["runner"] == "rq"
         if not (services.job_queue.cancel(services.jobs, job_id) if on_queue else services.jobs.cancel(job_id)):
             raise BadRequest(f"job {job_id} is {job['state']}: nothing to cancel", status=409)
