@@ -328,3 +328,21 @@ def test_the_trust_mode_is_logged_once_at_start(backend_factory, env, words):
     log = backend.log()
     assert log.count("webhook trust:") == 1, log[-2000:]
     assert words in log
+
+
+def test_open_mode_creates_or_changes_at_most_setup_projects_per_hour_configs(make_client, settings, llm):
+    from backend.infra.storage import Database
+
+    client = make_client(setup_projects_per_hour=3)
+    for project in ("1", "2", "3"):
+        assert client.post("/setup", json={"project": project, "schema": NER_CONFIG}).status_code == 200
+    fourth = client.post("/setup", json={"project": "4", "schema": NER_CONFIG})
+    assert fourth.status_code == 429 and "SETUP_PROJECTS_PER_HOUR=3" in fourth.json["error"], fourth.json
+    assert int(fourth.headers["Retry-After"]) > 0
+    assert client.post("/setup", json={"project": "2", "schema": NER_CONFIG}).status_code == 200  # known: no change
+    # /predict still answers with its config, which is not stored
+    llm.gazetteer = {"Ada": "PER"}
+    answer = client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "Ada"}}], "project": "5.1", "label_config": NER_CONFIG})
+    assert answer.status_code == 200 and answer.json["results"][0]["result"]
+    db = Database.in_dir(settings.model_dir)
+    assert [db.label_config(p) is not None for p in "12345"] == [True, True, True, False, False]
