@@ -140,6 +140,18 @@ class Settings(BaseSettings):
 
     # --- request handling ---
     max_request_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    request_body_budget: int = Field(
+        default=None, gt=0, validate_default=False,  # type: ignore[arg-type]
+        description="bytes of request bodies one worker reads and handles at once (at least MAX_REQUEST_BYTES;"
+        " unset = the larger of 64 MiB and MAX_REQUEST_BYTES); a body beyond waits REQUEST_BODY_WAIT, then gets 503 with Retry-After",
+    )
+    request_body_wait: float = Field(
+        default=10.0, ge=0, description="seconds a body waits for room in REQUEST_BODY_BUDGET before its 503"
+    )
+    max_example_chars: int = Field(
+        default=20_000_000, ge=1,
+        description="characters of example texts kept per project (with MAX_EXAMPLES); annotations of further tasks are not stored",
+    )
     max_text_chars: int = Field(
         default=200_000, gt=0, description="longer task texts are refused (413) instead of sent to the LLM"
     )
@@ -260,6 +272,14 @@ class Settings(BaseSettings):
     def _chunk_overlap_fits(self) -> Settings:
         if self.llm_chunk_overlap * 2 > self.llm_context_chars:
             raise ValueError("LLM_CHUNK_OVERLAP must be at most half of LLM_CONTEXT_CHARS")
+        return self
+
+    @model_validator(mode="after")
+    def _body_budget(self) -> Settings:
+        if self.request_body_budget is None:
+            self.request_body_budget = max(64 * 1024 * 1024, self.max_request_bytes)
+        elif self.request_body_budget < self.max_request_bytes:
+            raise ValueError("REQUEST_BODY_BUDGET must be at least MAX_REQUEST_BYTES (a body that size must fit)")
         return self
 
     @model_validator(mode="after")

@@ -270,12 +270,13 @@ class ExampleStore:
 
     def upsert_annotation(
         self, annotation_id: int, task_id: int, updated_at: float, targets: dict[str, tuple[str, Sequence[Span]]],
-        limit: int | None = None,
+        limit: int | None = None, max_chars: int | None = None,
     ) -> str:
         """Store (or replace) one annotation's example rows: `targets` maps from_name -> (text, spans).
 
         Returns "stored", "unchanged", "stale" (a newer version is already stored), "deleted", or
-        "full" (a new annotation while `limit` annotations are stored already).
+        "full" (a new annotation while `limit` annotations are stored already, or one whose texts
+        would take the project's example texts past `max_chars` characters).
         """
         with self.db.transaction() as conn:
             if conn.execute(
@@ -293,6 +294,13 @@ class ExampleStore:
                     "SELECT COUNT(DISTINCT annotation_id) FROM examples WHERE project_id=?", (self.project_id,)
                 ).fetchone()[0]
                 if stored >= limit:
+                    return "full"
+            if not old and max_chars is not None:
+                # the texts of a project's examples, all of them: what its example index holds in each worker
+                held = conn.execute(
+                    "SELECT COALESCE(SUM(LENGTH(text)), 0) FROM examples WHERE project_id=?", (self.project_id,)
+                ).fetchone()[0]
+                if held + sum(len(text) for text, _ in targets.values()) > max_chars:
                     return "full"
             drafts = {r["from_name"]: r["draft"] for r in old}
             new_rows = []

@@ -305,11 +305,12 @@ def _learn(
         SPANS.labels(outcome).inc(count)
     if set(+counts) - {"ok"}:
         log.info("%s: annotation %s: spans %s", event, annotation_id, dict(counts))
-    outcome = store.upsert_annotation(annotation_id, task_id, updated_at, targets, limit=settings.max_examples)
+    outcome = store.upsert_annotation(annotation_id, task_id, updated_at, targets, limit=settings.max_examples,
+                                      max_chars=settings.max_example_chars)
     if outcome == "full":
-        log.warning("%s: annotation %s not stored: project %s holds MAX_EXAMPLES=%d annotations",
-                    event, annotation_id, store.project_id, settings.max_examples)
-        return Learned("full: MAX_EXAMPLES reached")
+        log.warning("%s: annotation %s not stored: project %s holds MAX_EXAMPLES=%d annotations or MAX_EXAMPLE_CHARS=%d"
+                    " characters of text", event, annotation_id, store.project_id, settings.max_examples, settings.max_example_chars)
+        return Learned("full: MAX_EXAMPLES or MAX_EXAMPLE_CHARS reached")
     log.info("%s: annotation %s of task %s: %s", event, annotation_id, task_id, outcome)
     valid = outcome in ("stored", "unchanged")
     return Learned(outcome, result=list(result) if valid else None, annotation_id=annotation_id)

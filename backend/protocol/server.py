@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from backend import __version__
 from backend.infra import metrics
 from backend.infra.errors import BackendError, BadRequest, ConfigError
+from backend.infra.guards import ByteBudget
 from backend.infra.payloads import validated
 from backend.infra.settings import Settings, get_settings
 from backend.infra.storage import STORE_ERRORS, StoreUnavailable
@@ -44,6 +45,17 @@ from backend.protocol.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+# bodies up to this size are not counted against REQUEST_BODY_BUDGET: the threads of a worker hold
+# at most a few MB of them, and /setup and small /predict calls never wait behind a large webhook
+SMALL_BODY = 256 * 1024
+
+
+class Busy(BadRequest):
+    """Answered 503 with Retry-After: the worker holds as many request bodies as its budget allows."""
+
+    retry_after = 5
+
 
 def load_model_class(path: str = "model:NERModel") -> type[LabelStudioMLBase]:
     module_name, _, class_name = path.partition(":")
@@ -179,6 +191,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.extensions["llm_ner"] = {"services": services, "registry": registry}
 
     gate = services.gate or Gate(settings, services.label_studio_source, db)
+    bodies = services.bodies or ByteBudget(settings.request_body_budget)  # type: ignore[arg-type]
 
     def credentials_ok() -> bool:
         if not settings.basic_auth_user:
@@ -209,6 +222,27 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             prove(route, early=True)  # the route's own row; what needs the body is asked by the route itself
         elif settings.basic_auth_user and not credentials_ok():
             raise Unproven("authentication required", 401)  # no such route: say nothing more without credentials
+        _reserve_body()
+
+    def _reserve_body() -> None:
+        """Room in the worker's budget for this body, before a byte of it is read (a chunked one
+        counts as MAX_REQUEST_BYTES); given back when the request ends."""
+        chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        size = request.content_length if request.content_length is not None else settings.max_request_bytes if chunked else 0
+        if size <= SMALL_BODY or size > settings.max_request_bytes:  # beyond: werkzeug's 413, read in pieces
+            return
+        if not bodies.take(size, settings.request_body_wait):
+            raise Busy(
+                f"this worker is reading {bodies.used} bytes of other request bodies (REQUEST_BODY_BUDGET="
+                f"{bodies.total}): retry in a few seconds", status=503,
+            )
+        g.body_reserved = size
+
+    @app.teardown_request
+    def _give_back_body(error: BaseException | None) -> None:
+        size = g.pop("body_reserved", 0)
+        if size:
+            bodies.give_back(size)
 
     @app.after_request
     def _measure(response: Response) -> Response:
@@ -228,7 +262,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.errorhandler(BadRequest)
     def _bad_request(error: BadRequest):
-        return jsonify(error=str(error)), error.status
+        response = jsonify(error=str(error))
+        response.status_code = error.status
+        if isinstance(error, Busy):
+            response.headers["Retry-After"] = str(error.retry_after)
+            _discard_body(request.environ, limit=settings.max_request_bytes)  # in pieces: the client gets its answer
+        return response
 
     @app.errorhandler(Unproven)
     def _unproven(error: Unproven):

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.infra.guards import OnePerKey
+from backend.infra.guards import ByteBudget, OnePerKey
 from backend.infra.masking import Secrets
 from backend.infra.settings import Settings
 from backend.infra.storage import Database
@@ -52,6 +52,7 @@ class Services:
     secrets: Secrets = field(default_factory=Secrets)  # what every answer, record and log line is masked of
     job_queue: Any = None  # with REDIS_URL: the RQ queue project jobs' chunks go to (protocol/rqworker.py)
     gate: Gate | None = None  # what each route asks a caller to prove (protocol/trust.py)
+    bodies: ByteBudget | None = None  # bytes of request bodies read and handled at once (REQUEST_BODY_BUDGET)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
@@ -93,6 +94,7 @@ class Services:
             label_studio_source=source,
             securing=securing,
             gate=Gate(settings, source, db),
+            bodies=ByteBudget(settings.request_body_budget),
         )
 
     @property

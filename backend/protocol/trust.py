@@ -122,7 +122,7 @@ TABLE: tuple[Row, ...] = (
          cell(C)),
     _anyone_or_credentials("POST /webhook", "reads", note="a known project; events learnt from as below"),
     _row(ANNOTATION, "writes",
-         cell(note="the payload, within bounds (ids, times, sizes, MAX_EXAMPLES, MAX_EXAMPLE_BYTES)"),
+         cell(note="the payload, within bounds (ids, times, sizes, MAX_EXAMPLES, MAX_EXAMPLE_CHARS)"),
          cell(C, note="the payload, within the same bounds"),
          cell(L, note="the annotation and its task as Label Studio holds them; an id it lacks is forgotten only if stored"),
          cell(C, L)),
