@@ -192,3 +192,26 @@ def test_one_megabyte_text_aligns_with_every_span_exact():
     assert len(result.spans) == 4 * repeats and not result.dropped
     assert all(text[s.start : s.end] == s.text for s in result.spans)
     assert elapsed < 30  # a guard against quadratic blow-ups, not the speed target (see benchmarks/)
+
+
+def test_a_name_right_after_or_before_a_zero_width_joiner_is_found():
+    assert spans("\u200dLondon calling", [("London", "LOC")]) == [(1, 7, "London", "LOC")]
+    assert spans("在\u200d北京", [("北京", "LOC")]) == [(2, 4, "北京", "LOC")]
+    assert spans("北京\u200d在", [("北京", "LOC")]) == [(0, 2, "北京", "LOC")]
+    assert spans("visit \u200dＬｏｎｄｏｎ", [("London", "LOC")]) == [(7, 13, "Ｌｏｎｄｏｎ", "LOC")]  # the normalised tier too
+    assert spans("\u2060London and \u200bParis", [("\u200dLondon", "LOC"), ("Paris\u200b", "LOC")]) == [
+        (1, 7, "London", "LOC"), (13, 18, "Paris", "LOC")]  # format characters at a surface's ends are no part of it
+    # the joiner still glues what it joins: an emoji sequence, an Indic conjunct (virama + ZWJ)
+    assert spans("👨\u200d👩 family", [("👩", "X")]) == []
+    assert spans("क्\u200dष", [("ष", "X")]) == []
+
+
+def test_label_all_mentions_never_marks_a_name_inside_a_longer_name():
+    text = "中国人民银行称，中国经济向好。中国人民银行将继续"
+    got = spans(text, [("中国", "LOC"), ("中国人民银行", "ORG")])
+    assert got == [(0, 6, "中国人民银行", "ORG"), (8, 10, "中国", "LOC"), (15, 21, "中国人民银行", "ORG")]
+    got = spans("York, then New York, then York", [("York", "LOC"), ("New York", "LOC")])
+    assert got == [(0, 4, "York", "LOC"), (11, 19, "New York", "LOC"), (26, 30, "York", "LOC")]
+    # off, what was listed stays where the walk put it
+    assert spans(text, [("中国", "LOC"), ("中国人民银行", "ORG")], label_all_mentions=False) == [
+        (0, 2, "中国", "LOC"), (15, 21, "中国人民银行", "ORG")]

@@ -9,7 +9,8 @@ Finding a surface, in three tiers (the first tier that finds a usable occurrence
   3. `normalised`: on a folded view of the text (NFKC, case-folded, whitespace runs collapsed to
      one space, curly quotes and dash variants made ASCII, soft hyphens, zero-width and bidi
      control characters removed), mapped back to original offsets through an offset table.
-A surface is stripped of surrounding whitespace, and of CJK sentence punctuation (、。，：；！？ and
+A surface is stripped of surrounding whitespace and invisible format characters (ZWJ, ZWSP, bidi
+marks...), and of CJK sentence punctuation (、。，：；！？ and
 their full-width forms) at its ends. Every occurrence must sit on word boundaries (`Apple` never matches inside `Pineapple`) and must not
 split a grapheme cluster (a base and its combining marks, an emoji ZWJ sequence, CRLF). Scripts
 written without spaces (CJK, Thai, Lao, Khmer, Myanmar, Hangul with its particles) need no word
@@ -29,8 +30,9 @@ what tells apart the one-character names of unspaced scripts (中 China, 美 USA
 character inside an ordinary word (年中, 美好).
 
 `label_all_mentions`: afterwards, every other occurrence of a matched surface is labelled too, unless
-the LLM gave that (normalised) surface more than one label. Such added spans never displace or
-overlap a span the LLM listed. One exception: an occurrence of a one-character surface of an
+the LLM gave that (normalised) surface more than one label. Such added spans never overlap a span
+the LLM listed, and the longer name wins: an occurrence of a listed surface that holds listed
+spans wholly inside it (the walk put 中国 on the 中国 of 中国人民银行) takes their place. One exception: an occurrence of a one-character surface of an
 unspaced script (a Chinese character, a Thai letter) that touches a letter of such a script on
 either side is never added, since without word boundaries there is no telling a name (中 in 中美)
 from a piece of a longer word (中 in 年中); standing alone (between punctuation, spaces, digits or
@@ -143,11 +145,31 @@ def _continues(ch: str) -> bool:
     )
 
 
+def _joins(text: str, k: int) -> bool:
+    """Whether the ZWJ at k glues its neighbours into one cluster: in an emoji sequence (a pictograph
+    after it) or an Indic conjunct (a virama before it). Elsewhere (before a name, between a Chinese
+    character and the next) it is an invisible format character that glues nothing, and a name right
+    after or before it is found ("\u200dLondon", "在\u200d北京")."""
+    after = text[k + 1] if k + 1 < len(text) else ""
+    if after and (unicodedata.category(after) == "So" or 0x1F000 <= ord(after) <= 0x1FAFF):
+        return True
+    return k > 0 and unicodedata.combining(text[k - 1]) == 9  # a virama (canonical combining class 9)
+
+
+def _glued(text: str, i: int) -> bool:
+    """Whether text[i] belongs to the grapheme cluster of text[i - 1]."""
+    if text[i] == ZWJ:
+        return _joins(text, i)
+    if text[i - 1] == ZWJ:
+        return _joins(text, i - 1)
+    return _continues(text[i])
+
+
 def splits_cluster(text: str, i: int) -> bool:
     """Whether cutting `text` at i separates a grapheme cluster (base + marks, ZWJ sequence, CRLF)."""
     if i <= 0 or i >= len(text):
         return False
-    return _continues(text[i]) or text[i - 1] == ZWJ or (text[i - 1] == "\r" and text[i] == "\n")
+    return _glued(text, i) or (text[i - 1] == "\r" and text[i] == "\n")
 
 
 def _cut_ok(text: str, i: int) -> bool:
@@ -230,7 +252,7 @@ class FoldedView:
             i = 0
             while i < len(run):
                 j = i + 1
-                while j < len(run) and (_continues(run[j]) or run[j - 1] == ZWJ):
+                while j < len(run) and _glued(run, j):
                     j += 1
                 add(_fold(run[i:j]), start + i, start + j, False)
                 i = j
@@ -476,7 +498,8 @@ class Aligner:
         entities = list(entities)
         self.expect(item[0].strip() for item in entities if item[0])
         for item in entities:
-            surface = (item[0] or "").strip()
+            # invisible format characters at a name's ends (copied along from the text) are no part of it
+            surface = (item[0] or "").strip().strip(_IGNORABLE).strip()
             label = item[1]
             if surface and (surface[0] >= "\u3001" or surface[-1] >= "\u3001") and (
                 surface[0] in _CJK_STOPS or surface[-1] in _CJK_STOPS
@@ -659,17 +682,37 @@ def resolve(
             if len(names) == 1:  # more than one: the LLM itself told mentions apart, trust only its list
                 (label,) = names
                 wanted.update(dict.fromkeys(surfaces[folded], label))
+        # without overlaps, every occurrence (a free one is added; one holding listed spans may take their place)
         extras = [
             (s - e, s, e, surface, wanted[surface])
-            for s, e, surface in aligner.every_occurrence(wanted, occupied)
+            for s, e, surface in aligner.every_occurrence(wanted, None if not allow_overlap else occupied)
             if e - s > 1 or not aligner.undecidable(s, e)
         ]
-        extras.sort()
+        extras.sort()  # longest first
+        chosen.sort()
+        starts = [span.start for span in chosen]
         for _, s, e, surface, label in extras:
-            if occupied.find(1, s, e) == -1:
-                chosen.append(Span(s, e, surface, label))
-                occupied[s:e] = b"\x01" * (e - s)
-                added += 1
+            if occupied.find(1, s, e) != -1:
+                if allow_overlap:
+                    continue
+                # The longer name wins: the walk may have put a listed shorter name inside an occurrence of a
+                # longer one (中国, listed first, at the 中国 of 中国人民银行 when the bank was listed for a later
+                # mention). An occurrence whose marked characters are all listed spans wholly inside it takes
+                # their place; one that crosses a span's edge (or is one) is left alone.
+                first = bisect.bisect_right(starts, s) - 1 if starts else -1
+                first = first if first >= 0 and chosen[first].end > s else first + 1
+                last = bisect.bisect_left(starts, e)
+                inner = chosen[first:last]
+                if not inner or inner[0].start < s or inner[-1].end > e or (inner[0].start, inner[-1].end) == (s, e):
+                    continue
+                del chosen[first:last], starts[first:last]
+                occupied[s:e] = bytes(e - s)
+                dropped["overlap"] += len(inner)
+            at = bisect.bisect_left(starts, s)
+            chosen.insert(at, Span(s, e, surface, label))
+            starts.insert(at, s)
+            occupied[s:e] = b"\x01" * (e - s)
+            added += 1
     chosen.sort()
     return chosen, added
 
