@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from backend.infra import metrics
+from backend.infra.storage import STORE_ERRORS
 from backend.infra.usage import Meter, metering
 from backend.learning import webhooks
 from backend.learning.store import ExampleStore
@@ -172,7 +173,15 @@ class NERModel(LabelStudioMLBase):
         """A task whose prediction of this version the backend already wrote into Label Studio (work a
         deadline cut, or a project job) is answered [], so Label Studio never holds it twice."""
         answered = [t["id"] for t, p in zip(tasks, predictions) if p is not None and isinstance(t.get("id"), int)]
-        mine = self.services.deliveries.claim(self.project_id, version, answered)
+        try:
+            mine = self.services.deliveries.claim(self.project_id, version, answered)
+        except STORE_ERRORS as error:
+            # the LLM calls are paid: answer them (a task the backend wrote itself before the store went
+            # away may then hold two predictions of this version) rather than a 503 that throws them away
+            metrics.STORE_WRITES_LOST.labels("claims").inc()
+            log.warning("project %s: %d pre-labels answered without their delivery claims, the store cannot be written: %s",
+                        self.project_id, len(answered), error)
+            return predictions
         return [p if p is None or not isinstance(t.get("id"), int) or t["id"] in mine else None for t, p in zip(tasks, predictions)]
 
     def predict_interactive(self, task: dict[str, Any], marks: Marks, version: str) -> PredictionValue:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +262,17 @@ class Postgres:
             for statement in statements:
                 conn.execute(statement)
 
+    # a cluster of a test's own (run_postgres) can be stopped and started again: the server really gone
+    pg_ctl: Callable[..., None] | None = None
+
+    def stop(self) -> None:
+        assert self.pg_ctl is not None
+        self.pg_ctl("-m", "fast", "-w", "stop")
+
+    def start(self) -> None:
+        assert self.pg_ctl is not None
+        self.pg_ctl("-w", "-t", "60", "start")
+
 
 @contextmanager
 def run_postgres(durable: bool = False) -> Iterator[Postgres]:
@@ -288,9 +299,12 @@ def run_postgres(durable: bool = False) -> Iterator[Postgres]:
     if not durable:
         options += " -c fsync=off -c synchronous_commit=off"
     run(str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+    def pg_ctl(*arguments: str) -> None:
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log_path), *arguments)
+
     try:
-        run(str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log_path), "-w", "-t", "60", "start")
-        yield Postgres(base, port)
+        pg_ctl("-w", "-t", "60", "start")
+        yield Postgres(base, port, pg_ctl)
     finally:
         if (data / "postmaster.pid").exists():
             subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],

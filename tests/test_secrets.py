@@ -7,15 +7,17 @@ echoes the API key in its error messages; then every captured byte is searched f
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
 
-from tests.conftest import NER_CONFIG
+from tests.conftest import NER_CONFIG, cli
 from tests.fake_llm import Reply
-from tests.processes import REPO, TEST_API_KEY, backend_env
+from tests.processes import REPO, TEST_API_KEY, backend_env, wait_until
 
 BASIC_PASS = "basic-secret-0c9d7e21"
 LS_API_KEY = "ls-api-key-secret-77aa10"
@@ -103,3 +105,125 @@ def test_a_configuration_error_names_the_setting_but_never_prints_a_secret(tmp_p
     assert named in result.stderr
     assert leaked(result.stdout + result.stderr) == []
     assert "Traceback" not in result.stderr
+
+
+# ---- a planted key on every way out: answers, job records, the store, the log, the CLI and its files ----
+URL_PASSWORD = "url-pass-secret-5b5b"  # in OPENAI_BASE_URL's userinfo
+
+
+class EchoingProxy:
+    """A proxy in front of the real Label Studio that, for paths starting with `fail`, answers 502 with a
+    body quoting the request's Authorization header (as misconfigured proxies and debug pages do)."""
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+
+        self.upstream, self.fail, self.echoed = upstream, None, 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.fail is not None and self.path.startswith(proxy.fail):
+                    proxy.echoed += 1
+                    status, headers = 502, {"Content-Type": "application/json"}
+                    content = json.dumps({"detail": f"Authorization {self.headers.get('Authorization')} refused upstream ({self.path})"}).encode()
+                else:
+                    sent = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+                    answer = httpx.request(self.command, proxy.upstream + self.path, headers=sent, content=body, timeout=120)
+                    status, content = answer.status_code, answer.content
+                    headers = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "location")}
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _relay
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def spellings(secret: str) -> list[str]:
+    return sorted({secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]})
+
+
+@pytest.mark.label_studio
+def test_a_planted_key_that_label_studio_or_a_proxy_echoes_never_leaves_by_any_way_out(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    key = label_studio.token
+    planted = [s for secret in (key, BASIC_PASS, URL_PASSWORD) for s in spellings(secret)]
+    llm.gazetteer = {"Ada": "PER"}
+    llm_url = llm.base_url.replace("://", f"://robot:{URL_PASSWORD}@", 1)
+    project = connected_project(["Ada wrote.", "Ada read."], title="planted key", connect=False)
+    proxy = EchoingProxy(label_studio.url)
+    outward: list[str] = []  # everything that left, from every way out
+    try:
+        model_dir = tmp_path / "model"
+        backend = backend_factory(workers=1, model_dir=model_dir, LABEL_STUDIO_URL=proxy.url, LABEL_STUDIO_API_KEY=key,
+                                  BASIC_AUTH_USER="robot", BASIC_AUTH_PASS=BASIC_PASS, OPENAI_BASE_URL=llm_url)
+        http = httpx.Client(base_url=backend.url, timeout=60, headers=AUTH)
+
+        def call(method, path, **kwargs):
+            response = http.request(method, path, **kwargs)
+            outward.append(f"{response.status_code} {response.headers} {response.text}")
+            return response
+
+        # a job that starts (the project is read) and fails on the tasks, the proxy quoting the key
+        proxy.fail = "/api/tasks"
+        started = call("POST", "/jobs", json={"project": project.id})
+        assert started.status_code == 202, started.text
+        job_id = started.json()["id"]
+        wait_until(lambda: call("GET", f"/jobs/{job_id}").json()["state"] != "running", timeout=120)
+        job = call("GET", f"/jobs/{job_id}").json()
+        assert job["state"] == "failed" and "***" in job["message"], job
+        call("GET", "/jobs")
+        # an error answer quoting Label Studio's body, and the rest of the routes
+        proxy.fail = "/api/projects"
+        refused = call("POST", "/jobs", json={"project": project.id})
+        assert refused.status_code >= 400, refused.text
+        call("POST", "/setup", json={"project": str(project.id), "schema": NER_CONFIG})
+        call("POST", "/predict", json={"tasks": [{"id": 1, "data": {"text": "Ada wrote."}}], "project": str(project.id)})
+        call("GET", "/health")
+        call("GET", "/metrics")
+        outward.append(backend.log())
+        outward.append((model_dir / "backend.sqlite3").read_bytes().decode("utf-8", "replace"))
+
+        # the command line: connect and prelabel through the echoing proxy, doctor and reports with the URL's password
+        env = backend_env(llm_url, tmp_path / "cli-model", LABEL_STUDIO_URL=proxy.url, LABEL_STUDIO_API_KEY=key,
+                          BASIC_AUTH_USER="robot", BASIC_AUTH_PASS=BASIC_PASS, LLM_RETRY_BASE="0.01")
+        runs = [
+            cli("connect", "--project", str(project.id), "--url", backend.url, env=env),
+            cli("prelabel", "--project", str(project.id), "--yes", "--quiet", env=env),
+            cli("doctor", "--json", str(tmp_path / "doctor.json"), env={**env, "LLM_PROBE": "true"}),
+        ]
+        source = tmp_path / "one.conll"
+        source.write_text("Ada B-PER\nwrote O\n. O\n\nAda B-PER\nread O\n. O\n", encoding="utf-8")
+        config = tmp_path / "one.env"
+        config.write_text(f"OPENAI_BASE_URL={llm_url}\n", encoding="utf-8")
+        reports = [tmp_path / "report.json", tmp_path / "report.html"]
+        runs.append(cli("compare", str(source), "--per", "sentence", "--config", str(config), "--quiet",
+                        "--json", str(reports[0]), "--html", str(reports[1]), env=env))
+        assert proxy.echoed >= 3  # the job's tasks, the refused job, connect (and prelabel)
+        assert runs[-1].returncode == 0, runs[-1].stderr
+        assert "***" in runs[0].stdout + runs[0].stderr and "***" in runs[2].stdout  # connect's error, doctor's endpoint
+        outward += [run.stdout + run.stderr for run in runs]
+        outward += [path.read_text(encoding="utf-8") for path in [*reports, tmp_path / "doctor.json"] if path.exists()]
+        assert "robot:***@" in reports[0].read_text(encoding="utf-8")  # the report names the endpoint, masked
+    finally:
+        proxy.close()
+    found = [(secret, text[max(0, text.find(secret) - 200):text.find(secret) + 50]) for text in outward for secret in planted
+             if secret in text]
+    assert found == [], found

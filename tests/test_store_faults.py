@@ -228,3 +228,98 @@ def test_postgresql_going_away_under_a_running_backend_is_reported_and_recovered
     assert "Traceback" not in log and "unexpected error" not in log and PASSWORD not in log
     assert log.count("Booting worker") == 1
     postgres.admin(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_postgresql_stopped_under_load_answers_the_pre_labels_already_paid_for(backend_factory, llm, tmp_path):
+    """The server really stops (a cluster of the test's own) while /predict calls wait on the LLM: the
+    answers they paid for go out (not a 503 after the pool's timeouts), the lost bookkeeping is logged
+    and counted, and /health is UP again at the first write after the server is back."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.processes import run_postgres, wait_until
+
+    with run_postgres() as own:
+        own.admin("CREATE DATABASE stopped")
+        # Label Studio credentials: pre-labels are claimed as delivered (a write) before they are answered
+        backend = backend_factory(workers=1, DATABASE_URL=own.url("stopped"), LABEL_STUDIO_URL="http://127.0.0.1:9",
+                                  LABEL_STUDIO_API_KEY="ls-key-unused-here", PACK_SIZE="1")
+        http = httpx.Client(base_url=backend.url, timeout=120)
+        assert http.post("/setup", json={"project": "1", "schema": NER_CONFIG}).status_code == 200
+        arrived, release = [], threading.Event()
+
+        def held(body):  # the LLM call is made (and paid); its answer comes once the server is gone
+            arrived.append(body)
+            release.wait(120)
+            return llm.gazetteer_reply(body)
+
+        llm.gazetteer, llm.responder = {"Oslo": "LOC"}, held
+        bodies = [{"tasks": [{"id": i, "data": {"text": f"Oslo, part {i}."}}], "project": "1.1", "label_config": NER_CONFIG}
+                  for i in range(1, 7)]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = [pool.submit(http.post, "/predict", json=body) for body in bodies]
+            try:
+                assert wait_until(lambda: len(arrived) == len(bodies), timeout=60)
+                own.stop()
+            finally:
+                release.set()
+            answers = [a.result() for a in answers]
+        assert [a.status_code for a in answers] == [200] * len(bodies), [a.text for a in answers]
+        assert all([r["value"]["text"] for r in a.json()["results"][0]["result"]] == ["Oslo"] for a in answers)
+        lost = metric_in(http.get("/metrics").text, "llm_ner_store_writes_lost_total")
+        assert lost.get("claims", 0) >= 1 and lost.get("cache", 0) >= 1, lost
+        log = backend.log()
+        assert "pre-labels answered without their delivery claims" in log and "Traceback" not in log
+        assert http.get("/health").status_code == 503
+
+        own.start()
+        changed = NER_CONFIG.replace('value="PER"', 'value="PERSON"')
+        assert wait_until(lambda: http.post("/setup", json={"project": "1", "schema": changed}).status_code == 200,
+                          timeout=60, interval=0.5)
+        assert http.get("/health").status_code == 200  # at once: the write went through
+        assert log.count("Booting worker") == 1
+
+
+def metric_in(text: str, name: str) -> dict[str, float]:
+    """{kind label: value} of a counter with one label, from /metrics text."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].split("} ")
+            values[labels.split('"')[1]] = float(value)
+    return values
+
+
+def test_health_is_up_again_soon_after_a_full_disk_is_freed(backend_factory, llm, tmp_path):
+    """Today's failure memory kept /health DOWN for a minute after the disk was freed; it is UP again at
+    the first write that goes through, /health's own (a write large enough to prove the room)."""
+    from backend.infra.storage import Database
+    from tests.processes import wait_until
+
+    model_dir = tmp_path / "model"
+    store = Database.in_dir(model_dir)  # made and filled by the test (no size limit): room to give back later
+    with store.transaction() as conn:
+        conn.execute("INSERT INTO project_values(project_id, key, value) VALUES ('', 'filler', ?)", ("x" * 1_000_000,))
+    store.close()
+    backend = backend_factory(workers=1, model_dir=model_dir, max_file_bytes=2_000_000)
+    http = httpx.Client(base_url=backend.url, timeout=30)
+    assert http.post("/setup", json={"project": "1", "schema": NER_CONFIG}).status_code == 200
+    for i in range(1, 60):
+        text = f"Jordan number {i} " + "x" * 150_000
+        event = annotation_event("ANNOTATION_CREATED", i, i, text, [span(text, "Jordan", "PER")], project=1)
+        if http.post("/webhook", json=event).status_code == 503:
+            break
+    else:
+        raise AssertionError("the store never stopped growing")
+    assert http.get("/health").status_code == 503
+
+    # the disk is freed: the filler goes (its pages are free for the backend's next writes)
+    with sqlite3.connect(model_dir / "backend.sqlite3") as conn:
+        conn.execute("DELETE FROM project_values WHERE key='filler'")
+    with sqlite3.connect(model_dir / "backend.sqlite3") as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    # no other traffic: /health's own write tells (it checks again every few seconds, not after a minute)
+    assert wait_until(lambda: http.get("/health").status_code == 200, timeout=30, interval=0.5)
+    assert http.post("/webhook", json=annotation_event("ANNOTATION_CREATED", 500, 500, "Ada wrote.", [span("Ada wrote.", "Ada", "PER")],
+                                                       project=1)).status_code == 201
+    assert "Traceback" not in backend.log()

@@ -59,6 +59,11 @@ BACKLOG = Gauge(
     "llm_ner_backlog_tasks", "Tasks still being pre-labeled after their /predict's deadline", multiprocess_mode="livesum"
 )
 JOB_TASKS = Counter("llm_ner_job_tasks_total", "Tasks handled by project jobs, by outcome", ["outcome"])
+STORE_WRITES_LOST = Counter(
+    "llm_ner_store_writes_lost_total",
+    "Bookkeeping writes lost because the store could not be written (the pre-labels were answered all the same), by kind",
+    ["kind"],
+)
 UNANSWERED = Counter(
     "llm_ner_unanswered_tasks_total",
     "Tasks /predict answered with no prediction (Label Studio asks again later), by reason",

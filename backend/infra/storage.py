@@ -37,6 +37,8 @@ FAILURE_MEMORY = 60.0  # seconds a failed write keeps the store reported as fail
 # BEGIN IMMEDIATE takes the file's write lock (see Database.transaction)
 WRITE_LOCK = 0x6C6C6D6E6572  # "llmner"
 CONNECT_TIMEOUT = 10  # seconds to reach PostgreSQL before saying it is unreachable
+RECOVERY_PROBE_BYTES = 256 * 1024  # what /health writes to tell a store that works again after a failed write
+UNREACHABLE_WAIT = 1.0  # ...and once it was found unreachable, until a write succeeds again
 
 # what a failing store raises, in either engine: catch these, never one engine's alone
 STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
@@ -439,6 +441,26 @@ class Database:
         self._failure = (time.monotonic(), store_state(error), detail)
         self._health = None
 
+    def _succeeded(self) -> None:
+        """A write went through: the store is usable again, and /health says so at once."""
+        if self._failure is not None:
+            self._failure = None
+            self._health = None
+
+    def failing(self) -> bool:
+        """Whether a write or read failed lately and none succeeded since."""
+        failure = self._failure
+        return failure is not None and time.monotonic() - failure[0] < FAILURE_MEMORY
+
+    def _pool_wait(self) -> float:
+        """Seconds to wait for a PostgreSQL connection: CONNECT_TIMEOUT, but little while the server is
+        known to be unreachable, so the bookkeeping after paid LLM calls (cache, usage, drafts, claims)
+        fails in a second and the answers go out, instead of each write waiting the whole timeout."""
+        failure = self._failure
+        if failure is not None and failure[1] == "unreachable" and time.monotonic() - failure[0] < FAILURE_MEMORY:
+            return UNREACHABLE_WAIT
+        return CONNECT_TIMEOUT
+
     def health(self) -> dict[str, Any]:
         """The store's state for /health: {"state": ok | busy | full | read-only | corrupt |
         unreachable | failing, "engine", "path" (SQLite) or "database" (PostgreSQL, no password),
@@ -450,10 +472,14 @@ class Database:
             return self._health[1]
         state, detail = ("ok", None) if self.engine == "postgresql" else self._disk_state()
         if state == "ok":
+            recovering = self.failing()
             try:
-                self._probe_write()
+                self._probe_write(RECOVERY_PROBE_BYTES if recovering else 0)
             except STORE_ERRORS as error:
                 state, detail = store_state(error), str(error)
+            else:
+                if recovering:  # a write the size of a long correction went through: the store works again
+                    self._succeeded()
         failure = self._failure
         if state == "ok" and failure is not None and now - failure[0] < FAILURE_MEMORY:
             state, detail = failure[1], failure[2]
@@ -473,11 +499,14 @@ class Database:
             return "full", f"{free} bytes free under {self.path.parent}"
         return "ok", None
 
-    def _probe_write(self) -> None:
+    def _probe_write(self, room: int = 0) -> None:
+        """A small write (the row is overwritten each time); with `room`, one of that many bytes more:
+        after a failed write a few bytes going through prove little (a full disk still takes them)."""
         write = (
             "INSERT INTO project_values(project_id, key, value) VALUES ('', 'health', ?) "
             "ON CONFLICT(project_id, key) DO UPDATE SET value=excluded.value"
         )
+        value = json.dumps({"at": time.time(), "room": "x" * room} if room else time.time())
         if self.engine == "postgresql":
             with self._pool.connection(timeout=2) as raw:
                 with raw.transaction():
@@ -485,13 +514,13 @@ class Database:
                     conn.execute("SET LOCAL lock_timeout = '200ms'")
                     conn.execute("SELECT count(*) FROM project_values")
                     conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
-                    conn.execute(write, (json.dumps(time.time()),))
+                    conn.execute(write, (value,))
             return
         conn = sqlite3.connect(self.path, timeout=0.2, isolation_level=None)
         try:
             conn.execute("SELECT count(*) FROM project_values").fetchone()
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(write, (json.dumps(time.time()),))
+            conn.execute(write, (value,))
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -603,7 +632,7 @@ class Database:
             _rollback(conn)
             self.note_failure(error)
             raise
-        self._failure = None
+        self._succeeded()
 
     @contextmanager
     def reading(self) -> Iterator[Any]:
@@ -624,7 +653,7 @@ class Database:
         if getattr(self._local, "pg", None) is not None:
             raise RuntimeError("a transaction is open on this thread already")
         try:
-            with self._pool.connection() as raw, raw.transaction():
+            with self._pool.connection(timeout=self._pool_wait()) as raw, raw.transaction():
                 conn = PgConnection(raw)
                 if write:
                     if not durable:
@@ -641,7 +670,7 @@ class Database:
             self.note_failure(error)
             raise
         if write:
-            self._failure = None
+            self._succeeded()
 
     def query(self, sql: str, params: tuple | list | dict = ()) -> list[Any]:
         """The rows of one SELECT (on this thread's open transaction, if any)."""
@@ -650,7 +679,7 @@ class Database:
         conn = getattr(self._local, "pg", None)
         if conn is not None:
             return conn.execute(sql, params).fetchall()
-        with self._pool.connection() as raw:
+        with self._pool.connection(timeout=self._pool_wait()) as raw:
             return PgConnection(raw).execute(sql, params).fetchall()
 
     # ---- project state ----

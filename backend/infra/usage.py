@@ -122,6 +122,7 @@ class UsageLedger:
             self.add(project_id, total, tasks, cost)
         except STORE_ERRORS as error:
             # bookkeeping: a store that cannot be written (a full disk) must not lose the paid-for answers
+            metrics.STORE_WRITES_LOST.labels("usage").inc()
             log.warning("project %s: usage not recorded: %s", project_id, error)
         metrics.PROJECT_TOKENS.labels(project_id, "prompt").inc(total.prompt_tokens)
         metrics.PROJECT_TOKENS.labels(project_id, "completion").inc(total.completion_tokens)

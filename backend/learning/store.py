@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from backend.infra import metrics
 from backend.infra.storage import STORE_ERRORS, Database
 from backend.learning.selection import ExampleIndex, token_cost
 from backend.ner.labelconfig import NerSchema, NerTarget
@@ -416,6 +417,7 @@ class ExampleStore:
             self._write_drafts(rows)
         except STORE_ERRORS as error:
             # drafts serve the preference export later: a store that cannot be written loses them, not the answer
+            metrics.STORE_WRITES_LOST.labels("drafts").inc()
             log.warning("project %s: LLM drafts not recorded: %s", self.project_id, error)
 
     def _write_drafts(self, rows: list[tuple]) -> None:

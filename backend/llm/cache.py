@@ -102,6 +102,7 @@ class ResponseCache:
             if self._puts // PRUNE_EVERY != before // PRUNE_EVERY:
                 self.prune()
         except STORE_ERRORS as error:
+            metrics.STORE_WRITES_LOST.labels("cache").inc()
             log.warning("response cache: %d answers not written (%s); they will be asked again", len(batch), error)
         finally:
             with self._lock:
