@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from backend.infra import metrics
-from backend.infra.storage import STORE_ERRORS
+from backend.infra.storage import STORE_ERRORS, StoreUnavailable
 from backend.infra.usage import Meter, metering
 from backend.learning import webhooks
 from backend.learning.store import ExampleStore
@@ -174,8 +174,10 @@ class NERModel(LabelStudioMLBase):
         deadline cut, or a project job) is answered [], so Label Studio never holds it twice."""
         answered = [t["id"] for t, p in zip(tasks, predictions) if p is not None and isinstance(t.get("id"), int)]
         try:
+            if answered and self.services.db.failing():  # known down: not another wait of CONNECT_TIMEOUT
+                raise self.services.db.unavailable(RuntimeError("a write failed lately and none succeeded since"))
             mine = self.services.deliveries.claim(self.project_id, version, answered)
-        except STORE_ERRORS as error:
+        except (*STORE_ERRORS, StoreUnavailable) as error:
             # the LLM calls are paid: answer them (a task the backend wrote itself before the store went
             # away may then hold two predictions of this version) rather than a 503 that throws them away
             metrics.STORE_WRITES_LOST.labels("claims").inc()

@@ -448,14 +448,16 @@ class Database:
             self._health = None
 
     def failing(self) -> bool:
-        """Whether a write or read failed lately and none succeeded since."""
+        """Whether a write or read failed lately and none succeeded since (another writer's lock aside)."""
         failure = self._failure
-        return failure is not None and time.monotonic() - failure[0] < FAILURE_MEMORY
+        return failure is not None and failure[1] != "busy" and time.monotonic() - failure[0] < FAILURE_MEMORY
 
     def _pool_wait(self) -> float:
-        """Seconds to wait for a PostgreSQL connection: CONNECT_TIMEOUT, but little while the server is
-        known to be unreachable, so the bookkeeping after paid LLM calls (cache, usage, drafts, claims)
-        fails in a second and the answers go out, instead of each write waiting the whole timeout."""
+        """Seconds a bookkeeping write waits for a PostgreSQL connection: CONNECT_TIMEOUT, but little
+        while the server is known to be unreachable, so what follows paid LLM calls (cache, usage,
+        drafts) fails in a second and the answers go out, instead of each write waiting the whole
+        timeout. Durable writes (corrections, claims) always wait the whole timeout: the first of them
+        after the server is back must not fail for want of patience on a loaded host."""
         failure = self._failure
         if failure is not None and failure[1] == "unreachable" and time.monotonic() - failure[0] < FAILURE_MEMORY:
             return UNREACHABLE_WAIT
@@ -653,7 +655,8 @@ class Database:
         if getattr(self._local, "pg", None) is not None:
             raise RuntimeError("a transaction is open on this thread already")
         try:
-            with self._pool.connection(timeout=self._pool_wait()) as raw, raw.transaction():
+            # bookkeeping (not durable) gives up soon while the server is known to be unreachable
+            with self._pool.connection(timeout=CONNECT_TIMEOUT if durable else self._pool_wait()) as raw, raw.transaction():
                 conn = PgConnection(raw)
                 if write:
                     if not durable:
@@ -679,7 +682,7 @@ class Database:
         conn = getattr(self._local, "pg", None)
         if conn is not None:
             return conn.execute(sql, params).fetchall()
-        with self._pool.connection(timeout=self._pool_wait()) as raw:
+        with self._pool.connection() as raw:
             return PgConnection(raw).execute(sql, params).fetchall()
 
     # ---- project state ----
