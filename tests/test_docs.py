@@ -166,6 +166,33 @@ def test_every_backend_module_is_in_the_module_map():
     assert not missing, f"modules missing from docs/architecture.md's module map: {missing}"
 
 
+def module_state() -> dict[str, set[str]]:
+    """Each module's module-level state, by name: globals, thread-locals, ContextVars, lru_caches, metrics."""
+    found: dict[str, set[str]] = {}
+    for module in sorted((REPO / "backend").rglob("*.py")):
+        text = module.read_text(encoding="utf-8")
+        names = set(re.findall(r"^\s+global (\w+)", text, flags=re.M))
+        names |= set(re.findall(r"^(\w+)(?:\s*:[^=\n]+)?\s*=\s*(?:threading\.local|(?:contextvars\.)?ContextVar)\(", text, flags=re.M))
+        names |= set(re.findall(r"^@(?:functools\.)?(?:lru_cache|cache)\b.*\n(?:@.*\n)*def (\w+)", text, flags=re.M))
+        if module.name != "metrics.py":  # metrics.py is the metrics' home; elsewhere each one is named
+            names |= set(re.findall(r"^(\w+)\s*=\s*\w*(?:Counter|Gauge|Histogram|Summary)\(", text, flags=re.M))
+        if names:
+            found[str(module.relative_to(REPO / "backend"))] = names
+    return found
+
+
+def test_every_piece_of_module_state_is_in_the_process_state_table():
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    match = re.search(r"^## Process state.*?\n(.*?)(?=^## )", text, flags=re.M | re.S)
+    assert match, "docs/architecture.md has no '## Process state' section"
+    table = match.group(1)
+    state = module_state()
+    assert "protocol/rqworker.py" in state and "infra/settings.py" in state
+    missing = [f"{module}: {name}" for module, names in state.items() for name in sorted(names)
+               if f"`{module}`" not in table or not re.search(rf"`{re.escape(name)}(\(\))?`", table)]
+    assert not missing, f"module-level state missing from docs/architecture.md's process-state table: {missing}"
+
+
 def subcommands() -> set[str]:
     parser = build_parser()
     action = next(a for a in parser._actions if a.dest == "command")  # argparse keeps subparsers here only
