@@ -17,7 +17,7 @@ import pytest
 from backend.infra.storage import DB_NAME
 from backend.pipeline.jobs import HEARTBEAT
 from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_auth, job_texts, ls_args
-from tests.fake_llm import Reply
+from tests.fake_llm import Reply, entities_reply
 from tests.processes import REPO, backend_env, stop, wait_until
 
 pytestmark = pytest.mark.label_studio
@@ -174,6 +174,32 @@ def test_batch_file_out_then_batch_results_round_trip(label_studio, backend_fact
     assert "11 lines, 10 answers and 0 failed lines" in done.stdout
     assert "1 lines match no request still to answer" in done.stdout
     assert "10 pre-labeled, 0 failed" in done.stdout and llm.requests == []
+    assert_exact(project, project.model_version())
+
+
+def test_a_results_file_naming_each_request_twice_is_reported_and_accounted_once(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    llm.gazetteer = dict(JOB_GAZETTEER)
+    model_dir = tmp_path / "model"
+    project = connected_project(job_texts(6), title="twice", backend=backend_factory(workers=1, model_dir=model_dir))
+    requests = tmp_path / "requests.jsonl"
+    assert prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--batch-file-out", str(requests)).returncode == 0
+    lines = [json.loads(line) for line in requests.read_text().splitlines()]
+    answers = [{"custom_id": line["custom_id"], "error": None,
+                "response": {"status_code": 200, "body": llm.completion(line["body"], llm.gazetteer_reply(line["body"]))}}
+               for line in lines]
+    wrong = [dict(a, response={"status_code": 200, "body": llm.completion(line["body"], entities_reply([]))})
+             for a, line in zip(answers, lines)]  # a second answer naming no entity: the first must win
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in [*answers, *wrong]))
+    done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--batch-results", str(results))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "12 lines, 6 answers and 0 failed lines" in done.stdout
+    assert "6 lines name a request an earlier line named: each request counted once" in done.stdout
+    once = sum(a["response"]["body"]["usage"]["prompt_tokens"] for a in answers)
+    assert f"Batch API: 1 batch(es), 6 requests: 6 answered; {once} prompt" in done.stdout, done.stdout
+    assert "6 pre-labeled, 0 failed" in done.stdout and llm.requests == []
     assert_exact(project, project.model_version())
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from backend.infra.storage import Database
 from backend.llm.batch import BatchAnswers, BatchFileError, batch_endpoint, parse_result_line, request_id
-from backend.pipeline.batchjob import Batches, RequestFiles, batch_price, load_results
+from backend.pipeline.batchjob import Batches, RequestFiles, batch_price, check_results, result_lines
 
 
 def body(text: str) -> dict:
@@ -57,14 +57,15 @@ def test_result_lines_answers_failures_and_unreadable_lines():
             parse_result_line(raw, "f line 3")
 
 
-def test_a_results_file_is_read_whole_and_the_same_bytes_get_the_same_id(tmp_path):
+def test_a_results_file_is_checked_line_by_line_and_the_same_bytes_get_the_same_id(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps({"custom_id": "a", "response": {"status_code": 200, "body": {"choices": []}}}) + "\n\n")
-    first, results = load_results(path)
-    assert [r.custom_id for r in results] == ["a"] and load_results(path)[0] == first
+    first = check_results(path)
+    assert (first.lines, first.duplicates) == (1, 0) and [r.custom_id for r in result_lines(path)] == ["a"]
+    assert check_results(path).file_id == first.file_id
     path.write_text(path.read_text() + "{broken\n")
     with pytest.raises(BatchFileError, match="results.jsonl line 3: not a JSON line"):
-        load_results(path)
+        check_results(path)
 
 
 def test_azure_openai_names_the_batch_endpoint_without_v1_and_the_setting_wins():
@@ -90,13 +91,62 @@ def test_batches_and_their_answers_in_the_store_of_either_engine(database_url, t
         parse_result_line(json.dumps({"custom_id": "r1", "response": {"status_code": 200, "body": completion}}), "x"),
         parse_result_line(json.dumps({"custom_id": "r2", "response": {"status_code": 500, "body": {"error": {"message": "no"}}}}), "x"),
     ]
-    usage, first = batches.ingest(answers, "batch_a", "completed", results, "1 of 3 lines failed", (1.0, 2.0))
+    tally, first = batches.ingest(answers, "batch_a", "completed", results, (1.0, 2.0), lambda t: f"{t.failed} of 3 lines failed")
+    usage = tally.usage
     assert first and (usage.prompt_tokens, usage.completion_tokens, usage.calls) == (1000, 500, 1)
-    assert not batches.ingest(answers, "batch_a", "completed", results, "", (1.0, 2.0))[1]  # accounted once
+    assert not batches.ingest(answers, "batch_a", "completed", results, (1.0, 2.0))[1]  # accounted once
     (row,) = batches.of("7", "v1", "ingested")
-    assert (row["answered"], row["failed"], row["status"]) == (1, 1, "completed")
+    assert (row["answered"], row["failed"], row["status"], row["message"]) == (1, 1, "completed", "1 of 3 lines failed")
     assert row["sync_cost_usd"] == pytest.approx(0.002) and row["cost_usd"] == pytest.approx(0.001)
     assert answers.answer("r1") == completion and answers.answer("r2") is None and batches.pending_projects() == []
     batches.used(["batch_a"])
     answers.forget(["batch_a"])
     assert answers.answer("r1") is None and batches.of("7", "v1", "ingested") == []
+
+
+def answer_line(custom_id: str, content: str, status: int = 200, prompt_tokens: int = 100) -> str:
+    body = ({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 10, "total_tokens": prompt_tokens + 10}}
+            if status == 200 else {"error": {"message": content}})
+    return json.dumps({"custom_id": custom_id, "response": {"status_code": status, "body": body}, "error": None}) + "\n"
+
+
+def test_a_request_named_twice_in_a_results_file_is_stored_and_accounted_once(tmp_path):
+    path = tmp_path / "twice.jsonl"
+    path.write_text(answer_line("r1", "first") + answer_line("r1", "second") + answer_line("r2", "boom", status=500)
+                    + answer_line("r2", "late answer") + answer_line("r2", "third"))
+    checked = check_results(path)
+    assert (checked.lines, checked.duplicates) == (5, 3)
+    db = Database.in_dir(tmp_path)
+    batches, answers = Batches(db), BatchAnswers(db)
+    batches.add(checked.file_id, "7", "v1", "job1", None, 2, "completed")
+    tally, first = batches.ingest(answers, checked.file_id, "completed", result_lines(path), None)
+    # each request once: r1's first answer; r2's answer replaces its failed line, the line after it is ignored
+    assert first and (tally.lines, tally.answered, tally.failed, tally.duplicates) == (5, 2, 0, 3)
+    assert (tally.usage.prompt_tokens, tally.usage.calls) == (200, 2)
+    assert answers.answer("r1")["choices"][0]["message"]["content"] == "first"
+    assert answers.answer("r2")["choices"][0]["message"]["content"] == "late answer"
+
+
+def test_reading_and_storing_a_results_file_takes_memory_far_below_its_size(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    content = json.dumps({"entities": [{"text": f"Entity {i}", "label": "ORG"} for i in range(40)]})
+    with path.open("w") as out:
+        for i in range(6000):
+            out.write(answer_line(f"ner-{i:040d}", content))
+    size = path.stat().st_size
+    assert size > 12 * 1024 * 1024
+    db = Database.in_dir(tmp_path)
+    batches, answers = Batches(db), BatchAnswers(db)
+    tracemalloc.start()
+    try:
+        checked = check_results(path)
+        batches.add(checked.file_id, "7", "v1", "job1", None, checked.lines, "completed")
+        tally, _ = batches.ingest(answers, checked.file_id, "completed", result_lines(path), None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tally.answered == 6000 and answers.answer(f"ner-{5999:040d}") is not None
+    assert peak < size / 4, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB file"

@@ -84,3 +84,27 @@ def test_estimate_without_input_or_with_a_missing_file_fails_with_a_message(tmp_
     assert missing.returncode != 0 and "nope.conll" in missing.stderr and "Traceback" not in missing.stderr
     no_ls = run_cli("estimate", "--project", "3", LABEL_STUDIO_URL="", LABEL_STUDIO_API_KEY="")
     assert no_ls.returncode != 0 and "--url" in no_ls.stderr
+
+
+def test_a_sampled_estimate_never_reads_a_task_beyond_its_sample():
+    from backend.infra.settings import load_settings
+    from backend.ner.labelconfig import parse_label_config
+    from backend.ner.task import NerTask
+    from backend.ner.templates import load_templates
+    from backend.tools.estimate import estimate_sampled
+    from tests.conftest import NER_CONFIG
+
+    settings = load_settings(openai_api_key="x", estimate_sample=50)
+    target = parse_label_config(NER_CONFIG).targets[0]
+    task = NerTask(target, load_templates(settings.prompts_dir, True))
+
+    def project(size: int):
+        for i in range(size):
+            if i >= settings.estimate_sample:
+                raise AssertionError(f"task {i} read: the sample is {settings.estimate_sample}")
+            yield None if i % 5 == 0 else {target.key: f"Text {i} about Ada Lovelace in Oslo."}
+
+    estimated = estimate_sampled({target.key: task}, project(10_000_000), 10_000_000, lambda key, sample: [], settings)
+    assert (estimated.read, estimated.of, estimated.texts) == (50, 10_000_000, 8_000_000)
+    assert estimated.error is not None and 0 < estimated.error < 1
+    assert "the first 50 of 10000000 tasks, extrapolated: ±" in estimated.describe()

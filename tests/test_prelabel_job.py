@@ -5,6 +5,7 @@ cancellable, `--scope stale` after a correction, failures reported and never wri
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_auth, job_texts, ls_args, predictions_written, span
+from tests.conftest import JOB_GAZETTEER, assert_exact, cli, figures, job_auth, job_texts, ls_args, predictions_written, span
 from tests.fake_llm import Reply
 from tests.processes import REPO, backend_env, wait_until
 
@@ -150,6 +151,39 @@ def test_a_labels_serving_two_texts_is_estimated_then_pre_labeled_on_both(label_
         [prediction] = ls.predictions.list(task=task.id)
         regions = {(r["to_name"], r["value"]["text"], r["value"]["labels"][0]) for r in prediction.result}
         assert regions == {("t1", "Ada Lovelace", "PER"), ("t1", "Oslo", "LOC"), ("t2", "Royal Society", "ORG")}
+
+
+def test_the_estimate_of_a_big_project_comes_from_a_sample_and_states_its_error(
+    label_studio, connected_project, llm, tmp_path
+):
+    # a dry run once read every task before printing anything (80 minutes at 10 million tasks, memory
+    # growing per task): it reads ESTIMATE_SAMPLE tasks and scales them to the project's task count
+    lengths = random.Random(7).choices(range(1, 12), k=600)
+    texts = [f"Note {i}: " + "Ada Lovelace wrote to the Royal Society from Oslo. " * n for i, n in enumerate(lengths)]
+    project = connected_project(texts, title="estimate sample", connect=False)
+    model_dir = tmp_path / "model"
+    prices = {"LLM_PRICES": '{"fake-model": [1, 1]}'}
+    sampled = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--dry-run", ESTIMATE_SAMPLE="100", **prices)
+    exact = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--dry-run", ESTIMATE_SAMPLE="1000", **prices)
+    assert sampled.returncode == exact.returncode == 0, sampled.stderr + exact.stderr
+    guess, truth = figures(sampled.stdout), figures(exact.stdout)
+    assert guess["sample"].startswith("the first 100 of 600 tasks, extrapolated: ±"), sampled.stdout
+    error = float(guess["sample"].split("±")[1].split("%")[0]) / 100
+    assert 0 < error < 0.5 and "sample" not in truth
+    assert guess["texts"] == truth["texts"] == "600" and guess["LLM calls"] == "600"
+    for name in ("prompt tokens", "answer tokens"):
+        estimated, counted = int(guess[name].split()[0]), int(truth[name].split()[0])
+        assert abs(estimated - counted) <= error * counted, (name, estimated, counted, error)
+    # within --limit, the estimate is exact
+    limited = figures(prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--dry-run", "--limit", "40",
+                               ESTIMATE_SAMPLE="100").stdout)
+    assert limited["texts"] == "40" and "sample" not in limited
+    # `llm-ner estimate --project` samples the same way
+    env = job_env(llm, model_dir, label_studio, ESTIMATE_SAMPLE="100")
+    alone = cli("estimate", "--project", str(project.id), "--url", label_studio.url, "--api-key", label_studio.token, env=env)
+    assert alone.returncode == 0, alone.stderr
+    assert figures(alone.stdout)["sample"].startswith("the first 100 of 600 tasks, extrapolated: ±")
+    assert llm.requests == []
 
 
 def test_scope_stale_re_pre_labels_unannotated_tasks_after_a_correction(

@@ -166,6 +166,11 @@ class Settings(BaseSettings):
     prelabel_confirm_usd: float = Field(
         default=1.0, ge=0, allow_inf_nan=False, description="llm-ner prelabel asks before spending more than this"
     )
+    estimate_sample: int = Field(
+        default=2000, ge=10, le=1_000_000,
+        description="tasks read to estimate a project's cost (llm-ner prelabel, llm-ner estimate --project); a bigger"
+        " project's figures are extrapolated from them, with their error",
+    )
     predict_backlog: int = Field(
         default=10_000, ge=0, le=1_000_000,
         description="tasks per worker kept pre-labeling after their /predict's deadline (0 = drop them)",

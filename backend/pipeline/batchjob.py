@@ -52,6 +52,8 @@ from backend.pipeline.scope import field_of, wanted
 log = logging.getLogger(__name__)
 
 RECORD_NOTE = 500  # tasks between two heartbeats of a job recording its requests
+INGEST_ROWS = 200  # result lines stored at once (parsed, a line takes a few times its size in memory)
+DOWNLOAD_BLOCK = 1 << 20  # bytes read or downloaded at once
 BATCH_DISCOUNT = 0.5  # OpenAI's and Azure OpenAI's Batch API: half the price of the same synchronous call
 
 
@@ -179,6 +181,38 @@ class BatchFigures:
         return {k: v for k, v in self.__dict__.items()}
 
 
+@dataclass
+class Tally:
+    """A batch's result lines as they are stored: each request id counted once (a file naming one twice
+    has its first answer kept, or its answer when an earlier line of it failed)."""
+
+    lines: int = 0
+    answered: int = 0
+    failed: int = 0
+    duplicates: int = 0  # lines naming a request id an earlier line named
+    usage: Usage = field(default_factory=Usage)
+    seen: dict[str, bool] = field(default_factory=dict, repr=False)  # request id -> answered
+
+    def take(self, results: Iterable[ResultLine]) -> Iterator[ResultLine]:
+        """The lines to store, counted; a duplicate is only counted, unless it answers a request an earlier
+        line failed (the store keeps an answer over a failure, never the other way round)."""
+        for line in results:
+            self.lines += 1
+            before = self.seen.get(line.custom_id)
+            if before is not None:
+                self.duplicates += 1
+                if before or not line.answered:
+                    continue
+                self.failed -= 1
+            self.seen[line.custom_id] = line.answered
+            if line.answered:
+                self.answered += 1
+                self.usage.add(usage_of_answer(line.body or {}))
+            else:
+                self.failed += 1
+            yield line
+
+
 class Batches:
     """The store's record of a project's batches: `submitted` (at the provider), `ingested` (answers in
     the store, usage accounted), `used` (its tasks written by a job that finished)."""
@@ -216,27 +250,38 @@ class Batches:
         with self.db.transaction() as conn:
             conn.execute("UPDATE llm_batches SET status=?, updated_at=? WHERE id=?", (status, time.time(), batch_id))
 
-    def ingest(self, answers: BatchAnswers, batch_id: str, status: str, results: list[ResultLine], message: str,
-               price: tuple[float, float] | None) -> tuple[Usage, bool]:
-        """Store a finished batch's lines and figures, once: (the answered lines' usage, whether this
-        call ingested it, i.e. whether its usage is still to be accounted)."""
-        usage = Usage()
-        answered = [r for r in results if r.answered]
-        for r in answered:
-            usage.add(usage_of_answer(r.body or {}))
-        failed = len(results) - len(answered)
+    def ingest(self, answers: BatchAnswers, batch_id: str, status: str, results: Iterable[ResultLine],
+               price: tuple[float, float] | None, describe: Callable[[Tally], str] = lambda tally: "") -> tuple[Tally, bool]:
+        """Store a finished batch's lines and figures, once: (its tally, whether this call ingested it, i.e.
+        whether its usage is still to be accounted). The lines are taken as they come and stored
+        INGEST_ROWS at a time (memory stays flat in the file's size); `describe(tally)` is the batch's
+        message once they are all in."""
+        tally = Tally()
         with self.db.transaction() as conn:
             phase = conn.execute("SELECT phase FROM llm_batches WHERE id=?", (batch_id,)).fetchone()
             if phase is not None and phase[0] != "submitted":
-                return usage, False
-            answers.put(conn, batch_id, results)
+                return tally, False
+            rows: list[ResultLine] = []
+            for line in tally.take(results):
+                rows.append(line)
+                if len(rows) >= INGEST_ROWS:
+                    answers.put(conn, batch_id, rows)
+                    rows = []
+            if rows:
+                answers.put(conn, batch_id, rows)
+            usage = tally.usage
             conn.execute(
                 "UPDATE llm_batches SET status=?, phase='ingested', message=?, answered=?, failed=?, prompt_tokens=?, "
                 "completion_tokens=?, cost_usd=?, sync_cost_usd=?, updated_at=? WHERE id=?",
-                (status, message, len(answered), failed, usage.prompt_tokens, usage.completion_tokens,
+                (status, describe(tally), tally.answered, tally.failed, usage.prompt_tokens, usage.completion_tokens,
                  cost_usd(usage, batch_price(price)), cost_usd(usage, price), time.time(), batch_id),
             )
-        return usage, True
+        return tally, True
+
+    def requests(self, batch_id: str, requests: int) -> None:
+        """A results file's batch: its requests are known once its lines are matched."""
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE llm_batches SET requests=? WHERE id=?", (requests, batch_id))
 
     def used(self, batch_ids: list[str]) -> None:
         with self.db.transaction() as conn:
@@ -374,31 +419,31 @@ class BatchJob:
                 return False
 
     def ingest(self, row: dict[str, Any], batch: Any) -> None:
-        results: list[ResultLine] = []
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            if file_id:
-                content = self.provider.files.content(file_id)
-                for number, raw in enumerate(content.text.splitlines(), start=1):
-                    if raw.strip():
-                        try:
-                            results.append(parse_result_line(raw, f"file {file_id} line {number}"))
-                        except BatchFileError as error:  # one unreadable line costs that line, not the batch
-                            log.warning("%s", error)
-        # a line the batch never ran (expired or cancelled before it) is unfinished, not failed
-        results = [r for r in results if not r.error.startswith(("batch_expired", "batch_cancelled"))]
-        answered = sum(1 for r in results if r.answered)
-        message = ""
-        if batch.status != "completed":
-            errors = getattr(getattr(batch, "errors", None), "data", None) or []
-            why = "; ".join(f"{e.code}: {e.message}" for e in errors[:3] if e is not None)
-            message = f"{batch.status}" + (f" ({why})" if why else "") + f": {answered} of {row['requests']} answered"
-        failed = len(results) - answered
-        if failed and not message:
-            message = f"{failed} of {row['requests']} lines failed"
-        usage, first = self.batches.ingest(self.answers, row["id"], batch.status, results, message, self.job.price)
+        with tempfile.TemporaryDirectory(prefix="llm-ner-results-") as directory:
+            # downloaded to disk, then read a line at a time: a 200 MB output file never sits in memory
+            paths = [download(self.provider, file_id, Path(directory))
+                     for file_id in (batch.output_file_id, batch.error_file_id) if file_id]
+
+            def lines() -> Iterator[ResultLine]:
+                for path in paths:
+                    for line in result_lines(path, skip_bad=True):
+                        # a line the batch never ran (expired or cancelled before it) is unfinished, not failed
+                        if not line.error.startswith(("batch_expired", "batch_cancelled")):
+                            yield line
+
+            def describe(tally: Tally) -> str:
+                if batch.status != "completed":
+                    errors = getattr(getattr(batch, "errors", None), "data", None) or []
+                    why = "; ".join(f"{e.code}: {e.message}" for e in errors[:3] if e is not None)
+                    return f"{batch.status}" + (f" ({why})" if why else "") + f": {tally.answered} of {row['requests']} answered"
+                return f"{tally.failed} of {row['requests']} lines failed" if tally.failed else ""
+
+            tally, first = self.batches.ingest(self.answers, row["id"], batch.status, lines(), self.job.price, describe)
         if first:
-            self.job.ledger.account(self.project, 0, usage, batch_price(self.job.price))
-        self.say(f"batch {row['id']} {batch.status}: {answered} answered, {row['requests'] - answered} left to the synchronous API")
+            self.job.ledger.account(self.project, 0, tally.usage, batch_price(self.job.price))
+        if tally.duplicates:
+            log.warning("batch %s: %d lines name a request another line named: counted once", row["id"], tally.duplicates)
+        self.say(f"batch {row['id']} {batch.status}: {tally.answered} answered, {row['requests'] - tally.answered} left to the synchronous API")
 
     def _cancelled(self) -> dict[str, Any]:
         jobs, job_id = self.job.jobs, self.job.job_id
@@ -406,35 +451,90 @@ class BatchJob:
         return jobs.get(job_id) or {}
 
 
-def load_results(path: Path) -> tuple[str, list[ResultLine]]:
-    """A results file (OpenAI's batch output format, as `vllm run-batch` writes it), read whole and
-    checked line by line before anything is stored; with an id for it (a hash of its bytes), so the
-    same file ingested twice is accounted once."""
+def download(provider: Any, file_id: str, directory: Path) -> Path:
+    """A provider's file, streamed to disk a block at a time."""
+    path = directory / f"{file_id}.jsonl"
+    with provider.files.with_streaming_response.content(file_id) as response, path.open("wb") as out:
+        for block in response.iter_bytes(DOWNLOAD_BLOCK):
+            out.write(block)
+    return path
+
+
+def result_lines(path: Path, skip_bad: bool = False) -> Iterator[ResultLine]:
+    """The result lines of a file, read one at a time. A line that cannot be read raises BatchFileError
+    naming the file and line, or with `skip_bad` is logged and costs that line only (a provider's file)."""
     try:
-        data = path.read_bytes()
+        handle = path.open("rb")
     except OSError as error:
         raise BatchFileError(f"cannot read {path}: {error.strerror or error}") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if skip_bad:
+                    log.warning("%s line %d: not UTF-8 text", path.name, number)
+                    continue
+                raise BatchFileError(f"{path} is not UTF-8 text (a batch results file is JSON Lines)") from None
+            if not text.strip():
+                continue
+            try:
+                yield parse_result_line(text, f"{path.name} line {number}")
+            except BatchFileError as error:
+                if not skip_bad:
+                    raise
+                log.warning("%s", error)
+
+
+@dataclass
+class ResultsFile:
+    """A results file the user brings, checked: every line readable, with an id (a hash of its bytes) so
+    the same file ingested twice is accounted once."""
+
+    path: Path
+    file_id: str
+    lines: int
+    duplicates: int  # lines naming a request id an earlier line named
+
+
+def check_results(path: Path) -> ResultsFile:
+    """A results file (OpenAI's batch output format, as `vllm run-batch` writes it), read a line at a time
+    and checked before anything is stored or asked; memory stays flat in its size but for its request ids."""
+    digest = hashlib.sha256()
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BatchFileError(f"{path} is not UTF-8 text (a batch results file is JSON Lines)") from None
-    results = [parse_result_line(raw, f"{path.name} line {n}") for n, raw in enumerate(text.splitlines(), 1) if raw.strip()]
-    if not results:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(DOWNLOAD_BLOCK), b""):
+                digest.update(block)
+    except OSError as error:
+        raise BatchFileError(f"cannot read {path}: {error.strerror or error}") from None
+    tally = Tally()
+    for _ in tally.take(result_lines(path)):
+        pass
+    if not tally.lines:
         raise BatchFileError(f"{path} holds no result lines")
-    return "file-" + hashlib.sha256(data).hexdigest()[:24], results
+    return ResultsFile(path, "file-" + digest.hexdigest()[:24], tally.lines, tally.duplicates)
 
 
-def ingest_results(batch_id: str, results: list[ResultLine], needed: set[str], job: ProjectJob, answers: BatchAnswers,
+def ingest_results(results: ResultsFile, needed: set[str], job: ProjectJob, answers: BatchAnswers,
                    batches: Batches) -> dict[str, int]:
     """Store the lines of a results file that answer a request of the tasks in scope (`needed`); the
-    others are counted, not stored. Accounted at the batch price, once per file."""
+    others are counted, not stored. Accounted at the batch price, once per file, each request once."""
     project = str(job.spec.project_id)
-    matched = [r for r in results if r.custom_id in needed]
-    failed = sum(1 for r in matched if not r.answered)
-    batches.add(batch_id, project, job.version, job.job_id, None, len(matched), "completed")
-    usage, first = batches.ingest(answers, batch_id, "completed", matched,
-                                  f"{failed} of {len(matched)} lines failed" if failed else "", job.price)
+    unmatched = 0
+
+    def matched() -> Iterator[ResultLine]:
+        nonlocal unmatched
+        for line in result_lines(results.path):
+            if line.custom_id in needed:
+                yield line
+            else:
+                unmatched += 1
+
+    batches.add(results.file_id, project, job.version, job.job_id, None, 0, "completed")
+    tally, first = batches.ingest(answers, results.file_id, "completed", matched(), job.price,
+                                  lambda t: f"{t.failed} of {t.answered + t.failed} requests failed" if t.failed else "")
     if first:
-        job.ledger.account(project, 0, usage, batch_price(job.price))
-    return {"lines": len(results), "matched": len(matched), "unmatched": len(results) - len(matched),
-            "answered": len(matched) - failed, "failed": failed}
+        batches.requests(results.file_id, tally.answered + tally.failed)
+        job.ledger.account(project, 0, tally.usage, batch_price(job.price))
+    return {"lines": results.lines, "matched": tally.answered + tally.failed, "unmatched": unmatched,
+            "answered": tally.answered, "failed": tally.failed, "duplicates": results.duplicates}

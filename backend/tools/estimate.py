@@ -8,8 +8,11 @@ for unlabeled tasks an answer one third the size of the text (about what NER ans
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import itertools
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -52,6 +55,10 @@ class Estimate:
     prompt_tokens: int
     completion_tokens: int
     price: tuple[float, float] | None
+    # an estimate from a sample: the tasks read of the project's, and the figures' relative error (95%)
+    read: int | None = None
+    of: int | None = None
+    error: float | None = None
 
     @property
     def cost_usd(self) -> float | None:
@@ -71,6 +78,11 @@ class Estimate:
             lines.append("cost            unknown: no LLM_PRICES entry for this model")
         else:
             lines.append(f"cost            ${cost:.4f} (${cost / per:.6f} per text)")
+        if self.read is not None and self.of is None:
+            lines.append(f"sample          the first {self.read} tasks only: the project's task count is unknown")
+        elif self.read is not None:
+            lines.append(f"sample          the first {self.read} of {self.of} tasks, extrapolated: "
+                         + (f"±{self.error:.1%} (95%)" if self.error is not None else "none of them in scope"))
         return "\n".join(lines)
 
 
@@ -113,6 +125,64 @@ def estimate(
     return Estimate(model, len(usable), calls, prompt, completion, price_of(settings.llm_prices, model))
 
 
+def estimate_sampled(
+    tasks: dict[str, NerTask],
+    rows: Iterable[dict[str, str] | None],
+    total: int | None,
+    examples_for: Callable[[str, list[str]], Sequence[FewShotExample]],
+    settings: Any,
+    pack_size: int = 1,
+    limit: int | None = None,
+) -> Estimate:
+    """An estimate of a project's tasks from the first `settings.estimate_sample` of them, read lazily
+    (the first figure comes within seconds and memory stays flat, whatever the project's size).
+    `tasks`: the prompt of each target, by key; `rows` yields each task read: its texts by target key
+    when the job would send it, None when out of scope; `total` is the project's task count;
+    `examples_for(key, the sample's texts)` the few-shot examples of a target. Within the sample (or
+    `limit` tasks in scope reached) the figures are exact; beyond, they are scaled to `total` and carry
+    their error: the share of tasks in scope and the mean tokens per task, each known to its standard
+    error over the sample."""
+    sample = settings.estimate_sample
+    texts: dict[str, list[tuple[str, None]]] = {key: [] for key in tasks}
+    lengths: list[int] = []  # tokens of each task in scope's texts
+    read = 0
+    limited = False
+    for row in itertools.islice(rows, sample):  # never a task (or a page) more than the sample
+        read += 1
+        if row is None:
+            continue
+        for key, text in row.items():
+            texts[key].append((text, None))
+        lengths.append(sum(count_tokens(text, settings.llm_model) for text in row.values()))
+        if limit is not None and len(lengths) >= limit:
+            limited = True  # every task the job would send is here
+            break
+    parts = [estimate(task, texts[key], examples_for(key, [t for t, _ in texts[key]]) if texts[key] else [], settings, pack_size)
+             for key, task in tasks.items()]
+    figures = Estimate(parts[0].model, sum(p.texts for p in parts), sum(p.calls for p in parts),
+                       sum(p.prompt_tokens for p in parts), sum(p.completion_tokens for p in parts), parts[0].price)
+    if limited or read < sample or (total is not None and total <= read):
+        return figures  # every task the job would send was read: exact
+    if total is None or not lengths:
+        return replace(figures, read=read, of=total)
+    # tasks in scope: their share of the sample, times the project's task count
+    share = len(lengths) / read
+    in_scope = share * total
+    capped = limit is not None and in_scope > limit
+    scale = (min(float(limit), in_scope) if limit is not None else in_scope) / len(lengths)
+    finite = math.sqrt(max(0.0, 1 - read / total))  # what the sample leaves unread
+    share_error = 0.0 if capped else math.sqrt((1 - share) / (share * read)) * finite
+    # tokens vary with the texts: prompt and answer (a third of them, this module's rule) both grow with them
+    mean_tokens = (figures.prompt_tokens + figures.completion_tokens) / len(lengths)
+    spread = (statistics.stdev(lengths) if len(lengths) > 1 else 0.0) * 4 / 3
+    mean_error = spread / math.sqrt(len(lengths)) / mean_tokens * finite if mean_tokens else 0.0
+    return Estimate(
+        figures.model, round(figures.texts * scale), round(figures.calls * scale), round(figures.prompt_tokens * scale),
+        round(figures.completion_tokens * scale), figures.price, read=read, of=total,
+        error=1.96 * math.sqrt(share_error**2 + mean_error**2),
+    )
+
+
 def _ner_task(label_config: str, settings: Any) -> NerTask:
     return NerTask(parse_label_config(label_config).targets[0], load_templates(settings.prompts_dir, settings.occurrence_hints))
 
@@ -133,12 +203,19 @@ def estimate_conll(
 
 
 def estimate_project(client: Any, project_id: int, settings: Any, examples: int = 3, pack_size: int = 1) -> Estimate:
-    """A Label Studio project's tasks, through the SDK; tasks with a ground-truth-like annotation give examples."""
+    """A Label Studio project's tasks, through the SDK, from a sample of them (`estimate_sampled`); its
+    first texts serve as examples."""
     with sdk_errors(f"reading project {project_id}"):
         project = client.projects.get(id=project_id)
-        tasks = list(client.tasks.list(project=project_id, fields="all"))
-    task = _ner_task(project.label_config, settings)
-    key = task.target.data_key
-    texts = [(t.data.get(key), None) for t in tasks if isinstance((t.data or {}).get(key), str)]
-    shots = [FewShotExample(text, ()) for text, _ in texts[:examples]]
-    return estimate(task, texts, shots, settings, pack_size)
+        task = _ner_task(project.label_config, settings)
+        key = task.target.data_key
+
+        def rows() -> Iterable[dict[str, str] | None]:
+            for t in client.tasks.list(project=project_id, fields="all", page_size=min(500, settings.estimate_sample)):
+                text = (t.data or {}).get(key)
+                yield {key: text} if isinstance(text, str) else None
+
+        def shots(_: str, sample: list[str]) -> list[FewShotExample]:
+            return [FewShotExample(text, ()) for text in sample[:examples]]
+
+        return estimate_sampled({key: task}, rows(), getattr(project, "task_number", None), shots, settings, pack_size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,14 +22,22 @@ from backend.infra.errors import BackendError
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage, cost_usd
 from backend.llm.batch import BatchAnswers, BatchFileError, BatchLLM, batch_endpoint, request_line
-from backend.pipeline.batchjob import BATCH_DISCOUNT, batch_price, ingest_results, load_results, record, tasks_in_scope
+from backend.pipeline.batchjob import (
+    BATCH_DISCOUNT,
+    ResultsFile,
+    batch_price,
+    check_results,
+    ingest_results,
+    record,
+    tasks_in_scope,
+)
 from backend.pipeline.delivery import read_project
 from backend.pipeline.jobs import JobSpec, Progress, project_tasks
 from backend.pipeline.scope import field_of, listed_fields, wanted
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.server import load_model_class
 from backend.protocol.services import Services
-from backend.tools.estimate import Estimate, count_message_tokens, count_tokens, estimate
+from backend.tools.estimate import Estimate, count_message_tokens, count_tokens, estimate_sampled
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +59,27 @@ class Options:
     batch_results: Path | None = None  # answers from this results file, then write predictions
 
 
-def _estimate(model: Any, client: Any, spec: JobSpec, settings: Settings) -> Estimate:
-    """What the job would send: the tasks in scope, each with the examples the model would pick for it;
-    one call per text of each target (a <Labels> serving two texts asks twice per task)."""
+def _estimate(model: Any, client: Any, spec: JobSpec, settings: Settings, total: int | None) -> Estimate:
+    """What the job would send, from a sample of the tasks (tools/estimate.estimate_sampled): the tasks in
+    scope, each with the examples the model would pick for it; one call per text of each target (a
+    <Labels> serving two texts asks twice per task); `total` is the project's task count."""
     prelabeler = model.prelabeler(model.model_version)
-    targets = model.schema.targets
-    texts: dict[str, list[tuple[str, None]]] = {target.key: [] for target in targets}
-    examples: dict[str, list] = {}
-    read = 0
-    for item in project_tasks(client, spec.project_id, listed_fields(spec.scope, model.model_version)):
-        if spec.limit is not None and read >= spec.limit:
-            break
-        if not wanted(item, model.model_version, spec.scope):
-            continue
-        read += 1
-        for target in targets:
-            text = (field_of(item, "data") or {}).get(target.data_key)
-            if isinstance(text, str):
-                if target.key not in examples:
-                    # the first task's examples stand for every task's: their number and size vary little
-                    examples[target.key] = list(prelabeler.select_examples(target, text))
-                texts[target.key].append((text, None))
-    parts = [estimate(prelabeler.tasks[target.key], texts[target.key], examples.get(target.key, []), settings, settings.pack_size)
-             for target in targets]
-    return Estimate(parts[0].model, sum(p.texts for p in parts), sum(p.calls for p in parts),
-                    sum(p.prompt_tokens for p in parts), sum(p.completion_tokens for p in parts), parts[0].price)
+    targets = {target.key: target for target in model.schema.targets}
+
+    def rows() -> Iterator[dict[str, str] | None]:
+        for item in project_tasks(client, spec.project_id, listed_fields(spec.scope, model.model_version)):
+            if not wanted(item, model.model_version, spec.scope):
+                yield None
+                continue
+            data = field_of(item, "data") or {}
+            yield {key: data[t.data_key] for key, t in targets.items() if isinstance(data.get(t.data_key), str)}
+
+    def examples(key: str, sample: list[str]) -> list:
+        # the first task's examples stand for every task's: their number and size vary little
+        return list(prelabeler.select_examples(targets[key], sample[0]))
+
+    return estimate_sampled({key: prelabeler.tasks[key] for key in targets}, rows(), total, examples, settings,
+                            settings.pack_size, spec.limit)
 
 
 def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Options,
@@ -86,10 +91,10 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
     if options.batch_file_out is not None:
         return write_batch_file(model, client, spec, services, options.batch_file_out, out)
     # a bad results file stops here, before anything is asked or written
-    loaded = load_results(options.batch_results) if options.batch_results is not None else None
+    loaded = check_results(options.batch_results) if options.batch_results is not None else None
     needs_estimate = options.dry_run or spec.max_cost is not None or not options.yes
     if needs_estimate:
-        figures = _estimate(model, client, spec, settings)
+        figures = _estimate(model, client, spec, settings, getattr(project, "task_number", None))
         print(f"project {spec.project_id}, scope {spec.scope}, model version {model.model_version}", file=out)
         print(figures.describe(), file=out)
         cost = figures.cost_usd
@@ -189,20 +194,22 @@ def describe_batch(batch: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run_batch(model: Any, client: Any, spec: JobSpec, options: Options, loaded: tuple[str, list] | None,
+def _run_batch(model: Any, client: Any, spec: JobSpec, options: Options, loaded: ResultsFile | None,
                total: int | None, show: Any, out: TextIO) -> dict[str, Any]:
     batch, recorder = model.batch_project(client, spec, total=total, on_progress=show, say=lambda m: print(m, file=out, flush=True))
     print(f"job {batch.job.job_id}: pre-labeling project {spec.project_id} (scope {spec.scope}) through the Batch API", file=out)
     if loaded is None:
         return batch.run(recorder)
-    file_id, results = loaded
     # which requests the tasks in scope still need (or that a batch answered): the lines to take
     recorder.llm.sink = lambda custom_id, body: None
     record(recorder, tasks_in_scope(client, spec, batch.version))
     needed = recorder.llm.deferred | recorder.llm.replayed
-    figures = ingest_results(file_id, results, needed, batch.job, batch.answers, batch.batches)
+    figures = ingest_results(loaded, needed, batch.job, batch.answers, batch.batches)
     print(f"{options.batch_results}: {figures['lines']} lines, {figures['answered']} answers and {figures['failed']} "
           f"failed lines for the tasks in scope", file=out)
+    if figures["duplicates"]:
+        print(f"{figures['duplicates']} lines name a request an earlier line named: each request counted once "
+              f"(its first answer kept)", file=out)
     if figures["unmatched"]:
         print(f"{figures['unmatched']} lines match no request still to answer for the tasks in scope (another project, "
               f"prompt, examples or model, or already answered): not used", file=out)
