@@ -4,6 +4,8 @@ cancellable, `--scope stale` after a correction, failures reported and never wri
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import random
 import signal
@@ -89,7 +91,36 @@ def test_kill_9_mid_job_then_run_again_continues_without_duplicates_or_paying_tw
     assert done.returncode == 0, done.stdout + done.stderr
     assert_exact(project, project.model_version())
     # every text asked once, but for the few in flight at the kill (answered, not yet cached)
-    assert 200 <= len(llm.requests) <= 200 + 50 + 4  # a chunk written after its answers is the most redone
+    assert 200 <= len(llm.requests) <= 200 + 4  # the calls in flight at the kill, no more
+
+
+def test_a_job_killed_mid_way_pays_again_only_for_the_calls_in_flight_at_the_kill(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    # answers reached the shared cache only every WRITE_EVERY (2 s) or 32 answers: a kill -9 paid again
+    # for what had finished since (271 calls for 240 tasks). The fake answers 20 calls, then holds every
+    # call until the client hangs up: at the kill, 20 answers are finished and `concurrency` in flight.
+    llm.gazetteer = dict(JOB_GAZETTEER)
+    answered, concurrency, tasks = 20, 4, 100
+    calls = itertools.count()
+    llm.responder = lambda body: dataclasses.replace(llm.gazetteer_reply(body), delay=600.0 if next(calls) >= answered else 0.0)
+    model_dir = tmp_path / "model"
+    project = connected_project(job_texts(tasks), title="kill in flight", backend=backend_factory(workers=1, model_dir=model_dir))
+    args = [sys.executable, "-m", "backend", "prelabel", "--project", str(project.id), "--yes", "--quiet",
+            "--concurrency", str(concurrency), *ls_args(label_studio)]
+    proc = subprocess.Popen(args, cwd=REPO, env=job_env(llm, model_dir, label_studio), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: len(llm.requests) >= answered + concurrency, timeout=120, interval=0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(llm.requests) == answered + concurrency  # the calls held: nothing more was sent
+    llm.responder = None
+    done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the answered calls came from the cache; only those in flight at the kill were paid twice
+    assert len(llm.requests) == tasks + concurrency, len(llm.requests)
+    assert_exact(project, project.model_version())
 
 
 def test_a_failing_task_is_reported_with_its_reason_and_never_written_empty(

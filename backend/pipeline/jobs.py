@@ -36,7 +36,7 @@ from backend.pipeline.scope import field_of, listed_fields, wanted
 log = logging.getLogger(__name__)
 
 CHUNK = 500  # finished tasks handed to the writer at once
-WRITE_EVERY = 2.0  # seconds: with a slow provider, what is finished is cached and handed over at least this often
+WRITE_EVERY = 2.0  # seconds: with a slow provider, what is finished is handed to the writer at least this often
 # Each import_predictions call costs Label Studio 1.23 a recount over every task of the project that has a
 # prediction (~0.7 ms each: 7 s a call at 10,000 tasks), whatever the call's size. So the writer writes
 # everything finished while its last call ran, up to MAX_WRITE, in one call: calls grow as the project does.
@@ -335,14 +335,10 @@ class ProjectJob:
                     continue
                 finished += collect_tries(in_flight, self.failures, self._account, again)
                 if len(finished) >= CHUNK or (finished and time.monotonic() - last_write > WRITE_EVERY):
-                    # answers into the shared cache now, not when the writer gets to them (it may be in a
-                    # long call): a killed job asks nothing twice but what was in flight
-                    self.prelabeler.source.flush()
                     self.handed += len(finished)
                     writes.put(finished)
                     finished, last_write = [], time.monotonic()
             if finished and self.stop is None:
-                self.prelabeler.source.flush()
                 self.handed += len(finished)
                 writes.put(finished)
         except Exception as error:
@@ -425,7 +421,6 @@ class ProjectJob:
     def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> tuple[str, str]:
         """Write finished tasks into Label Studio (the writer thread); returns ("running", "") to go on,
         or why the job stops."""
-        self.prelabeler.source.flush()  # answers in the shared cache first: a killed job asks nothing twice
         deliveries = [Delivery(str(self.spec.project_id), t["id"], self.version, o.results, o.score) for t, o in finished]
         import_predictions(self.client, self.deliveries, deliveries)
         if self.record_drafts is not None:
@@ -562,17 +557,23 @@ def collect_tries(
 
 
 def attempt_task(prelabeler: Prelabeler, task: dict[str, Any], attempt: int, sleep: Callable[[float], None]) -> TaskOutcome:
-    """One try at a task (after a backoff when it is a retry), its LLM usage metered, a failed try's too."""
+    """One try at a task (after a backoff when it is a retry), its LLM usage metered, a failed try's too;
+    its answers in the shared cache before it counts as finished: a job or worker killed at any moment
+    pays again only for the calls in flight (flushing when the loop collects finished tries, or when the
+    writer gets to them, left up to WRITE_EVERY seconds of paid answers to a kill -9)."""
     if attempt:
         sleep(min(30.0, 2.0 * 2 ** (attempt - 1)))
-    with metering() as meter:
-        try:
-            outcome = prelabeler.prelabel(task["data"], task.get("id"))
-        except Exception as error:
-            error.usage = meter.take()  # type: ignore[attr-defined]
-            raise
-    outcome.usage = meter.take()
-    return outcome
+    try:
+        with metering() as meter:
+            try:
+                outcome = prelabeler.prelabel(task["data"], task.get("id"))
+            except Exception as error:
+                error.usage = meter.take()  # type: ignore[attr-defined]
+                raise
+        outcome.usage = meter.take()
+        return outcome
+    finally:
+        prelabeler.source.flush()
 
 
 class ChunkRun:
@@ -651,13 +652,7 @@ class ChunkRun:
         return cancelled
 
     def _attempt(self, task: dict[str, Any], attempt: int) -> TaskOutcome:
-        """One try, its answer in the shared cache before it counts as finished: a worker killed at any
-        moment pays again only for its calls in flight (its other chunk goes on calling while this
-        one writes into Label Studio, so waiting for the chunk's loop to flush is not enough)."""
-        try:
-            return attempt_task(self.prelabeler, task, attempt, self.sleep)
-        finally:
-            self.prelabeler.source.flush()
+        return attempt_task(self.prelabeler, task, attempt, self.sleep)
 
     def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> None:
         deliveries = [Delivery(self.project, t["id"], self.version, o.results, o.score) for t, o in finished]
