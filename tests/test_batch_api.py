@@ -224,6 +224,10 @@ def test_bad_batch_files_get_a_clear_message_and_no_traceback(label_studio, back
         assert message in bad.stderr, (name, bad.stderr)
     unwritable = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--batch-file-out", str(tmp_path / "no" / "dir.jsonl"))
     assert unwritable.returncode == 1 and "cannot write" in unwritable.stderr and "Traceback" not in unwritable.stderr
+    full = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--batch-file-out", "/dev/full")  # a full disk
+    assert (full.returncode, "Traceback" in full.stderr) == (1, False), full.stderr
+    assert [line for line in full.stderr.splitlines() if line.startswith("llm-ner:")] == [
+        "llm-ner: cannot write /dev/full: No space left on device"], full.stderr
     assert llm.requests == [] and llm.batches == {}
 
 
