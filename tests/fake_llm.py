@@ -19,6 +19,7 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
   mid-answer keeps its turn until its answer is done: only one still waiting for its turn is
   dropped), `context_tokens=2048` (a prompt of that many tokens or more, 4 characters a token, is
   answered with its 400 `context_length_exceeded`, in its words);
+- vLLM: `model_fields={"max_model_len": N}` in the /v1/models entry;
 - llama.cpp's llama-server: `props` (GET /props at the server's root gives `n_ctx` and `total_slots`,
   from `context_tokens` and `max_concurrency`) and `context_style="llama-server"` (its 400
   `exceed_context_size_error` instead);
@@ -130,6 +131,7 @@ class FakeLLM:
             self.context_tokens: int | None = None  # prompts of this many tokens or more: a 400
             self.context_style = "llama-cpp-python"  # or "llama-server": whose words the 400 has
             self.props = False  # llama-server's GET /props
+            self.model_fields: dict[str, Any] = {}  # more fields of /v1/models' entry (vLLM's max_model_len)
             self.disconnects: list[float] = []  # arrival times of requests whose client hung up
             self.requests: list[dict[str, Any]] = []
             self.auth_headers: list[str | None] = []
@@ -471,7 +473,8 @@ class FakeLLM:
                     self._json(200, {"default_generation_settings": {"n_ctx": fake.context_tokens, "params": {}},
                                      "total_slots": fake.max_concurrency or 1, "model_path": "fake.gguf"})
                 elif path.endswith("/models"):
-                    self._send(200, json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}).encode())
+                    entry = {"id": "fake-model", "object": "model", **fake.model_fields}
+                    self._send(200, json.dumps({"object": "list", "data": [entry]}).encode())
                 elif path.endswith("/content") and parts[-2] in fake.files:
                     data = fake.files[parts[-2]]["data"]
                     self.send_response(200)

@@ -207,3 +207,11 @@ def test_the_clients_window_comes_from_a_400_in_llama_servers_words(make_setting
     caps = probe(LLMClient(make_settings()), Plan(context=True))
     assert caps.context_tokens == 512 and "was refused as too long" in caps.context
     assert caps.chars_per_token == pytest.approx(4.0, rel=0.01)  # the fake's 4 characters a token
+
+
+def test_vllms_max_model_len_sizes_the_chunks_before_any_400(make_client, llm):
+    llm.context_tokens, llm.model_fields = 1024, {"max_model_len": 1024}  # vLLM lists it in /v1/models
+    llm.gazetteer = {"Oslo": "LOC", "Bergen": "LOC"}
+    client = make_client(llm_probe=True, predict_deadline=60)
+    assert region_tuples_per_task(predict(client, [long_text(120)]), "text") == [["Oslo", "Bergen"]]
+    assert not any(too_long(llm, body) for body in llm.requests)

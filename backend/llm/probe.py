@@ -210,10 +210,35 @@ def server_props(llm: LLMClient) -> dict[str, Any] | None:
     return props if isinstance(props, dict) else None
 
 
+# the fields of a /v1/models entry that hold the context window: vLLM's, LM Studio's and others'
+MODEL_WINDOW_FIELDS = ("max_model_len", "context_length", "context_window", "max_context_length")
+
+
+def model_window(llm: LLMClient) -> int | None:
+    """The context window the endpoint's /v1/models lists for the model (vLLM's max_model_len...);
+    llama-cpp-python's and OpenAI's list none."""
+    try:
+        listing = llm.client.get("/models", cast_to=dict, options={"timeout": PROPS_TIMEOUT})
+    except Exception:
+        return None
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == llm.model:
+            for name in MODEL_WINDOW_FIELDS:
+                if type(entry.get(name)) is int and entry[name] > 0:
+                    return entry[name]
+    return None
+
+
 def _read_props(llm: LLMClient, caps: Capabilities) -> int | None:
-    """The context window and slots llama-server tells; returns its slots (None: not told)."""
+    """The context window and slots llama-server tells (the window: else /v1/models); returns its
+    slots (None: not told)."""
     props = server_props(llm)
     if props is None:
+        if llm.settings.openai_base_url:  # OpenAI's list has no window
+            window = model_window(llm)
+            if window:
+                caps.context_tokens, caps.context = window, "the endpoint's /v1/models"
         return None
     settings = props.get("default_generation_settings")
     n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
@@ -232,12 +257,14 @@ def _post(llm: LLMClient, body: dict[str, Any], timeout: float) -> tuple[dict[st
 
 
 def _fatal(error: Exception) -> bool:
-    """Errors that say nothing about a form: the endpoint cannot be used at all, or not now."""
+    """Errors that say nothing about a form: the endpoint cannot be used at all, or not now. A timeout
+    is one only before the endpoint's first answer: after it, the server is slow (a loaded machine), and
+    that one question goes unanswered."""
     return isinstance(
         error,
         (openai.APIConnectionError, openai.AuthenticationError, openai.PermissionDeniedError,
          openai.NotFoundError, openai.RateLimitError),
-    )  # APITimeoutError is an APIConnectionError
+    ) and not isinstance(error, openai.APITimeoutError)  # APITimeoutError is an APIConnectionError
 
 
 def _first_choice(response: dict[str, Any]) -> dict[str, Any]:
@@ -286,7 +313,7 @@ def probe(llm: LLMClient, plan: Plan) -> Capabilities:
                 response, seconds = _post(llm, body, wait)
                 choice = _first_choice(response)
             except Exception as error:
-                if isinstance(error, openai.APITimeoutError):
+                if isinstance(error, openai.APITimeoutError) and not answered:
                     raise ProbeFailed(f"no answer to a short pre-labeling request within {wait:g} s") from None
                 if _fatal(error):
                     raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
@@ -320,7 +347,9 @@ def probe(llm: LLMClient, plan: Plan) -> Capabilities:
         try:
             caps.latency = _post(llm, body, timeout)[1]
         except Exception as error:
-            raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
+            if _fatal(error):
+                raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
+            # the first answer's time stands
     if plan.n:
         caps.n = _probe_n(llm, timeout)
     if plan.burst > 1 and slots is not None:
@@ -330,7 +359,7 @@ def probe(llm: LLMClient, plan: Plan) -> Capabilities:
     if plan.speed:
         caps.seconds_per_token = _probe_speed(llm, timeout)
     if caps.context_tokens:
-        caps.context = "the server's /props: n_ctx"
+        caps.context = caps.context or "the server's /props: n_ctx"
     elif plan.context:
         _probe_context(llm, caps, timeout)
     return caps
@@ -481,7 +510,10 @@ def _shortened(detail: str, limit: int = 200) -> str:
 def _probe_speed(llm: LLMClient, timeout: float) -> float | None:
     """Seconds per generated token, at most: the whole of a 64-token answer's time, prompt included,
     over its tokens (two timings subtracted would be swamped by the noise of a shared machine)."""
-    seconds, tokens = _tiny_call(llm, 3, timeout, 64)
+    try:
+        seconds, tokens = _tiny_call(llm, 3, timeout, 64)
+    except ProbeFailed:
+        return None  # slower than LLM_TIMEOUT for 64 tokens: the doctor's latency and its advice say enough
     return seconds / tokens if tokens > 0 else None
 
 

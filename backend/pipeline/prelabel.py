@@ -134,7 +134,6 @@ class Prelabeler:
         source: EntitySource | None = None,
         context_chars: int = 12_000,
         chunk_overlap: int = 300,
-        examples_tokens: int = 0,
     ):
         self.schema = schema
         self.llm = llm
@@ -143,7 +142,6 @@ class Prelabeler:
         self.label_all_mentions = label_all_mentions
         self.context_chars = context_chars
         self.chunk_overlap = chunk_overlap
-        self.examples_tokens = examples_tokens  # what a prompt's examples may take (FEW_SHOT_TOKEN_BUDGET)
         self.tasks = {t.key: NerTask(t, templates, guidelines) for t in schema.targets}
 
     @classmethod
@@ -166,7 +164,6 @@ class Prelabeler:
             label_all_mentions=settings.label_all_mentions,
             context_chars=settings.llm_context_chars,
             chunk_overlap=settings.llm_chunk_overlap,
-            examples_tokens=settings.few_shot_token_budget if select_examples is not None and settings.few_shot_k else 0,
             source=EntitySource(
                 llm, cache, scope, settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts
             ),
@@ -213,26 +210,28 @@ class Prelabeler:
         task = self.tasks[target.key]
         return self.source.find(task, text, self.select_examples(target, text))
 
-    def chunk_chars(self, target: NerTarget) -> int:
+    def chunk_chars(self, target: NerTarget, text: str = "") -> int:
         """The longest text one call carries: LLM_CONTEXT_CHARS, or less where the endpoint's context
-        window (as the probe read it or a 400 named it) holds less."""
+        window (as the probe read it or a 400 named it) holds less after the instructions and the
+        examples shown with `text` (its chunks' are alike, all within FEW_SHOT_TOKEN_BUDGET)."""
         window = self.llm.context_tokens
         if not window:
             return self.context_chars
         ratio = self.llm.chars_per_token
-        instructions = prompt_chars(self.tasks[target.key].messages("")) / (ratio or CHARS_PER_TOKEN)
-        fit = text_chars_for(window, instructions + self.examples_tokens, ratio)
-        return max(MIN_CHUNK_CHARS, min(self.context_chars, fit))
+        examples = self.select_examples(target, text) if text else ()
+        around = prompt_chars(self.tasks[target.key].messages("", examples)) / (ratio or CHARS_PER_TOKEN)
+        return max(MIN_CHUNK_CHARS, min(self.context_chars, text_chars_for(window, around, ratio)))
 
     def aligned(self, target: NerTarget, text: str, outcome: TaskOutcome) -> tuple[Alignment, list[Found]]:
         """One LLM call for a text within the context budget; beyond it, one per overlapping chunk. A
         chunk the endpoint says is too long for its context window splits the text again, smaller."""
-        size = self.chunk_chars(target)
+        size = self.chunk_chars(target, text) if len(text) > MIN_CHUNK_CHARS else self.context_chars
         for _ in range(RESPLITS):
             try:
                 return self._aligned(target, text, outcome, size)
             except ContextTooLong as error:
-                smaller = min(self.chunk_chars(target), size // 2)  # the 400 named the window: sized to it
+                # sized to the window the 400 named; at least halved, whatever it named
+                smaller = min(self.chunk_chars(target, text), size // 2)
                 if smaller < MIN_CHUNK_CHARS or size <= MIN_CHUNK_CHARS:
                     raise _no_fit(error, size) from None
                 log.info("the LLM endpoint's context window (%s tokens) is too small for %d characters of text"

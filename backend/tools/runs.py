@@ -293,7 +293,6 @@ def run_configuration(
     prelabeler = Prelabeler(
         schema, templates, llm, select_examples=select, label_all_mentions=settings.label_all_mentions,
         context_chars=settings.llm_context_chars, chunk_overlap=settings.llm_chunk_overlap, source=source,
-        examples_tokens=settings.few_shot_token_budget if select is not None and settings.few_shot_k else 0,
     )
     predicted: list[list[SpanTuple] | None] = [None] * len(tasks)
     failed = 0
