@@ -220,3 +220,25 @@ def test_a_packed_configuration_scores_the_same_from_fewer_requests_and_reports_
     assert systems["packed"]["micro"]["strict"]["f1"] == pytest.approx(gazetteer_figures(units, gazetteer)[2])
     assert systems["packed"]["usage"]["prompt_tokens"] < systems["alone"]["usage"]["prompt_tokens"] / 2
     assert systems["packed"]["latency"]["answers"] == systems["alone"]["latency"]["answers"] == len(units)
+
+
+def test_a_configuration_asks_the_llm_what_the_backend_asks_occurrence_hints_included(tmp_path, llm):
+    # OCCURRENCE_HINTS (on by default with PROMPT_LANGUAGE=zh) changes the prompt and the answer's schema:
+    # a configuration that set it must be compared as the backend would run it, not without the hints
+    source = wikigold_slice(tmp_path, 2)
+    hints = write_config(tmp_path, "hints", "OCCURRENCE_HINTS=true\n")
+    done = cli_on_fake(llm, tmp_path, "compare", str(source), "--config", str(hints), "--examples", "none", "--quiet")
+    assert done.returncode == 0, done.stderr
+    compared = sorted(llm.requests, key=lambda r: r["messages"][-1]["content"])
+    llm.requests.clear()
+
+    done = cli_on_fake(llm, tmp_path, "predict-conll", str(source), "--out", str(tmp_path / "out.conll"), "--quiet",
+                       OCCURRENCE_HINTS="true")
+    assert done.returncode == 0, done.stderr
+    served = sorted(llm.requests, key=lambda r: r["messages"][-1]["content"])
+
+    assert len(compared) == len(served) == 2
+    assert "context" in json.dumps(served[0]["response_format"])  # the hints are in what the backend asks
+    for ours, theirs in zip(compared, served):
+        assert ours["messages"] == theirs["messages"]
+        assert ours["response_format"] == theirs["response_format"]

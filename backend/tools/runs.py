@@ -280,7 +280,7 @@ def run_configuration(
     stops the run there instead of failing every task after its retries."""
     settings = configuration.settings
     try:
-        templates = load_templates(settings.prompts_dir)
+        templates = load_templates(settings.prompts_dir, settings.occurrence_hints)
     except ConfigError as error:
         raise ConfigError(f"configuration {configuration.name}: {error}") from None
     llm = TimedLLM(settings)
