@@ -192,7 +192,9 @@ def run_label_studio() -> Iterator[LabelStudio]:
         )
     ls = LabelStudio(f"http://127.0.0.1:{port}", token, email, password, proc, log_path)
     try:
-        wait_for(ls.url + "/health", 240, proc, log_path)
+        # generous: under load (2 cores shared by Label Studio, PostgreSQL, the LLM server and the tests) its
+        # migrations alone have taken over 240 s; a Label Studio that dies is noticed at once (proc is polled)
+        wait_for(ls.url + "/health", 900, proc, log_path)
         yield ls
     finally:
         stop(proc)
