@@ -168,3 +168,56 @@ def test_constrained_entity_texts_store_only_exact_spans_of_each_task(llama_serv
     for text, value in regions:
         assert text[value["start"] : value["end"]] == value["text"] and value["text"] in candidates(text, MAX_TOKENS)
         assert "<" not in value["text"] and set(value["labels"]) <= LABELS
+
+
+def wikigold_words(chars: int) -> str:
+    """About `chars` characters of wikigold's first documents, their tokens joined by spaces."""
+    words: list[str] = []
+    for line in WIKIGOLD.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("-DOCSTART-"):
+            words.append(line.split()[0])
+            if sum(len(w) + 1 for w in words) >= chars:
+                break
+    return " ".join(words)
+
+
+@pytest.mark.timeout(1800)  # a few chunks, a few hundred tokens each, on a loaded 2-core machine
+def test_a_document_longer_than_the_servers_context_window_is_prelabeled_in_chunks_that_fit(tmp_path, caplog):
+    """llama-cpp-python's server answers a prompt past its window (`--n_ctx`, 2,048 tokens unless set)
+    with a 400: the document failed, and was tried again as it was. Here a 1,024-token window and a
+    ~4,000-character document (~1,000 tokens of text alone): one 400, whose window cuts the text into
+    chunks the server answers. (Whether a 135M model finds entities in them is not asserted: its
+    answers may name none of the text, and the task then fails for that, never for its length.)"""
+    import logging
+
+    from backend.infra.settings import load_settings
+    from backend.protocol.server import create_app
+    from tests.processes import run_llama_server
+
+    text = wikigold_words(4000)
+    caplog.set_level(logging.INFO)
+    with run_llama_server(extra=["--n_ctx", "1024"]) as server:
+        # generous times: a 2-core machine shared with other work generates a few tokens a second
+        settings = load_settings(
+            openai_api_key=TEST_API_KEY, openai_base_url=server.base_url, llm_model=LLAMA_MODEL_NAME,
+            model_dir=tmp_path / "model", llm_timeout=300, llm_max_tokens=128, predict_deadline=1800, _env_file=None,
+            # the plain schema: a grammar spelling hundreds of candidate texts is slow to sample (and the
+            # constrained mode has tests of its own)
+            constrain_entity_texts=False,
+        )
+        client = create_app(settings).test_client()
+        response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": text}}], "project": "1.1",
+                                                 "label_config": NER_CONFIG})
+        served = re.findall(r'"POST /v1/chat/completions HTTP/1.1" (\d+)', server.log_path.read_text(errors="replace"))
+    assert response.status_code == 200, response.json
+    (entry,) = response.json["results"]
+    messages = [r.getMessage() for r in caplog.records]
+    resplits = [m for m in messages if "context window (1024 tokens) is too small" in m]
+    assert len(resplits) == 1, messages[-20:]
+    # the probe's json_schema 500, then one 400 (the whole text), then every chunk answered
+    assert served.count("400") == 1 and "400" not in served[served.index("400") + 1 :], served
+    assert served[served.index("400") + 1 :].count("200") >= 3, served
+    assert not any("does not fit" in m or "context_length" in m for m in messages), messages[-20:]
+    for region in entry["result"] if isinstance(entry, dict) else []:
+        value = region["value"]
+        assert text[value["start"] : value["end"]] == value["text"] and set(value["labels"]) <= LABELS
