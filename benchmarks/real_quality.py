@@ -72,6 +72,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--no-simulate", action="store_true")
+    parser.add_argument("--only", help="only these configurations, e.g. spans-k0,spans-k4,free-k4 (default: every one)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "real_quality")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,10 @@ def main() -> int:
             configs = []
             for k in ks:
                 for constrained in (True, False):
-                    name = f"{model}-{'spans' if constrained else 'free'}-k{k}"
+                    kind = f"{'spans' if constrained else 'free'}-k{k}"
+                    if args.only and kind not in args.only.split(","):
+                        continue
+                    name = f"{model}-{kind}"
                     config = args.out / f"{name}.env"
                     config.write_text(f"FEW_SHOT_K={k}\nCONSTRAIN_ENTITY_TEXTS={'true' if constrained else 'false'}\n")
                     configs += ["--config", str(config)]
