@@ -181,3 +181,12 @@ def test_the_schema_module_is_the_ner_tasks_and_the_client_knows_nothing_of_ner(
     source = (REPO / "backend" / "llm" / "client.py").read_text(encoding="utf-8")
     assert "backend.ner" not in source and "constraints" not in source
     assert Path(REPO / "backend" / "ner" / "constraints.py").exists()
+
+
+def test_llama_cpp_python_gets_a_smaller_enum_than_json_schema_endpoints():
+    """llama-cpp-python turns the enum into a grammar that slows every sampled token: a paragraph of
+    120 words is constrained on a json_schema endpoint, asked with the plain schema there."""
+    words = " ".join(f"Word{i}" for i in range(120))
+    assert task().schema_for(words, TEXT_LIMITS["json_schema"]).constrained
+    assert not task().schema_for(words, TEXT_LIMITS["json_object_schema"]).constrained
+    assert task().schema_for(SENTENCE, TEXT_LIMITS["json_object_schema"]).constrained

@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 # How large an enum of entity texts each structured-output form takes (ner/constraints.py); the forms
 # that send no schema constrain nothing. json_schema: OpenAI's strict structured outputs (1,000 enum
 # values per schema, 15,000 characters over them); vLLM and llama.cpp's server take as much.
-# json_object_schema: llama-cpp-python compiles the enum into a grammar, whose size slows every token.
+# json_object_schema: llama-cpp-python compiles the enum into a grammar whose size slows every token it
+# samples (measured in docs/benchmarks.md: 882 candidates sampled ~20 times slower than the plain
+# schema), so it gets a sentence's or a paragraph's worth, not a page's.
 TEXT_LIMITS = {
     "json_schema": TextLimits(max_values=1000, max_chars=15_000),
-    "json_object_schema": TextLimits(max_values=1000, max_chars=15_000),
+    "json_object_schema": TextLimits(max_values=256, max_chars=4_000),
 }
 
 
@@ -47,7 +49,8 @@ def describe_entity_texts(mode: str | None, constrain: bool) -> str:
         return f"free: structured output {mode or 'none'} takes no schema (an answer of only texts not in the task is asked again)"
     return (
         f"constrained to spans of the task text ({mode}: an enum of its n-grams of {MIN_TOKENS} to {MAX_TOKENS} words,"
-        f" at most {limits.max_values} values and {limits.max_chars:,} characters, roughly a text of 300 words;"
+        f" at most {limits.max_values} values and {limits.max_chars:,} characters, roughly a text of"
+        f" {limits.max_values // MIN_TOKENS} words;"
         " longer texts and chunks use the plain schema, said in the log)"
     )
 
