@@ -9,9 +9,11 @@ time without being handed the deadline through every layer in between.
 from __future__ import annotations
 
 import contextvars
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -24,6 +26,38 @@ class DeadlineExceeded(Exception):
 
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+# set when the work in this context is no longer wanted (its job was cancelled): the LLM client starts
+# no call and no retry, and abandons the call it is reading within CANCEL_LOOK seconds
+_cancel: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("cancel", default=None)
+CANCEL_LOOK = 0.5  # seconds between two looks at the cancel flag while a call's answer is awaited
+
+
+@contextmanager
+def cancellable(event: threading.Event) -> Iterator[None]:
+    """The work in this block (and what it hands to map_in_order) stops once `event` is set."""
+    token = _cancel.set(event)
+    try:
+        yield
+    finally:
+        _cancel.reset(token)
+
+
+def cancelled() -> bool:
+    event = _cancel.get()
+    return event is not None and event.is_set()
+
+
+def watching_cancel() -> bool:
+    return _cancel.get() is not None
+
+
+def pause(seconds: float, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Sleep, cut short by a cancel of the work in this context."""
+    event = _cancel.get()
+    if event is None:
+        sleep(seconds)
+    else:
+        event.wait(seconds)
 
 
 def time_left() -> float | None:

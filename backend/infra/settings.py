@@ -80,6 +80,16 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(
         default=None, description="redis://...: project jobs run on RQ workers and LLM_RPM/LLM_TPM are shared by every process"
     )
+    jobs_max_running: int = Field(
+        default=8, ge=1, le=1000,
+        description="project jobs running at once in the whole deployment (every process sharing the store); a"
+        " new one beyond is refused with 429",
+    )
+    job_max_concurrency: int = Field(
+        default=64, ge=1, le=256,
+        description="most LLM calls in flight for one project job (POST /jobs concurrency, prelabel --concurrency);"
+        " more is refused with 400",
+    )
     job_chunk: int = Field(default=100, ge=1, le=5000, description="tasks per RQ chunk of a project job")
     worker_heartbeat: float = Field(
         default=10.0, gt=0, le=600,

@@ -456,6 +456,8 @@ class LLMClient:
             left = _time_left()
             if left is not None and left <= 0.05:
                 raise LLMCallFailed(self._no_time_left(), "deadline")
+            if deadline.cancelled():
+                raise LLMCallFailed("cancelled: the job was", "cancelled")
             try:
                 slot = self.gate.acquire(left)
             except GateTimeout as error:
@@ -465,6 +467,8 @@ class LLMClient:
                 budget.started = time.monotonic()  # waiting for the first slot is not the answer's time
             congested = False
             try:
+                if deadline.cancelled():  # cancelled while it waited for the slot: the slot goes to others
+                    raise LLMCallFailed("cancelled: the job was", "cancelled")
                 # waiting for the slot took time: the HTTP timeout is counted from now
                 left = _time_left()
                 if left is not None and left <= 0.05:
@@ -493,6 +497,8 @@ class LLMClient:
                 except Exception as error:
                     elapsed = time.perf_counter() - started
                     metrics.LLM_SECONDS.observe(elapsed)
+                    if deadline.cancelled():  # the call was abandoned (llm/transport.py): never retried
+                        raise LLMCallFailed("cancelled: the job was; its call abandoned", "cancelled") from None
                     error_class, retryable, delay = classify(error)
                     if error_class == "other":
                         raise
@@ -560,7 +566,7 @@ class LLMClient:
                     return response
             finally:
                 self.gate.release(slot, congested)
-            self._sleep(delay)
+            deadline.pause(delay, self._sleep)
             attempt += 1
 
     def _no_time_left(self) -> str:

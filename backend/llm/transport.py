@@ -19,6 +19,8 @@ import httpcore2
 import httpx2
 import openai
 
+from backend.infra.deadline import CANCEL_LOOK, cancelled, watching_cancel
+
 log = logging.getLogger(__name__)
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("llm_call_deadline", default=None)
@@ -49,7 +51,21 @@ class _DeadlineStream(httpcore2.NetworkStream):
         self._stream = stream
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max_bytes, _capped(timeout, httpcore2.ReadTimeout))
+        if not watching_cancel():
+            return self._stream.read(max_bytes, _capped(timeout, httpcore2.ReadTimeout))
+        # a job's call: waited for in steps, so a cancel abandons it (the connection closes, a server
+        # that stops on disconnect stops generating) within CANCEL_LOOK seconds, not at its timeout
+        ends = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _capped(None if ends is None else ends - time.monotonic(), httpcore2.ReadTimeout)
+            step = CANCEL_LOOK if left is None else min(left, CANCEL_LOOK)
+            try:
+                return self._stream.read(max_bytes, step)
+            except httpcore2.ReadTimeout:
+                if cancelled():
+                    raise httpcore2.ReadError("abandoned: its job was cancelled") from None
+                if left is not None and left <= CANCEL_LOOK:
+                    raise
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._stream.write(buffer, _capped(timeout, httpcore2.WriteTimeout))

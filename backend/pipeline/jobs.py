@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.infra import metrics
+from backend.infra.deadline import cancellable, pause
+from backend.infra.errors import BadRequest
 from backend.infra.masking import Secrets
 from backend.infra.storage import Database
 from backend.infra.usage import Usage, UsageLedger, cost_usd, metering
@@ -45,6 +47,57 @@ MAX_UNWRITTEN = 10_000  # finished tasks waiting for the writer: beyond, no new 
 PAGE = 500  # tasks read from Label Studio per request
 _END = object()  # the end of a queue
 HEARTBEAT = 60.0  # a running job not heard of for this long was interrupted (its process died)
+CANCEL_POLL = 1.0  # seconds between two looks at a running job's cancel flag
+
+
+class CancelWatch:
+    """While a job (or one chunk of it) runs: a thread that looks at its cancel flag every CANCEL_POLL
+    seconds and sets `event` once it is up (its calls are cancellable on it: infra/deadline.py), and,
+    with `beat`, keeps its heartbeat fresh whatever its tasks are doing: a live job is never shown as
+    interrupted, whether its calls take minutes or its writes into Label Studio do."""
+
+    def __init__(self, jobs: Jobs, job_id: str, beat: bool = True, poll: float = CANCEL_POLL):
+        self.jobs, self.job_id, self.beat, self.poll = jobs, job_id, beat, poll
+        self.event = threading.Event()
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"job-{job_id}-watch", daemon=True)
+
+    def __enter__(self) -> CancelWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ended.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        last_beat = time.monotonic()
+        while not self._ended.wait(self.poll):
+            try:
+                if not self.event.is_set() and self.jobs.cancel_requested(self.job_id):
+                    self.event.set()
+                if self.beat and time.monotonic() - last_beat >= HEARTBEAT / 4:
+                    self.jobs.beat(self.job_id)
+                    last_beat = time.monotonic()
+            except Exception as error:  # the store is down for a moment: look again later
+                log.warning("job %s: cannot read its record: %s", self.job_id, error)
+
+
+class TooManyJobs(BadRequest):
+    """JOBS_MAX_RUNNING jobs are running: a new one is refused (429), naming them."""
+
+    def __init__(self, running: list[str], limit: int):
+        names = ", ".join(running[:5]) + (f" and {len(running) - 5} more" if len(running) > 5 else "")
+        super().__init__(f"{len(running)} jobs are running, the most JOBS_MAX_RUNNING allows ({limit}): {names}; "
+                         "start this one when one of them ends, or cancel one (DELETE /jobs/<id>)", status=429)
+
+
+def _interrupted(row: dict[str, Any], now: float) -> bool:
+    """A running job's record whose process died: not heard of for HEARTBEAT (a live job's watch beats
+    every HEARTBEAT / 4, whatever its tasks do). A job on RQ whose chunks are all queued needs no live
+    process: workers re-run a dead one's chunk."""
+    on_queue = row.get("runner") == "rq" and row.get("planned")
+    return not on_queue and now - row["heartbeat_at"] > HEARTBEAT
 
 
 @dataclass
@@ -68,16 +121,24 @@ class Jobs:
 
     COLUMNS = ("done", "failed", "skipped", "seen", "prompt_tokens", "completion_tokens", "calls", "cost_usd")
 
-    def __init__(self, db: Database, secrets: Secrets | None = None):
+    def __init__(self, db: Database, secrets: Secrets | None = None, max_running: int | None = None):
         self.db = db
         # messages and failure reasons quote errors, and a Label Studio or proxy error body may echo the
         # token: they are masked before they are stored (GET /jobs shows them to any caller)
         self.secrets = secrets or Secrets()
+        self.max_running = max_running  # JOBS_MAX_RUNNING: jobs running at once in the whole deployment
 
     def create(self, spec: JobSpec, model_version: str, total: int | None, runner: str = "process") -> str:
+        """A new job's record; TooManyJobs (429) when JOBS_MAX_RUNNING jobs are running already."""
         job_id = secrets.token_hex(6)
         now = time.time()
-        with self.db.transaction() as conn:
+        with self.db.transaction() as conn:  # writers queue: the count and the insert are one step
+            if self.max_running is not None:
+                running = [dict(zip(row.keys(), row)) for row in conn.execute(
+                    "SELECT id, runner, planned, heartbeat_at FROM jobs WHERE state='running' ORDER BY started_at").fetchall()]
+                live = [row["id"] for row in running if not _interrupted(row, now)]
+                if len(live) >= self.max_running:
+                    raise TooManyJobs(live, self.max_running)
             conn.execute(
                 "INSERT INTO jobs(id, project_id, spec, model_version, state, total, started_at, heartbeat_at, runner) "
                 "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
@@ -104,6 +165,29 @@ class Jobs:
                 "ON CONFLICT(job_id, task_id) DO UPDATE SET reason=excluded.reason",
                 (job_id, task_id, self.secrets.mask(reason)[:500]),
             )
+
+    def end_interrupted(self, job_id: str) -> bool:
+        """A job whose process died (shown as interrupted) ends as such in its record: nothing runs to
+        cancel, and a DELETE of it answers like one of any ended job. False when it is not interrupted."""
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["state"] != "running" or not _interrupted(dict(zip(row.keys(), row)), time.time()):
+                return False
+            conn.execute("UPDATE jobs SET state='interrupted', finished_at=?, message=? WHERE id=?",
+                         (time.time(), "its process died (no heartbeat); start it again to continue", job_id))
+        return True
+
+    def lose_chunks(self, job_id: str, chunks: list[int], why: str) -> None:
+        """Chunks the queue no longer holds (Redis lost its data): they end, unrun, and the job ends as
+        failed with `why` (the chunks still running elsewhere add their counts when they end)."""
+        with self.db.transaction() as conn:
+            lost = 0
+            for chunk in chunks:
+                if conn.execute("UPDATE job_chunks SET state='lost', finished_at=? WHERE job_id=? AND chunk=? AND finished_at IS NULL",
+                                (time.time(), job_id, chunk)).rowcount:
+                    lost += conn.execute("SELECT tasks FROM job_chunks WHERE job_id=? AND chunk=?", (job_id, chunk)).fetchone()[0]
+            conn.execute("UPDATE jobs SET failed=failed+?, state='failed', message=?, finished_at=?, heartbeat_at=? "
+                         "WHERE id=? AND state='running'", (lost, self.secrets.mask(why), time.time(), time.time(), job_id))
 
     def cancel(self, job_id: str) -> bool:
         with self.db.transaction() as conn:
@@ -211,9 +295,7 @@ class Jobs:
     @staticmethod
     def _describe(row: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
-        # a job on RQ whose chunks are all queued needs no live process: workers re-run a dead one's chunk
-        on_queue = row.get("runner") == "rq" and row.get("planned")
-        if row["state"] == "running" and not on_queue and now - row["heartbeat_at"] > HEARTBEAT:
+        if row["state"] == "running" and _interrupted(row, now):
             row["state"] = "interrupted"  # its process died: run it again to continue
         elapsed = (row["finished_at"] or now) - row["started_at"]
         rate = row["done"] / elapsed if elapsed > 0 else 0.0
@@ -286,6 +368,7 @@ class ProjectJob:
         self.sleep = sleep
         self.progress = Progress(usage=Usage())
         self.failures: dict[int, str] = {}  # task id -> why its last try failed
+        self.watch = CancelWatch(jobs, job_id)  # started by run()
         self.stop: tuple[str, str] | None = None  # (state, why) once the job must end early
         self.reading = True
         self.handed = self.taken = 0  # finished tasks handed to the writer (this thread), taken by it (its thread)
@@ -309,13 +392,17 @@ class ProjectJob:
         in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
         finished: list[tuple[dict[str, Any], TaskOutcome]] = []
         read_all = False
+        watch = self.watch.__enter__()
 
         def again(task: dict[str, Any], attempt: int) -> Future | None:  # an outage may pass: try it again, later
-            return pool.submit(self._attempt, task, attempt) if attempt < self.spec.attempts else None
+            return pool.submit(self._attempt, task, attempt) if attempt < self.spec.attempts and not watch.event.is_set() else None
 
         last_write = time.monotonic()
         try:
             while self.stop is None:
+                if watch.event.is_set():  # cancelled: nothing new starts, the calls in flight are abandoned
+                    self.stop = ("cancelled", "cancelled on request")
+                    break
                 while not read_all and len(in_flight) < 2 * concurrency and self.handed - self.taken < MAX_UNWRITTEN:
                     try:
                         item = todo.get_nowait() if in_flight else todo.get(timeout=0.5)
@@ -345,11 +432,12 @@ class ProjectJob:
             self.stop = ("failed", f"{type(error).__name__}: {str(error)[:300]}")
         finally:
             self.reading = False
-            # a cancelled or stopped job lets the calls in flight end (their answers are cached) and
-            # starts nothing more
+            # a stopped job lets the calls in flight end (their answers are cached); a cancelled one's
+            # end within CANCEL_LOOK (their connections closed); neither starts anything more
             pool.shutdown(wait=True, cancel_futures=True)
             writes.put(_END)
             writer.join()
+            watch.__exit__()
         state, message = self.stop or ("done", "")
         if state == "failed":
             log.warning("job %s failed: %s", self.job_id, message)
@@ -416,7 +504,7 @@ class ProjectJob:
             yield {"id": int(field_of(task, "id")), "data": dict(field_of(task, "data") or {})}
 
     def _attempt(self, task: dict[str, Any], attempt: int) -> TaskOutcome:
-        return attempt_task(self.prelabeler, task, attempt, self.sleep)
+        return attempt_task(self.prelabeler, task, attempt, self.sleep, self.watch.event)
 
     def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> tuple[str, str]:
         """Write finished tasks into Label Studio (the writer thread); returns ("running", "") to go on,
@@ -432,7 +520,7 @@ class ProjectJob:
         metrics.DELIVERED.labels("job").inc(len(finished))
         self.jobs.progress(self.job_id, **self.progress.figures())
         self.on_progress(self.progress)
-        if self.jobs.cancel_requested(self.job_id):
+        if self.watch.event.is_set():
             return "cancelled", "cancelled on request"
         if self.spec.max_cost is not None and self.progress.cost_usd >= self.spec.max_cost:
             return "stopped", f"spent ${self.progress.cost_usd:.4f}, the --max-cost of ${self.spec.max_cost:g}"
@@ -546,6 +634,8 @@ def collect_tries(
             failures.pop(task["id"], None)
             continue
         account([getattr(error, "usage", None)])
+        if getattr(error, "error_class", None) == "cancelled":
+            continue  # its job was cancelled: neither failed nor tried again
         reason = unanswered_reason(error)
         failures[task["id"]] = f"{reason}: {error}"
         # a try that used up its time budget (LLM_TASK_TIMEOUT) or did not fit the context window would
@@ -556,13 +646,20 @@ def collect_tries(
     return finished
 
 
-def attempt_task(prelabeler: Prelabeler, task: dict[str, Any], attempt: int, sleep: Callable[[float], None]) -> TaskOutcome:
+def attempt_task(prelabeler: Prelabeler, task: dict[str, Any], attempt: int, sleep: Callable[[float], None],
+                 cancel: threading.Event | None = None) -> TaskOutcome:
     """One try at a task (after a backoff when it is a retry), its LLM usage metered, a failed try's too;
     its answers in the shared cache before it counts as finished: a job or worker killed at any moment
     pays again only for the calls in flight (flushing when the loop collects finished tries, or when the
-    writer gets to them, left up to WRITE_EVERY seconds of paid answers to a kill -9)."""
+    writer gets to them, left up to WRITE_EVERY seconds of paid answers to a kill -9). `cancel`: once
+    set, its calls end (infra/deadline.cancellable)."""
+    with cancellable(cancel or threading.Event()):
+        return _attempt_task(prelabeler, task, attempt, sleep)
+
+
+def _attempt_task(prelabeler: Prelabeler, task: dict[str, Any], attempt: int, sleep: Callable[[float], None]) -> TaskOutcome:
     if attempt:
-        sleep(min(30.0, 2.0 * 2 ** (attempt - 1)))
+        pause(min(30.0, 2.0 * 2 ** (attempt - 1)), sleep)
     try:
         with metering() as meter:
             try:
@@ -605,6 +702,7 @@ class ChunkRun:
         self.usage = Usage()
         self.cost = 0.0
         self.failures: dict[int, str] = {}
+        self.cancel: threading.Event | None = None  # set while the chunk's tasks run: its job was cancelled
 
     def run(self) -> str:
         """Returns how the chunk ended: done, cancelled (the job was), or "" when another run ends it."""
@@ -628,31 +726,34 @@ class ChunkRun:
         concurrency = self.spec.concurrency or self.prelabeler.llm.concurrency
         pending = list(reversed(todo))
         finished: list[tuple[dict[str, Any], TaskOutcome]] = []
-        cancelled = False
         last_write = time.monotonic()
-        with ThreadPoolExecutor(concurrency, thread_name_prefix=f"chunk-{self.job_id}-{self.chunk}") as pool:
+        # the worker's own thread beats for the chunk (RQ's heartbeat): this one only looks for a cancel
+        with CancelWatch(self.jobs, self.job_id, beat=False) as watch, \
+                ThreadPoolExecutor(concurrency, thread_name_prefix=f"chunk-{self.job_id}-{self.chunk}") as pool:
+            self.cancel = watch.event
             in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
 
             def again(task: dict[str, Any], attempt: int) -> Future | None:
-                return pool.submit(self._attempt, task, attempt) if attempt < self.spec.attempts and not cancelled else None
+                return pool.submit(self._attempt, task, attempt) if attempt < self.spec.attempts and not watch.event.is_set() else None
 
             while pending or in_flight:
-                while pending and not cancelled and len(in_flight) < concurrency:
+                while pending and not watch.event.is_set() and len(in_flight) < concurrency:
                     task = pending.pop()
                     in_flight[pool.submit(self._attempt, task, 0)] = (task, 0)
                 if not in_flight:
                     break
                 finished += collect_tries(in_flight, self.failures, self._account, again)
-                if finished and (not (pending or in_flight) or time.monotonic() - last_write > WRITE_EVERY):
+                if finished and not watch.event.is_set() and (
+                        not (pending or in_flight) or time.monotonic() - last_write > WRITE_EVERY):
                     self._write(finished)
                     finished, last_write = [], time.monotonic()
-                    cancelled = cancelled or self.jobs.cancel_requested(self.job_id)
+            cancelled = watch.event.is_set()
         if finished and not cancelled:
             self._write(finished)
         return cancelled
 
     def _attempt(self, task: dict[str, Any], attempt: int) -> TaskOutcome:
-        return attempt_task(self.prelabeler, task, attempt, self.sleep)
+        return attempt_task(self.prelabeler, task, attempt, self.sleep, self.cancel)
 
     def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> None:
         deliveries = [Delivery(self.project, t["id"], self.version, o.results, o.score) for t, o in finished]

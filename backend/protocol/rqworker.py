@@ -101,6 +101,26 @@ class JobQueue:
         return plan_chunks(jobs, job_id, spec, client, model_version, self.settings.job_chunk,
                            lambda chunk, tasks: self.enqueue_chunk(job_id, chunk, tasks))
 
+    def reconcile(self, jobs: Jobs, job_id: str) -> None:
+        """A planned job whose unfinished chunks the queue no longer holds (Redis restarted without
+        persistence, or flushed) would show as running for ever: those chunks are lost, and the job
+        ends as failed saying so. Nothing is concluded while Redis cannot be reached."""
+        record = jobs.record(job_id)
+        if record is None or record["state"] != "running" or record.get("runner") != "rq" or not record.get("planned"):
+            return
+        try:
+            lost = [chunk for chunk in jobs.unfinished_chunks(job_id)
+                    if not self.connection.exists(Job.key_for(chunk_job_id(job_id, chunk)))]
+        except RedisError as error:
+            log.warning("job %s: cannot look at its chunks in Redis (%s)", job_id, type(error).__name__)
+            return
+        if lost:
+            why = (f"{len(lost)} of its chunks vanished from Redis at {redis_place(self.settings)} (Redis lost its data: "
+                   "restarted without persistence, or flushed?); their tasks were not pre-labeled: start the job again "
+                   "to pre-label what is left")
+            log.warning("job %s: %s", job_id, why)
+            jobs.lose_chunks(job_id, lost, why)
+
     def cancel(self, jobs: Jobs, job_id: str) -> bool:
         """Ask every worker's chunks of the job to stop (they look between writes) and take its queued
         chunks off the queue; False when the job is not running."""

@@ -410,7 +410,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         model = registry.get(str(body.project), project.label_config)
         if not hasattr(model, "prelabel_project"):
             raise BadRequest(f"{type(model).__name__} does not run project jobs", status=501)
-        spec = JobSpec(body.project, body.scope, body.limit, body.concurrency or settings.predict_concurrency, body.max_cost)
+        if body.concurrency is not None and body.concurrency > settings.job_max_concurrency:
+            raise BadRequest(f"concurrency: at most {settings.job_max_concurrency} calls in flight per job (JOB_MAX_CONCURRENCY)")
+        concurrency = body.concurrency or settings.predict_concurrency
+        if concurrency is not None:
+            concurrency = min(concurrency, settings.job_max_concurrency)
+        spec = JobSpec(body.project, body.scope, body.limit, concurrency, body.max_cost)
         if body.batch_api:  # through the provider's Batch API (pipeline/batchjob.py)
             if not hasattr(model, "batch_project"):
                 raise BadRequest(f"{type(model).__name__} does not run Batch API jobs", status=501)
@@ -427,26 +432,39 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         threading.Thread(target=job.run, name=f"job-{job.job_id}", daemon=True).start()
         return jsonify(services.jobs.get(job.job_id)), 202
 
+    def current_job(job_id: str) -> dict:
+        """The job's record, a job on RQ whose chunks Redis lost ended first (JobQueue.reconcile)."""
+        if services.job_queue is not None:
+            services.job_queue.reconcile(services.jobs, job_id)
+        job = services.jobs.get(job_id)
+        if job is None:
+            raise BadRequest(f"no job {job_id[:40]!r}", status=404)
+        return job
+
     @app.get("/jobs")
     def list_jobs():
-        return jsonify(jobs=services.jobs.list())
+        jobs = services.jobs.list()
+        if services.job_queue is not None and any(j["runner"] == "rq" and j["state"] == "running" for j in jobs):
+            for job in jobs:
+                if job["runner"] == "rq" and job["state"] == "running":
+                    services.job_queue.reconcile(services.jobs, job["id"])
+            jobs = services.jobs.list()
+        return jsonify(jobs=jobs)
 
     @app.get("/jobs/<job_id>")
     def get_job(job_id: str):
-        job = services.jobs.get(job_id)
-        if job is None:
-            raise BadRequest(f"no job {job_id[:40]!r}", status=404)
-        return jsonify(job)
+        return jsonify(current_job(job_id))
 
     @app.delete("/jobs/<job_id>")
     def cancel_job(job_id: str):
-        job = services.jobs.get(job_id)
-        if job is None:
-            raise BadRequest(f"no job {job_id[:40]!r}", status=404)
+        job = current_job(job_id)
         prove("DELETE /jobs/<job_id>", project=job["project"])
+        if job["state"] == "interrupted":
+            services.jobs.end_interrupted(job_id)  # its process died: nothing runs, its record ends as such
         on_queue = services.job_queue is not None and job["runner"] == "rq"
-        if not (services.job_queue.cancel(services.jobs, job_id) if on_queue else services.jobs.cancel(job_id)):
-            raise BadRequest(f"job {job_id} is {job['state']}: nothing to cancel", status=409)
+        if job["state"] != "running" or not (
+                services.job_queue.cancel(services.jobs, job_id) if on_queue else services.jobs.cancel(job_id)):
+            raise BadRequest(f"job {job_id} is {job['state']}: it has ended, nothing to cancel", status=409)
         return jsonify(services.jobs.get(job_id)), 202
 
     @app.get("/metrics")

@@ -426,6 +426,8 @@ def run_prelabel(args: argparse.Namespace) -> int:
     from backend.tools.prelabel import Options, run_prelabel
 
     settings = load_settings()
+    if args.concurrency and args.concurrency > settings.job_max_concurrency:
+        raise ConfigError(f"--concurrency: at most {settings.job_max_concurrency} calls in flight per job (JOB_MAX_CONCURRENCY)")
     if args.concurrency:
         # the LLM client's gate lets PREDICT_CONCURRENCY calls through (8 without it, or what the
         # probe's burst of 8 measured): --concurrency N must raise that too, or N - 8 threads wait on it

@@ -8,6 +8,7 @@ PRELABEL_CONFIRM_USD, a progress bar, and the failures at the end.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
@@ -168,7 +169,9 @@ def _run_on_queue(services: Services, model: Any, client: Any, spec: JobSpec, pr
           f"{queue.queue.name!r}: `llm-ner worker` processes run it", file=out, flush=True)
     try:
         queue.plan(services.jobs, job_id, spec, client, version)
-        while True:
+        for polls in itertools.count():
+            if polls % 10 == 0:
+                queue.reconcile(services.jobs, job_id)  # chunks Redis lost end the job as failed
             job = services.jobs.get(job_id) or {}
             bar.n = job.get("done", 0) + job.get("failed", 0) + job.get("skipped", 0)
             bar.set_postfix(done=job.get("done"), failed=job.get("failed"), tokens=job.get("prompt_tokens", 0) + job.get("completion_tokens", 0),
