@@ -743,12 +743,11 @@ class ChunkRun:
                 if not in_flight:
                     break
                 finished += collect_tries(in_flight, self.failures, self._account, again)
-                if finished and not watch.event.is_set() and (
-                        not (pending or in_flight) or time.monotonic() - last_write > WRITE_EVERY):
+                if finished and (not (pending or in_flight) or time.monotonic() - last_write > WRITE_EVERY):
                     self._write(finished)
                     finished, last_write = [], time.monotonic()
             cancelled = watch.event.is_set()
-        if finished and not cancelled:
+        if finished:  # answered and paid for before the cancel: written, not dropped
             self._write(finished)
         return cancelled
 
