@@ -60,8 +60,12 @@ def test_warm_start_is_off_by_default(make_client, llm):
     assert llm.requests == []
 
 
-def test_tasks_created_without_task_data_is_acknowledged_and_ignored(make_client, llm):
+@pytest.mark.parametrize("tasks, field", [([{"id": 1}], "tasks[0]"), ([{"id": 1, "data": {}}, "junk"], "tasks[1]")])
+def test_tasks_created_with_a_malformed_task_is_refused_naming_it_and_costs_nothing(make_client, llm, tasks, field):
     client = make_client(warm_start=True)
-    payload = {"action": "TASKS_CREATED", "tasks": [{"id": 1}, "junk"], "project": {"id": 5, "label_config": NER_CONFIG}}
-    assert client.post("/webhook", json=payload).status_code == 201
+    payload = {"action": "TASKS_CREATED", "tasks": tasks, "project": {"id": 5, "label_config": NER_CONFIG}}
+    response = client.post("/webhook", json=payload)
+    assert response.status_code == 400
+    assert field in response.get_data(as_text=True)
     assert not any(t.name == "warm-start" for t in threading.enumerate())
+    assert llm.requests == []
