@@ -45,7 +45,7 @@ def run(ls, fake: FakeLLM, project_id: int, model_dir: Path, price: tuple[float,
     env = backend_env(fake.base_url, model_dir, LOG_LEVEL="WARNING", LLM_MODEL=MODEL, BATCH_POLL_SECONDS="0.2",
                       LLM_PRICES=json.dumps({MODEL: list(price)}))
     command = [sys.executable, "-m", "backend", "prelabel", "--project", str(project_id), "--yes", "--quiet",
-               "--url", ls.url, "--api-key", ls.token, *flags]
+               "--label-studio-url", ls.url, "--api-key", ls.token, *flags]
     started = time.monotonic()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:

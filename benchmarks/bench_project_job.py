@@ -73,7 +73,7 @@ def written(ls, project_id: int) -> int:
 
 def job_command(ls, project_id: int) -> list[str]:
     return [sys.executable, "-m", "backend", "prelabel", "--project", str(project_id), "--yes", "--quiet",
-            "--concurrency", str(CAP), "--url", ls.url, "--api-key", ls.token]
+            "--concurrency", str(CAP), "--label-studio-url", ls.url, "--api-key", ls.token]
 
 
 @dataclass

@@ -105,7 +105,7 @@ def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int, pg=
         pg_before = postgres_seconds(pg) if pg is not None else 0.0
         fake_before, planner_before = cpu_seconds(os.getpid(), children=False), planner_seconds()
         done = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project_id), "--yes", "--quiet",
-                               "--url", ls.url, "--api-key", ls.token], cwd=REPO, env=env, capture_output=True, text=True)
+                               "--label-studio-url", ls.url, "--api-key", ls.token], cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(done.stdout + done.stderr)
         cpu = {name: sum(cpu_seconds(pid) for pid in group) - before[name] for name, group in pids.items()}

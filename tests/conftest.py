@@ -530,7 +530,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def ls_args(label_studio) -> list[str]:
-    return ["--url", label_studio.url, "--api-key", label_studio.token]
+    return ["--label-studio-url", label_studio.url, "--api-key", label_studio.token]
 
 
 def stored(result) -> set[tuple[int, int, str]]:

@@ -64,7 +64,7 @@ def test_estimate_reads_a_projects_tasks_and_sends_nothing(label_studio, connect
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "LABEL_STUDIO"))}
     env["LLM_PRICES"] = '{"gpt-4o-mini": [0.15, 0.6]}'
     done = subprocess.run(
-        [sys.executable, "-m", "backend", "estimate", "--project", str(project.id), "--url", label_studio.url,
+        [sys.executable, "-m", "backend", "estimate", "--project", str(project.id), "--label-studio-url", label_studio.url,
          "--api-key", label_studio.token],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
@@ -76,7 +76,7 @@ def test_estimate_reads_a_projects_tasks_and_sends_nothing(label_studio, connect
     assert llm.requests == []
 
     wrong = subprocess.run(
-        [sys.executable, "-m", "backend", "estimate", "--project", "99999", "--url", label_studio.url, "--api-key", label_studio.token],
+        [sys.executable, "-m", "backend", "estimate", "--project", "99999", "--label-studio-url", label_studio.url, "--api-key", label_studio.token],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert wrong.returncode != 0 and "404" in wrong.stderr and "Traceback" not in wrong.stderr

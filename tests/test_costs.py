@@ -83,7 +83,7 @@ def test_estimate_without_input_or_with_a_missing_file_fails_with_a_message(tmp_
     missing = run_cli("estimate", str(tmp_path / "nope.conll"))
     assert missing.returncode != 0 and "nope.conll" in missing.stderr and "Traceback" not in missing.stderr
     no_ls = run_cli("estimate", "--project", "3", LABEL_STUDIO_URL="", LABEL_STUDIO_API_KEY="")
-    assert no_ls.returncode != 0 and "--url" in no_ls.stderr
+    assert no_ls.returncode != 0 and "--label-studio-url" in no_ls.stderr
 
 
 def test_a_sampled_estimate_never_reads_a_task_beyond_its_sample():

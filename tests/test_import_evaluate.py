@@ -146,7 +146,7 @@ def test_clear_errors_for_a_wrong_key_an_existing_title_and_an_unknown_model_ver
     source = tmp_path / "one.conll"
     source.write_text("Ada B-PER\n", encoding="utf-8")
     wrong_key = "0123456789abcdef0123456789abcdef01234567"
-    refused = cli("import-conll", str(source), "--url", label_studio.url, "--api-key", wrong_key, "--create", "x")
+    refused = cli("import-conll", str(source), "--label-studio-url", label_studio.url, "--api-key", wrong_key, "--create", "x")
     assert refused.returncode == 1
     assert "HTTP 401" in refused.stderr and "--api-key" in refused.stderr
     assert wrong_key not in refused.stderr and "Traceback" not in refused.stderr

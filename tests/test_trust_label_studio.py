@@ -54,7 +54,7 @@ def webhook_headers(ls, project_id: int) -> list[dict]:
 def run_connect(backend, label_studio, project_id: int) -> subprocess.CompletedProcess:
     env = {**backend.env, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
     return subprocess.run(
-        [sys.executable, "-m", "backend", "connect", "--project", str(project_id), "--url", backend.url],
+        [sys.executable, "-m", "backend", "connect", "--project", str(project_id), "--backend-url", backend.url],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from backend.infra.masking import Secrets
 
@@ -24,9 +26,33 @@ class RedactingFormatter(logging.Formatter):
         return self.secrets.mask(super().format(record))
 
 
+# what the work of this context is about ("task 12"), put before each of its log lines: a line such as
+# "dropped entities" or an LLM timeout comes from layers that never see the task. A ContextVar, so it
+# follows the work into the threads of map_in_order (which copies the context)
+_subject: contextvars.ContextVar[str | None] = contextvars.ContextVar("log_subject", default=None)
+
+
+@contextmanager
+def about(subject: str | None) -> Iterator[None]:
+    """Log lines written inside say `subject: ` first (None: unchanged)."""
+    token = _subject.set(subject)
+    try:
+        yield
+    finally:
+        _subject.reset(token)
+
+
+def _add_subject(record: logging.LogRecord) -> bool:
+    subject = _subject.get()
+    # a line that names its subject itself (for the tests' captured logs too) is not prefixed twice
+    record.subject = f"{subject}: " if subject and not record.getMessage().startswith(f"{subject}:") else ""
+    return True
+
+
 def configure_logging(level: str, secrets: Secrets | Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s", secrets))
+    handler.addFilter(_add_subject)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(subject)s%(message)s", secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

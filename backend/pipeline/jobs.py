@@ -370,6 +370,7 @@ class ProjectJob:
         self.failures: dict[int, str] = {}  # task id -> why its last try failed
         self.watch = CancelWatch(jobs, job_id)  # started by run()
         self.stop: tuple[str, str] | None = None  # (state, why) once the job must end early
+        self.abandon = False  # interrupt(): end without waiting for the LLM calls in flight
         self.reading = True
         self.handed = self.taken = 0  # finished tasks handed to the writer (this thread), taken by it (its thread)
 
@@ -433,8 +434,8 @@ class ProjectJob:
         finally:
             self.reading = False
             # a stopped job lets the calls in flight end (their answers are cached); a cancelled one's
-            # end within CANCEL_LOOK (their connections closed); neither starts anything more
-            pool.shutdown(wait=True, cancel_futures=True)
+            # end within CANCEL_LOOK (their connections closed); neither starts anything more; an interrupted one (Ctrl-C) waits for none
+            pool.shutdown(wait=not self.abandon, cancel_futures=True)
             writes.put(_END)
             writer.join()
             watch.__exit__()
@@ -449,6 +450,12 @@ class ProjectJob:
         self.jobs.finish(self.job_id, state, message)
         self.on_progress(self.progress)
         return self.jobs.get(self.job_id) or {}
+
+    def interrupt(self, why: str) -> None:
+        """End the job at once (Ctrl-C at a terminal): start nothing more, wait for no LLM call in
+        flight; what was written stays, and the write under way ends first."""
+        self.abandon = True
+        self.stop = ("cancelled", why)
 
     def _read(self, todo: queue.Queue) -> None:
         try:

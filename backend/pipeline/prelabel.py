@@ -13,6 +13,7 @@ from typing import Any
 from backend.infra import metrics
 from backend.infra.deadline import DeadlineExceeded, Outcome, map_in_order, time_left
 from backend.infra.errors import BadRequest, LLMError
+from backend.infra.logs import about
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage
 from backend.llm.cache import ResponseCache
@@ -274,7 +275,11 @@ class Prelabeler:
         return align_chunks(text, chunks, answers, **options), founds
 
     def prelabel(self, data: dict[str, Any], task_id: Any = None) -> TaskOutcome:
-        """One task's pre-labels; `task_id` only names it in the log."""
+        """The task's pre-labels; `task_id` names it in the log lines its work writes."""
+        with about(f"task {task_id}" if task_id is not None else None):
+            return self._prelabel(data, task_id)
+
+    def _prelabel(self, data: dict[str, Any], task_id: Any) -> TaskOutcome:
         outcome = TaskOutcome()
         span_scores: list[float | None] = []
         empty_scores: list[float] = []

@@ -192,10 +192,11 @@ def _mark_worker_dead(server, worker) -> None:
 def run_import_conll(args: argparse.Namespace) -> int:
     from backend.tools.importer import connect, import_conll
 
-    client = connect(args.url, args.api_key)
+    client = connect(args.label_studio_url, args.api_key)
     summary = import_conll(
         client, args.files, project_id=args.project, create_title=args.create, per=args.per, join=args.join,
         gold=args.gold, batch_size=args.batch_size, progress=not args.quiet,
+        limit=args.limit,
     )
     print(summary.describe())
     return 0
@@ -206,7 +207,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from backend.tools.importer import connect
     from backend.tools.scorer import format_table
 
-    evaluation = evaluate_project(connect(args.url, args.api_key), args.project, args.model_version)
+    evaluation = evaluate_project(connect(args.label_studio_url, args.api_key), args.project, args.model_version)
     print(evaluation.header())
     print(format_table(evaluation.report))
     _write_outputs(args, evaluation.to_json(worst=args.worst))
@@ -232,11 +233,7 @@ def _ground_truth(args: argparse.Namespace):
     if args.project is not None:
         if args.files:
             raise ConfigError("give CoNLL files or --project, not both")
-        if not (args.url and args.api_key):
-            raise ConfigError("--project needs --url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
-        from backend.tools.importer import connect
-
-        return goldset.from_project(connect(args.url, args.api_key), args.project)
+        return goldset.from_project(_label_studio(args), args.project)
     if args.files:
         return goldset.from_conll(args.files, per=args.per, join=args.join)
     raise ConfigError("give CoNLL files with gold tags, or --project ID")
@@ -375,7 +372,7 @@ def run_connect(args: argparse.Namespace) -> int:
     password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else None
     connection = connect_backend(
         connect(args.label_studio_url, args.api_key), LabelStudioSource(args.label_studio_url.rstrip("/"), args.api_key),
-        args.project, args.url, interactive=args.interactive, user=settings.basic_auth_user, password=password,
+        args.project, args.backend_url, interactive=args.interactive, user=settings.basic_auth_user, password=password,
     )
     print(connection.describe())
     return 0
@@ -390,11 +387,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     settings = load_settings(openai_api_key=os.environ.get("OPENAI_API_KEY") or "dry-run")
     pack = args.pack if args.pack is not None else settings.pack_size
     if args.project is not None:
-        if not (args.url and args.api_key):
-            raise ConfigError("--project needs --url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
-        from backend.tools.importer import connect
-
-        result = estimate.estimate_project(connect(args.url, args.api_key), args.project, settings, args.examples, pack)
+        result = estimate.estimate_project(_label_studio(args), args.project, settings, args.examples, pack)
     elif args.files:
         result = estimate.estimate_conll(args.files, settings, args.per, args.examples, pack, args.join)
     else:
@@ -436,7 +429,7 @@ def run_prelabel(args: argparse.Namespace) -> int:
     spec = JobSpec(args.project, args.scope, args.limit, settings.predict_concurrency, args.max_cost)
     options = Options(dry_run=args.dry_run, yes=args.yes, confirm_usd=settings.prelabel_confirm_usd, progress=not args.quiet,
                       batch_api=args.batch_api, batch_file_out=args.batch_file_out, batch_results=args.batch_results)
-    return run_prelabel(connect(args.url, args.api_key), spec, settings, options)
+    return run_prelabel(connect(args.label_studio_url, args.api_key), spec, settings, options)
 
 
 def _positive_int(value: str) -> int:
@@ -466,13 +459,40 @@ def _positive_float(value: str) -> float:
     return number
 
 
-def _label_studio_args(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), required=not os.environ.get("LABEL_STUDIO_URL"),
-                         help="Label Studio URL (default $LABEL_STUDIO_URL)")
+class _Renamed(argparse.Action):
+    """An option under its new name that still takes its old spelling, with a warning naming the new one."""
+
+    def __init__(self, option_strings: list[str], dest: str, old: tuple[str, ...] = (), **kwargs) -> None:
+        self.old = old
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string in self.old:
+            print(f"llm-ner: {option_string} is deprecated, use {self.option_strings[0]}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _renamed(command: argparse.ArgumentParser, new: str, *old: str, **kwargs) -> None:
+    command.add_argument(new, *old, action=_Renamed, old=old, **kwargs)
+
+
+def _label_studio_args(command: argparse.ArgumentParser, required: bool = True, old: tuple[str, ...] = ("--url",)) -> None:
+    """--label-studio-url and --api-key; `required` unless the command can go without Label Studio."""
+    url, key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
+    _renamed(command, "--label-studio-url", *old, dest="label_studio_url", default=url,
+             required=required and not url, metavar="URL", help="Label Studio's URL (default $LABEL_STUDIO_URL)")
     # from the environment by default, so the key stays out of shell history and process lists
-    command.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
-                         required=not os.environ.get("LABEL_STUDIO_API_KEY"),
+    command.add_argument("--api-key", default=key, required=required and not key,
                          help="Label Studio access token (default $LABEL_STUDIO_API_KEY)")
+
+
+def _label_studio(args: argparse.Namespace):
+    """The SDK client for --label-studio-url and --api-key, which a command may make optional."""
+    from backend.tools.importer import connect
+
+    if not (args.label_studio_url and args.api_key):
+        raise ConfigError("--project needs --label-studio-url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+    return connect(args.label_studio_url, args.api_key)
 
 
 def _join_arg(command: argparse.ArgumentParser) -> None:
@@ -487,8 +507,7 @@ def _join_arg(command: argparse.ArgumentParser) -> None:
 def _ground_truth_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("files", nargs="*", metavar="FILE", help="CoNLL files with gold tags (or --project)")
     command.add_argument("--project", type=int, metavar="ID", help="a Label Studio project's annotated tasks instead of files")
-    command.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), help="Label Studio URL (default $LABEL_STUDIO_URL)")
-    command.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"), help="default $LABEL_STUDIO_API_KEY")
+    _label_studio_args(command, required=False)
     command.add_argument("--per", choices=("document", "sentence"), default="document",
                          help="CoNLL: one task per document (default) or sentence")
     _join_arg(command)
@@ -540,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--gold", choices=("annotations", "predictions", "none"), default="annotations",
                      help="gold tags as ground-truth annotations (default), as predictions of model version 'gold', or not at all")
     imp.add_argument("--batch-size", type=int, default=100, help="tasks per import call (default 100)")
+    imp.add_argument("--limit", type=_positive_int, metavar="N", help="import the files' first N tasks only (default: all)")
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
     imp.set_defaults(handler=run_import_conll)
 
@@ -630,20 +650,17 @@ def build_parser() -> argparse.ArgumentParser:
         "connect", help="connect the backend to a Label Studio project: model, pre-labels, webhook credentials, checked"
     )
     conn.add_argument("--project", type=int, required=True, metavar="ID")
-    conn.add_argument("--url", default="http://localhost:9090", metavar="BACKEND_URL",
-                      help="the backend's URL as Label Studio reaches it (default http://localhost:9090)")
+    # --url was the backend here and Label Studio everywhere else: --backend-url now, --url warns
+    _renamed(conn, "--backend-url", "--url", dest="backend_url", default="http://localhost:9090", metavar="URL",
+             help="the backend's URL as Label Studio reaches it (default http://localhost:9090)")
     conn.add_argument("--interactive", action="store_true", help="also use the backend for interactive pre-annotation")
-    conn.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
-                      required=not os.environ.get("LABEL_STUDIO_URL"), help="default $LABEL_STUDIO_URL")
-    conn.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
-                      required=not os.environ.get("LABEL_STUDIO_API_KEY"), help="default $LABEL_STUDIO_API_KEY")
+    _label_studio_args(conn, old=())
     conn.set_defaults(handler=run_connect)
 
     est = commands.add_parser("estimate", help="dry run: LLM calls, tokens and cost for CoNLL files or a project; sends nothing")
     est.add_argument("files", nargs="*", metavar="FILE", help="CoNLL files")
     est.add_argument("--project", type=int, metavar="ID", help="a Label Studio project instead of files")
-    est.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), help="Label Studio URL (default $LABEL_STUDIO_URL)")
-    est.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"), help="default $LABEL_STUDIO_API_KEY")
+    _label_studio_args(est, required=False)
     est.add_argument("--per", choices=("document", "sentence"), default="sentence", help="CoNLL: one task per sentence (default) or document")
     _join_arg(est)
     est.add_argument("--examples", type=int, default=3, help="few-shot examples per prompt (default 3)")
@@ -690,6 +707,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BackendError as error:
         print(f"llm-ner: {error}", file=sys.stderr)
+        if getattr(error, "exit_code", None) == 130:
+            # Ctrl-C left threads waiting on LLM calls that may take minutes: exit without joining them
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 1
     except OSError as error:
         # an output that cannot be written and that no command names itself (a full disk, a missing

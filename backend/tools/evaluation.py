@@ -82,9 +82,10 @@ class ProjectEvaluation:
     other_versions: list[str] = field(default_factory=list)
     # per evaluated task, for the error table and the worst tasks: (name, text, gold, predicted)
     items: list[tuple[str, str, list[SpanTuple], list[SpanTuple]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the user should know about the version chosen
 
     def header(self) -> str:
-        lines = [
+        lines = [*self.notes,
             f"project {self.project_id}, model version {self.model_version}: {self.evaluated} of {self.tasks} tasks"
             f" evaluated ({self.without_annotation} without ground truth,"
             f" {self.without_prediction} without a prediction of this version)"
@@ -115,18 +116,37 @@ def evaluate_project(client: Any, project_id: int, model_version: str | None = N
         project = client.projects.get(id=project_id)
         target = target_of(project.label_config or "")
         tasks = list(client.tasks.list(project=project_id, fields="all", page_size=200))
-    versions: Counter = Counter()
+    versions: Counter = Counter()  # tasks holding a prediction of each version
+    scorable: Counter = Counter()  # ... that also hold ground truth
     latest: dict[str, int] = {}
     for task in tasks:
+        held = {_get(p, "model_version") or "" for p in _get(task, "predictions") or []}
+        versions.update(held)
+        if ground_truth(_get(task, "annotations") or []) is not None:
+            scorable.update(held)
         for prediction in _get(task, "predictions") or []:
             version = _get(prediction, "model_version") or ""
-            versions[version] += 1
             latest[version] = max(latest.get(version, 0), _get(prediction, "id") or 0)
+
+    def present() -> str:
+        return "; ".join(f"{v!r} on {versions[v]} tasks, {scorable[v]} with ground truth"
+                         for v in sorted(versions, key=lambda v: -scorable[v]))
+
+    notes: list[str] = []
     if model_version is None:
         if not versions:
             raise EvaluationError(f"project {project_id} has no predictions to evaluate")
-        # the newest version is the one a user just ran
+        # the newest version is the one a user just ran; but opening one task after a change makes a
+        # version of its own, newest and nearly empty: say so, and which one --model-version should name
         model_version = max(latest, key=lambda v: latest[v])
+        best = max(scorable, key=lambda v: scorable[v], default=model_version)
+        if scorable[model_version] < scorable[best]:
+            if not scorable[model_version]:
+                raise EvaluationError(
+                    f"project {project_id}: the newest model version {model_version!r} has no task with ground truth "
+                    f"to score. The project holds {present()}: choose one with --model-version, e.g. --model-version {best}")
+            notes.append(f"note: the newest model version covers {scorable[model_version]} tasks with ground truth, "
+                         f"{best!r} covers {scorable[best]}: --model-version {best} scores that one ({present()})")
     elif model_version not in versions:
         known = ", ".join(sorted(versions)) or "none"
         raise EvaluationError(f"project {project_id} has no predictions of model version {model_version!r} (it has: {known})")
@@ -153,7 +173,8 @@ def evaluate_project(client: Any, project_id: int, model_version: str | None = N
     if not gold:
         raise EvaluationError(
             f"project {project_id}: no task has both a ground-truth annotation and a prediction of"
-            f" {model_version!r} ({without_annotation} tasks lack ground truth, {without_prediction} lack that prediction)"
+            f" {model_version!r} ({without_annotation} tasks lack ground truth, {without_prediction} lack that prediction);"
+            f" the project holds {present()}: choose one with --model-version"
         )
     return ProjectEvaluation(
         project_id=project_id,
@@ -165,6 +186,7 @@ def evaluate_project(client: Any, project_id: int, model_version: str | None = N
         without_prediction=without_prediction,
         other_versions=sorted(v for v in versions if v != model_version),
         items=items,
+        notes=notes,
     )
 
 

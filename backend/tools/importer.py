@@ -45,7 +45,7 @@ def connect(url: str, api_key: str) -> Any:
     from backend.pipeline.delivery import label_studio_client
 
     if not url.startswith(("http://", "https://")):
-        raise LabelStudioError(f"--url must start with http:// or https:// (got {url!r})")
+        raise LabelStudioError(f"--label-studio-url must start with http:// or https:// (got {url!r})")
     if not api_key:
         raise LabelStudioError("--api-key is empty (or set LABEL_STUDIO_API_KEY)")
     return label_studio_client(url.rstrip("/"), api_key, timeout=120)
@@ -71,7 +71,7 @@ def sdk_errors(what: str) -> Iterator[None]:
     try:
         yield
     except ApiError as error:
-        hint = {401: " (check --api-key)", 403: " (check --api-key)", 404: " (check the project id and --url)"}
+        hint = {401: " (check --api-key)", 403: " (check --api-key)", 404: " (check the project id and --label-studio-url)"}
         detail = _detail(error.body)
         raise LabelStudioError(
             f"{what}: Label Studio answered HTTP {error.status_code}{hint.get(error.status_code or 0, '')}"
@@ -171,7 +171,10 @@ def import_conll(
     gold: str = "annotations",
     batch_size: int = 100,
     progress: bool = True,
+    limit: int | None = None,
 ) -> ImportSummary:
+    """`limit`: the files' first N tasks (documents or sentences, in file order) only; a re-run with a
+    larger N adds the next ones."""
     if (project_id is None) == (create_title is None):
         raise ImportRefused("give exactly one of --project ID and --create TITLE")
     if gold not in GOLD_MODES:
@@ -180,7 +183,7 @@ def import_conll(
         raise ImportRefused("--batch-size must be at least 1")
     documents = read_files(paths)  # a malformed file stops everything here
     labels = labels_of(documents)
-    units = build_units(documents, per=per, join=join)
+    units = build_units(documents, per=per, join=join)[:limit]
 
     with sdk_errors("import"):
         return _import(client, units, labels, project_id, create_title, gold, batch_size, progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from backend.tools.estimate import Estimate, count_message_tokens, count_tokens,
 log = logging.getLogger(__name__)
 
 CONFIRM_CALLS = 1000  # with no price for the model, ask before this many LLM calls
+WRITE_PATIENCE = 15.0  # seconds a Ctrl-C waits for the write to Label Studio under way
 
 
 class PrelabelError(BackendError):
@@ -115,10 +117,15 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
                 print("nothing was sent", file=out)
                 return 1
     total = getattr(project, "task_number", None)
+    if spec.limit is not None and total is not None:
+        total = min(total, spec.limit)
     bar = tqdm(total=total, unit="task", desc="pre-labeling", file=sys.stderr, disable=not options.progress)
 
     def show(progress: Progress) -> None:
-        bar.n = progress.seen
+        # tasks finished (written, failed for good, or skipped as already pre-labeled), not tasks read:
+        # the reader runs far ahead of the LLM. Skipped tasks do not count against a --limit
+        finished = progress.done + progress.failed + (progress.skipped if spec.limit is None else 0)
+        bar.update(max(0, finished - bar.n))  # update(), not n =: tqdm's rate and ETA come from it
         usage = progress.usage
         bar.set_postfix(done=progress.done, failed=progress.failed, tokens=(usage.prompt_tokens + usage.completion_tokens) if usage else 0,
                         cost=f"${progress.cost_usd:.4f}", refresh=False)
@@ -138,11 +145,16 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
             return 130
     else:
         job = model.prelabel_project(client, spec, total=total, on_progress=show)
-        print(f"job {job.job_id}: pre-labeling project {spec.project_id} (scope {spec.scope})", file=out)
+        print(f"job {job.job_id}: pre-labeling project {spec.project_id} (scope {spec.scope})", file=out, flush=True)
         try:
-            result = job.run()
+            result = _run_interruptible(job, out)
         finally:
             bar.close()
+    _summarize(result, out)
+    return 0 if result["state"] == "done" and not result["failed"] else 1
+
+
+def _summarize(result: dict[str, Any], out: TextIO) -> None:
     print(
         f"job {result['id']} {result['state']}: {result['done']} pre-labeled, {result['failed']} failed, "
         f"{result['skipped']} skipped of {result['seen']} read; {result['prompt_tokens']} prompt + "
@@ -155,7 +167,49 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
         print(f"  task {failure['task']}: {failure['reason']}", file=out)
     if result["failed"] > 20:
         print(f"  ... and {result['failed'] - 20} more (GET /jobs/{result['id']})", file=out)
-    return 0 if result["state"] == "done" and not result["failed"] else 1
+
+
+class Interrupted(BackendError):
+    """Ctrl-C: the job was stopped, or left (a second Ctrl-C) with calls in flight; exit code 130."""
+
+    exit_code = 130
+
+
+def _run_interruptible(job: Any, out: TextIO, patience: float = WRITE_PATIENCE) -> dict[str, Any]:
+    """Run the job in a thread of its own, so that Ctrl-C reaches this one at once: the first says what
+    it waits for and stops the job without waiting for its LLM calls in flight (a slow server may take
+    minutes to answer them), only for the write to Label Studio under way; a second gives up waiting."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = job.run()
+        except BaseException as error:  # handed to the main thread, which reports it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=f"job-{job.job_id}", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        print(f"\nCtrl-C: stopping job {job.job_id}. The LLM calls in flight are abandoned (a next run asks those tasks "
+              f"again); waiting up to {patience:.0f} s for the write to Label Studio under way. Ctrl-C again quits now.",
+              file=out, flush=True)
+        job.interrupt("interrupted (Ctrl-C)")
+        try:
+            thread.join(patience)
+        except KeyboardInterrupt:
+            raise Interrupted(f"job {job.job_id} left at a second Ctrl-C; a next run resumes it") from None
+        if thread.is_alive():
+            raise Interrupted(f"job {job.job_id}: Label Studio did not answer the write under way within {patience:.0f} s; "
+                              "left as it is (a next run resumes it)") from None
+        if "result" in outcome:
+            _summarize(outcome["result"], out)
+        raise Interrupted(f"job {job.job_id} stopped at Ctrl-C; a next run pre-labels what is left") from None
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _run_on_queue(services: Services, model: Any, client: Any, spec: JobSpec, project: Any, total: int | None,
@@ -173,7 +227,7 @@ def _run_on_queue(services: Services, model: Any, client: Any, spec: JobSpec, pr
             if polls % 10 == 0:
                 queue.reconcile(services.jobs, job_id)  # chunks Redis lost end the job as failed
             job = services.jobs.get(job_id) or {}
-            bar.n = job.get("done", 0) + job.get("failed", 0) + job.get("skipped", 0)
+            bar.update(max(0, job.get("done", 0) + job.get("failed", 0) + job.get("skipped", 0) - bar.n))
             bar.set_postfix(done=job.get("done"), failed=job.get("failed"), tokens=job.get("prompt_tokens", 0) + job.get("completion_tokens", 0),
                             cost=f"${job.get('cost_usd', 0):.4f}", refresh=False)
             bar.refresh()
