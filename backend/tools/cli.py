@@ -25,7 +25,17 @@ Handler = Callable[[argparse.Namespace], int]
 def run_serve(args: argparse.Namespace) -> int:
     from backend.infra.settings import load_settings
 
-    settings = load_settings()  # fail here, in one line, before any worker starts
+    try:
+        settings = load_settings()  # fail here, in one line, before any worker starts
+    except ConfigError as error:
+        if "OPENAI_API_KEY: missing" not in str(error):
+            raise
+        try:
+            load_settings(openai_api_key="probe")
+        except ConfigError:
+            raise error from None  # something besides the key is wrong too: the whole list
+        raise ConfigError("no LLM key: set OPENAI_API_KEY (with OPENAI_BASE_URL and LLM_MODEL for a provider other than "
+                          "OpenAI; see docs/configuration.md), or run `make demo` to try it with a local model and no key") from None
     from backend.infra.logs import configure_logging, settings_secrets
     from backend.ner.templates import load_templates
 
@@ -378,6 +388,14 @@ def run_connect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- demo: Label Studio, a local LLM and the backend, on one machine ----
+def run_demo(args: argparse.Namespace) -> int:
+    from backend.tools.demo import run_demo as demo
+
+    return demo(label_studio_venv=Path(args.label_studio_venv), llama_venv=Path(args.llama_venv), llm_url=args.llm_url,
+                documents=args.documents, label_studio_port=args.label_studio_port, backend_port=args.backend_port)
+
+
 # ---- estimate ----
 def run_estimate(args: argparse.Namespace) -> int:
     from backend.infra.settings import load_settings
@@ -657,6 +675,21 @@ def build_parser() -> argparse.ArgumentParser:
     _label_studio_args(conn, old=())
     conn.set_defaults(handler=run_connect)
 
+    from backend.tools.demo import REPO
+
+    demo = commands.add_parser("demo", help="Label Studio, SmolLM2 on llama-cpp-python's server and the backend on this "
+                                            "machine, a Wikigold project pre-labeled (no key, no network); Ctrl-C stops all")
+    demo.add_argument("--label-studio-venv", default=os.environ.get("LS_VENV", str(REPO / ".venv-ls")), metavar="DIR",
+                      help="the venv `make label-studio` made (default $LS_VENV or .venv-ls)")
+    demo.add_argument("--llama-venv", default=os.environ.get("LLAMA_VENV", str(REPO / ".venv-llama")), metavar="DIR",
+                      help="the venv `make llama` made (default $LLAMA_VENV or .venv-llama)")
+    demo.add_argument("--llm-url", metavar="URL",
+                      help="an OpenAI-compatible endpoint to use instead of starting SmolLM2 (key: $OPENAI_API_KEY, model: $LLM_MODEL)")
+    demo.add_argument("--documents", type=_positive_int, default=20, metavar="N", help="Wikigold documents to import (default 20)")
+    demo.add_argument("--label-studio-port", type=int, default=8080, help="default 8080 (another free one when taken)")
+    demo.add_argument("--backend-port", type=int, default=9090, help="default 9090 (another free one when taken)")
+    demo.set_defaults(handler=run_demo)
+
     est = commands.add_parser("estimate", help="dry run: LLM calls, tokens and cost for CoNLL files or a project; sends nothing")
     est.add_argument("files", nargs="*", metavar="FILE", help="CoNLL files")
     est.add_argument("--project", type=int, metavar="ID", help="a Label Studio project instead of files")
@@ -719,6 +752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llm-ner: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return 130
+        # threads may wait on calls that take minutes (an LLM's): exit without joining them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     finally:
         sys.stdout, sys.stderr = streams
