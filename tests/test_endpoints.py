@@ -166,14 +166,15 @@ def test_a_deterministic_request_that_timed_out_is_sent_again_once_not_more(make
 
 def test_requests_abandoned_at_the_deadline_are_closed_so_the_server_can_stop(make_client, llm):
     llm.gazetteer = {"Oslo": "LOC"}
-    llm.responder = lambda body: Reply(delay=8) if "slow" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
+    llm.responder = lambda body: Reply(delay=60) if "slow" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
     started = time.monotonic()
     # PREDICT_BACKLOG=0: work the deadline cuts is dropped (by default it runs on, and is kept)
     answer = predict(make_client(predict_deadline=1, predict_backlog=0), ["Oslo.", "slow Oslo."])
     assert region_tuples_per_task(answer, "text") == [["Oslo"], None]
-    # the fake sees the client hang up at the deadline, not after LLM_TIMEOUT (60 s) or the 8 s answer
-    assert wait_until(lambda: llm.disconnects, timeout=2.0)
-    assert time.monotonic() - started < 3.5
+    # the fake sees the client hang up at the deadline, not after LLM_TIMEOUT (60 s) or the 60 s answer
+    # (bounds far from both, that a loaded machine meets)
+    assert wait_until(lambda: llm.disconnects, timeout=25.0)
+    assert time.monotonic() - started < 30
     assert len(llm.requests) == 2  # and it was not sent again
 
 
@@ -226,7 +227,8 @@ def test_a_call_waits_for_a_slot_no_longer_than_its_deadline():
     started = time.monotonic()
     with pytest.raises(GateTimeout):
         gate.acquire(time_left=0.2)
-    assert 0.2 <= time.monotonic() - started < 1.0 and gate.in_flight == len(held)
+    # at least the time allowed, and not forever (a loaded machine may wake the waiter late)
+    assert 0.2 <= time.monotonic() - started < 10 and gate.in_flight == len(held)
 
 
 def test_a_waiting_call_gets_the_slot_a_finished_call_frees():

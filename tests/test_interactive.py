@@ -94,11 +94,11 @@ def test_without_the_llm_only_the_fast_path_answers(make_client, llm):
 
 
 def test_a_slow_llm_does_not_hold_the_fast_path(make_client, llm):
-    llm.latency = 3.0
+    llm.latency = 60.0
     client = make_client(interactive_deadline=0.5)
     started = time.monotonic()
     spans = interactive_predict(client, region(0, 3, "PER"))
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 30  # at the deadline, not after the LLM's 60 s
     assert spans == [(23, "Ada", "PER"), (53, "Ada", "PER")]
 
 

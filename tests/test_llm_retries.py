@@ -84,10 +84,10 @@ def test_transient_faults_are_retried_and_counted(make_client, llm, clock, fault
 
 
 def test_a_timeout_mid_request_is_retried(make_client, llm):
-    llm.replies.extend([Reply(delay=3, content='{"entities": []}'), entities_reply([("Oslo", "LOC")])])
+    llm.replies.extend([Reply(delay=60, content='{"entities": []}'), entities_reply([("Oslo", "LOC")])])
     started = time.monotonic()
     assert region_tuples_per_task(predict(make_client(llm_timeout=0.5), ["Oslo."]), "text") == [["Oslo"]]
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 30  # cut at LLM_TIMEOUT, not after the 60 s answer
     assert len(llm.requests) == 2
 
 
@@ -125,13 +125,13 @@ def test_backoff_is_exponential_with_full_jitter_and_a_cap(settings):
 
 def test_a_deadline_with_calls_in_flight_answers_every_task_in_order(make_client, llm):
     llm.gazetteer = {"Oslo": "LOC", "Rome": "LOC"}
-    llm.responder = lambda body: Reply(delay=10) if "Slow" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
+    llm.responder = lambda body: Reply(delay=60) if "Slow" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
     client = make_client(predict_deadline=1.5)
     started = time.monotonic()
     result = region_tuples_per_task(predict(client, ["Oslo.", "Slow Rome.", "Rome."]), "text")
     elapsed = time.monotonic() - started
     assert result == [["Oslo"], None, ["Rome"]]
-    assert elapsed < 3.0
+    assert elapsed < 30  # at the deadline, not after the 60 s answer
 
 
 # With PREDICT_BACKLOG=0 a task the deadline cuts is dropped, so no wait or call that cannot finish

@@ -287,10 +287,10 @@ def test_building_the_example_index_runs_under_the_predict_deadline(make_client,
     real = store.ExampleIndex
 
     def slow_index(examples):
-        time.sleep(4)  # stands for a huge example set
+        time.sleep(40)  # stands for a huge example set
         return real(examples)
 
     monkeypatch.setattr(store, "ExampleIndex", slow_index)
     started = time.monotonic()
     assert results(client, ["Oslo."], project="7.1") == [[]]  # cut by the deadline: unanswered
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 20  # at the deadline, not after the 40 s index

@@ -279,7 +279,9 @@ def test_every_kept_human_span_matches_the_text_whatever_the_offsets(text, raw):
 
 
 def test_start_training_answers_at_once_and_rebuilds_after_the_answer(tmp_path, llm, caplog):
-    """Against a Label Studio that takes 2 s to answer (and then fails): the webhook does not wait."""
+    """Against a Label Studio that does not answer until the webhook has (and then fails): the webhook does
+    not wait. An order of events, not a clock: a webhook that waited would get its answer only when the
+    60 s fallback releases Label Studio, after it answered."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -288,6 +290,8 @@ def test_start_training_answers_at_once_and_rebuilds_after_the_answer(tmp_path, 
     from tests.processes import TEST_API_KEY, wait_until
 
     seen = []
+    release, answered = threading.Event(), []
+    fallback = threading.Timer(60, release.set)
 
     class SlowLabelStudio(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -295,7 +299,8 @@ def test_start_training_answers_at_once_and_rebuilds_after_the_answer(tmp_path, 
 
         def do_GET(self):
             seen.append((self.path, self.headers.get("Authorization")))
-            time.sleep(2)
+            release.wait()
+            answered.append(self.path)
             self.send_response(503)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -310,13 +315,16 @@ def test_start_training_answers_at_once_and_rebuilds_after_the_answer(tmp_path, 
     client = create_app(settings).test_client()
     caplog.set_level(logging.INFO)
     try:
-        started = time.perf_counter()
+        fallback.start()
         response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7, "label_config": NER_CONFIG}})
         assert response.status_code == 201
-        assert time.perf_counter() - started < 1.0
+        assert answered == []  # Label Studio has not answered yet
+        release.set()
         assert wait_until(lambda: "rebuilding project 7 failed" in caplog.text, 60), caplog.text[-2000:]
         assert seen and seen[0][0].startswith("/api/tasks") and "project=7" in seen[0][0]
         assert ls_key not in caplog.text
     finally:
+        release.set()
+        fallback.cancel()
         server.shutdown()
         server.server_close()
