@@ -14,7 +14,6 @@ from backend.tools.conll import (
     TokenRun,
     build_units,
     decode,
-    detect_scheme,
     encode,
     labels_of,
     read_conll,
@@ -57,7 +56,6 @@ def test_wikigold_reads_as_145_documents_in_iob1_with_every_span_exact():
     assert len(documents) == 145
     assert sum(len(d.sentences) for d in documents) == 1696
     assert labels_of(documents) == ["LOC", "MISC", "ORG", "PER"]
-    assert detect_scheme(t for d in documents for s in d.sentences for t in s.tags) == "IOB1"
     units = build_units(documents)
     assert len(units) == 145
     assert sum(len(u.entities) for u in units) == independent_entity_count(WIKIGOLD) == 3558
@@ -117,7 +115,6 @@ def test_four_columns_iob2_with_docstart_at_document_starts(tmp_path):
     assert units[0].text == "Ada Lovelace visited Kings Cross .\nBabbage agreed"
     assert spans(units[0]) == [("Ada Lovelace", "PER"), ("Kings Cross", "LOC"), ("Babbage", "PER")]
     assert spans(units[1]) == [("Royal Society", "ORG")]
-    assert detect_scheme(t for d in documents for s in d.sentences for t in s.tags) == "IOB2"
 
 
 def test_per_sentence_gives_one_task_per_sentence_with_its_own_offsets(tmp_path):
@@ -147,7 +144,6 @@ def test_bioes_and_bilou_tags_decode_to_the_same_spans(tmp_path):
     a = build_units(read_conll(write(tmp_path, bioes, "a.conll")))[0]
     b = build_units(read_conll(write(tmp_path, bilou, "b.conll")))[0]
     assert spans(a) == spans(b) == [("New York City", "LOC"), ("Ada", "PER")]
-    assert detect_scheme(["B-LOC", "E-LOC"]) == "BIOES"
 
 
 def test_any_tag_set_including_wnut_types_with_hyphens(tmp_path):
@@ -314,7 +310,6 @@ def test_join_space_and_none_override_the_automatic_choice(tmp_path):
 def test_bmes_reads_like_bioes_and_is_written_back_tag_for_tag(tmp_path):
     path = ZH_DATA / "resume.bmes.conll"
     documents = read_conll(path)
-    assert detect_scheme(t for d in documents for s in d.sentences for t in s.tags) == "BMES"
     units = build_units(documents, per="sentence")
     assert [spans(u) for u in units] == [
         [("王小明", "NAME"), ("汉族", "RACE"), ("清华大学", "EDU")],

@@ -194,11 +194,6 @@ class ExampleStore:
         )
         return int(rows[0]["n"])
 
-    def annotation_count(self) -> int:
-        """How many annotations have example rows (the quantity MAX_EXAMPLES caps)."""
-        rows = self.db.query("SELECT COUNT(DISTINCT annotation_id) AS n FROM examples WHERE project_id=?", (self.project_id,))
-        return int(rows[0]["n"])
-
     def known(self, annotation_ids: Iterable[int]) -> dict[int, int]:
         """annotation id -> task id, for those of these annotations that have example rows."""
         ids = sorted({int(i) for i in annotation_ids})

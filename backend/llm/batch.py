@@ -28,9 +28,6 @@ from backend.infra.storage import Database
 from backend.infra.usage import Usage
 from backend.llm.client import LLMClient, _usage_of
 
-# the provider's limits per batch (OpenAI and Azure OpenAI: 50,000 requests, 200 MB input file)
-MAX_REQUESTS = 50_000
-MAX_BYTES = 200 * 1024 * 1024
 # a batch in one of these states changes no more
 TERMINAL = ("completed", "expired", "failed", "cancelled")
 

@@ -201,22 +201,15 @@ class PredictionWriter:
         self.client = client
         self.deliveries = deliveries
         self._queue: queue.Queue[Delivery] = queue.Queue()
-        self._idle = threading.Event()
-        self._idle.set()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def submit(self, delivery: Delivery) -> None:
         with self._lock:
-            self._idle.clear()
             self._queue.put(delivery)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="prediction-writer", daemon=True)
                 self._thread.start()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """True once everything submitted has been written or given up on (tests, shutdown)."""
-        return self._idle.wait(timeout)
 
     def _run(self) -> None:
         while True:
@@ -243,9 +236,6 @@ class PredictionWriter:
                 metrics.DELIVERY_FAILURES.inc(len(batch))
                 log.warning("could not write %d late pre-labels into Label Studio (%s: %s); Label Studio will ask "
                             "for them again", len(batch), type(error).__name__, str(error)[:300])
-            with self._lock:
-                if self._queue.empty():
-                    self._idle.set()
 
 
 class Backlog:

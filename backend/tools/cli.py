@@ -11,14 +11,12 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 from backend.infra.errors import BackendError, ConfigError
 from backend.infra.masking import Secrets, url_password
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 # ---- serve ----

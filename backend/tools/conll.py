@@ -117,26 +117,6 @@ def split_tag(tag: str) -> tuple[str, str | None]:
     raise ValueError(f"tag {tag!r} is neither O nor a B-/I-/E-/S-/M-/L-/U- prefix with a type")
 
 
-def detect_scheme(tags: Iterable[str]) -> str:
-    """"BMES" if any M- tag, else "BIOES" if any E-/S- (or L-/U-) tag, "IOB2" if every entity starts
-    with B-, else "IOB1"."""
-    previous: tuple[str, str | None] = (OUTSIDE, None)
-    iob1 = False
-    ends = False
-    for tag in tags:
-        prefix, label = split_tag(tag)
-        if tag[0] == "M":
-            return "BMES"
-        if prefix in "ES":
-            ends = True
-        if prefix == "I" and (previous[0] == OUTSIDE or previous[1] != label):
-            iob1 = True
-        previous = (prefix, label)
-    if ends:
-        return "BIOES"
-    return "IOB1" if iob1 else "IOB2"
-
-
 def decode(tags: Sequence[str]) -> list[TokenRun]:
     """Entities of one sentence; one reading serves IOB1, IOB2 and BIOES.
 

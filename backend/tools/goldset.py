@@ -48,9 +48,6 @@ class GoldSet:
     def labels(self) -> list[str]:
         return list(self.target.label_names)
 
-    def with_tasks(self, tasks: Sequence[GoldTask]) -> GoldSet:
-        return replace(self, tasks=list(tasks))
-
 
 def sample(tasks: Sequence[GoldTask], limit: int | None, seed: int) -> list[GoldTask]:
     """`limit` tasks drawn with `seed`, kept in their original order (all of them without a limit).
