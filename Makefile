@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 PORT ?= 9090
 WORKERS ?= 2
 
-.PHONY: install serve test lock label-studio llama gemma chromium postgresql redis-server lint-docker clean
+.PHONY: install serve demo test lock label-studio llama gemma chromium postgresql redis-server lint-docker clean
 
 # Nothing installed here floats: every environment comes from a lock in the repository (uv.lock for the project,
 # requirements/*.txt with hashes for the others), and uv itself from requirements/uv.txt. `make lock` regenerates them.
@@ -87,6 +87,12 @@ $(REDIS_SERVER):
 
 serve: install
 	$(VENV)/bin/llm-ner serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+# Everything on this machine, no key, no network beyond the package registries: a Label Studio of its own,
+# SmolLM2 on llama-cpp-python's server, the backend, 20 Wikigold documents pre-labeled; then where to log
+# in and what to click. Ctrl-C stops all it started (backend/tools/demo.py).
+demo: install label-studio llama
+	$(VENV)/bin/llm-ner demo --label-studio-venv $(abspath $(LS_VENV)) --llama-venv $(abspath $(LLAMA_VENV))
 
 test: install label-studio llama chromium postgresql redis-server
 	UV=$(abspath $(UV)) LS_VENV=$(abspath $(LS_VENV)) LLAMA_VENV=$(abspath $(LLAMA_VENV)) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)

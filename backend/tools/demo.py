@@ -172,12 +172,14 @@ def run_demo(*, label_studio_venv: Path, llama_venv: Path, llm_url: str | None, 
                 "--host", "127.0.0.1", "--port", str(llama_port), "--n_ctx", str(LLAMA_CONTEXT_TOKENS)],
                 base_env, data / "llama.log", data))
             _wait_for(llama, llm_url + "/models", 180)
-            model = MODEL_ALIAS
+            # llama-cpp-python's server answers one request at a time, in seconds to minutes on a busy CPU:
+            # one call in flight (others would time out waiting in its queue), and time to answer it
+            local = {"LLM_MODEL": MODEL_ALIAS, "PREDICT_CONCURRENCY": "1", "LLM_TIMEOUT": "600"}
         else:
-            model = os.environ.get("LLM_MODEL", MODEL_ALIAS)
+            local = {"LLM_MODEL": os.environ.get("LLM_MODEL", MODEL_ALIAS)}
         backend_url = f"http://127.0.0.1:{_port(backend_port)}"
         env = {**base_env, "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY") or "no-key-needed-by-a-local-server",
-               "OPENAI_BASE_URL": llm_url, "LLM_MODEL": model, "MODEL_DIR": str(data / "model"),
+               "OPENAI_BASE_URL": llm_url, **local, "MODEL_DIR": str(data / "model"),
                "LLM_CONTEXT_CHARS": str(CONTEXT_CHARS), "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": token}
         say(f"starting the backend on {backend_url}...")
         backend = stack.enter_context(_process("the backend", [
