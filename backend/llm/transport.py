@@ -23,21 +23,22 @@ from backend.infra.deadline import CANCEL_LOOK, cancelled, watching_cancel
 
 log = logging.getLogger(__name__)
 
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("llm_call_deadline", default=None)
+# the end of the LLM call under way (a ContextVar of its own: infra/deadline.py's is the request's)
+_call_end: contextvars.ContextVar[float | None] = contextvars.ContextVar("llm_call_end", default=None)
 
 
 @contextmanager
 def call_deadline(seconds: float) -> Iterator[None]:
     """The reads and writes of the calls made in this block end `seconds` from now, all together."""
-    token = _deadline.set(time.monotonic() + seconds)
+    token = _call_end.set(time.monotonic() + seconds)
     try:
         yield
     finally:
-        _deadline.reset(token)
+        _call_end.reset(token)
 
 
 def _capped(timeout: float | None, error: type[Exception]) -> float | None:
-    deadline = _deadline.get()
+    deadline = _call_end.get()
     if deadline is None:
         return timeout
     left = deadline - time.monotonic()

@@ -17,7 +17,7 @@ from backend.infra.errors import LLMOutputError, validation_message
 from backend.ner.constraints import EntitySchema, TextLimits, constrained_schema
 from backend.ner.labelconfig import NerTarget
 from backend.ner.mentions import FewShotExample, Listing, Mention, entities_json
-from backend.ner.templates import PromptTemplates, render_source
+from backend.ner.templates import PromptTemplates
 
 
 class ListedMention(BaseModel):
@@ -72,11 +72,6 @@ def mentions_of(items: Sequence[Any], where: str = "entities") -> list[Mention]:
     if items and all(not m.text.strip() or not m.label for m in mentions):
         raise LLMOutputError(first_error or f"{where}: no usable entity")
     return Listing(mentions, contexts) if any(contexts) else mentions
-
-
-@lru_cache(maxsize=256)  # a few selected examples per task; task texts themselves are never cached
-def _example_prompt(source: str, text: str) -> str:
-    return render_source(source, text=text)
 
 
 def occurrence_context(text: str, start: int, end: int, width: int = 2, most: int = 8) -> str:
@@ -162,7 +157,7 @@ class NerTask:
 
     def example_prompt(self, text: str) -> str:
         """The user turn of a few-shot example: the same few are shown task after task, render each once."""
-        return _example_prompt(self.templates.sources["user"], text)
+        return self.templates.example_prompt(text)
 
     def messages(self, text: str, examples: Sequence[FewShotExample] = ()) -> list[dict[str, str]]:
         """System prompt, then each example as a user/assistant exchange, then the text to label."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from jinja2 import StrictUndefined, TemplateSyntaxError
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
 from backend.infra.errors import ConfigError
@@ -29,30 +29,29 @@ class PromptTemplates:
     # `example.json`: a worked example of the answer, its entities with the label names they may
     # go by; the prompt shows it with the project's own labels (NerTask.worked_example)
     example: dict = field(default_factory=dict)
+    # each source compiled once, at load (compiling costs more than rendering, and a prompt renders a
+    # template once per example): state of this object, which Services holds, not of the module
+    compiled: dict[str, Template] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # a few selected examples recur task after task: each one's user turn rendered once (task texts
+        # themselves are never cached)
+        object.__setattr__(self, "_examples", lru_cache(maxsize=256)(lambda text: self.render("user", text=text)))
 
     def render(self, name: str, **variables: object) -> str:
-        return render_source(self.sources[name], **variables)
+        return self.compiled[name].render(**variables).strip()
 
-
-def render_source(source: str, **variables: object) -> str:
-    return _compiled(source).render(**variables).strip()
-
-
-@lru_cache(maxsize=64)
-def _compiled(source: str):
-    # compiling costs more than rendering, and a prompt renders a template once per example: compile each source once
-    return _environment().from_string(source)
-
-
-@lru_cache(maxsize=1)
-def _environment() -> SandboxedEnvironment:
-    # autoescape off: prompts are plain text, not HTML
-    return SandboxedEnvironment(undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    def example_prompt(self, text: str) -> str:
+        """The user turn of a few-shot example."""
+        return self._examples(text)  # type: ignore[attr-defined]
 
 
 def load_templates(directory: Path, hints: bool = False) -> PromptTemplates:
     """Read and compile every template; a missing file or a syntax error names the file."""
+    # autoescape off: prompts are plain text, not HTML
+    environment = SandboxedEnvironment(undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, autoescape=False)
     sources: dict[str, str] = {}
+    compiled: dict[str, Template] = {}
     for name in TEMPLATE_NAMES:
         path = Path(directory) / f"{name}.j2"
         try:
@@ -60,7 +59,7 @@ def load_templates(directory: Path, hints: bool = False) -> PromptTemplates:
         except OSError as error:
             raise ConfigError(f"PROMPTS_DIR: cannot read {path} ({error.strerror})") from None
         try:
-            _environment().parse(sources[name])
+            compiled[name] = environment.from_string(sources[name])
         except TemplateSyntaxError as error:
             raise ConfigError(f"PROMPTS_DIR: {path}:{error.lineno}: {error.message}") from None
     example, example_source = read_example(Path(directory) / "example.json")
@@ -68,7 +67,7 @@ def load_templates(directory: Path, hints: bool = False) -> PromptTemplates:
     # the model_version); without them the fingerprint is what it always was
     parts = [sources[n] for n in TEMPLATE_NAMES] + (["hints"] if hints else []) + ([example_source] if example_source else [])
     digest = hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]
-    return PromptTemplates(sources=sources, fingerprint=digest, hints=hints, example=example)
+    return PromptTemplates(sources=sources, fingerprint=digest, hints=hints, example=example, compiled=compiled)
 
 
 def read_example(path: Path) -> tuple[dict, str]:

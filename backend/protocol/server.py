@@ -23,7 +23,7 @@ from backend.infra import metrics
 from backend.infra.errors import BackendError, BadRequest, ConfigError
 from backend.infra.guards import ByteBudget
 from backend.infra.payloads import validated
-from backend.infra.settings import Settings, get_settings
+from backend.infra.settings import Settings, load_settings
 from backend.infra.storage import STORE_ERRORS, StoreUnavailable
 from backend.learning.labelstudio import LabelStudioUnavailable
 from backend.ner.labelconfig import parse_label_config
@@ -180,7 +180,7 @@ class OrjsonProvider(DefaultJSONProvider):
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None, model_class: type[LabelStudioMLBase] | None = None) -> Flask:
-    settings = settings or get_settings()
+    settings = settings or load_settings()
     services = services or Services.from_settings(settings)
     registry = ModelRegistry(model_class or load_model_class(), services)
     db = services.db

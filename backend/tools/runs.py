@@ -167,16 +167,23 @@ def replay(store: ExampleStore, schema: NerSchema, tasks: Sequence[GoldTask], se
 
 
 # ---- measuring an answer's cost and time, from the LLM or from the cache ----
-_calls = threading.local()
-
-
 class TimedLLM(LLMClient):
+    """The LLM client, keeping the seconds of the last call each thread made (`seconds()`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last = threading.local()  # a call's answer is read in the thread that made it
+
     def ask_full(self, *args: Any, **kwargs: Any):
         started = time.perf_counter()
         try:
             return super().ask_full(*args, **kwargs)
         finally:
-            _calls.seconds = time.perf_counter() - started  # read by MeasuredSource.remember in this thread
+            self._last.seconds = time.perf_counter() - started
+
+    def seconds(self) -> float | None:
+        """The seconds of this thread's last call (None before its first)."""
+        return getattr(self._last, "seconds", None)
 
 
 class MeasuredSource(EntitySource):
@@ -192,8 +199,11 @@ class MeasuredSource(EntitySource):
         self.from_cache = 0
         self.examples_per_prompt: list[int] = []  # few-shot examples in each text's prompt
 
+    def _call_seconds(self) -> float | None:
+        return self.llm.seconds() if isinstance(self.llm, TimedLLM) else None
+
     def remember(self, key: str, found: Found) -> None:
-        seconds = getattr(_calls, "seconds", None)
+        seconds = self._call_seconds()
         usage = found.usage
         if self.cache is not None:
             tokens = [usage.prompt_tokens, usage.completion_tokens, usage.calls]
@@ -216,7 +226,7 @@ class MeasuredSource(EntitySource):
             with self._lock:
                 seconds = self._pack_seconds.pop(key, None)
         else:
-            seconds = getattr(_calls, "seconds", None)
+            seconds = self._call_seconds()
         with self._lock:
             self.from_cache += found.cached
             self.examples_per_prompt.append(len(examples))
