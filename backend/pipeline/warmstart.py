@@ -14,19 +14,19 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-CHUNK = 50  # tasks per background predict: each chunk gets its own deadline
+BATCH = 50  # tasks per background predict: each batch gets its own deadline
 
 
 def precompute(model: Any, tasks: Sequence[dict[str, Any]], one_at_a_time: threading.Lock) -> int:
     """Predict (and so cache) these tasks; returns how many got a non-empty prediction."""
     labeled = 0
     with one_at_a_time:
-        for start in range(0, len(tasks), CHUNK):
-            chunk = list(tasks[start : start + CHUNK])
+        for start in range(0, len(tasks), BATCH):
+            batch = list(tasks[start : start + BATCH])
             try:
-                response = model.predict(chunk, cache_only=True)
+                response = model.predict(batch, cache_only=True)
             except Exception:
-                log.exception("warm start: predicting %d tasks failed", len(chunk))
+                log.exception("warm start: predicting %d tasks failed", len(batch))
                 continue
             labeled += sum(1 for p in response.predictions if p is not None and p.result)
     log.info("warm start: %d new tasks pre-computed (%d with entities)", len(tasks), labeled)

@@ -135,10 +135,10 @@ def _discard_body(environ: dict, limit: int) -> None:
     stream = environ.get("wsgi.input")
     remaining = min(int(environ.get("CONTENT_LENGTH") or 0), limit)
     while stream is not None and remaining > 0:
-        chunk = stream.read(min(remaining, 1 << 16))
-        if not chunk:
+        block = stream.read(min(remaining, 1 << 16))
+        if not block:
             break
-        remaining -= len(chunk)
+        remaining -= len(block)
 
 
 def _refuse_long_texts(tasks: list[TaskIn], label_config: str, limit: int) -> None:

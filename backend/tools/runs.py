@@ -43,7 +43,7 @@ from backend.tools.evaluation import OFFLINE_DEADLINE, result_spans
 from backend.tools.goldset import GoldTask
 from backend.tools.scorer import SpanTuple
 
-CHUNK = 64  # tasks handed to packing and the thread pool at a time, as one /predict would get them
+BATCH = 64  # tasks handed to packing and the thread pool at a time, as one /predict would get them
 KNOWN_SETTINGS = {name.upper() for name in Settings.model_fields}
 
 
@@ -331,13 +331,13 @@ def run_configuration(
                 f" on the first task, so the run stopped: {error}"
             ) from None
     rest = list(range(1, len(tasks)))
-    for begin in range(0, len(rest), CHUNK):
-        chunk = rest[begin : begin + CHUNK]
+    for begin in range(0, len(rest), BATCH):
+        batch = rest[begin : begin + BATCH]
         if settings.pack_size > 1:
-            prelabeler.prefill([{"data": tasks[i].data} for i in chunk], settings.pack_size, settings.pack_max_chars,
+            prelabeler.prefill([{"data": tasks[i].data} for i in batch], settings.pack_size, settings.pack_max_chars,
                                llm.concurrency, time.monotonic() + OFFLINE_DEADLINE)
         # PREDICT_CONCURRENCY, or what the endpoint's probe measured
-        outcomes = map_in_order(one, chunk, concurrency=llm.concurrency, deadline_seconds=OFFLINE_DEADLINE)
+        outcomes = map_in_order(one, batch, concurrency=llm.concurrency, deadline_seconds=OFFLINE_DEADLINE)
         failed += sum(1 for o in outcomes if o.error is not None)
     workspace.cache.flush()
     return Run(
