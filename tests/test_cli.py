@@ -220,3 +220,13 @@ def test_log_lines_of_a_job_name_their_task(label_studio, llm, tmp_path):
                env=job_env(llm, tmp_path, label_studio, LLM_TIMEOUT="1", LLM_MAX_RETRIES="1"))
     assert f"task {ids[1]}: dropped entities: {{'not_found': 1}}" in done.stderr, done.stderr
     assert f"task {ids[2]}: LLM call failed: it timed out twice" in done.stderr, done.stderr
+
+
+def test_serve_without_a_key_says_in_one_line_to_set_one_or_run_the_demo(tmp_path):
+    done = cli("serve", "--port", "1", env={"MODEL_DIR": str(tmp_path / "model")})
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert "OPENAI_API_KEY" in line and "make demo" in line
+    # another mistake besides the missing key: the whole list, as before
+    both = cli("serve", env={"MODEL_DIR": str(tmp_path / "model"), "LLM_TIMEOUT": "-1"})
+    assert both.returncode == 2 and "LLM_TIMEOUT" in both.stderr and "OPENAI_API_KEY: missing" in both.stderr
