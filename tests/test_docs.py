@@ -244,3 +244,16 @@ def test_every_file_the_docs_name_exists():
             if not (REPO / path).exists():
                 missing.add(f"{page.relative_to(REPO)}: {path}")
     assert not missing, f"files named in the docs that do not exist: {sorted(missing)}"
+
+
+def test_every_make_target_the_docs_name_exists():
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(encoding="utf-8"), flags=re.M))
+    named = set()
+    for page in pages():
+        text = page.read_text(encoding="utf-8")
+        found = re.findall(r"`make ([a-z][a-z-]*)", text)  # in a code span
+        found += re.findall(r"^(?:\$ )?(?:[A-Z_]+=\S+ )*make ([a-z][a-z-]*)", text, flags=re.M)  # a shell line
+        named |= {(str(page.relative_to(REPO)), target) for target in found}
+    assert {target for _, target in named} >= {"serve", "test", "demo", "llama", "label-studio", "lock"}
+    unknown = sorted(f"{page}: make {target}" for page, target in named if target not in targets)
+    assert not unknown, f"no such Makefile target: {unknown}"
