@@ -23,7 +23,7 @@ from backend.llm.client import LLMClient
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline import warmstart
 from backend.pipeline.batchjob import Batches, BatchJob
-from backend.pipeline.delivery import Delivery
+from backend.pipeline.delivery import Delivery, predicted_in_label_studio
 from backend.pipeline.interactive import (
     MAX_GUIDELINES_CHARS,
     Marks,
@@ -170,13 +170,18 @@ class NERModel(LabelStudioMLBase):
         return done
 
     def claim_deliveries(self, tasks: list[dict[str, Any]], predictions: list[PredictionValue | None], version: str):
-        """A task whose prediction of this version the backend already wrote into Label Studio (work a
-        deadline cut, or a project job) is answered [], so Label Studio never holds it twice."""
+        """A task whose prediction of this version Label Studio holds already, or that another writer (work a
+        deadline cut, a project job) is writing right now, is answered [], so Label Studio never holds it
+        twice; Label Studio asks again later for one it still lacks. A claim whose write ended stands
+        for nothing: Label Studio is read (pipeline/delivery.py)."""
         answered = [t["id"] for t, p in zip(tasks, predictions) if p is not None and isinstance(t.get("id"), int)]
+        client = self.services.label_studio
         try:
             if answered and self.services.db.failing():  # known down: not another wait of CONNECT_TIMEOUT
                 raise self.services.db.unavailable(RuntimeError("a write failed lately and none succeeded since"))
-            mine = self.services.deliveries.claim(self.project_id, version, answered)
+            claims = self.services.deliveries.acquire(
+                self.project_id, version, answered, None, lambda ids: predicted_in_label_studio(client, self.project_id, ids, version)
+            )
         except (*STORE_ERRORS, StoreUnavailable) as error:
             # the LLM calls are paid: answer them (a task the backend wrote itself before the store went
             # away may then hold two predictions of this version) rather than a 503 that throws them away
@@ -184,6 +189,10 @@ class NERModel(LabelStudioMLBase):
             log.warning("project %s: %d pre-labels answered without their delivery claims, the store cannot be written: %s",
                         self.project_id, len(answered), error)
             return predictions
+        if claims.pending:
+            log.info("project %s: %d tasks answered [] (being written by another, Label Studio asks again later)",
+                     self.project_id, len(claims.pending))
+        mine = claims.mine
         return [p if p is None or not isinstance(t.get("id"), int) or t["id"] in mine else None for t, p in zip(tasks, predictions)]
 
     def predict_interactive(self, task: dict[str, Any], marks: Marks, version: str) -> PredictionValue:

@@ -5,6 +5,7 @@
   `connected_project`, a Label Studio project with this backend connected as its model;
 - the store's engines: `database_url` parametrizes a test over SQLite and PostgreSQL (a fresh database
   of the session's own cluster, `postgres`); settings and backends of that test use it;
+- `ls_proxy`: a proxy in front of the session's Label Studio that can answer 504 after forwarding (tests/ls_proxy.py);
 - `redis_server` (one per session) with `redis_url` (emptied per test), and `worker_factory` (`llm-ner worker`);
 - `predict` (POST /predict, checked), `region_tuples` (regions as comparable tuples), `metric`
   (one Prometheus sample of this process), `shown_examples` (the few-shot exchanges of a prompt);
@@ -34,6 +35,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.fake_llm import FakeLLM
+from tests.ls_proxy import LabelStudioProxy, serve
 from tests.processes import (
     REPO,
     TEST_API_KEY,
@@ -254,6 +256,17 @@ def label_studio():
     """A real Label Studio 1.23.2 (SQLite, temp dir, 127.0.0.1), shared by the session's tests."""
     with run_label_studio() as ls:
         yield ls
+
+
+@pytest.fixture
+def ls_proxy(label_studio):
+    """A proxy of this test's own in front of the session's Label Studio (`ls_proxy.url`); what it
+    swallows (forwards, then answers 504) is set by the test (`swallow_prediction_imports`)."""
+    proxy = LabelStudioProxy(label_studio.url)
+    server = serve(proxy)
+    yield proxy
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture

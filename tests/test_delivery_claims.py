@@ -30,16 +30,19 @@ def test_a_claim_left_unconfirmed_by_a_dead_process_is_taken_over_after_the_leas
     items = [Delivery(pid, task, "v1", [span(text, text.split()[0], "MISC")], None) for task, text in zip((first, second, third), TEXTS)]
 
     # within the lease the dead process might still be writing: only the unclaimed task is written
-    assert import_predictions(client, deliveries, items, owner="alive") == 1
+    written = import_predictions(client, deliveries, items, owner="alive")
+    assert (written.delivered, set(written.pending)) == ({third}, {first, second})
     assert [len(project.predictions(t)) for t in (first, second, third)] == [0, 1, 1]
 
     now[0] += 31  # past the lease (longer than a write's HTTP timeout): the holder can no longer be writing
-    assert import_predictions(client, deliveries, items, owner="alive") == 1  # the first; the second is in Label Studio
+    written = import_predictions(client, deliveries, items, owner="alive")
+    assert (written.delivered, written.present) == ({first}, {second, third})  # Label Studio holds the second already
     assert [len(project.predictions(t)) for t in (first, second, third)] == [1, 1, 1]
     assert all(confirmed for _, confirmed, _ in deliveries.holders(pid, "v1", [first, second, third]).values())
 
-    now[0] += 3600  # confirmed claims are never taken over again
-    assert import_predictions(client, deliveries, items, owner="late") == 0
+    now[0] += 3600  # Label Studio holds every one: nothing is written again
+    written = import_predictions(client, deliveries, items, owner="late")
+    assert (written.delivered, written.present) == (set(), {first, second, third})
     assert [len(project.predictions(t)) for t in (first, second, third)] == [1, 1, 1]
 
 
@@ -54,5 +57,5 @@ def test_a_write_label_studio_refuses_releases_its_claims_for_the_next_try(label
     assert 400 <= getattr(refused.value, "status_code", 0) < 500
     assert project.predictions(task) == []
     assert deliveries.holders(str(project.id), "v1", [task, missing]) == {}  # Label Studio answered: nothing was stored
-    assert import_predictions(label_studio.client(), deliveries, [Delivery(str(project.id), task, "v1", result, None)]) == 1
+    assert import_predictions(label_studio.client(), deliveries, [Delivery(str(project.id), task, "v1", result, None)]).delivered == {task}
     assert len(project.predictions(task)) == 1

@@ -271,6 +271,14 @@ CREATE TABLE llm_batch_answers (
 );
 CREATE INDEX llm_batch_answers_by_batch ON llm_batch_answers(batch_id);
 """,
+    """
+-- pipeline/jobs.py: a task a job did not deliver is failed (reason: why) or pending (reason: who writes it)
+ALTER TABLE jobs ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE job_failures ADD COLUMN kind TEXT NOT NULL DEFAULT 'failed';
+-- ... and a second job on a project is refused while the first runs: where the first runs, to ask
+ALTER TABLE jobs ADD COLUMN host TEXT;
+ALTER TABLE jobs ADD COLUMN pid INTEGER;
+""",
 )
 
 

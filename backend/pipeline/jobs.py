@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +33,7 @@ from backend.infra.errors import BadRequest
 from backend.infra.masking import Secrets
 from backend.infra.storage import Database
 from backend.infra.usage import Usage, UsageLedger, cost_usd, metering
-from backend.pipeline.delivery import Deliveries, Delivery, import_predictions
+from backend.pipeline.delivery import Deliveries, Delivery, Written, holder_name, import_predictions, predicted_in_label_studio
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, unanswered_reason
 from backend.pipeline.scope import field_of, listed_fields, wanted
 
@@ -100,6 +102,32 @@ def _interrupted(row: dict[str, Any], now: float) -> bool:
     return not on_queue and now - row["heartbeat_at"] > HEARTBEAT
 
 
+class JobRunning(BadRequest):
+    """A second job on a project whose job is running: refused, naming the running one."""
+
+    def __init__(self, project_id: int | str, job_id: str):
+        super().__init__(f"project {project_id} has a job running: {job_id} (GET /jobs/{job_id} follows it, "
+                         f"DELETE /jobs/{job_id} cancels it)", status=409)
+        self.job_id = job_id
+
+
+def _alive(row: dict[str, Any], now: float) -> bool:
+    """Whether a running job's record belongs to a job still running: its chunks on the queue, or its
+    process alive (on this host, asked directly; elsewhere, heard of within HEARTBEAT)."""
+    if row.get("runner") == "rq" and row.get("planned"):
+        return True
+    if now - row["heartbeat_at"] > HEARTBEAT:
+        return False
+    if row.get("host") == socket.gethostname() and row.get("pid"):
+        try:
+            os.kill(int(row["pid"]), 0)
+        except ProcessLookupError:
+            return False  # killed: its record was never ended
+        except PermissionError:
+            return True
+    return True
+
+
 @dataclass
 class JobSpec:
     project_id: int
@@ -119,7 +147,7 @@ def project_tasks(client: Any, project_id: int, include: str | None = None) -> I
 class Jobs:
     """Job records in the shared store: any worker or process reads and cancels any job."""
 
-    COLUMNS = ("done", "failed", "skipped", "seen", "prompt_tokens", "completion_tokens", "calls", "cost_usd")
+    COLUMNS = ("done", "failed", "skipped", "pending", "seen", "prompt_tokens", "completion_tokens", "calls", "cost_usd")
 
     def __init__(self, db: Database, secrets: Secrets | None = None, max_running: int | None = None):
         self.db = db
@@ -129,10 +157,17 @@ class Jobs:
         self.max_running = max_running  # JOBS_MAX_RUNNING: jobs running at once in the whole deployment
 
     def create(self, spec: JobSpec, model_version: str, total: int | None, runner: str = "process") -> str:
-        """A new job's record; TooManyJobs (429) when JOBS_MAX_RUNNING jobs are running already."""
+        """A new job's record; TooManyJobs (429) when JOBS_MAX_RUNNING jobs are running already, JobRunning
+        (409) when a job of the project is running (two jobs on one project would each count the other's
+        tasks, and race for them)."""
         job_id = secrets.token_hex(6)
         now = time.time()
-        with self.db.transaction() as conn:  # writers queue: the count and the insert are one step
+        with self.db.transaction() as conn:  # writers queue: the look and the insert are one step
+            for row in conn.execute(
+                "SELECT * FROM jobs WHERE project_id=? AND state='running' ORDER BY started_at DESC", (str(spec.project_id),)
+            ).fetchall():
+                if _alive(dict(zip(row.keys(), row)), now):
+                    raise JobRunning(spec.project_id, row["id"])
             if self.max_running is not None:
                 running = [dict(zip(row.keys(), row)) for row in conn.execute(
                     "SELECT id, runner, planned, heartbeat_at FROM jobs WHERE state='running' ORDER BY started_at").fetchall()]
@@ -140,9 +175,10 @@ class Jobs:
                 if len(live) >= self.max_running:
                     raise TooManyJobs(live, self.max_running)
             conn.execute(
-                "INSERT INTO jobs(id, project_id, spec, model_version, state, total, started_at, heartbeat_at, runner) "
-                "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)",
-                (job_id, str(spec.project_id), json.dumps(spec.__dict__), model_version, total, now, now, runner),
+                "INSERT INTO jobs(id, project_id, spec, model_version, state, total, started_at, heartbeat_at, runner, host, pid) "
+                "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                (job_id, str(spec.project_id), json.dumps(spec.__dict__), model_version, total, now, now, runner,
+                 socket.gethostname(), os.getpid()),
             )
         return job_id
 
@@ -158,12 +194,13 @@ class Jobs:
                 (state, self.secrets.mask(message), time.time(), time.time(), job_id),
             )
 
-    def fail_task(self, job_id: str, task_id: int, reason: str) -> None:
+    def fail_task(self, job_id: str, task_id: int, reason: str, kind: str = "failed") -> None:
+        """A task the job did not deliver: failed (`reason`: why) or pending (`reason`: who holds it)."""
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO job_failures(job_id, task_id, reason) VALUES (?, ?, ?) "
-                "ON CONFLICT(job_id, task_id) DO UPDATE SET reason=excluded.reason",
-                (job_id, task_id, self.secrets.mask(reason)[:500]),
+                "INSERT INTO job_failures(job_id, task_id, reason, kind) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(job_id, task_id) DO UPDATE SET reason=excluded.reason, kind=excluded.kind",
+                (job_id, task_id, self.secrets.mask(reason)[:500], kind),
             )
 
     def end_interrupted(self, job_id: str) -> bool:
@@ -205,12 +242,14 @@ class Jobs:
         if not rows:
             return None
         job = self._describe(dict(rows[0]))
-        job["failures"] = [
-            {"task": r["task_id"], "reason": r["reason"]}
-            for r in self.db.query(
-                "SELECT task_id, reason FROM job_failures WHERE job_id=? ORDER BY task_id LIMIT ?", (job_id, failures)
-            )
-        ]
+        for kind, name, why in (("failed", "failures", "reason"), ("pending", "pending_tasks", "held_by")):
+            job[name] = [
+                {"task": r["task_id"], why: r["reason"]}
+                for r in self.db.query(
+                    "SELECT task_id, reason FROM job_failures WHERE job_id=? AND kind=? ORDER BY task_id LIMIT ?",
+                    (job_id, kind, failures),
+                )
+            ]
         return job
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
@@ -262,7 +301,7 @@ class Jobs:
             conn.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (time.time(), job_id))
 
     def clear_failures(self, job_id: str, task_ids: Iterable[int]) -> None:
-        """Tasks an earlier try failed and a later one delivered."""
+        """Tasks an earlier try failed (or found pending) and a later one delivered."""
         with self.db.transaction() as conn:
             for task_id in task_ids:
                 conn.execute("DELETE FROM job_failures WHERE job_id=? AND task_id=?", (job_id, task_id))
@@ -313,6 +352,7 @@ class Jobs:
             "done": row["done"],
             "failed": row["failed"],
             "skipped": row["skipped"],
+            "pending": row.get("pending") or 0,
             "left": left,
             "tasks_per_second": round(rate, 3),
             "eta_seconds": round(left / rate, 1) if left is not None and rate > 0 and row["state"] == "running" else None,
@@ -332,13 +372,14 @@ class Progress:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    pending: int = 0
     usage: Usage | None = None
     cost_usd: float = 0.0
 
     def figures(self) -> dict[str, float]:
         usage = self.usage or Usage()
         return {
-            "seen": self.seen, "done": self.done, "failed": self.failed, "skipped": self.skipped,
+            "seen": self.seen, "done": self.done, "failed": self.failed, "skipped": self.skipped, "pending": self.pending,
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "calls": usage.calls,
             "cost_usd": self.cost_usd,
         }
@@ -369,6 +410,8 @@ class ProjectJob:
         self.progress = Progress(usage=Usage())
         self.failures: dict[int, str] = {}  # task id -> why its last try failed
         self.watch = CancelWatch(jobs, job_id)  # started by run()
+        self.pending: dict[int, str] = {}  # task id -> who else was writing it into Label Studio
+        self.owner = f"job-{job_id}"  # its claims (pipeline/delivery.py)
         self.stop: tuple[str, str] | None = None  # (state, why) once the job must end early
         self.abandon = False  # interrupt(): end without waiting for the LLM calls in flight
         self.reading = True
@@ -444,7 +487,10 @@ class ProjectJob:
             log.warning("job %s failed: %s", self.job_id, message)
         for task_id, reason in self.failures.items():
             self.jobs.fail_task(self.job_id, task_id, reason)
+        for task_id, holder in self.pending.items():
+            self.jobs.fail_task(self.job_id, task_id, holder, kind="pending")
         self.progress.failed = len(self.failures)
+        self.progress.pending = len(self.pending)
         metrics.JOB_TASKS.labels("failed").inc(len(self.failures))
         self.jobs.progress(self.job_id, **self.progress.figures())
         self.jobs.finish(self.job_id, state, message)
@@ -517,14 +563,19 @@ class ProjectJob:
         """Write finished tasks into Label Studio (the writer thread); returns ("running", "") to go on,
         or why the job stops."""
         deliveries = [Delivery(str(self.spec.project_id), t["id"], self.version, o.results, o.score) for t, o in finished]
-        import_predictions(self.client, self.deliveries, deliveries)
-        if self.record_drafts is not None:
-            self.record_drafts([t for t, _ in finished], [o.results for _, o in finished])
+        written = import_predictions(self.client, self.deliveries, deliveries, owner=self.owner)
+        delivered = [(t, o) for t, o in finished if t["id"] in written.delivered]
+        if self.record_drafts is not None and delivered:
+            self.record_drafts([t for t, _ in delivered], [o.results for _, o in delivered])
         self._account([o.usage for _, o in finished])
-        self.progress.done += len(finished)
+        self.progress.done += len(written.delivered)
+        self.progress.skipped += len(written.present)  # Label Studio held them already (another wrote them)
+        self.pending.update(written.pending)
+        self.failures.update(written.failed)
         self.progress.failed = len(self.failures)
-        metrics.JOB_TASKS.labels("done").inc(len(finished))
-        metrics.DELIVERED.labels("job").inc(len(finished))
+        self.progress.pending = len(self.pending)
+        metrics.JOB_TASKS.labels("done").inc(len(written.delivered))
+        metrics.DELIVERED.labels("job").inc(len(written.delivered))
         self.jobs.progress(self.job_id, **self.progress.figures())
         self.on_progress(self.progress)
         if self.watch.event.is_set():
@@ -710,6 +761,7 @@ class ChunkRun:
         self.cost = 0.0
         self.failures: dict[int, str] = {}
         self.cancel: threading.Event | None = None  # set while the chunk's tasks run: its job was cancelled
+        self.present: set[int] = set()  # Label Studio held them already: skipped
 
     def run(self) -> str:
         """Returns how the chunk ended: done, cancelled (the job was), or "" when another run ends it."""
@@ -720,8 +772,9 @@ class ChunkRun:
         if self.jobs.cancel_requested(self.job_id):
             return self._finish("cancelled")
         held = self.deliveries.holders(self.project, self.version, [t["id"] for t in self.tasks])
-        # delivered already (by an earlier run of this chunk, or by anyone): nothing to do
-        todo = [t for t in self.tasks if not (t["id"] in held and held[t["id"]][1])]
+        # claimed as delivered (by an earlier run of this chunk, or by anyone): Label Studio says whether they are
+        written = predicted_in_label_studio(self.client, self.project, [i for i, h in held.items() if h[1]], self.version)
+        todo = [t for t in self.tasks if t["id"] not in written]
         cancelled = self._prelabel_and_write(todo)
         if not cancelled:
             self._take_over_own_claims()
@@ -763,12 +816,15 @@ class ChunkRun:
 
     def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> None:
         deliveries = [Delivery(self.project, t["id"], self.version, o.results, o.score) for t, o in finished]
-        import_predictions(self.client, self.deliveries, deliveries, owner=self.owner)
-        if self.record_drafts is not None:
-            self.record_drafts([t for t, _ in finished], [o.results for _, o in finished])
+        written: Written = import_predictions(self.client, self.deliveries, deliveries, owner=self.owner)
+        delivered = [(t, o) for t, o in finished if t["id"] in written.delivered]
+        if self.record_drafts is not None and delivered:
+            self.record_drafts([t for t, _ in delivered], [o.results for _, o in delivered])
         self._account([o.usage for _, o in finished])
-        metrics.JOB_TASKS.labels("done").inc(len(finished))
-        metrics.DELIVERED.labels("job").inc(len(finished))
+        self.present |= written.present
+        self.failures.update(written.failed)
+        metrics.JOB_TASKS.labels("done").inc(len(written.delivered))
+        metrics.DELIVERED.labels("job").inc(len(written.delivered))
 
     def _take_over_own_claims(self) -> None:
         """Claims an earlier run of this chunk took and never confirmed (its worker died between the claim
@@ -791,15 +847,20 @@ class ChunkRun:
 
     def _finish(self, state: str) -> str:
         held = self.deliveries.holders(self.project, self.version, [t["id"] for t in self.tasks])
-        mine = {i for i, (owner, confirmed, _) in held.items() if confirmed and owner and owner.startswith(self.prefix)}
-        others = {i for i, (owner, confirmed, _) in held.items() if i not in mine and (confirmed or not (owner or "").startswith(self.prefix))}
-        failed = {i: why for i, why in self.failures.items() if i not in mine and i not in others}
+        # confirmed claims were read back from Label Studio: this chunk's runs' are done, others' skipped
+        mine = {i for i, (owner, confirmed, _) in held.items() if confirmed and (owner or "").startswith(self.prefix)}
+        pending = {i: holder_name(owner) for i, (owner, confirmed, _) in held.items()
+                   if not confirmed and not (owner or "").startswith(self.prefix)}
+        others = {i for i, (owner, confirmed, _) in held.items() if i not in mine and confirmed} | (self.present - mine)
+        failed = {i: why for i, why in self.failures.items() if i not in mine and i not in others and i not in pending}
         self.jobs.clear_failures(self.job_id, mine)
         for task_id, reason in failed.items():
             self.jobs.fail_task(self.job_id, task_id, reason)
+        for task_id, holder in pending.items():
+            self.jobs.fail_task(self.job_id, task_id, holder, kind="pending")
         metrics.JOB_TASKS.labels("failed").inc(len(failed))
         ended = self.jobs.finish_chunk(
-            self.job_id, self.chunk, state, done=len(mine), skipped=len(others), failed=len(failed),
+            self.job_id, self.chunk, state, done=len(mine), skipped=len(others), failed=len(failed), pending=len(pending),
             prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens, calls=self.usage.calls,
             cost_usd=self.cost,
         )

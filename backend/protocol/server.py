@@ -28,7 +28,7 @@ from backend.infra.storage import STORE_ERRORS, StoreUnavailable
 from backend.learning.labelstudio import LabelStudioUnavailable
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline.delivery import read_project
-from backend.pipeline.jobs import HEARTBEAT, JobSpec
+from backend.pipeline.jobs import HEARTBEAT, JobRunning, JobSpec
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.services import Services
@@ -280,6 +280,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if error.retry_after is not None:
             response.headers["Retry-After"] = str(error.retry_after)
         return response
+
+    @app.errorhandler(JobRunning)
+    def _job_running(error: JobRunning):
+        return jsonify(error=str(error), job=error.job_id), error.status
 
     @app.errorhandler(StoreUnavailable)
     def _store_unavailable(error: StoreUnavailable):

@@ -157,12 +157,17 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
 def _summarize(result: dict[str, Any], out: TextIO) -> None:
     print(
         f"job {result['id']} {result['state']}: {result['done']} pre-labeled, {result['failed']} failed, "
-        f"{result['skipped']} skipped of {result['seen']} read; {result['prompt_tokens']} prompt + "
+        + (f"{result['pending']} pending, " if result.get("pending") else "")
+        + f"{result['skipped']} skipped of {result['seen']} read; {result['prompt_tokens']} prompt + "
         f"{result['completion_tokens']} completion tokens, ${result['cost_usd']:.4f}" + (f" ({result['message']})" if result["message"] else ""),
         file=out,
     )
     if result.get("batch"):
         print(describe_batch(result["batch"]), file=out)
+    for held in result.get("pending_tasks", [])[:20]:
+        print(f"  task {held['task']}: pending, being written by {held['held_by']}", file=out)
+    if result.get("pending", 0) > 20:
+        print(f"  ... and {result['pending'] - 20} more pending (GET /jobs/{result['id']})", file=out)
     for failure in result["failures"][:20]:
         print(f"  task {failure['task']}: {failure['reason']}", file=out)
     if result["failed"] > 20:
