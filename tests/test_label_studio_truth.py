@@ -14,7 +14,7 @@ import pytest
 
 from backend.infra.storage import Database
 from backend.pipeline.delivery import Deliveries
-from tests.conftest import JOB_GAZETTEER, NER_CONFIG, assert_exact, cli, job_texts, predictions_written
+from tests.conftest import JOB_GAZETTEER, NER_CONFIG, assert_exact, cli, job_auth, job_texts, predictions_written
 from tests.processes import backend_env, wait_until
 
 pytestmark = pytest.mark.label_studio
@@ -123,11 +123,11 @@ def test_a_second_job_on_a_project_is_refused_with_the_first_ones_id_over_http_a
     backend = backend_factory(workers=2, model_dir=model_dir,
                               LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
     project = connected_project(job_texts(40), title="two jobs", backend=backend)
-    first = httpx.post(backend.url + "/jobs", json={"project": project.id, "concurrency": 2}, timeout=60)
+    first = httpx.post(backend.url + "/jobs", headers=job_auth(backend), json={"project": project.id, "concurrency": 2}, timeout=60)
     assert first.status_code == 202, first.text
     job_id = first.json()["id"]
     # the other gunicorn worker, then the command line, share the store: both are refused
-    refused = [httpx.post(backend.url + "/jobs", json={"project": project.id}, timeout=60) for _ in range(3)]
+    refused = [httpx.post(backend.url + "/jobs", headers=job_auth(backend), json={"project": project.id}, timeout=60) for _ in range(3)]
     assert {r.status_code for r in refused} == {409} and {r.json()["job"] for r in refused} == {job_id}, [r.text for r in refused]
     by_cli = prelabel(llm, model_dir, label_studio.url, label_studio.token, "--project", str(project.id))
     assert by_cli.returncode != 0 and job_id in by_cli.stdout + by_cli.stderr and "Traceback" not in by_cli.stderr
