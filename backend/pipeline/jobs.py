@@ -49,6 +49,9 @@ MAX_UNWRITTEN = 10_000  # finished tasks waiting for the writer: beyond, no new 
 PAGE = 500  # tasks read from Label Studio per request
 _END = object()  # the end of a queue
 HEARTBEAT = 60.0  # a running job not heard of for this long was interrupted (its process died)
+# a job on RQ none of whose chunks ended for this long (a chunk may run an hour) lost them: it no
+# longer keeps its project from a new job
+QUEUED_SILENCE = 3600.0
 CANCEL_POLL = 1.0  # seconds between two looks at a running job's cancel flag
 
 
@@ -112,10 +115,14 @@ class JobRunning(BadRequest):
 
 
 def _alive(row: dict[str, Any], now: float) -> bool:
-    """Whether a running job's record belongs to a job still running: its chunks on the queue, or its
-    process alive (on this host, asked directly; elsewhere, heard of within HEARTBEAT)."""
+    """Whether a running job's record belongs to a job still running, which a second job on its project
+    would race: not one asked to stop (DELETE, --max-cost); its chunks on the queue, one of which
+    ended within QUEUED_SILENCE; or its process alive (on this host, asked directly; elsewhere, heard
+    of within HEARTBEAT)."""
+    if row.get("cancel_requested"):
+        return False
     if row.get("runner") == "rq" and row.get("planned"):
-        return True
+        return now - row["heartbeat_at"] < QUEUED_SILENCE
     if now - row["heartbeat_at"] > HEARTBEAT:
         return False
     if row.get("host") == socket.gethostname() and row.get("pid"):
