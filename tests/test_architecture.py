@@ -42,3 +42,23 @@ def test_spans_may_not_reach_the_database(tmp_path):
     done = lint_imports_with(tmp_path, "spans/alignment.py", "import sqlite3  # I/O where there must be none")
     assert done.returncode != 0
     assert "backend.spans.alignment -> sqlite3" in done.stdout
+
+
+def test_no_import_circles_inside_a_layer():
+    # llm/ once went client <-> probe:
+    # a module of a circle cannot be read, imported or tested without all the others
+    import itertools
+
+    import grimp
+
+    graph = grimp.build_graph("backend", include_external_packages=False)
+    # protocol/ still has its circle (services -> rqworker -> server -> services): its fix, JobQueue in a module
+    # of its own, comes with the pipeline/jobs/ package (issue 25 item 7)
+    layers = sorted({".".join(m.split(".")[:2]) for m in graph.modules if m.count(".") >= 2} - {"backend.protocol"})
+    circles = [
+        (a, b)
+        for layer in layers
+        for a, b in itertools.combinations(sorted(m for m in graph.modules if m.startswith(layer + ".")), 2)
+        if graph.find_shortest_chain(a, b) and graph.find_shortest_chain(b, a)
+    ]
+    assert not circles, f"modules that import each other (directly or through others): {circles}"

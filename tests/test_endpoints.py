@@ -13,7 +13,7 @@ import pytest
 
 from backend.infra.usage import UsageLedger
 from backend.llm.client import ANSWER_TOKENS_BASE, ANSWER_TOKENS_PER_CHAR, LLMClient
-from backend.llm.probe import Plan, cached_probe, probe
+from backend.llm.probe import Plan, cached_probe, probe, probe_for
 from backend.llm.ratelimit import ConcurrencyGate, GateTimeout
 from tests.conftest import predict, region_tuples, region_tuples_per_task
 from tests.fake_llm import Reply, entities_reply
@@ -68,7 +68,7 @@ def test_workers_of_one_model_dir_share_one_probe_and_log_it_once(make_settings,
     llm.behave_like_llama_cpp_python()
     caplog.set_level(logging.INFO)
     settings = make_settings(llm_probe=True)
-    first, second = LLMClient(settings), LLMClient(settings)
+    first, second = LLMClient(settings, prober=probe_for), LLMClient(settings, prober=probe_for)
     assert first.prepare().mode == "json_object_schema"
     asked = len(llm.requests)
     assert second.prepare().to_json() == first.capabilities.to_json()
@@ -79,7 +79,8 @@ def test_workers_of_one_model_dir_share_one_probe_and_log_it_once(make_settings,
 
 def test_settings_override_the_probe(make_settings, llm):
     llm.behave_like_llama_cpp_python()
-    client = LLMClient(make_settings(llm_probe=True, llm_structured_output="json_object", predict_concurrency=3, llm_logprobs=False))
+    client = LLMClient(make_settings(llm_probe=True, llm_structured_output="json_object", predict_concurrency=3, llm_logprobs=False),
+                       prober=probe_for)
     caps = client.prepare()
     assert response_formats(llm.requests) == ["json_object"]  # one form, no burst, no n
     assert not any(body.get("logprobs") for body in llm.requests)

@@ -76,6 +76,7 @@ def test_predict_through_gunicorn_answers_every_task_with_exact_scored_spans(lla
 def test_every_answer_is_valid_json_under_the_tasks_schema(llama_server, tmp_path):
     from backend.infra.settings import load_settings
     from backend.llm.client import LLMClient
+    from backend.llm.probe import probe_for
     from backend.ner.labelconfig import parse_label_config
     from backend.ner.task import NerTask
     from backend.ner.templates import load_templates
@@ -84,7 +85,7 @@ def test_every_answer_is_valid_json_under_the_tasks_schema(llama_server, tmp_pat
         openai_api_key=TEST_API_KEY, openai_base_url=llama_server.base_url, llm_model=LLAMA_MODEL_NAME,
         model_dir=tmp_path / "model", _env_file=None,
     )
-    llm = LLMClient(settings)
+    llm = LLMClient(settings, prober=probe_for)
     task = NerTask(parse_label_config(NER_CONFIG).targets[0], load_templates(settings.prompts_dir))
     schema = task.json_schema()["schema"]
     for text in SENTENCES:

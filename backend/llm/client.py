@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import openai
 from openai import OpenAI
@@ -51,11 +51,9 @@ from backend.infra.errors import LLMError, LLMOutputError
 from backend.infra.masking import Secrets
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage, record_usage
+from backend.llm.capabilities import Capabilities, ProbeFailed
 from backend.llm.ratelimit import ConcurrencyGate, GateTimeout, RateLimited, RateLimiter, SharedRateLimiter
 from backend.llm.transport import call_deadline, http_client
-
-if TYPE_CHECKING:
-    from backend.llm.probe import Capabilities
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -311,8 +309,11 @@ def _time_left() -> float | None:
 
 
 class LLMClient:
-    def __init__(self, settings: Settings, client: OpenAI | None = None, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, settings: Settings, client: OpenAI | None = None, sleep: Callable[[float], None] = time.sleep,
+                 prober: Callable[[LLMClient], Capabilities] | None = None):
         self.settings = settings
+        # what probes the endpoint before the first call (probe.probe_for); without, no probe
+        self.prober = prober
         self.secrets = Secrets.from_settings(settings)
         # one client per process (see services.py), so this remembers per process what the endpoint accepts
         self._working_mode: str | None = None
@@ -329,7 +330,7 @@ class LLMClient:
                                              settings.llm_rpm, settings.llm_tpm)
         # with a probe to come, one call at a time until it has measured more: a local server that
         # runs one (llama-cpp-python's) sent 8 at once times them all out
-        first = DEFAULT_CONCURRENCY if not settings.llm_probe else 1
+        first = DEFAULT_CONCURRENCY if not settings.llm_probe or prober is None else 1
         self.gate = ConcurrencyGate(settings.predict_concurrency or first, on_change=_log_concurrency)
         self.task_seconds = settings.llm_task_timeout or 3 * settings.llm_timeout
         # the endpoint's context window in tokens (the probe's /props, or a 400 that named it), and the
@@ -339,7 +340,7 @@ class LLMClient:
         metrics.LLM_CONCURRENCY.set(self.gate.limit)
         self.capabilities: Capabilities | None = None
         self._probe_lock = threading.Lock()
-        self._probed = not settings.llm_probe
+        self._probed = not settings.llm_probe or prober is None
         self._probe_failed_at: float | None = None
         self.client = client or OpenAI(
             api_key=settings.openai_api_key.get_secret_value(),
@@ -375,11 +376,9 @@ class LLMClient:
                 return self.capabilities
             if self._probe_failed_at is not None and time.monotonic() - self._probe_failed_at < PROBE_RETRY_SECONDS:
                 return None
-            from backend.llm import probe  # probe.py builds on this module's helpers
-
             try:
-                capabilities = probe.cached_probe(self, plan=probe.Plan.for_settings(self.settings))
-            except probe.ProbeFailed as error:
+                capabilities = self.prober(self)  # type: ignore[misc]  # set: _probed is True without one
+            except ProbeFailed as error:
                 self._probe_failed_at = time.monotonic()
                 one = self.settings.predict_concurrency is None
                 log.warning(

@@ -18,7 +18,7 @@ The first answer may be slow (a local server loading its model, compiling the sc
 still generating answers abandoned before a restart): it is waited for FIRST_ANSWER_TIMEOUTS x
 LLM_TIMEOUT. A probe that cannot finish leaves the client at one call at a time (client.py).
 
-The server (LLMClient.prepare) probes what its settings leave open, once per process, and shares the
+The server (LLMClient.prepare, with `probe_for` as its prober) probes what its settings leave open, once per process, and shares the
 result with the other workers of MODEL_DIR through `llm-capabilities.json` (emptied when
 `llm-ner serve` starts); `llm-ner doctor` probes everything and prints it.
 """
@@ -35,14 +35,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import openai
 
-from backend.infra.errors import LLMError
 from backend.infra.settings import Settings
+from backend.llm.capabilities import MODE_NAMES, Capabilities, FormResult, ProbeFailed
 from backend.llm.client import (
     ANSWER_TOKENS_BASE,
     ANSWER_TOKENS_PER_CHAR,
@@ -69,13 +69,6 @@ BURST_SECONDS = 8.0  # a slow endpoint gets a smaller burst, so the probe stays 
 FIRST_ANSWER_TIMEOUTS = 3  # the probe's first request waits this many LLM_TIMEOUTs
 PROPS_TIMEOUT = 5.0  # llama-server answers /props at once; other servers answer 404 at once
 WAVE_GAP = 0.25  # a gap between two answers of a burst longer than this share of a service time: a new wave
-MODE_NAMES = {
-    "json_schema": "json_schema",
-    "json_object_schema": "json_object with a schema",
-    "json_object": "json_object",
-    "text": "text",
-}
-
 # a short pre-labeling request, like the backend's own
 PROBE_SCHEMA = entities_schema(["PER", "LOC"])
 PROBE_MESSAGES = [
@@ -96,10 +89,6 @@ LONG_SENTENCE = "Ada Lovelace was born in London and worked with Charles Babbage
 def _tiny(i: int) -> list[dict[str, str]]:
     # a different first word each, so no request finds the previous one's prompt cached
     return [{"role": "user", "content": f"Request {i}. Count from 1 to 100, separated by spaces."}]
-
-
-class ProbeFailed(LLMError):
-    """The endpoint could not be probed (unreachable, key refused, no form answered)."""
 
 
 @dataclass(frozen=True)
@@ -131,66 +120,6 @@ class Plan:
     @property
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
-
-
-@dataclass
-class FormResult:
-    mode: str
-    works: bool
-    detail: str  # the error, or what the answer was like
-    seconds: float
-
-
-@dataclass
-class Capabilities:
-    endpoint: str
-    model: str
-    forms: list[FormResult] = field(default_factory=list)
-    logprobs: bool | None = None  # None: not probed
-    n: bool | None = None
-    concurrency: int | None = None
-    burst: str = ""  # how the concurrency figure was measured
-    latency: float | None = None  # seconds for the short pre-labeling request (asked twice with `speed`: the second)
-    seconds_per_token: float | None = None
-    context_tokens: int | None = None  # the context window, when the endpoint tells (llama-server's /props)
-    chars_per_token: float | None = None  # of the pre-labeling request's prompt, from its usage
-    context: str = ""  # how the context window was found, or what the long prompt met (doctor)
-    probed_at: float = 0.0
-
-    @property
-    def mode(self) -> str | None:
-        """The strongest structured-output form that works."""
-        return next((f.mode for f in self.forms if f.works), None)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, value: dict[str, Any]) -> Capabilities:
-        value = dict(value)
-        value["forms"] = [FormResult(**f) for f in value.get("forms", [])]
-        return cls(**value)
-
-    def summary(self) -> str:
-        """One log line: what works and what the probe measured."""
-        parts = []
-        rejected = [f for f in self.forms if not f.works]
-        mode = self.mode
-        parts.append(
-            f"structured output {MODE_NAMES[mode] if mode else 'none'}"
-            + "".join(f"; {MODE_NAMES[f.mode]} rejected ({f.detail})" for f in rejected)
-        )
-        if self.logprobs is not None:
-            parts.append("logprobs returned" if self.logprobs else "no logprobs")
-        if self.n is not None:
-            parts.append("n honoured" if self.n else "n ignored")
-        if self.concurrency is not None:
-            parts.append(f"{self.concurrency} request{'s' if self.concurrency > 1 else ''} at once ({self.burst})")
-        if self.latency is not None:
-            parts.append(f"{self.latency:.2f} s a short pre-labeling request")
-        if self.context_tokens:
-            parts.append(f"a context window of {self.context_tokens} tokens")
-        return f"LLM endpoint {self.endpoint} (model {self.model}): " + ", ".join(parts)
 
 
 def endpoint_of(settings: Settings) -> str:
@@ -633,3 +562,9 @@ def advise(caps: Capabilities, settings: Settings) -> Advice:
         fits = int(settings.predict_deadline / max(latency, 1e-3)) * concurrency
         notes.append(f"about {fits} short tasks fit in one /predict (PREDICT_DEADLINE={settings.predict_deadline:g} s)")
     return Advice(uses, recommended, notes)
+
+
+def probe_for(llm: LLMClient) -> Capabilities:
+    """An LLM client's prober (`LLMClient(settings, prober=probe_for)`): what LLM_PROBE and the settings
+    leave open, probed before its first call, once per process and MODEL_DIR (`cached_probe`)."""
+    return cached_probe(llm, plan=Plan.for_settings(llm.settings))

@@ -24,6 +24,7 @@ from backend.learning.store import IndexCache
 from backend.learning.webhooks import Trust
 from backend.llm.cache import ResponseCache
 from backend.llm.client import LLMClient
+from backend.llm.probe import probe_for
 from backend.ner.templates import PromptTemplates, load_templates
 from backend.pipeline.delivery import Backlog, Deliveries, PredictionWriter, label_studio_client
 from backend.pipeline.jobs import Jobs
@@ -81,7 +82,7 @@ class Services:
             job_queue=job_queue,
             db=db,
             templates=load_templates(settings.prompts_dir, settings.occurrence_hints),
-            llm=LLMClient(settings),
+            llm=LLMClient(settings, prober=probe_for),
             cache=cache,
             usage=UsageLedger(db),
             deliveries=deliveries,

@@ -220,6 +220,7 @@ def predict_conll(
 ) -> OfflineRun:
     from backend.infra.deadline import map_in_order
     from backend.llm.client import LLMClient
+    from backend.llm.probe import probe_for
     from backend.ner.labelconfig import parse_label_config
     from backend.ner.templates import load_templates
     from backend.pipeline.prelabel import Prelabeler
@@ -232,7 +233,7 @@ def predict_conll(
     schema = parse_label_config(label_config_for(chosen))
     target = schema.targets[0]
     units = build_units(documents, per=per, join=join)
-    llm = LLMClient(settings)
+    llm = LLMClient(settings, prober=probe_for)
     prelabeler = Prelabeler.from_settings(settings, schema, load_templates(settings.prompts_dir, settings.occurrence_hints), llm)
 
     bar = tqdm(total=len(units), unit="task", desc="pre-labeling", file=sys.stderr, disable=not progress)

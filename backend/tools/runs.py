@@ -35,6 +35,7 @@ from backend.learning import webhooks
 from backend.learning.store import ExampleStore, IndexCache
 from backend.llm.cache import ResponseCache
 from backend.llm.client import LLMClient
+from backend.llm.probe import probe_for
 from backend.llm.source import EntitySource, Found
 from backend.ner.labelconfig import NerSchema
 from backend.ner.templates import load_templates
@@ -293,7 +294,7 @@ def run_configuration(
         templates = load_templates(settings.prompts_dir, settings.occurrence_hints)
     except ConfigError as error:
         raise ConfigError(f"configuration {configuration.name}: {error}") from None
-    llm = TimedLLM(settings)
+    llm = TimedLLM(settings, prober=probe_for)
     # the endpoint is part of the scope: one model name served by two endpoints gives two answers
     cache = workspace.cache if settings.llm_cache else None  # LLM_CACHE=false: every request is sent
     source = MeasuredSource(llm, cache, f"llm-ner evaluation|{settings.openai_base_url or 'openai'}",
