@@ -151,10 +151,11 @@ def test_clear_errors_for_a_wrong_key_an_existing_title_and_an_unknown_model_ver
     assert "HTTP 401" in refused.stderr and "--api-key" in refused.stderr
     assert wrong_key not in refused.stderr and "Traceback" not in refused.stderr
 
-    first = cli("import-conll", str(source), *ls_args(label_studio), "--create", "twice", "--quiet")
+    title = f"twice {tmp_path.name}"  # titles are unique per Label Studio, which the whole session shares
+    first = cli("import-conll", str(source), *ls_args(label_studio), "--create", title, "--quiet")
     assert first.returncode == 0, first.stderr
     project_id = project_id_from(first.stdout)
-    second = cli("import-conll", str(source), *ls_args(label_studio), "--create", "twice", "--quiet")
+    second = cli("import-conll", str(source), *ls_args(label_studio), "--create", title, "--quiet")
     assert second.returncode == 1
     assert f"use --project {project_id}" in second.stderr
 
