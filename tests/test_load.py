@@ -88,7 +88,7 @@ def test_idle_and_slowloris_connections_hold_no_thread(backend_factory, llm):
         health, predicts = [], []
         for i in range(12):
             health.append(timed(lambda: httpx.get(backend.url + "/health", timeout=5)))
-            body = {"tasks": [{"id": i, "data": {"text": f"Oslo {i}."}}], "project": "1.1", "label_config": NER_CONFIG}
+            body = {"tasks": [{"id": i + 1, "data": {"text": f"Oslo {i}."}}], "project": "1.1", "label_config": NER_CONFIG}
             predicts.append(timed(lambda body=body: httpx.post(backend.url + "/predict", json=body, timeout=10)))
             time.sleep(0.5)
         # not held by the slow heads (the server gives one 10 s), on a machine however loaded
