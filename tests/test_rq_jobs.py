@@ -221,7 +221,7 @@ def test_llm_rpm_is_one_budget_for_two_processes_sharing_redis(backend_factory, 
     answers: list[dict] = [{}, {}]
 
     def ask(i: int) -> None:
-        body = {"tasks": [{"id": 100 * i + n, "data": {"text": t}} for n, t in enumerate(job_texts(10))], "project": "1.1",
+        body = {"tasks": [{"id": 100 * i + n + 1, "data": {"text": t}} for n, t in enumerate(job_texts(10))], "project": "1.1",
                 "label_config": NER_CONFIG}
         answers[i] = httpx.post(backends[i].url + "/predict", json=body, timeout=60).json()
 
