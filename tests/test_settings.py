@@ -17,7 +17,7 @@ def test_missing_api_key_fails_in_one_line_naming_it():
     result = serve_with({})
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
-    assert "OPENAI_API_KEY: missing" in result.stderr
+    assert "no LLM key: set OPENAI_API_KEY" in result.stderr and "make demo" in result.stderr
 
 
 def test_invalid_values_are_named_but_never_echoed():
