@@ -242,8 +242,7 @@ def test_postgresql_stopped_under_load_answers_the_pre_labels_already_paid_for(b
     with run_postgres() as own:
         own.admin("CREATE DATABASE stopped")
         # Label Studio credentials: pre-labels are claimed as delivered (a write) before they are answered
-        backend = backend_factory(workers=1, DATABASE_URL=own.url("stopped"), LABEL_STUDIO_URL="http://127.0.0.1:9",
-                                  LABEL_STUDIO_API_KEY="ls-key-unused-here", PACK_SIZE="1")
+        backend = backend_factory(workers=1, DATABASE_URL=own.url("stopped"), PACK_SIZE="1")
         http = httpx.Client(base_url=backend.url, timeout=120)
         assert http.post("/setup", json={"project": "1", "schema": NER_CONFIG}).status_code == 200
         arrived, release = [], threading.Event()
@@ -267,9 +266,10 @@ def test_postgresql_stopped_under_load_answers_the_pre_labels_already_paid_for(b
         assert [a.status_code for a in answers] == [200] * len(bodies), [a.text for a in answers]
         assert all([r["value"]["text"] for r in a.json()["results"][0]["result"]] == ["Oslo"] for a in answers)
         lost = metric_in(http.get("/metrics").text, "llm_ner_store_writes_lost_total")
-        assert lost.get("claims", 0) >= 1 and lost.get("cache", 0) >= 1, lost
+        # open mode (no Label Studio: verified mode would check /setup at one) writes no delivery claims
+        assert lost.get("cache", 0) >= 1 and lost.get("drafts", 0) >= 1, lost
         log = backend.log()
-        assert "pre-labels answered without their delivery claims" in log and "Traceback" not in log
+        assert "LLM drafts not recorded" in log and "Traceback" not in log
         assert http.get("/health").status_code == 503
 
         own.start()
