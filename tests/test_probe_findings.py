@@ -220,6 +220,17 @@ def test_the_llm_clients_error_messages_mask_an_echoed_key(make_client, llm, cap
     assert "invalid request from key ***" in caplog.text and TEST_API_KEY not in caplog.text
 
 
+def test_an_error_message_cut_short_never_leaves_the_head_of_an_echoed_key(make_client, llm, caplog):
+    # error texts are cut to a few hundred characters before they are masked: a key that straddles the
+    # cut was no longer the whole secret the masking looks for, and its first characters went out
+    caplog.set_level(logging.INFO)
+    # openai's message is "Error code: 400 - <the server's message>": the key starts at its character 290
+    llm.replies.append(Reply(status=400, error_message="x" * 272 + f"{TEST_API_KEY} is not valid"))
+    assert results(make_client(), ["Oslo."]) == [[]]
+    assert "HTTP 400 from the LLM endpoint" in caplog.text
+    assert TEST_API_KEY[:8] not in caplog.text
+
+
 @pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
 def test_non_ascii_basic_auth_works_as_utf8_and_as_latin1(make_client, encoding):
     user, password = "jürgen", "pässwörd-ß"

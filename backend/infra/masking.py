@@ -26,6 +26,20 @@ SECRET_SETTINGS = ("OPENAI_API_KEY", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS")
 URL_SETTINGS = ("OPENAI_BASE_URL", "LABEL_STUDIO_URL", "DATABASE_URL", "REDIS_URL")
 
 
+# where `shortened` may cut a text: between words, or at the quotes and brackets around a value
+_CUT_AT = re.compile(r"[\s\"'<>()\[\]{},;]")
+
+
+def shortened(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters (and "…") at a word's edge, never inside a word: a key or
+    a URL cut in half is no longer the secret `Secrets.mask` looks for, and its head would go out
+    unmasked (texts are cut where they are made, masked later on their way out)."""
+    if len(text) <= limit:
+        return text
+    edges = [m.start() for m in _CUT_AT.finditer(text, 0, limit + 1)]
+    return text[: edges[-1]].rstrip() + "…" if edges else "…"
+
+
 def _forms(secret: str) -> set[str]:
     """The ways `secret` is spelled in text: as is, URL-encoded, JSON-escaped."""
     escaped = {json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}

@@ -26,7 +26,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from backend.infra.errors import BackendError
-from backend.infra.masking import Secrets, url_password
+from backend.infra.masking import Secrets, shortened, url_password
 
 DB_NAME = "backend.sqlite3"
 # less free space than this under MODEL_DIR and the store is as good as full: say so before writes fail
@@ -111,7 +111,7 @@ class StoreUnavailable(BackendError):
                 "corrupt": "restore it from a backup, or move it away to start with an empty store",
                 "busy": "another process holds its write lock; try again",
             }.get(self.state, "check the disk under MODEL_DIR")
-        detail = " ".join(str(error).split())[:300]  # one line: quick_check reports over several
+        detail = shortened(" ".join(str(error).split()), 300)  # one line: quick_check reports over several
         if secrets is not None:
             detail = secrets.mask(detail)
         super().__init__(f"the store {where} is {self.state} ({detail}): {advice}")

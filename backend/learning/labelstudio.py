@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from backend.infra.errors import BackendError
+from backend.infra.masking import shortened
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def describe_error(error: Exception) -> str:
     status = getattr(error, "status_code", None)
     if status is not None:
         return f"HTTP {status} from Label Studio"
-    return f"{type(error).__name__}: {error}"[:300]
+    return shortened(f"{type(error).__name__}: {error}", 300)
 
 
 def sdk_client(url: str, api_key: str, timeout: float | None = None) -> Any:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.infra.errors import BackendError
+from backend.infra.masking import shortened
 from backend.infra.storage import Database
 from backend.infra.usage import Usage
 from backend.llm.client import LLMClient, _usage_of
@@ -103,7 +104,7 @@ def parse_result_line(raw: str, where: str) -> ResultLine:
         try:
             body = json.loads(body)
         except ValueError:
-            body = {"error": {"message": body[:300]}}
+            body = {"error": {"message": shortened(body, 300)}}
     reason = ""
     if isinstance(error, dict):
         reason = f"{error.get('code') or 'error'}: {error.get('message') or ''}".strip()
@@ -112,7 +113,7 @@ def parse_result_line(raw: str, where: str) -> ResultLine:
     result = ResultLine(custom_id, status, body if isinstance(body, dict) else None, reason)
     if not result.answered and not result.error:
         message = ((result.body or {}).get("error") or {}).get("message") if isinstance((result.body or {}).get("error"), dict) else None
-        result.error = f"HTTP {status}" + (f": {str(message)[:300]}" if message else "")
+        result.error = f"HTTP {status}" + (f": {shortened(str(message), 300)}" if message else "")
     return result
 
 

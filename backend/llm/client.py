@@ -48,7 +48,7 @@ from openai import OpenAI
 
 from backend.infra import deadline, metrics
 from backend.infra.errors import LLMError, LLMOutputError
-from backend.infra.masking import Secrets
+from backend.infra.masking import Secrets, shortened
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage, record_usage
 from backend.llm.capabilities import Capabilities, ProbeFailed
@@ -200,7 +200,7 @@ def describe_api_error(error: Exception) -> str:
         return "not found (HTTP 404): check LLM_MODEL and OPENAI_BASE_URL"
     if isinstance(error, openai.APIStatusError):
         message = getattr(error, "message", "") or ""
-        return f"HTTP {error.status_code} from the LLM endpoint: {message[:300]}"
+        return f"HTTP {error.status_code} from the LLM endpoint: {shortened(message, 300)}"
     if isinstance(error, openai.APITimeoutError):
         return "the LLM endpoint timed out"
     if isinstance(error, openai.APIConnectionError):

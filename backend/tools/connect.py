@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.infra.errors import BackendError
+from backend.infra.masking import shortened
 from backend.learning.labelstudio import LabelStudioSource, LabelStudioUnavailable, field_of
 from backend.tools.importer import LabelStudioError, sdk_errors
 
@@ -118,7 +119,7 @@ def connect_backend(
     if state not in ("CO", "CONNECTED"):
         reason = field_of(checked, "error_message") or "no answer"
         raise ConnectFailed(
-            f"Label Studio does not reach the backend at {backend_url} (state {state or 'unknown'}: {str(reason)[:300]})"
+            f"Label Studio does not reach the backend at {backend_url} (state {state or 'unknown'}: {shortened(str(reason), 300)})"
         )
     version = field_of(checked, "model_version")
     lines.append(

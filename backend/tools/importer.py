@@ -19,6 +19,7 @@ from xml.sax.saxutils import quoteattr
 from tqdm import tqdm
 
 from backend.infra.errors import BackendError
+from backend.infra.masking import shortened
 from backend.ner.labelconfig import NerTarget, parse_label_config
 from backend.pipeline.prelabel import span_results
 from backend.spans.alignment import Span
@@ -55,11 +56,11 @@ def _detail(body: Any) -> str:
     if isinstance(body, dict):
         # "Validation error" alone says nothing: what failed is in validation_errors
         if body.get("validation_errors"):
-            return f"{body.get('detail') or 'invalid'}: {body['validation_errors']}"[:300]
+            return shortened(f"{body.get('detail') or 'invalid'}: {body['validation_errors']}", 300)
         for key in ("detail", "message", "error"):
             if body.get(key):
-                return str(body[key])[:300]
-    return str(body)[:300] if body else ""
+                return shortened(str(body[key]), 300)
+    return shortened(str(body), 300) if body else ""
 
 
 @contextmanager
