@@ -28,6 +28,7 @@ from typing import Any
 from backend.infra.errors import BadRequest
 from backend.infra.settings import Settings
 from backend.learning.labelstudio import LabelStudioSource
+from backend.learning.webhooks import Trust
 
 
 class Mode(StrEnum):
@@ -38,10 +39,8 @@ class Mode(StrEnum):
 
     @classmethod
     def of(cls, settings: Settings) -> Mode:
-        authenticated = bool(settings.basic_auth_user)
-        verified = bool(settings.label_studio_url and settings.label_studio_api_key)
-        return {(False, False): cls.OPEN, (True, False): cls.AUTHENTICATED,
-                (False, True): cls.VERIFIED, (True, True): cls.BOTH}[(authenticated, verified)]
+        # what makes a mode is said once, by the webhook handlers' Trust, whose name is the mode's
+        return cls(Trust.from_settings(settings).name)
 
     @property
     def settings(self) -> str:
