@@ -20,6 +20,11 @@ It stands in for a paid API, never for the backend's own code. Tests configure i
   dropped), `context_tokens=2048` (a prompt of that many tokens or more, 4 characters a token, is
   answered with its 400 `context_length_exceeded`, in its words);
 - vLLM: `model_fields={"max_model_len": N}` in the /v1/models entry;
+- Ollama (`behave_like_ollama()`): POST /api/show at the server's root gives `model_info` (with
+  `<arch>.context_length`) and `parameters` (`num_ctx` when the model sets one), GET /api/ps the
+  loaded model's `context_length` (once a chat request has loaded it; older versions list none); a
+  prompt past the window gets no 400 but loses its beginning, silently, as Ollama cuts it
+  (`context_style="ollama"`);
 - llama.cpp's llama-server: `props` (GET /props at the server's root gives `n_ctx` and `total_slots`,
   from `context_tokens` and `max_concurrency`) and `context_style="llama-server"` (its 400
   `exceed_context_size_error` instead);
@@ -131,6 +136,8 @@ class FakeLLM:
             self.context_tokens: int | None = None  # prompts of this many tokens or more: a 400
             self.context_style = "llama-cpp-python"  # or "llama-server": whose words the 400 has
             self.props = False  # llama-server's GET /props
+            self.ollama_show: dict[str, Any] | None = None  # Ollama's POST /api/show
+            self.ollama_ps_context = False  # Ollama's GET /api/ps lists the loaded model's context_length
             self.model_fields: dict[str, Any] = {}  # more fields of /v1/models' entry (vLLM's max_model_len)
             self.disconnects: list[float] = []  # arrival times of requests whose client hung up
             self.requests: list[dict[str, Any]] = []
@@ -170,6 +177,19 @@ class FakeLLM:
         self.props = True
         self.max_concurrency = slots
 
+    def behave_like_ollama(self, num_ctx: int | None = 4096, server_context: int | None = None,
+                           ps_context: bool = True, context_length: int = 131_072) -> None:
+        """What Ollama does about its context: a longer prompt is cut, not refused. The model runs with
+        the server's OLLAMA_CONTEXT_LENGTH (`server_context`), else its `num_ctx`, else Ollama's
+        default (2,048 tokens in the versions that had the smallest); /api/ps lists it
+        (`ps_context`: versions before that listed none), /api/show the model's num_ctx."""
+        self.context_tokens = server_context or num_ctx or 2048
+        self.context_style = "ollama"
+        self.ollama_ps_context = ps_context
+        parameters = f"num_ctx                        {num_ctx}\nstop                           \"<|eot_id|>\"" if num_ctx else ""
+        self.ollama_show = {"parameters": parameters, "model_info": {"general.architecture": "llama",
+                                                                      "llama.context_length": context_length}}
+
     @property
     def base_url(self) -> str:
         host, port = self.server.server_address[:2]
@@ -205,6 +225,18 @@ class FakeLLM:
         found.sort()
         return [(s, l) for _, s, l in found]
 
+    def cut_to_window(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Ollama's way with a prompt past its window: the beginning of the text is lost, no error."""
+        if self.context_tokens is None:
+            return body
+        excess = sum(len(m.get("content") or "") for m in body.get("messages", [])) - 4 * self.context_tokens + 4
+        if excess <= 0:
+            return body
+        messages = [dict(m) for m in body["messages"]]
+        last = messages[-1]
+        last["content"] = (last.get("content") or "")[excess:]
+        return {**body, "messages": messages}
+
     def context_error(self, body: dict[str, Any]) -> Reply | None:
         """The 400 a prompt past `context_tokens` gets, in the words of the server played."""
         prompt_tokens = sum(len(m.get("content") or "") for m in body.get("messages", [])) // 4
@@ -226,6 +258,8 @@ class FakeLLM:
                      error_extra={"param": "messages", "code": "context_length_exceeded"})
 
     def _answer(self, body: dict[str, Any]) -> Reply:
+        if self.context_style == "ollama":
+            body = self.cut_to_window(body)
         too_long = self.context_error(body)
         if too_long is not None:
             return too_long
@@ -469,7 +503,13 @@ class FakeLLM:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0].rstrip("/")
                 parts = path.split("/")
-                if path == "/props" and fake.props:
+                if path == "/api/ps" and fake.ollama_show is not None:
+                    loaded = any(body.get("model") == "fake-model" for body in fake.requests)
+                    entry = {"name": "fake-model", "model": "fake-model", "size": 1, "size_vram": 0}
+                    if fake.ollama_ps_context:
+                        entry["context_length"] = fake.context_tokens
+                    self._json(200, {"models": [entry] if loaded else []})
+                elif path == "/props" and fake.props:
                     self._json(200, {"default_generation_settings": {"n_ctx": fake.context_tokens, "params": {}},
                                      "total_slots": fake.max_concurrency or 1, "model_path": "fake.gguf"})
                 elif path.endswith("/models"):
@@ -504,6 +544,13 @@ class FakeLLM:
                     return
                 if path.endswith("/batches"):
                     self._json(*fake.create_batch(json.loads(raw or b"{}")))
+                    return
+                if path == "/api/show" and fake.ollama_show is not None:
+                    asked = json.loads(raw or b"{}").get("model")
+                    if asked == "fake-model":
+                        self._json(200, fake.ollama_show)
+                    else:
+                        self._json(404, {"error": f"model '{asked}' not found"})
                     return
                 if path.endswith("/cancel") and parts[-2] in fake.batches:
                     self._json(200, fake.cancel_batch(parts[-2]))

@@ -209,6 +209,28 @@ def test_the_clients_window_comes_from_a_400_in_llama_servers_words(make_setting
     assert caps.chars_per_token == pytest.approx(4.0, rel=0.01)  # the fake's 4 characters a token
 
 
+@pytest.mark.parametrize(("num_ctx", "server_context", "ps_context", "window", "source"), [
+    (None, 1536, True, 1536, "/api/ps"),  # OLLAMA_CONTEXT_LENGTH, listed by /api/ps once loaded
+    (1024, None, False, 1024, "/api/show: the model's num_ctx"),  # an Ollama whose /api/ps lists no window
+    (None, None, False, 2048, "/api/show: no num_ctx"),
+])
+def test_ollamas_window_sizes_the_chunks_it_would_cut_silently(
+    make_client, make_settings, llm, num_ctx, server_context, ps_context, window, source
+):
+    """Ollama answers a prompt past its window without an error, its beginning cut off: Oslo, at the
+    start of a long text, was lost without a word. The probe reads the window Ollama runs the model
+    with (/api/ps), else the model's num_ctx (/api/show), else assumes Ollama's smallest default,
+    and the chunks fit it."""
+    llm.behave_like_ollama(num_ctx=num_ctx, server_context=server_context, ps_context=ps_context)
+    llm.gazetteer = {"Oslo": "LOC", "Bergen": "LOC"}
+    caps = probe(LLMClient(make_settings()), Plan())
+    assert caps.context_tokens == window and caps.context.startswith(f"Ollama's {source}")
+    client = make_client(llm_probe=True, predict_deadline=60)
+    assert region_tuples_per_task(predict(client, [long_text(240)]), "text") == [["Oslo", "Bergen"]]
+    chats = [body for body in llm.requests if not is_probe(body)]
+    assert len(chats) > 1 and all(prompt_chars(body) // 4 < window for body in chats)  # cut into chunks that fit
+
+
 def test_vllms_max_model_len_sizes_the_chunks_before_any_400(make_client, llm):
     llm.context_tokens, llm.model_fields = 1024, {"max_model_len": 1024}  # vLLM lists it in /v1/models
     llm.gazetteer = {"Oslo": "LOC", "Bergen": "LOC"}

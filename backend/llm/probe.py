@@ -10,7 +10,9 @@
 - concurrency: a burst of identical short requests sent at once: an endpoint running c of them at a
   time answers them in burst/c waves, told apart by the gaps between answers. llama.cpp's
   llama-server says it instead: `total_slots` in its /props.
-- context window: llama-server's /props (`n_ctx` per slot); the doctor also sends a prompt as long as
+- context window: llama-server's /props (`n_ctx` per slot), the window /v1/models lists (vLLM's
+  max_model_len...), or Ollama's (its /api/ps once the model is loaded, else the model's `num_ctx`
+  in /api/show, else Ollama's smallest default); the doctor also sends a prompt as long as
   the backend's longest and reads the window from the 400 a shorter window answers.
 - latency: the pre-labeling request's seconds; generation speed (doctor only).
 
@@ -159,9 +161,49 @@ def model_window(llm: LLMClient) -> int | None:
     return None
 
 
+# Ollama runs a model with the window its /api/ps lists once loaded (OLLAMA_CONTEXT_LENGTH, or the
+# model's `num_ctx`); before that /api/show gives the model's `num_ctx` when it sets one, else the
+# server's default, which it does not tell: 2,048 tokens before Ollama 0.6.4, more since. Ollama cuts
+# a longer prompt silently (no 400 to learn from), so the smallest is assumed.
+OLLAMA_DEFAULT_CONTEXT = 2048
+
+
+def ollama_window(llm: LLMClient) -> tuple[int, str] | None:
+    """The context window Ollama runs the model with, and where that comes from; None elsewhere."""
+    base = llm.settings.openai_base_url
+    if not base:
+        return None
+    root = llm.client.with_options(base_url=base.rstrip("/").removesuffix("/v1"))
+    try:
+        shown = root.post("/api/show", body={"model": llm.model}, cast_to=dict, options={"timeout": PROPS_TIMEOUT})
+    except Exception:
+        return None  # not Ollama
+    info = shown.get("model_info") if isinstance(shown, dict) else None
+    if not isinstance(info, dict):
+        return None
+    try:
+        running = root.get("/api/ps", cast_to=dict, options={"timeout": PROPS_TIMEOUT}).get("models")
+    except Exception:
+        running = None
+    for entry in running if isinstance(running, list) else []:
+        if isinstance(entry, dict) and llm.model in (entry.get("name"), entry.get("model")):
+            if type(entry.get("context_length")) is int and entry["context_length"] > 0:
+                return entry["context_length"], "Ollama's /api/ps: the loaded model's context_length"
+    trained = next((v for k, v in info.items() if k.endswith(".context_length") and type(v) is int and v > 0), None)
+    parameters = shown.get("parameters")
+    match = re.search(r"^num_ctx\s+(\d+)\s*$", parameters, re.MULTILINE) if isinstance(parameters, str) else None
+    if match and int(match.group(1)) > 0:
+        window, source = int(match.group(1)), "Ollama's /api/show: the model's num_ctx"
+    else:
+        window, source = OLLAMA_DEFAULT_CONTEXT, "Ollama's /api/show: no num_ctx, so Ollama's smallest default"
+    if trained is not None and trained < window:
+        window, source = trained, "Ollama's /api/show: the model's context_length"
+    return window, source
+
+
 def _read_props(llm: LLMClient, caps: Capabilities) -> int | None:
-    """The context window and slots llama-server tells (the window: else /v1/models); returns its
-    slots (None: not told)."""
+    """The context window and slots llama-server tells (the window: else Ollama's /api/show, else
+    /v1/models); returns its slots (None: not told)."""
     props = server_props(llm)
     if props is None:
         if llm.settings.openai_base_url:  # OpenAI's list has no window
@@ -287,6 +329,11 @@ def probe(llm: LLMClient, plan: Plan) -> Capabilities:
         _probe_concurrency(llm, caps, plan.burst, timeout)
     if plan.speed:
         caps.seconds_per_token = _probe_speed(llm, timeout)
+    if not caps.context_tokens:
+        # Ollama: asked after the requests above loaded the model, so /api/ps lists its window
+        told = ollama_window(llm)
+        if told is not None:
+            caps.context_tokens, caps.context = told
     if caps.context_tokens:
         caps.context = caps.context or "the server's /props: n_ctx"
     elif plan.context:
