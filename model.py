@@ -22,7 +22,6 @@ from backend.llm.batch import BatchAnswers, BatchLLM, batch_endpoint, provider_c
 from backend.llm.client import LLMClient
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline import warmstart
-from backend.pipeline.batchjob import Batches, BatchJob
 from backend.pipeline.delivery import Delivery, predicted_in_label_studio
 from backend.pipeline.interactive import (
     MAX_GUIDELINES_CHARS,
@@ -31,7 +30,10 @@ from backend.pipeline.interactive import (
     read_marks,
     submitted_guidelines,
 )
-from backend.pipeline.jobs import ChunkRun, JobSpec, ProjectJob
+from backend.pipeline.jobs.batch import Batches, BatchJob
+from backend.pipeline.jobs.chunks import ChunkRun
+from backend.pipeline.jobs.process import ProjectJob
+from backend.pipeline.jobs.records import JobSpec
 from backend.pipeline.prelabel import Prelabeler, unanswered_reason
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.wire import ModelResponse, PredictionValue
@@ -114,7 +116,7 @@ class NERModel(LabelStudioMLBase):
     def prelabel_project(self, client: Any, spec: JobSpec, total: int | None = None, on_progress=None,
                          llm: LLMClient | None = None) -> ProjectJob:
         """A job that pre-labels the project's tasks in `spec.scope` with this model (`job.run()` runs it);
-        `llm`: another client for its calls (a Batch API job's, see pipeline/batchjob.py)."""
+        `llm`: another client for its calls (a Batch API job's, see pipeline/jobs/batch.py)."""
         version = self.model_version
         return ProjectJob(
             self.services.jobs, self.services.jobs.create(spec, version, total), spec, client, self.prelabeler(version, llm=llm),
@@ -132,7 +134,7 @@ class NERModel(LabelStudioMLBase):
 
     def batch_project(self, client: Any, spec: JobSpec, total: int | None = None, on_progress=None,
                       say=lambda message: None) -> tuple[BatchJob, Prelabeler]:
-        """A project job through the provider's Batch API (pipeline/batchjob.py), and the pre-labeler
+        """A project job through the provider's Batch API (pipeline/jobs/batch.py), and the pre-labeler
         that records its requests: `batch.run(recorder)` runs it."""
         services, settings = self.services, self.settings
         answers = BatchAnswers(services.db)

@@ -83,7 +83,7 @@ def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int, pg=
     from rq import Worker
 
     from backend.infra.storage import Database
-    from backend.pipeline.jobs import Jobs
+    from backend.pipeline.jobs.records import Jobs
 
     project_id = make_project(ls, f"rq {workers}w {n}", n)
     model_dir = Path(tempfile.mkdtemp(prefix="bench-rq-"))

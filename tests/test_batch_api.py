@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from backend.infra.storage import DB_NAME
-from backend.pipeline.jobs import HEARTBEAT
+from backend.pipeline.jobs.records import HEARTBEAT
 from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_auth, job_texts, ls_args
 from tests.fake_llm import Reply, entities_reply
 from tests.processes import REPO, backend_env, stop, wait_until

@@ -10,7 +10,7 @@ import pytest
 
 from backend.infra.storage import Database
 from backend.llm.batch import BatchAnswers, BatchFileError, batch_endpoint, parse_result_line, request_id
-from backend.pipeline.batchjob import Batches, RequestFiles, batch_price, check_results, result_lines
+from backend.pipeline.jobs.batch import Batches, RequestFiles, batch_price, check_results, result_lines
 
 
 def body(text: str) -> dict:

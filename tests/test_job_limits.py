@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from backend.pipeline.jobs import HEARTBEAT
+from backend.pipeline.jobs.records import HEARTBEAT
 from tests.conftest import JOB_GAZETTEER, job_auth, job_texts
 from tests.processes import wait_until
 from tests.test_prelabel_job import prelabel

@@ -254,7 +254,7 @@ def test_a_workers_wait_on_an_empty_queue_may_outlast_redis_pys_default_read_tim
     a socket after 5 s unless told otherwise. The worker's connection (the one JobQueue pinged first,
     lent again to the wait) must outlast the wait."""
     from backend.infra.settings import load_settings
-    from backend.protocol.rqworker import JobQueue
+    from backend.pipeline.jobs.jobqueue import JobQueue
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.setenv("MODEL_DIR", str(tmp_path))

@@ -95,7 +95,7 @@ def test_migrate_store_copies_a_sqlite_store_into_postgresql_and_a_second_run_ch
 ):
     from backend.infra.storage import Database
     from backend.pipeline.delivery import Deliveries
-    from backend.pipeline.jobs import Jobs, JobSpec
+    from backend.pipeline.jobs.records import Jobs, JobSpec
 
     llm.gazetteer = {"Ada Lovelace": "PER", "London": "LOC"}
     # a store made by a backend on SQLite: label config, examples (one deleted), drafts, cache, usage...

@@ -115,7 +115,7 @@ def test_the_retries_of_an_answer_keep_to_its_time_budget(make_client, llm):
 def test_a_job_tries_a_task_again_after_an_outage_not_after_it_ran_out_of_time(error_class, tried_again):
     """A job tried a task that timed out twice more (3 tries x 2 calls x LLM_TIMEOUT: 6 minutes)."""
     from backend.llm.client import LLMCallFailed
-    from backend.pipeline.jobs import collect_tries
+    from backend.pipeline.jobs.tries import collect_tries
 
     failed: Future = Future()
     failed.set_exception(LLMCallFailed("it failed", error_class))

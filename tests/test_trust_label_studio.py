@@ -193,7 +193,7 @@ def test_verified_mode_starts_cancels_and_reconfigures_nothing_for_an_unproven_c
     assert client.get("/jobs").json["jobs"] == [] and llm.requests == []
 
     # someone's job: a stranger cannot cancel it; its owner's key can
-    from backend.pipeline.jobs import JobSpec
+    from backend.pipeline.jobs.records import JobSpec
 
     jobs = app.extensions["llm_ner"]["services"].jobs
     job_id = jobs.create(JobSpec(project.id, "missing", None, 1, None), "v", 2)

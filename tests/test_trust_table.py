@@ -207,7 +207,7 @@ def probe_jobs_post(env, credentials, token, genuine):
 
 
 def probe_jobs_delete(env, credentials, token, genuine):
-    from backend.pipeline.jobs import JobSpec
+    from backend.pipeline.jobs.records import JobSpec
 
     project, _ = env.project()
     jobs = env.app.extensions["llm_ner"]["services"].jobs

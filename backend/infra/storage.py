@@ -194,7 +194,7 @@ CREATE TABLE deliveries (
 );
 """,
     """
--- pipeline/jobs.py: project jobs (pre-label a whole project), their progress and the tasks that failed
+-- pipeline/jobs/records.py: project jobs (pre-label a whole project), their progress and the tasks that failed
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY,
     project_id TEXT NOT NULL,
@@ -228,7 +228,7 @@ CREATE TABLE job_failures (
 -- (claims made before this version were taken only around a write that succeeded: confirmed)
 ALTER TABLE deliveries ADD COLUMN owner TEXT;
 ALTER TABLE deliveries ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1;
--- pipeline/jobs.py: jobs run in chunks on RQ workers (REDIS_URL); a chunk's counts are added once, when it ends
+-- pipeline/jobs/records.py: jobs run in chunks on RQ workers (REDIS_URL); a chunk's counts are added once, when it ends
 ALTER TABLE jobs ADD COLUMN runner TEXT NOT NULL DEFAULT 'process';
 ALTER TABLE jobs ADD COLUMN planned INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE job_chunks (
@@ -241,7 +241,7 @@ CREATE TABLE job_chunks (
 );
 """,
     """
--- pipeline/batchjob.py: provider batches (Batch API) of a project's jobs, and the answers they brought back
+-- pipeline/jobs/batch.py: provider batches (Batch API) of a project's jobs, and the answers they brought back
 CREATE TABLE llm_batches (
     id TEXT PRIMARY KEY,
     project_id TEXT NOT NULL,
@@ -272,7 +272,7 @@ CREATE TABLE llm_batch_answers (
 CREATE INDEX llm_batch_answers_by_batch ON llm_batch_answers(batch_id);
 """,
     """
--- pipeline/jobs.py: a task a job did not deliver is failed (reason: why) or pending (reason: who writes it)
+-- pipeline/jobs/records.py: a task a job did not deliver is failed (reason: why) or pending (reason: who writes it)
 ALTER TABLE jobs ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE job_failures ADD COLUMN kind TEXT NOT NULL DEFAULT 'failed';
 -- ... and a second job on a project is refused while the first runs: where the first runs, to ask

@@ -1,6 +1,6 @@
 """The Batch API's side of an LLM call: request lines, result lines, and a client that answers from them.
 
-A batch job (pipeline/batchjob.py) runs the ordinary pipeline twice. First with a `BatchLLM` that
+A batch job (pipeline/jobs/batch.py) runs the ordinary pipeline twice. First with a `BatchLLM` that
 defers: every chat-completions request the pipeline would send, body for body, is handed to a sink
 (a line of the batch's input file) instead of the endpoint, and the task stops there. Then, once
 the batch's answers are in the store, with a `BatchLLM` that replays: a request whose exact body

@@ -28,7 +28,7 @@ from backend.infra.storage import STORE_ERRORS, StoreUnavailable
 from backend.learning.labelstudio import LabelStudioUnavailable
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline.delivery import read_project
-from backend.pipeline.jobs import HEARTBEAT, JobRunning, JobSpec
+from backend.pipeline.jobs.records import HEARTBEAT, JobRunning, JobSpec
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.services import Services
@@ -402,7 +402,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             return jsonify(status="ok"), 201
         return jsonify(status="ok", outcome=learned.outcome), 201
 
-    # ---- project jobs: pre-label a whole project where the backend runs (pipeline/jobs.py) ----
+    # ---- project jobs: pre-label a whole project where the backend runs (pipeline/jobs/) ----
     @app.post("/jobs")
     def start_job():
         body: JobRequest = _body(JobRequest)
@@ -420,7 +420,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if concurrency is not None:
             concurrency = min(concurrency, settings.job_max_concurrency)
         spec = JobSpec(body.project, body.scope, body.limit, concurrency, body.max_cost)
-        if body.batch_api:  # through the provider's Batch API (pipeline/batchjob.py)
+        if body.batch_api:  # through the provider's Batch API (pipeline/jobs/batch.py)
             if not hasattr(model, "batch_project"):
                 raise BadRequest(f"{type(model).__name__} does not run Batch API jobs", status=501)
             batch, recorder = model.batch_project(client, spec, total=getattr(project, "task_number", None))
@@ -428,7 +428,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             return jsonify(services.jobs.get(batch.job.job_id)), 202
         if services.job_queue is not None:  # REDIS_URL: chunks on RQ, run by `llm-ner worker` on any host
             version = model.model_version
-            job_id = services.job_queue.start(services, spec, version, project.label_config, getattr(project, "task_number", None))
+            job_id = services.job_queue.start(services.db, services.jobs, spec, version, project.label_config, getattr(project, "task_number", None))
             threading.Thread(target=services.job_queue.plan, args=(services.jobs, job_id, spec, client, version),
                              name=f"job-{job_id}-plan", daemon=True).start()
             return jsonify(services.jobs.get(job_id)), 202
@@ -486,7 +486,7 @@ def resume_batch_jobs(services: Services, registry: ModelRegistry, look_every: f
     that polled them gone) runs each again: it polls the stored batches, never sends new ones. It
     waits until the old job's heartbeat is stale (a restart within HEARTBEAT still sees it running),
     and one process takes each project (the store's claim)."""
-    from backend.pipeline.batchjob import Batches
+    from backend.pipeline.jobs.batch import Batches
 
     for project_id, _version, job_id in Batches(services.db).pending_projects():
         try:

@@ -27,7 +27,8 @@ from backend.llm.client import LLMClient
 from backend.llm.probe import probe_for
 from backend.ner.templates import PromptTemplates, load_templates
 from backend.pipeline.delivery import Backlog, Deliveries, PredictionWriter, label_studio_client
-from backend.pipeline.jobs import Jobs
+from backend.pipeline.jobs.jobqueue import JobQueue
+from backend.pipeline.jobs.records import Jobs
 from backend.protocol.trust import Gate
 
 
@@ -51,7 +52,7 @@ class Services:
     label_studio_source: LabelStudioSource | None = None  # reads what webhooks announce (same credentials)
     securing: WebhookSecuring | None = None  # ...and with basic auth: secures each project's webhook after /setup
     secrets: Secrets = field(default_factory=Secrets)  # what every answer, record and log line is masked of
-    job_queue: Any = None  # with REDIS_URL: the RQ queue project jobs' chunks go to (protocol/rqworker.py)
+    job_queue: JobQueue | None = None  # with REDIS_URL: the RQ queue project jobs' chunks go to (pipeline/jobs/jobqueue.py)
     gate: Gate | None = None  # what each route asks a caller to prove (protocol/trust.py)
     bodies: ByteBudget | None = None  # bytes of request bodies read and handled at once (REQUEST_BODY_BUDGET)
 
@@ -72,11 +73,7 @@ class Services:
             if settings.basic_auth_user and settings.basic_auth_pass:
                 securing = WebhookSecuring(source, settings.basic_auth_user, settings.basic_auth_pass.get_secret_value())
         secrets = Secrets.from_settings(settings)
-        job_queue = None
-        if settings.redis_url is not None:
-            from backend.protocol.rqworker import JobQueue
-
-            job_queue = JobQueue(settings)
+        job_queue = JobQueue(settings) if settings.redis_url is not None else None
         return cls(
             settings=settings,
             job_queue=job_queue,

@@ -158,7 +158,7 @@ class PredictResponse(BaseModel):
 
 
 class JobRequest(BaseModel):
-    """POST /jobs: pre-label a whole project (see pipeline/jobs.py)."""
+    """POST /jobs: pre-label a whole project (see pipeline/jobs/)."""
 
     # strict: `true` is not project 1, "yes" does not start a Batch API job, "3" is not a number
     model_config = ConfigDict(extra="forbid", strict=True)

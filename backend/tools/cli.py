@@ -430,7 +430,7 @@ def run_worker(args: argparse.Namespace) -> int:
 def run_prelabel(args: argparse.Namespace) -> int:
     from backend.infra.logs import configure_logging, settings_secrets
     from backend.infra.settings import load_settings
-    from backend.pipeline.jobs import JobSpec
+    from backend.pipeline.jobs.records import JobSpec
     from backend.tools.importer import connect
     from backend.tools.prelabel import Options, run_prelabel
 

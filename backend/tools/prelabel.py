@@ -1,6 +1,6 @@
 """`llm-ner prelabel`: pre-label a whole Label Studio project from the command line.
 
-The job itself is `pipeline/jobs.py` (the same one `POST /jobs` runs inside the backend); this
+The job itself is `pipeline/jobs/` (the same one `POST /jobs` runs inside the backend); this
 module adds what a person at a terminal needs: the estimate first (`--dry-run` stops there,
 `--max-cost` refuses a job that would cost more), a question before spending above
 PRELABEL_CONFIRM_USD, a progress bar, and the failures at the end.
@@ -24,7 +24,8 @@ from backend.infra.errors import BackendError
 from backend.infra.settings import Settings
 from backend.infra.usage import Usage, cost_usd
 from backend.llm.batch import BatchAnswers, BatchFileError, BatchLLM, batch_endpoint, request_line
-from backend.pipeline.batchjob import (
+from backend.pipeline.delivery import read_project
+from backend.pipeline.jobs.batch import (
     BATCH_DISCOUNT,
     ResultsFile,
     batch_price,
@@ -33,8 +34,9 @@ from backend.pipeline.batchjob import (
     record,
     tasks_in_scope,
 )
-from backend.pipeline.delivery import read_project
-from backend.pipeline.jobs import JobSpec, Progress, project_tasks
+from backend.pipeline.jobs.process import Progress
+from backend.pipeline.jobs.records import JobSpec
+from backend.pipeline.jobs.tries import project_tasks
 from backend.pipeline.scope import field_of, listed_fields, wanted
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.server import load_model_class
@@ -57,7 +59,7 @@ class Options:
     yes: bool = False
     confirm_usd: float = 1.0
     progress: bool = True
-    batch_api: bool = False  # through the provider's Batch API (pipeline/batchjob.py)
+    batch_api: bool = False  # through the provider's Batch API (pipeline/jobs/batch.py)
     batch_file_out: Path | None = None  # write the batch's requests here and stop
     batch_results: Path | None = None  # answers from this results file, then write predictions
 
@@ -223,7 +225,7 @@ def _run_on_queue(services: Services, model: Any, client: Any, spec: JobSpec, pr
     ends; None when interrupted (Ctrl-C: the workers go on with what was handed over)."""
     queue = services.job_queue
     version = model.model_version
-    job_id = queue.start(services, spec, version, project.label_config, total)
+    job_id = queue.start(services.db, services.jobs, spec, version, project.label_config, total)
     print(f"job {job_id}: pre-labeling project {spec.project_id} (scope {spec.scope}) on the RQ queue "
           f"{queue.queue.name!r}: `llm-ner worker` processes run it", file=out, flush=True)
     try:

@@ -45,7 +45,9 @@ from backend.llm.batch import (
     usage_of_answer,
 )
 from backend.llm.client import describe_api_error
-from backend.pipeline.jobs import HEARTBEAT, Jobs, JobSpec, ProjectJob, project_tasks
+from backend.pipeline.jobs.process import ProjectJob
+from backend.pipeline.jobs.records import HEARTBEAT, Jobs, JobSpec
+from backend.pipeline.jobs.tries import project_tasks
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, task_text
 from backend.pipeline.scope import field_of, wanted
 

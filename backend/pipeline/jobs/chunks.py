@@ -1,0 +1,244 @@
+"""Project jobs on RQ (REDIS_URL): the same work, in chunks of tasks that workers on any host run.
+
+The planner (the process that starts the job) reads the project page by page and hands the tasks
+in scope to the queue JOB_CHUNK at a time, a row per chunk in the store first. A worker runs a
+chunk (`ChunkRun`): it pre-labels the tasks not yet delivered, writes them into Label Studio
+under claims named after the chunk, and at its end adds the chunk's counts to the job's in one
+transaction, once: a chunk re-run after its worker died finds the first run's confirmed claims
+and counts them, its answers in the shared cache (no second paid call), its unconfirmed claims
+taken over after the lease. The last chunk to end ends the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from backend.infra import metrics
+from backend.infra.usage import Usage, UsageLedger
+from backend.pipeline.delivery import Deliveries, Delivery, Written, holder_name, import_predictions, predicted_in_label_studio
+from backend.pipeline.jobs.process import WRITE_EVERY
+from backend.pipeline.jobs.records import Jobs, JobSpec
+from backend.pipeline.jobs.tries import CancelWatch, account_usage, attempt_task, collect_tries, project_tasks
+from backend.pipeline.prelabel import Prelabeler, TaskOutcome
+from backend.pipeline.scope import field_of, listed_fields, wanted
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED_CHUNKS = 50  # the planner waits while this many of the job's chunks are unfinished (Redis memory)
+
+
+def chunk_owner(job_id: str, chunk: int) -> str:
+    """The prefix of the claims of every run of one chunk (each run adds a token of its own)."""
+    return f"job-{job_id}/{chunk}/"
+
+
+def plan_chunks(
+    jobs: Jobs,
+    job_id: str,
+    spec: JobSpec,
+    client: Any,
+    model_version: str,
+    chunk_size: int,
+    enqueue: Callable[[int, list[dict[str, Any]]], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Read the project's tasks in scope and hand them to `enqueue(chunk number, tasks)` chunk by chunk;
+    memory stays flat (one page and one chunk). Stops early on a cancel; returns the job's record."""
+    seen = skipped = taken = chunk = 0
+    batch: list[dict[str, Any]] = []
+    message = ""
+
+    def hand_over() -> None:
+        nonlocal batch, chunk
+        while len(jobs.unfinished_chunks(job_id)) >= MAX_QUEUED_CHUNKS and not jobs.cancel_requested(job_id):
+            jobs.beat(job_id)  # alive: the job is not shown as interrupted while it waits
+            sleep(0.5)
+        jobs.add_chunk(job_id, chunk, len(batch), seen, skipped)
+        enqueue(chunk, batch)
+        batch, chunk = [], chunk + 1
+
+    try:
+        for task in project_tasks(client, spec.project_id, listed_fields(spec.scope, model_version)):
+            if spec.limit is not None and taken >= spec.limit:
+                break
+            seen += 1
+            if not wanted(task, model_version, spec.scope):
+                skipped += 1
+                continue
+            taken += 1
+            batch.append({"id": int(field_of(task, "id")), "data": dict(field_of(task, "data") or {})})
+            if len(batch) >= chunk_size:
+                if jobs.cancel_requested(job_id):
+                    break
+                hand_over()
+        if batch and not jobs.cancel_requested(job_id):
+            hand_over()
+    except Exception as error:
+        message = f"reading the project stopped: {type(error).__name__}: {str(error)[:300]}"
+        log.warning("job %s: %s", job_id, message)
+    jobs.planned(job_id, seen, skipped, message)
+    if message:
+        jobs.finish(job_id, "failed", message)  # the chunks handed over still run and count
+    return jobs.get(job_id) or {}
+
+
+class ChunkRun:
+    """One run of one chunk of a job on RQ (see above)."""
+
+    def __init__(
+        self,
+        jobs: Jobs,
+        job_id: str,
+        chunk: int,
+        spec: JobSpec,
+        tasks: list[dict[str, Any]],
+        client: Any,
+        prelabeler: Prelabeler,
+        model_version: str,
+        deliveries: Deliveries,
+        ledger: UsageLedger,
+        price: tuple[float, float] | None,
+        record_drafts: Callable[[list[dict[str, Any]], list[list[dict[str, Any]]]], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.jobs, self.job_id, self.chunk, self.spec, self.tasks = jobs, job_id, chunk, spec, tasks
+        self.client, self.prelabeler, self.version = client, prelabeler, model_version
+        self.deliveries, self.ledger, self.price = deliveries, ledger, price
+        self.record_drafts, self.sleep = record_drafts, sleep
+        self.project = str(spec.project_id)
+        self.prefix = chunk_owner(job_id, chunk)
+        self.owner = self.prefix + secrets.token_hex(4)
+        self.usage = Usage()
+        self.cost = 0.0
+        self.failures: dict[int, str] = {}
+        self.cancel: threading.Event | None = None  # set while the chunk's tasks run: its job was cancelled
+        self.present: set[int] = set()  # Label Studio held them already: skipped
+
+    def run(self) -> str:
+        """Returns how the chunk ended: done, cancelled (the job was), or "" when another run ends it."""
+        if self.spec.max_cost is not None:
+            spent = (self.jobs.record(self.job_id) or {}).get("cost_usd") or 0.0
+            if spent >= self.spec.max_cost:
+                self.jobs.stop_spending(self.job_id, f"spent ${spent:.4f}, the --max-cost of ${self.spec.max_cost:g}")
+        if self.jobs.cancel_requested(self.job_id):
+            return self._finish("cancelled")
+        held = self.deliveries.holders(self.project, self.version, [t["id"] for t in self.tasks])
+        # claimed as delivered (by an earlier run of this chunk, or by anyone): Label Studio says whether they are
+        written = predicted_in_label_studio(self.client, self.project, [i for i, h in held.items() if h[1]], self.version)
+        todo = [t for t in self.tasks if t["id"] not in written]
+        cancelled = self._prelabel_and_write(todo)
+        if not cancelled:
+            self._take_over_own_claims()
+        return self._finish("cancelled" if cancelled else "done")
+
+    def _prelabel_and_write(self, todo: list[dict[str, Any]]) -> bool:
+        """Pre-label `todo` (retries with backoff) and write what is finished every WRITE_EVERY seconds;
+        True when the job was cancelled meanwhile (the calls in flight end, nothing new starts)."""
+        concurrency = self.spec.concurrency or self.prelabeler.llm.concurrency
+        pending = list(reversed(todo))
+        finished: list[tuple[dict[str, Any], TaskOutcome]] = []
+        last_write = time.monotonic()
+        # the worker's own thread beats for the chunk (RQ's heartbeat): this one only looks for a cancel
+        with CancelWatch(self.jobs, self.job_id, beat=False) as watch, \
+                ThreadPoolExecutor(concurrency, thread_name_prefix=f"chunk-{self.job_id}-{self.chunk}") as pool:
+            self.cancel = watch.event
+            in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
+
+            def again(task: dict[str, Any], attempt: int) -> Future | None:
+                return pool.submit(self._attempt, task, attempt) if attempt < self.spec.attempts and not watch.event.is_set() else None
+
+            while pending or in_flight:
+                while pending and not watch.event.is_set() and len(in_flight) < concurrency:
+                    task = pending.pop()
+                    in_flight[pool.submit(self._attempt, task, 0)] = (task, 0)
+                if not in_flight:
+                    break
+                finished += collect_tries(in_flight, self.failures, self._account, again)
+                if finished and (not (pending or in_flight) or time.monotonic() - last_write > WRITE_EVERY):
+                    self._write(finished)
+                    finished, last_write = [], time.monotonic()
+            cancelled = watch.event.is_set()
+        if finished:  # answered and paid for before the cancel: written, not dropped
+            self._write(finished)
+        return cancelled
+
+    def _attempt(self, task: dict[str, Any], attempt: int) -> TaskOutcome:
+        return attempt_task(self.prelabeler, task, attempt, self.sleep, self.cancel)
+
+    def _write(self, finished: list[tuple[dict[str, Any], TaskOutcome]]) -> None:
+        deliveries = [Delivery(self.project, t["id"], self.version, o.results, o.score) for t, o in finished]
+        written: Written = import_predictions(self.client, self.deliveries, deliveries, owner=self.owner)
+        delivered = [(t, o) for t, o in finished if t["id"] in written.delivered]
+        if self.record_drafts is not None and delivered:
+            self.record_drafts([t for t, _ in delivered], [o.results for _, o in delivered])
+        self._account([o.usage for _, o in finished])
+        self.present |= written.present
+        self.failures.update(written.failed)
+        metrics.JOB_TASKS.labels("done").inc(len(written.delivered))
+        metrics.DELIVERED.labels("job").inc(len(written.delivered))
+
+    def _take_over_own_claims(self) -> None:
+        """Claims an earlier run of this chunk took and never confirmed (its worker died between the claim
+        and the write): wait out their lease, then take them over (import_predictions looks in Label
+        Studio first). Claims of anyone else are theirs to deliver."""
+        while True:
+            held = self.deliveries.holders(self.project, self.version, [t["id"] for t in self.tasks])
+            stuck = {i: at for i, (owner, confirmed, at) in held.items()
+                     if not confirmed and owner and owner.startswith(self.prefix) and owner != self.owner}
+            if not stuck:
+                return
+            wait_for = min(stuck.values()) + self.deliveries.lease - self.deliveries.clock() + 0.1
+            if wait_for > 0:
+                self.sleep(min(wait_for, 5.0))
+                if self.jobs.cancel_requested(self.job_id):
+                    return
+                continue
+            tasks = [t for t in self.tasks if t["id"] in stuck]
+            self._write([(t, attempt_task(self.prelabeler, t, 0, self.sleep)) for t in tasks])  # from the cache
+
+    def _finish(self, state: str) -> str:
+        held = self.deliveries.holders(self.project, self.version, [t["id"] for t in self.tasks])
+        # confirmed claims were read back from Label Studio: this chunk's runs' are done, others' skipped
+        mine = {i for i, (owner, confirmed, _) in held.items() if confirmed and (owner or "").startswith(self.prefix)}
+        pending = {i: holder_name(owner) for i, (owner, confirmed, _) in held.items()
+                   if not confirmed and not (owner or "").startswith(self.prefix)}
+        others = {i for i, (owner, confirmed, _) in held.items() if i not in mine and confirmed} | (self.present - mine)
+        failed = {i: why for i, why in self.failures.items() if i not in mine and i not in others and i not in pending}
+        self.jobs.clear_failures(self.job_id, mine)
+        for task_id, reason in failed.items():
+            self.jobs.fail_task(self.job_id, task_id, reason)
+        for task_id, holder in pending.items():
+            self.jobs.fail_task(self.job_id, task_id, holder, kind="pending")
+        metrics.JOB_TASKS.labels("failed").inc(len(failed))
+        ended = self.jobs.finish_chunk(
+            self.job_id, self.chunk, state, done=len(mine), skipped=len(others), failed=len(failed), pending=len(pending),
+            prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens, calls=self.usage.calls,
+            cost_usd=self.cost,
+        )
+        return state if ended else ""
+
+    def _account(self, usages: list[Usage | None]) -> None:
+        self.cost += account_usage(self.ledger, self.project, usages, self.price, self.usage)
+
+
+def fail_chunk(jobs: Jobs, deliveries: Deliveries, job_id: str, chunk: int, task_ids: Iterable[int], reason: str) -> None:
+    """A chunk the queue gave up on (its retries spent): the tasks its runs delivered count as done,
+    the others are reported with the reason."""
+    record = jobs.record(job_id)
+    if record is None:
+        return
+    ids = list(task_ids)
+    prefix = chunk_owner(job_id, chunk)
+    held = deliveries.holders(record["project_id"], record["model_version"], ids)
+    mine = {i for i, (owner, confirmed, _) in held.items() if confirmed and (owner or "").startswith(prefix)}
+    failed = [i for i in ids if i not in held]
+    for task_id in failed:
+        jobs.fail_task(job_id, task_id, reason)
+    metrics.JOB_TASKS.labels("failed").inc(len(failed))
+    jobs.finish_chunk(job_id, chunk, "failed", done=len(mine), skipped=len(held) - len(mine), failed=len(failed))
