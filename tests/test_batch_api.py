@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from backend.infra.storage import DB_NAME
-from backend.pipeline.jobs.records import HEARTBEAT
 from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_auth, job_texts, ls_args
 from tests.fake_llm import Reply, entities_reply
 from tests.processes import REPO, backend_env, stop, wait_until
@@ -251,7 +250,9 @@ def test_a_backend_restarted_while_its_batch_api_job_waits_resumes_the_stored_ba
     llm.gazetteer = dict(JOB_GAZETTEER)
     llm.batch_hold = True
     model_dir = tmp_path / "model"
-    env = dict(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token, BATCH_POLL_SECONDS="0.05")
+    # a killed job's heartbeat is stale after JOB_HEARTBEAT (60 s by default; 10 s here, the same proof)
+    env = dict(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token, BATCH_POLL_SECONDS="0.05",
+               JOB_HEARTBEAT="10")
     backend = backend_factory(workers=2, model_dir=model_dir, **env)
     project = connected_project(job_texts(10), title="backend restart", backend=backend)
     started = httpx.post(backend.url + "/jobs", headers=job_auth(backend), json={"project": project.id, "batch_api": True}, timeout=60)
@@ -260,9 +261,9 @@ def test_a_backend_restarted_while_its_batch_api_job_waits_resumes_the_stored_ba
     stop(backend.proc, signal.SIGKILL)  # the whole backend, mid-wait
     llm.batch_hold = False
     project.backend = backend_factory(workers=2, model_dir=model_dir, **env)  # same store, same MODEL_DIR
-    # it waits for the killed job's heartbeat to go stale (HEARTBEAT), then one worker resumes it
+    # it waits for the killed job's heartbeat to go stale (JOB_HEARTBEAT), then one worker resumes it
     written = lambda: all(len(project.predictions(t.id)) == 1 for t in project.tasks())
-    assert wait_until(written, timeout=HEARTBEAT + 120, interval=0.5)
+    assert wait_until(written, timeout=180, interval=0.5)
     assert len(llm.batches) == 1 and len(llm.batch_requests) == 10 and llm.requests == []
     assert_exact(project, project.model_version())
     assert store(model_dir, "SELECT phase FROM llm_batches") == [("used",)]

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         description="most LLM calls in flight for one project job (POST /jobs concurrency, prelabel --concurrency);"
         " more is refused with 400",
     )
+    job_heartbeat: float = Field(
+        default=60.0, ge=1, le=3600,
+        description="seconds a running project job may go unheard of before it counts as interrupted (its process"
+        " died); a live job beats every quarter of it",
+    )
     job_chunk: int = Field(default=100, ge=1, le=5000, description="tasks per RQ chunk of a project job")
     worker_heartbeat: float = Field(
         default=10.0, gt=0, le=600,

@@ -28,7 +28,7 @@ from backend.infra.storage import STORE_ERRORS, StoreUnavailable
 from backend.learning.labelstudio import LabelStudioUnavailable
 from backend.ner.labelconfig import parse_label_config
 from backend.pipeline.delivery import read_project
-from backend.pipeline.jobs.records import HEARTBEAT, JobRunning, JobSpec
+from backend.pipeline.jobs.records import JobRunning, JobSpec
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.services import Services
@@ -484,7 +484,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 def resume_batch_jobs(services: Services, registry: ModelRegistry, look_every: float = 5.0) -> None:
     """A backend that starts with Batch API jobs pending (their batches still at the provider, the job
     that polled them gone) runs each again: it polls the stored batches, never sends new ones. It
-    waits until the old job's heartbeat is stale (a restart within HEARTBEAT still sees it running),
+    waits until the old job's heartbeat is stale (a restart within JOB_HEARTBEAT still sees it running),
     and one process takes each project (the store's claim)."""
     from backend.pipeline.jobs.batch import Batches
 
@@ -492,7 +492,7 @@ def resume_batch_jobs(services: Services, registry: ModelRegistry, look_every: f
         try:
             while (previous := services.jobs.get(job_id)) is not None and previous["state"] == "running":
                 time.sleep(look_every)
-            if previous is None or services.db.claim_interval(project_id, "batch-resume", HEARTBEAT) is not None:
+            if previous is None or services.db.claim_interval(project_id, "batch-resume", services.jobs.heartbeat) is not None:
                 continue
             label_config = services.db.label_config(project_id)
             model = registry.get(project_id, label_config) if label_config else None

@@ -86,7 +86,7 @@ class Services:
             backlog=Backlog(settings.predict_backlog),
             writer=writer,
             label_studio=client,
-            jobs=Jobs(db, secrets, settings.jobs_max_running),
+            jobs=Jobs(db, secrets, settings.jobs_max_running, settings.job_heartbeat),
             secrets=secrets,
             trust=Trust.from_settings(settings),
             label_studio_source=source,

@@ -46,7 +46,7 @@ from backend.llm.batch import (
 )
 from backend.llm.client import describe_api_error
 from backend.pipeline.jobs.process import ProjectJob
-from backend.pipeline.jobs.records import HEARTBEAT, Jobs, JobSpec
+from backend.pipeline.jobs.records import Jobs, JobSpec
 from backend.pipeline.jobs.tries import project_tasks
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, task_text
 from backend.pipeline.scope import field_of, wanted
@@ -408,7 +408,7 @@ class BatchJob:
             note(jobs, job_id, message)
             waited = 0.0
             while waited < self.poll_seconds and not jobs.cancel_requested(job_id):
-                step = min(self.poll_seconds - waited, HEARTBEAT / 4)  # a long poll keeps the job's heartbeat
+                step = min(self.poll_seconds - waited, jobs.heartbeat / 4)  # a long poll keeps the job's heartbeat
                 self.sleep(step)
                 waited += step
                 note(jobs, job_id, message)

@@ -20,7 +20,6 @@ from backend.infra.storage import Database
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT = 60.0  # a running job not heard of for this long was interrupted (its process died)
 # a job on RQ none of whose chunks ended for this long (a chunk may run an hour) lost them: it no
 # longer keeps its project from a new job
 QUEUED_SILENCE = 3600.0
@@ -35,12 +34,12 @@ class TooManyJobs(BadRequest):
                          "start this one when one of them ends, or cancel one (DELETE /jobs/<id>)", status=429)
 
 
-def _interrupted(row: dict[str, Any], now: float) -> bool:
-    """A running job's record whose process died: not heard of for HEARTBEAT (a live job's watch beats
-    every HEARTBEAT / 4, whatever its tasks do). A job on RQ whose chunks are all queued needs no live
+def _interrupted(row: dict[str, Any], now: float, heartbeat: float) -> bool:
+    """A running job's record whose process died: not heard of for `heartbeat` seconds (JOB_HEARTBEAT; a
+    live job's watch beats every quarter of it, whatever its tasks do). A job on RQ whose chunks are all queued needs no live
     process: workers re-run a dead one's chunk."""
     on_queue = row.get("runner") == "rq" and row.get("planned")
-    return not on_queue and now - row["heartbeat_at"] > HEARTBEAT
+    return not on_queue and now - row["heartbeat_at"] > heartbeat
 
 
 class JobRunning(BadRequest):
@@ -52,16 +51,16 @@ class JobRunning(BadRequest):
         self.job_id = job_id
 
 
-def _alive(row: dict[str, Any], now: float) -> bool:
+def _alive(row: dict[str, Any], now: float, heartbeat: float) -> bool:
     """Whether a running job's record belongs to a job still running, which a second job on its project
     would race: not one asked to stop (DELETE, --max-cost); its chunks on the queue, one of which
     ended within QUEUED_SILENCE; or its process alive (on this host, asked directly; elsewhere, heard
-    of within HEARTBEAT)."""
+    of within `heartbeat` seconds)."""
     if row.get("cancel_requested"):
         return False
     if row.get("runner") == "rq" and row.get("planned"):
         return now - row["heartbeat_at"] < QUEUED_SILENCE
-    if now - row["heartbeat_at"] > HEARTBEAT:
+    if now - row["heartbeat_at"] > heartbeat:
         return False
     if row.get("host") == socket.gethostname() and row.get("pid"):
         try:
@@ -88,12 +87,14 @@ class Jobs:
 
     COLUMNS = ("done", "failed", "skipped", "pending", "seen", "prompt_tokens", "completion_tokens", "calls", "cost_usd")
 
-    def __init__(self, db: Database, secrets: Secrets | None = None, max_running: int | None = None):
+    def __init__(self, db: Database, secrets: Secrets | None = None, max_running: int | None = None,
+                 heartbeat: float = 60.0):
         self.db = db
         # messages and failure reasons quote errors, and a Label Studio or proxy error body may echo the
         # token: they are masked before they are stored (GET /jobs shows them to any caller)
         self.secrets = secrets or Secrets()
         self.max_running = max_running  # JOBS_MAX_RUNNING: jobs running at once in the whole deployment
+        self.heartbeat = heartbeat  # JOB_HEARTBEAT: a running job not heard of for this long was interrupted
 
     def create(self, spec: JobSpec, model_version: str, total: int | None, runner: str = "process") -> str:
         """A new job's record; TooManyJobs (429) when JOBS_MAX_RUNNING jobs are running already, JobRunning
@@ -105,12 +106,12 @@ class Jobs:
             for row in conn.execute(
                 "SELECT * FROM jobs WHERE project_id=? AND state='running' ORDER BY started_at DESC", (str(spec.project_id),)
             ).fetchall():
-                if _alive(dict(zip(row.keys(), row)), now):
+                if _alive(dict(zip(row.keys(), row)), now, self.heartbeat):
                     raise JobRunning(spec.project_id, row["id"])
             if self.max_running is not None:
                 running = [dict(zip(row.keys(), row)) for row in conn.execute(
                     "SELECT id, runner, planned, heartbeat_at FROM jobs WHERE state='running' ORDER BY started_at").fetchall()]
-                live = [row["id"] for row in running if not _interrupted(row, now)]
+                live = [row["id"] for row in running if not _interrupted(row, now, self.heartbeat)]
                 if len(live) >= self.max_running:
                     raise TooManyJobs(live, self.max_running)
             conn.execute(
@@ -147,7 +148,7 @@ class Jobs:
         cancel, and a DELETE of it answers like one of any ended job. False when it is not interrupted."""
         with self.db.transaction() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None or row["state"] != "running" or not _interrupted(dict(zip(row.keys(), row)), time.time()):
+            if row is None or row["state"] != "running" or not _interrupted(dict(zip(row.keys(), row)), time.time(), self.heartbeat):
                 return False
             conn.execute("UPDATE jobs SET state='interrupted', finished_at=?, message=? WHERE id=?",
                          (time.time(), "its process died (no heartbeat); start it again to continue", job_id))
@@ -270,10 +271,9 @@ class Jobs:
             (time.time(), job_id, job_id),
         )
 
-    @staticmethod
-    def _describe(row: dict[str, Any]) -> dict[str, Any]:
+    def _describe(self, row: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
-        if row["state"] == "running" and _interrupted(row, now):
+        if row["state"] == "running" and _interrupted(row, now, self.heartbeat):
             row["state"] = "interrupted"  # its process died: run it again to continue
         elapsed = (row["finished_at"] or now) - row["started_at"]
         rate = row["done"] / elapsed if elapsed > 0 else 0.0

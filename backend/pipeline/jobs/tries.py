@@ -13,7 +13,7 @@ from typing import Any
 
 from backend.infra.deadline import cancellable, pause
 from backend.infra.usage import Usage, UsageLedger, cost_usd, metering
-from backend.pipeline.jobs.records import HEARTBEAT, Jobs
+from backend.pipeline.jobs.records import Jobs
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, unanswered_reason
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class CancelWatch:
             try:
                 if not self.event.is_set() and self.jobs.cancel_requested(self.job_id):
                     self.event.set()
-                if self.beat and time.monotonic() - last_beat >= HEARTBEAT / 4:
+                if self.beat and time.monotonic() - last_beat >= self.jobs.heartbeat / 4:
                     self.jobs.beat(self.job_id)
                     last_beat = time.monotonic()
             except Exception as error:  # the store is down for a moment: look again later
