@@ -155,6 +155,15 @@ class EchoingProxy:
         self.server.server_close()
 
 
+def store_text(path) -> str:
+    """Everything a SQLite store holds, as SQL text: what its WAL file holds too (the newest rows stay
+    there, not in the main file, until a checkpoint), which the main file's bytes alone miss."""
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        return "\n".join(conn.iterdump())
+
+
 def spellings(secret: str) -> list[str]:
     return sorted({secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]})
 
@@ -199,7 +208,7 @@ def test_a_planted_key_that_label_studio_or_a_proxy_echoes_never_leaves_by_any_w
         call("GET", "/health")
         call("GET", "/metrics")
         outward.append(backend.log())
-        outward.append((model_dir / "backend.sqlite3").read_bytes().decode("utf-8", "replace"))
+        outward.append(store_text(model_dir / "backend.sqlite3"))
 
         # the command line: connect and prelabel through the echoing proxy, doctor and reports with the URL's password
         env = backend_env(llm_url, tmp_path / "cli-model", LABEL_STUDIO_URL=proxy.url, LABEL_STUDIO_API_KEY=key,
@@ -227,3 +236,24 @@ def test_a_planted_key_that_label_studio_or_a_proxy_echoes_never_leaves_by_any_w
     found = [(secret, text[max(0, text.find(secret) - 200):text.find(secret) + 50]) for text in outward for secret in planted
              if secret in text]
     assert found == [], found
+
+
+@pytest.mark.label_studio
+def test_a_key_given_as_an_option_never_reaches_the_store_or_the_job_records(label_studio, connected_project, llm, tmp_path):
+    """`llm-ner prelabel --api-key KEY` with no LABEL_STUDIO_API_KEY: the job's record (in the store that
+    the backend's GET /jobs reads) quoted the proxy's echo of the key unmasked, the backend's settings
+    knowing nothing of a key given as an option."""
+    key = label_studio.token
+    project = connected_project(["Ada wrote."], title="key as an option", connect=False)
+    proxy = EchoingProxy(label_studio.url)
+    proxy.fail = "/api/tasks"  # the project is read; listing its tasks fails, the proxy quoting the key
+    model_dir = tmp_path / "cli-model"
+    try:
+        run = cli("prelabel", "--project", str(project.id), "--yes", "--quiet", "--label-studio-url", proxy.url,
+                  "--api-key", key, env=backend_env(llm.base_url, model_dir, LLM_RETRY_BASE="0.01"))
+    finally:
+        proxy.close()
+    assert proxy.echoed >= 1 and run.returncode == 1, run.stdout + run.stderr
+    stored = store_text(model_dir / "backend.sqlite3")
+    assert "refused upstream" in stored and "***" in stored  # the job's message quotes the echo, masked
+    assert [s for s in spellings(key) if s in stored + run.stdout + run.stderr] == []

@@ -434,7 +434,10 @@ def run_prelabel(args: argparse.Namespace) -> int:
     from backend.tools.importer import connect
     from backend.tools.prelabel import Options, run_prelabel
 
-    settings = load_settings()
+    # the Label Studio of this run, given as options or by the environment alike: the job's records in the
+    # store (which the backend's GET /jobs shows) and the log are masked of its key, which they did not
+    # know when it came as --api-key only
+    settings = load_settings(label_studio_url=args.label_studio_url, label_studio_api_key=args.api_key)
     if args.concurrency and args.concurrency > settings.job_max_concurrency:
         raise ConfigError(f"--concurrency: at most {settings.job_max_concurrency} calls in flight per job (JOB_MAX_CONCURRENCY)")
     if args.concurrency:
