@@ -34,6 +34,7 @@ from backend.pipeline.jobs.batch import Batches, BatchJob
 from backend.pipeline.jobs.chunks import ChunkRun
 from backend.pipeline.jobs.process import ProjectJob
 from backend.pipeline.jobs.records import JobSpec
+from backend.pipeline.jobs.tries import JobRun
 from backend.pipeline.prelabel import Prelabeler, unanswered_reason
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.wire import ModelResponse, PredictionValue
@@ -118,17 +119,18 @@ class NERModel(LabelStudioMLBase):
         """A job that pre-labels the project's tasks in `spec.scope` with this model (`job.run()` runs it);
         `llm`: another client for its calls (a Batch API job's, see pipeline/jobs/batch.py)."""
         version = self.model_version
-        return ProjectJob(
-            self.services.jobs, self.services.jobs.create(spec, version, total), spec, client, self.prelabeler(version, llm=llm),
-            version, self.services.deliveries, self.services.usage, self.services.price, on_progress,
-            record_drafts=lambda tasks, results: self.examples.record_drafts(self.schema, tasks, results, version),
-        )
+        return ProjectJob(self.job_run(client, spec, self.services.jobs.create(spec, version, total), version, llm), on_progress)
 
     def prelabel_chunk(self, client: Any, job_id: str, chunk: int, spec: JobSpec, version: str, tasks: list[dict[str, Any]]) -> ChunkRun:
         """One chunk of a job on RQ (`llm-ner worker`), with the job's model_version (`run()` runs it)."""
-        return ChunkRun(
-            self.services.jobs, job_id, chunk, spec, tasks, client, self.prelabeler(version), version,
-            self.services.deliveries, self.services.usage, self.services.price,
+        return ChunkRun(self.job_run(client, spec, job_id, version), chunk, tasks)
+
+    def job_run(self, client: Any, spec: JobSpec, job_id: str, version: str, llm: LLMClient | None = None) -> JobRun:
+        """What a runner of the job is handed (pipeline/jobs/tries.py), with this project's pre-labeler."""
+        services = self.services
+        return JobRun(
+            services.jobs, job_id, spec, client, self.prelabeler(version, llm=llm), version, services.deliveries,
+            services.usage, services.price,
             record_drafts=lambda tasks, results: self.examples.record_drafts(self.schema, tasks, results, version),
         )
 

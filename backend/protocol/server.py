@@ -32,6 +32,7 @@ from backend.pipeline.jobs.records import JobRunning, JobSpec
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.services import Services
+from backend.protocol.start import start_job
 from backend.protocol.trust import EVENTS, PREDICT_CONFIG, ROUTES, SETUP, Gate, Unproven
 from backend.protocol.wire import (
     JobRequest,
@@ -404,37 +405,23 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     # ---- project jobs: pre-label a whole project where the backend runs (pipeline/jobs/) ----
     @app.post("/jobs")
-    def start_job():
+    def post_job():
         body: JobRequest = _body(JobRequest)
         prove("POST /jobs", project=body.project)
         client = services.label_studio
         if client is None:
             raise ConfigError("jobs write into Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         project = read_project(client, body.project)
-        model = registry.get(str(body.project), project.label_config)
-        if not hasattr(model, "prelabel_project"):
-            raise BadRequest(f"{type(model).__name__} does not run project jobs", status=501)
         if body.concurrency is not None and body.concurrency > settings.job_max_concurrency:
             raise BadRequest(f"concurrency: at most {settings.job_max_concurrency} calls in flight per job (JOB_MAX_CONCURRENCY)")
         concurrency = body.concurrency or settings.predict_concurrency
         if concurrency is not None:
             concurrency = min(concurrency, settings.job_max_concurrency)
         spec = JobSpec(body.project, body.scope, body.limit, concurrency, body.max_cost)
-        if body.batch_api:  # through the provider's Batch API (pipeline/jobs/batch.py)
-            if not hasattr(model, "batch_project"):
-                raise BadRequest(f"{type(model).__name__} does not run Batch API jobs", status=501)
-            batch, recorder = model.batch_project(client, spec, total=getattr(project, "task_number", None))
-            threading.Thread(target=batch.run, args=(recorder,), name=f"job-{batch.job.job_id}", daemon=True).start()
-            return jsonify(services.jobs.get(batch.job.job_id)), 202
-        if services.job_queue is not None:  # REDIS_URL: chunks on RQ, run by `llm-ner worker` on any host
-            version = model.model_version
-            job_id = services.job_queue.start(services.db, services.jobs, spec, version, project.label_config, getattr(project, "task_number", None))
-            threading.Thread(target=services.job_queue.plan, args=(services.jobs, job_id, spec, client, version),
-                             name=f"job-{job_id}-plan", daemon=True).start()
-            return jsonify(services.jobs.get(job_id)), 202
-        job = model.prelabel_project(client, spec, total=getattr(project, "task_number", None))
-        threading.Thread(target=job.run, name=f"job-{job.job_id}", daemon=True).start()
-        return jsonify(services.jobs.get(job.job_id)), 202
+        started = start_job(services, registry, client, spec, project.label_config, total=getattr(project, "task_number", None),
+                            batch_api=body.batch_api)
+        threading.Thread(target=started.run, name=f"job-{started.job_id}", daemon=True).start()
+        return jsonify(services.jobs.get(started.job_id)), 202
 
     def current_job(job_id: str) -> dict:
         """The job's record, a job on RQ whose chunks Redis lost ended first (JobQueue.reconcile)."""
@@ -498,9 +485,9 @@ def resume_batch_jobs(services: Services, registry: ModelRegistry, look_every: f
             model = registry.get(project_id, label_config) if label_config else None
             if model is None or not hasattr(model, "batch_project"):
                 continue
-            spec = JobSpec(**previous["spec"])
-            batch, recorder = model.batch_project(services.label_studio, spec, total=previous["total"])
-            log.info("project %s: resuming the Batch API job %s as job %s", project_id, job_id, batch.job.job_id)
-            threading.Thread(target=batch.run, args=(recorder,), name=f"job-{batch.job.job_id}", daemon=True).start()
+            started = start_job(services, registry, services.label_studio, JobSpec(**previous["spec"]), label_config,
+                                total=previous["total"], batch_api=True)
+            log.info("project %s: resuming the Batch API job %s as job %s", project_id, job_id, started.job_id)
+            threading.Thread(target=started.run, name=f"job-{started.job_id}", daemon=True).start()
         except Exception as error:
             log.warning("project %s: could not resume its Batch API job: %s", project_id, error)

@@ -41,6 +41,7 @@ from backend.pipeline.scope import field_of, listed_fields, wanted
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.server import load_model_class
 from backend.protocol.services import Services
+from backend.protocol.start import StartedJob, start_job
 from backend.tools.estimate import Estimate, count_message_tokens, count_tokens, estimate_sampled
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
                  ask: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     services = Services.from_settings(settings)
     project = read_project(client, spec.project_id)
-    model = ModelRegistry(load_model_class(), services).get(str(spec.project_id), project.label_config)
+    registry = ModelRegistry(load_model_class(), services)
+    model = registry.get(str(spec.project_id), project.label_config)
     services.db.save_label_config(str(spec.project_id), project.label_config)
     if options.batch_file_out is not None:
         return write_batch_file(model, client, spec, services, options.batch_file_out, out)
@@ -133,25 +135,21 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
                         cost=f"${progress.cost_usd:.4f}", refresh=False)
         bar.refresh()
 
-    if options.batch_api or options.batch_results is not None:
-        try:
-            result = _run_batch(model, client, spec, options, loaded, total, show, out)
-        finally:
-            bar.close()
-    elif services.job_queue is not None:  # REDIS_URL: the job's chunks run on `llm-ner worker` processes
-        try:
-            result = _run_on_queue(services, model, client, spec, project, total, bar, out)
-        finally:
-            bar.close()
-        if result is None:
-            return 130
-    else:
-        job = model.prelabel_project(client, spec, total=total, on_progress=show)
-        print(f"job {job.job_id}: pre-labeling project {spec.project_id} (scope {spec.scope})", file=out, flush=True)
-        try:
-            result = _run_interruptible(job, out)
-        finally:
-            bar.close()
+    try:
+        started = start_job(services, registry, client, spec, project.label_config, total=total,
+                            batch_api=options.batch_api or options.batch_results is not None, on_progress=show,
+                            say=lambda message: print(message, file=out, flush=True))
+        if started.runner == "batch":
+            result = _run_batch(started, spec, options, loaded, client, out)
+        elif started.runner == "rq":  # REDIS_URL: the job's chunks run on `llm-ner worker` processes
+            result = _run_on_queue(services, started, spec, bar, out)
+            if result is None:
+                return 130
+        else:
+            print(f"job {started.job_id}: pre-labeling project {spec.project_id} (scope {spec.scope})", file=out, flush=True)
+            result = _run_interruptible(started, out)
+    finally:
+        bar.close()
     _summarize(result, out)
     return 0 if result["state"] == "done" and not result["failed"] else 1
 
@@ -182,7 +180,7 @@ class Interrupted(BackendError):
     exit_code = 130
 
 
-def _run_interruptible(job: Any, out: TextIO, patience: float = WRITE_PATIENCE) -> dict[str, Any]:
+def _run_interruptible(job: StartedJob, out: TextIO, patience: float = WRITE_PATIENCE) -> dict[str, Any]:
     """Run the job in a thread of its own, so that Ctrl-C reaches this one at once: the first says what
     it waits for and stops the job without waiting for its LLM calls in flight (a slow server may take
     minutes to answer them), only for the write to Label Studio under way; a second gives up waiting."""
@@ -219,17 +217,15 @@ def _run_interruptible(job: Any, out: TextIO, patience: float = WRITE_PATIENCE) 
     return outcome["result"]
 
 
-def _run_on_queue(services: Services, model: Any, client: Any, spec: JobSpec, project: Any, total: int | None,
-                  bar: tqdm, out: TextIO, poll: float = 0.5) -> dict[str, Any] | None:
+def _run_on_queue(services: Services, started: StartedJob, spec: JobSpec, bar: tqdm, out: TextIO,
+                  poll: float = 0.5) -> dict[str, Any] | None:
     """Hand the project's tasks to the queue chunk by chunk, then follow the job until its last chunk
     ends; None when interrupted (Ctrl-C: the workers go on with what was handed over)."""
-    queue = services.job_queue
-    version = model.model_version
-    job_id = queue.start(services.db, services.jobs, spec, version, project.label_config, total)
+    queue, job_id = services.job_queue, started.job_id
     print(f"job {job_id}: pre-labeling project {spec.project_id} (scope {spec.scope}) on the RQ queue "
           f"{queue.queue.name!r}: `llm-ner worker` processes run it", file=out, flush=True)
     try:
-        queue.plan(services.jobs, job_id, spec, client, version)
+        started.run()  # hands the tasks in scope to the queue
         for polls in itertools.count():
             if polls % 10 == 0:
                 queue.reconcile(services.jobs, job_id)  # chunks Redis lost end the job as failed
@@ -258,12 +254,12 @@ def describe_batch(batch: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run_batch(model: Any, client: Any, spec: JobSpec, options: Options, loaded: ResultsFile | None,
-               total: int | None, show: Any, out: TextIO) -> dict[str, Any]:
-    batch, recorder = model.batch_project(client, spec, total=total, on_progress=show, say=lambda m: print(m, file=out, flush=True))
+def _run_batch(started: StartedJob, spec: JobSpec, options: Options, loaded: ResultsFile | None, client: Any,
+               out: TextIO) -> dict[str, Any]:
+    batch, recorder = started.batch, started.recorder
     print(f"job {batch.job.job_id}: pre-labeling project {spec.project_id} (scope {spec.scope}) through the Batch API", file=out)
     if loaded is None:
-        return batch.run(recorder)
+        return started.run()
     # which requests the tasks in scope still need (or that a batch answered): the lines to take
     recorder.llm.sink = lambda custom_id, body: None
     record(recorder, tasks_in_scope(client, spec, batch.version))

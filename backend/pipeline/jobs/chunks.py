@@ -20,12 +20,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from backend.infra import metrics
-from backend.infra.usage import Usage, UsageLedger
+from backend.infra.usage import Usage
 from backend.pipeline.delivery import Deliveries, Delivery, Written, holder_name, import_predictions, predicted_in_label_studio
 from backend.pipeline.jobs.process import WRITE_EVERY
 from backend.pipeline.jobs.records import Jobs, JobSpec
-from backend.pipeline.jobs.tries import CancelWatch, account_usage, attempt_task, collect_tries, project_tasks
-from backend.pipeline.prelabel import Prelabeler, TaskOutcome
+from backend.pipeline.jobs.tries import CancelWatch, JobRun, account_usage, attempt_task, collect_tries, project_tasks
+from backend.pipeline.prelabel import TaskOutcome
 from backend.pipeline.scope import field_of, listed_fields, wanted
 
 log = logging.getLogger(__name__)
@@ -91,28 +91,14 @@ def plan_chunks(
 class ChunkRun:
     """One run of one chunk of a job on RQ (see above)."""
 
-    def __init__(
-        self,
-        jobs: Jobs,
-        job_id: str,
-        chunk: int,
-        spec: JobSpec,
-        tasks: list[dict[str, Any]],
-        client: Any,
-        prelabeler: Prelabeler,
-        model_version: str,
-        deliveries: Deliveries,
-        ledger: UsageLedger,
-        price: tuple[float, float] | None,
-        record_drafts: Callable[[list[dict[str, Any]], list[list[dict[str, Any]]]], None] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ):
-        self.jobs, self.job_id, self.chunk, self.spec, self.tasks = jobs, job_id, chunk, spec, tasks
-        self.client, self.prelabeler, self.version = client, prelabeler, model_version
-        self.deliveries, self.ledger, self.price = deliveries, ledger, price
-        self.record_drafts, self.sleep = record_drafts, sleep
-        self.project = str(spec.project_id)
-        self.prefix = chunk_owner(job_id, chunk)
+    def __init__(self, run: JobRun, chunk: int, tasks: list[dict[str, Any]]):
+        self.given = run
+        self.jobs, self.job_id, self.chunk, self.spec, self.tasks = run.jobs, run.job_id, chunk, run.spec, tasks
+        self.client, self.prelabeler, self.version = run.client, run.prelabeler, run.version
+        self.deliveries, self.ledger, self.price = run.deliveries, run.ledger, run.price
+        self.record_drafts, self.sleep = run.record_drafts, run.sleep
+        self.project = run.project
+        self.prefix = chunk_owner(run.job_id, chunk)
         self.owner = self.prefix + secrets.token_hex(4)
         self.usage = Usage()
         self.cost = 0.0

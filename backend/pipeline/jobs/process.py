@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.infra import metrics
-from backend.infra.usage import Usage, UsageLedger
-from backend.pipeline.delivery import Deliveries, Delivery, import_predictions
-from backend.pipeline.jobs.records import Jobs, JobSpec
-from backend.pipeline.jobs.tries import PAGE, CancelWatch, account_usage, attempt_task, collect_tries, project_tasks
-from backend.pipeline.prelabel import Prelabeler, TaskOutcome
+from backend.infra.usage import Usage
+from backend.pipeline.delivery import Delivery, import_predictions
+from backend.pipeline.jobs.tries import PAGE, CancelWatch, JobRun, account_usage, attempt_task, collect_tries, project_tasks
+from backend.pipeline.prelabel import TaskOutcome
 from backend.pipeline.scope import field_of, listed_fields, wanted
 
 log = logging.getLogger(__name__)
@@ -55,32 +54,18 @@ class Progress:
 
 
 class ProjectJob:
-    def __init__(
-        self,
-        jobs: Jobs,
-        job_id: str,
-        spec: JobSpec,
-        client: Any,
-        prelabeler: Prelabeler,
-        model_version: str,
-        deliveries: Deliveries,
-        ledger: UsageLedger,
-        price: tuple[float, float] | None,
-        on_progress: Callable[[Progress], None] | None = None,
-        record_drafts: Callable[[list[dict[str, Any]], list[list[dict[str, Any]]]], None] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ):
-        self.jobs, self.job_id, self.spec = jobs, job_id, spec
-        self.client, self.prelabeler, self.version = client, prelabeler, model_version
-        self.deliveries, self.ledger, self.price = deliveries, ledger, price
+    def __init__(self, run: JobRun, on_progress: Callable[[Progress], None] | None = None):
+        self.given = run
+        self.jobs, self.job_id, self.spec = run.jobs, run.job_id, run.spec
+        self.client, self.prelabeler, self.version = run.client, run.prelabeler, run.version
+        self.deliveries, self.ledger, self.price = run.deliveries, run.ledger, run.price
+        self.record_drafts, self.sleep = run.record_drafts, run.sleep
         self.on_progress = on_progress or (lambda progress: None)
-        self.record_drafts = record_drafts
-        self.sleep = sleep
         self.progress = Progress(usage=Usage())
         self.failures: dict[int, str] = {}  # task id -> why its last try failed
-        self.watch = CancelWatch(jobs, job_id)  # started by run()
+        self.watch = CancelWatch(run.jobs, run.job_id)  # started by run()
         self.pending: dict[int, str] = {}  # task id -> who else was writing it into Label Studio
-        self.owner = f"job-{job_id}"  # its claims (pipeline/delivery.py)
+        self.owner = f"job-{run.job_id}"  # its claims (pipeline/delivery.py)
         self.stop: tuple[str, str] | None = None  # (state, why) once the job must end early
         self.abandon = False  # interrupt(): end without waiting for the LLM calls in flight
         self.reading = True

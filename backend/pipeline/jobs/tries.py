@@ -9,14 +9,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
 from typing import Any
 
 from backend.infra.deadline import cancellable, pause
 from backend.infra.usage import Usage, UsageLedger, cost_usd, metering
-from backend.pipeline.jobs.records import Jobs
+from backend.pipeline.delivery import Deliveries
+from backend.pipeline.jobs.records import Jobs, JobSpec
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, unanswered_reason
 
 log = logging.getLogger(__name__)
+
+# (tasks delivered, their results): the drafts a job records, so a later correction can be paired with what it corrected
+RecordDrafts = Callable[[list[dict[str, Any]], list[list[dict[str, Any]]]], None]
 
 PAGE = 500  # tasks read from Label Studio per request
 
@@ -55,6 +60,28 @@ class CancelWatch:
                     last_beat = time.monotonic()
             except Exception as error:  # the store is down for a moment: look again later
                 log.warning("job %s: cannot read its record: %s", self.job_id, error)
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """What any runner of a job (the whole job in this process, one chunk of it on RQ, the Batch API's
+    write) is handed: built once, by the project's model object (`NERModel.job_run`)."""
+
+    jobs: Jobs
+    job_id: str
+    spec: JobSpec
+    client: Any  # the Label Studio SDK client the job reads and writes with
+    prelabeler: Prelabeler  # with the job's model_version, examples and LLM client
+    version: str  # the job's model_version
+    deliveries: Deliveries  # the claims that keep two writers of a task from racing
+    ledger: UsageLedger
+    price: tuple[float, float] | None  # USD per 1M (prompt, completion) tokens, when LLM_PRICES has the model
+    record_drafts: RecordDrafts | None = None
+    sleep: Callable[[float], None] = time.sleep  # a try's backoff (tests pass a clock of their own)
+
+    @property
+    def project(self) -> str:
+        return str(self.spec.project_id)
 
 
 def project_tasks(client: Any, project_id: int, include: str | None = None) -> Iterator[Any]:
