@@ -32,12 +32,10 @@ from backend.pipeline.jobs.batch import (
     check_results,
     ingest_results,
     record,
-    tasks_in_scope,
 )
 from backend.pipeline.jobs.process import Progress
 from backend.pipeline.jobs.records import JobSpec
-from backend.pipeline.jobs.tries import project_tasks
-from backend.pipeline.scope import field_of, listed_fields, wanted
+from backend.pipeline.jobs.tries import tasks_in_scope
 from backend.protocol.registry import ModelRegistry
 from backend.protocol.server import load_model_class
 from backend.protocol.services import Services
@@ -73,11 +71,11 @@ def _estimate(model: Any, client: Any, spec: JobSpec, settings: Settings, total:
     targets = {target.key: target for target in model.schema.targets}
 
     def rows() -> Iterator[dict[str, str] | None]:
-        for item in project_tasks(client, spec.project_id, listed_fields(spec.scope, model.model_version)):
-            if not wanted(item, model.model_version, spec.scope):
+        for item in tasks_in_scope(client, spec, model.model_version, out_of_scope=True):
+            if item is None:
                 yield None
                 continue
-            data = field_of(item, "data") or {}
+            data = item["data"]
             yield {key: data[t.data_key] for key, t in targets.items() if isinstance(data.get(t.data_key), str)}
 
     def examples(key: str, sample: list[str]) -> list:

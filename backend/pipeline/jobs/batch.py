@@ -46,10 +46,9 @@ from backend.llm.batch import (
 )
 from backend.llm.client import describe_api_error
 from backend.pipeline.jobs.process import ProjectJob
-from backend.pipeline.jobs.records import Jobs, JobSpec
-from backend.pipeline.jobs.tries import project_tasks
+from backend.pipeline.jobs.records import Jobs
+from backend.pipeline.jobs.tries import tasks_in_scope
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, task_text
-from backend.pipeline.scope import field_of, wanted
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +60,6 @@ BATCH_DISCOUNT = 0.5  # OpenAI's and Azure OpenAI's Batch API: half the price of
 
 def batch_price(price: tuple[float, float] | None) -> tuple[float, float] | None:
     return None if price is None else (price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT)
-
-
-def tasks_in_scope(client: Any, spec: JobSpec, version: str) -> Iterator[dict[str, Any]]:
-    """The tasks the job would pre-label ({"id", "data"}), read a page at a time."""
-    taken = 0
-    for task in project_tasks(client, spec.project_id):
-        if spec.limit is not None and taken >= spec.limit:
-            return
-        if wanted(task, version, spec.scope):
-            taken += 1
-            yield {"id": int(field_of(task, "id")), "data": dict(field_of(task, "data") or {})}
 
 
 class RequestFiles:

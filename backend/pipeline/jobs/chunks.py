@@ -24,9 +24,16 @@ from backend.infra.usage import Usage
 from backend.pipeline.delivery import Deliveries, Delivery, Written, holder_name, import_predictions, predicted_in_label_studio
 from backend.pipeline.jobs.process import WRITE_EVERY
 from backend.pipeline.jobs.records import Jobs, JobSpec
-from backend.pipeline.jobs.tries import CancelWatch, JobRun, account_usage, attempt_task, collect_tries, project_tasks
+from backend.pipeline.jobs.tries import (
+    CancelWatch,
+    JobRun,
+    Reading,
+    account_usage,
+    attempt_task,
+    collect_tries,
+    tasks_in_scope,
+)
 from backend.pipeline.prelabel import TaskOutcome
-from backend.pipeline.scope import field_of, listed_fields, wanted
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,8 @@ def plan_chunks(
 ) -> dict[str, Any]:
     """Read the project's tasks in scope and hand them to `enqueue(chunk number, tasks)` chunk by chunk;
     memory stays flat (one page and one chunk). Stops early on a cancel; returns the job's record."""
-    seen = skipped = taken = chunk = 0
+    reading = Reading()
+    chunk = 0
     batch: list[dict[str, Any]] = []
     message = ""
 
@@ -59,20 +67,13 @@ def plan_chunks(
         while len(jobs.unfinished_chunks(job_id)) >= MAX_QUEUED_CHUNKS and not jobs.cancel_requested(job_id):
             jobs.beat(job_id)  # alive: the job is not shown as interrupted while it waits
             sleep(0.5)
-        jobs.add_chunk(job_id, chunk, len(batch), seen, skipped)
+        jobs.add_chunk(job_id, chunk, len(batch), reading.seen, reading.skipped)
         enqueue(chunk, batch)
         batch, chunk = [], chunk + 1
 
     try:
-        for task in project_tasks(client, spec.project_id, listed_fields(spec.scope, model_version)):
-            if spec.limit is not None and taken >= spec.limit:
-                break
-            seen += 1
-            if not wanted(task, model_version, spec.scope):
-                skipped += 1
-                continue
-            taken += 1
-            batch.append({"id": int(field_of(task, "id")), "data": dict(field_of(task, "data") or {})})
+        for task in tasks_in_scope(client, spec, model_version, reading):
+            batch.append(task)
             if len(batch) >= chunk_size:
                 if jobs.cancel_requested(job_id):
                     break
@@ -82,7 +83,7 @@ def plan_chunks(
     except Exception as error:
         message = f"reading the project stopped: {type(error).__name__}: {str(error)[:300]}"
         log.warning("job %s: %s", job_id, message)
-    jobs.planned(job_id, seen, skipped, message)
+    jobs.planned(job_id, reading.seen, reading.skipped, message)
     if message:
         jobs.finish(job_id, "failed", message)  # the chunks handed over still run and count
     return jobs.get(job_id) or {}

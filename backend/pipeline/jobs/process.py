@@ -16,9 +16,17 @@ from typing import Any
 from backend.infra import metrics
 from backend.infra.usage import Usage
 from backend.pipeline.delivery import Delivery, import_predictions
-from backend.pipeline.jobs.tries import PAGE, CancelWatch, JobRun, account_usage, attempt_task, collect_tries, project_tasks
+from backend.pipeline.jobs.tries import (
+    PAGE,
+    CancelWatch,
+    JobRun,
+    Reading,
+    account_usage,
+    attempt_task,
+    collect_tries,
+    tasks_in_scope,
+)
 from backend.pipeline.prelabel import TaskOutcome
-from backend.pipeline.scope import field_of, listed_fields, wanted
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +43,9 @@ _END = object()  # the end of a queue
 
 
 @dataclass
-class Progress:
-    seen: int = 0
+class Progress(Reading):
     done: int = 0
     failed: int = 0
-    skipped: int = 0
     pending: int = 0
     usage: Usage | None = None
     cost_usd: float = 0.0
@@ -197,18 +203,8 @@ class ProjectJob:
             if stop[0] != "running":
                 self.stop = stop
 
-    def _in_scope(self) -> Iterator[dict[str, Any]]:
-        """The project's tasks the scope wants, at most `limit`, as {"id", "data"}; counts what it reads."""
-        taken = 0
-        for task in project_tasks(self.client, self.spec.project_id, listed_fields(self.spec.scope, self.version)):
-            if self.spec.limit is not None and taken >= self.spec.limit:
-                return
-            self.progress.seen += 1
-            if not wanted(task, self.version, self.spec.scope):
-                self.progress.skipped += 1
-                continue
-            taken += 1
-            yield {"id": int(field_of(task, "id")), "data": dict(field_of(task, "data") or {})}
+    def _in_scope(self) -> Iterator[dict[str, Any] | None]:
+        return tasks_in_scope(self.client, self.spec, self.version, self.progress)  # counts what it reads
 
     def _attempt(self, task: dict[str, Any], attempt: int) -> TaskOutcome:
         return attempt_task(self.prelabeler, task, attempt, self.sleep, self.watch.event)

@@ -17,6 +17,7 @@ from backend.infra.usage import Usage, UsageLedger, cost_usd, metering
 from backend.pipeline.delivery import Deliveries
 from backend.pipeline.jobs.records import Jobs, JobSpec
 from backend.pipeline.prelabel import Prelabeler, TaskOutcome, unanswered_reason
+from backend.pipeline.scope import field_of, listed_fields, wanted
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,36 @@ def project_tasks(client: Any, project_id: int, include: str | None = None) -> I
     """Every task of the project, read a page at a time (the SDK's pager fetches the next page lazily);
     `include`: only these fields of each (scope.listed_fields)."""
     yield from client.tasks.list(project=project_id, fields="all", page_size=PAGE, **({"include": include} if include else {}))
+
+
+@dataclass
+class Reading:
+    """What reading a project's tasks found so far: tasks read, and those the scope left."""
+
+    seen: int = 0
+    skipped: int = 0
+
+
+def tasks_in_scope(client: Any, spec: JobSpec, version: str, reading: Reading | None = None,
+                   out_of_scope: bool = False) -> Iterator[dict[str, Any] | None]:
+    """The tasks a job on `spec` pre-labels: those of its scope (pipeline/scope.py) without a prediction
+    of `version`, at most `spec.limit` of them, as {"id", "data"}, read a page at a time with only the
+    fields the scope needs. Every runner, the Batch API's recording and the estimate read through here.
+    `reading` counts the tasks read and those left; `out_of_scope`: a None for each task left (an
+    estimate's sample counts them)."""
+    reading = reading if reading is not None else Reading()
+    taken = 0
+    for task in project_tasks(client, spec.project_id, listed_fields(spec.scope, version)):
+        if spec.limit is not None and taken >= spec.limit:
+            return
+        reading.seen += 1
+        if not wanted(task, version, spec.scope):
+            reading.skipped += 1
+            if out_of_scope:
+                yield None
+            continue
+        taken += 1
+        yield {"id": int(field_of(task, "id")), "data": dict(field_of(task, "data") or {})}
 
 
 def account_usage(ledger: UsageLedger, project: str, usages: list[Usage | None], price: tuple[float, float] | None,
