@@ -162,7 +162,7 @@ class NERModel(LabelStudioMLBase):
             metrics.BACKLOG.dec()
             if meter is not None:  # the calls made after the request was answered
                 self.services.usage.account(self.project_id, 0, meter.take(), self.services.price)
-            prelabeler.source.flush()  # every worker's next request finds the answer
+            prelabeler.flush()  # every worker's next request finds the answer
             if outcome.error is not None:
                 log.warning("task %s: no pre-labels after the deadline either: %s", task.get("id"), outcome.error)
                 return

@@ -188,8 +188,13 @@ class Prelabeler:
             deadline_seconds=deadline - time.monotonic(),
             keep_late=keep_late,
         )
-        self.source.flush()  # this request's answers, for every worker's next request
+        self.flush()  # this request's answers, for every worker's next request
         return outcomes
+
+    def flush(self) -> None:
+        """Write the answers this pre-labeler was given into the shared response cache, where every
+        worker and process finds them (its callers flush; none reaches into its source or cache)."""
+        self.source.flush()
 
     def prefill(self, tasks: Sequence[dict[str, Any]], pack_size: int, max_chars: int, concurrency: int, deadline: float) -> int:
         """Answer the short, uncached texts of these tasks `pack_size` to an LLM call, ahead of the

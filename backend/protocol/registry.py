@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 from backend.protocol.base import LabelStudioMLBase
 from backend.protocol.services import Services
+
+
+def load_model_class(path: str = "model:NERModel") -> type[LabelStudioMLBase]:
+    """The model class the backend serves (`module:Class`): the server, the RQ worker and the command line load it here."""
+    module_name, _, class_name = path.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 class ModelRegistry:

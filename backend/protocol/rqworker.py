@@ -36,7 +36,7 @@ from backend.infra.settings import Settings, get_settings
 from backend.pipeline.jobs.chunks import fail_chunk
 from backend.pipeline.jobs.jobqueue import CHUNK_RETRIES, JobQueue, redis_place
 from backend.pipeline.jobs.records import JobSpec
-from backend.protocol.registry import ModelRegistry
+from backend.protocol.registry import ModelRegistry, load_model_class
 from backend.protocol.services import Services
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,6 @@ class WorkerRuntime:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerRuntime:
-        from backend.protocol.server import load_model_class
-
         services = Services.from_settings(settings)
         return cls(services, ModelRegistry(load_model_class(), services))
 

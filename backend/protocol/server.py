@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import importlib
 import logging
 import os
 import threading
@@ -30,7 +29,7 @@ from backend.ner.labelconfig import parse_label_config
 from backend.pipeline.delivery import read_project
 from backend.pipeline.jobs.records import JobRunning, JobSpec
 from backend.protocol.base import LabelStudioMLBase
-from backend.protocol.registry import ModelRegistry
+from backend.protocol.registry import ModelRegistry, load_model_class
 from backend.protocol.services import Services
 from backend.protocol.start import start_job
 from backend.protocol.trust import EVENTS, PREDICT_CONFIG, ROUTES, SETUP, Gate, Unproven
@@ -56,11 +55,6 @@ class Busy(BadRequest):
     """Answered 503 with Retry-After: the worker holds as many request bodies as its budget allows."""
 
     retry_after = 5
-
-
-def load_model_class(path: str = "model:NERModel") -> type[LabelStudioMLBase]:
-    module_name, _, class_name = path.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _raw_body() -> bytes:

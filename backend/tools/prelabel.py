@@ -36,8 +36,7 @@ from backend.pipeline.jobs.batch import (
 from backend.pipeline.jobs.process import Progress
 from backend.pipeline.jobs.records import JobSpec
 from backend.pipeline.jobs.tries import tasks_in_scope
-from backend.protocol.registry import ModelRegistry
-from backend.protocol.server import load_model_class
+from backend.protocol.registry import ModelRegistry, load_model_class
 from backend.protocol.services import Services
 from backend.protocol.start import StartedJob, start_job
 from backend.tools.estimate import Estimate, count_message_tokens, count_tokens, estimate_sampled

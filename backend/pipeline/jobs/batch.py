@@ -136,7 +136,7 @@ def record(prelabeler: Prelabeler, tasks: Iterable[dict[str, Any]], every: Calla
             figures.other += 1
         else:
             figures.answered += 1
-    prelabeler.source.flush()
+    prelabeler.flush()
     return figures
 
 

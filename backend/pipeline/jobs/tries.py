@@ -193,4 +193,4 @@ def _attempt_task(prelabeler: Prelabeler, task: dict[str, Any], attempt: int, sl
         outcome.usage = meter.take()
         return outcome
     finally:
-        prelabeler.source.flush()
+        prelabeler.flush()
