@@ -31,7 +31,7 @@ from backend.pipeline.interactive import (
     submitted_guidelines,
 )
 from backend.pipeline.jobs.batch import Batches, BatchJob
-from backend.pipeline.jobs.chunks import ChunkRun
+from backend.pipeline.jobs.parts import PartRun
 from backend.pipeline.jobs.process import ProjectJob
 from backend.pipeline.jobs.records import JobSpec
 from backend.pipeline.jobs.tries import JobRun
@@ -121,9 +121,9 @@ class NERModel(LabelStudioMLBase):
         version = self.model_version
         return ProjectJob(self.job_run(client, spec, self.services.jobs.create(spec, version, total), version, llm), on_progress)
 
-    def prelabel_chunk(self, client: Any, job_id: str, chunk: int, spec: JobSpec, version: str, tasks: list[dict[str, Any]]) -> ChunkRun:
-        """One chunk of a job on RQ (`llm-ner worker`), with the job's model_version (`run()` runs it)."""
-        return ChunkRun(self.job_run(client, spec, job_id, version), chunk, tasks)
+    def prelabel_part(self, client: Any, job_id: str, part: int, spec: JobSpec, version: str, tasks: list[dict[str, Any]]) -> PartRun:
+        """One part of a job on RQ (`llm-ner worker`), with the job's model_version (`run()` runs it)."""
+        return PartRun(self.job_run(client, spec, job_id, version), part, tasks)
 
     def job_run(self, client: Any, spec: JobSpec, job_id: str, version: str, llm: LLMClient | None = None) -> JobRun:
         """What a runner of the job is handed (pipeline/jobs/tries.py), with this project's pre-labeler."""

@@ -6,14 +6,14 @@ figures; asserts nothing.
     .venv/bin/python benchmarks/bench_rq_workers.py --tasks 2000 --capped-tasks 960 --workers 1,2
 
 free    the provider is not the limit (fake latency 0, no cap): tasks/s of the job (from its start to
-        its last chunk) and the scaling from 1 to 2 workers
+        its last part) and the scaling from 1 to 2 workers
 capped  the provider is the limit (fake cap 16, latency 300 ms, serving 16 requests at once and
         queueing the rest; each worker keeps 16 calls in flight, PREDICT_CONCURRENCY=16): wall time
         against the ideal ceil(N/16) x 0.3 s
 
 Every run has a project, a MODEL_DIR (SQLite, shared by the workers: one host; --postgresql: a
 database of its own in a cluster the benchmark starts) and an empty cache of its own; the time is
-the job's, from its start (the planner's first page) to its last chunk, with the workers started
+the job's, from its start (the planner's first page) to its last part, with the workers started
 and idle before. The CPU seconds of every process over the run (Label Studio, the workers, Redis,
 PostgreSQL, the planner, the fake LLM in this process) say where the time goes; spread over the
 cores they give the fastest the machine could go (the cores' ceiling). The load average is printed
@@ -76,7 +76,7 @@ def planner_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int, pg=None) -> tuple[float, int, str, dict[str, float], str]:
+def run(ls, redis, fake, workers: int, n: int, concurrency: int, part: int, pg=None) -> tuple[float, int, str, dict[str, float], str]:
     """(seconds from the job's start to its end, tasks done, load average, CPU seconds over the job of
     Label Studio, the workers, Redis, the planner (`llm-ner prelabel`) and the fake LLM (this process) of one job on `workers` workers."""
     from redis import Redis
@@ -95,7 +95,7 @@ def run(ls, redis, fake, workers: int, n: int, concurrency: int, chunk: int, pg=
         pg.admin(f"CREATE DATABASE {name}")
         store = {"DATABASE_URL": pg.tcp_url(name)}
     env = backend_env(fake.base_url, model_dir, LOG_LEVEL="WARNING", LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token,
-                      REDIS_URL=redis.url, JOB_CHUNK=str(chunk), PREDICT_CONCURRENCY=str(concurrency), **store)
+                      REDIS_URL=redis.url, JOB_PART=str(part), PREDICT_CONCURRENCY=str(concurrency), **store)
     with ExitStack() as stack:
         procs = [stack.enter_context(run_worker(env, model_dir / f"worker-{i}.log")) for i in range(workers)]
         if not wait_until(lambda: len({w.pid for w in Worker.all(connection=connection)}) == workers, timeout=60):
@@ -151,7 +151,7 @@ def main() -> int:
     parser.add_argument("--ls-fast-import", action="store_true", help=f"start Label Studio with {LS_FAST_IMPORT}=true")
     parser.add_argument("--postgresql", action="store_true",
                         help="the workers share a PostgreSQL database (a cluster of the run's own) instead of SQLite")
-    parser.add_argument("--chunk", type=int, default=100, help="JOB_CHUNK (default 100, the setting's default)")
+    parser.add_argument("--part", type=int, default=100, help="JOB_PART (default 100, the setting's default)")
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
     if args.ls_fast_import:
@@ -159,12 +159,12 @@ def main() -> int:
     fake = FakeLLM()
     with run_label_studio() as ls, run_redis() as redis, (run_postgres(durable=True) if args.postgresql else nullcontext()) as pg:
         print(f"store: {'PostgreSQL (TCP, durable commits)' if pg else 'SQLite in one MODEL_DIR'}")
-        print(f"free: fake latency 0, no cap, {args.tasks} tasks, 4 calls in flight per worker, JOB_CHUNK={args.chunk}")
+        print(f"free: fake latency 0, no cap, {args.tasks} tasks, 4 calls in flight per worker, JOB_PART={args.part}")
         rates = {}
         for workers in counts:
             fake.reset()
             fake.gazetteer = dict(GAZETTEER)
-            wall, done, load, cpu, _ = run(ls, redis, fake, workers, args.tasks, 4, args.chunk, pg)
+            wall, done, load, cpu, _ = run(ls, redis, fake, workers, args.tasks, 4, args.part, pg)
             rates[workers] = done / wall
             # every process's CPU seconds over the job (the planner's start-up is not the job's) spread over
             # the cores: the fastest this machine could go if nothing ever waited
@@ -179,7 +179,7 @@ def main() -> int:
             fake.reset()
             fake.gazetteer = dict(GAZETTEER)
             fake.latency, fake.max_concurrency = LATENCY, CAP
-            wall, done, load, cpu, phases = run(ls, redis, fake, workers, args.capped_tasks, CAP, args.chunk, pg)
+            wall, done, load, cpu, phases = run(ls, redis, fake, workers, args.capped_tasks, CAP, args.part, pg)
             print(f"  {workers} worker(s): {wall:6.1f} s = {wall / ideal:.2f}x the ideal, {done} done, {len(fake.requests)} LLM calls;"
                   f" {cpu_line(cpu)} (load average {load})\n    {phases}", flush=True)
     fake.close()

@@ -1,7 +1,7 @@
 """Cancel and limits of project jobs, against a real Label Studio 1.23.2 (and a real redis-server for jobs
 on RQ), the LLM being the fake server: a cancel stops new calls at once and abandons those in flight; a
 live job whose calls take longer than its heartbeat (JOB_HEARTBEAT) is never shown as interrupted; caps on one job's
-concurrency and on the jobs running at once; a job whose chunks Redis lost ends as failed with the
+concurrency and on the jobs running at once; a job whose parts Redis lost ends as failed with the
 reason; DELETE of an ended job answers 409."""
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def test_one_jobs_concurrency_and_the_jobs_running_at_once_are_capped_with_clear
     assert after.status_code == 202, after.text
 
 
-def test_a_job_whose_chunks_redis_lost_ends_as_failed_with_the_reason(
+def test_a_job_whose_parts_redis_lost_ends_as_failed_with_the_reason(
     label_studio, backend_factory, connected_project, llm, redis_url, redis_server, tmp_path
 ):
     # a Redis restarted without persistence left its job "running" for ever, and DELETE had no effect
@@ -93,7 +93,7 @@ def test_a_job_whose_chunks_redis_lost_ends_as_failed_with_the_reason(
     env = rq_env(llm, {"MODEL_DIR": str(tmp_path / "model")}, label_studio, redis_url)
     backend = rq_backend(backend_factory, env, workers=1)
     project = connected_project(job_texts(60), title="redis lost", backend=backend)
-    job = start_job(backend, project)  # no worker runs: its 3 chunks wait on the queue
+    job = start_job(backend, project)  # no worker runs: its 3 parts wait on the queue
 
     def current() -> dict:
         return httpx.get(f"{backend.url}/jobs/{job['id']}", timeout=30).json()

@@ -1,6 +1,6 @@
 """Project jobs on RQ (REDIS_URL) against a real redis-server, a real Label Studio 1.23 and the fake LLM
-over HTTP: a job split into chunks across two `llm-ner worker` processes, a worker killed mid-chunk,
-a cancel that stops every worker's chunks, and LLM_RPM shared by two processes.
+over HTTP: a job split into parts across two `llm-ner worker` processes, a worker killed mid-part,
+a cancel that stops every worker's parts, and LLM_RPM shared by two processes.
 
 The multi-worker tests run once per store engine (`database_url`): SQLite in one MODEL_DIR shared by
 every process (one host), and PostgreSQL (as several hosts would share it).
@@ -51,7 +51,7 @@ def store(database_url, tmp_path: Path) -> dict[str, str]:
 def rq_env(llm, store, label_studio, redis_url, **extra: str) -> dict[str, str]:
     """The backend's settings, as every process of a test (backend, CLI, workers) gets them."""
     values = dict(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token, REDIS_URL=redis_url,
-                  LLM_RETRY_BASE="0.01", JOB_CHUNK="20", WORKER_HEARTBEAT="1", DELIVERY_LEASE="30", **store)
+                  LLM_RETRY_BASE="0.01", JOB_PART="20", WORKER_HEARTBEAT="1", DELIVERY_LEASE="30", **store)
     values.update(extra)
     return backend_env(llm.base_url, Path(values.pop("MODEL_DIR")), **values)
 
@@ -61,7 +61,7 @@ def rq_env(llm, store, label_studio, redis_url, **extra: str) -> dict[str, str]:
 def rq_backend(backend_factory, env: dict[str, str], workers: int):
     """A backend that hands the jobs posted to it to the queue, with the test's store and settings."""
     return backend_factory(workers=workers, model_dir=Path(env["MODEL_DIR"]), **{k: env[k] for k in
-                           ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "JOB_CHUNK")})
+                           ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "JOB_PART")})
 
 
 def start_job(backend, project) -> dict:
@@ -71,12 +71,12 @@ def start_job(backend, project) -> dict:
 
 
 def busy_worker(redis_url: str, pid: int) -> bool:
-    """The `llm-ner worker` of this pid is running a chunk (RQ's record of it in Redis)."""
+    """The `llm-ner worker` of this pid is running a part (RQ's record of it in Redis)."""
     return any(w.pid == pid and w.get_state() == "busy" for w in Worker.all(connection=Redis.from_url(redis_url)))
 
 
-def chunks_ran(log: str, job_id: str, ending: str = "done") -> int:
-    return len(re.findall(rf"job {job_id} chunk \d+ \(\d+ tasks\): {ending}", log))
+def parts_ran(log: str, job_id: str, ending: str = "done") -> int:
+    return len(re.findall(rf"job {job_id} part \d+ \(\d+ tasks\): {ending}", log))
 
 
 def test_a_job_on_rq_is_split_across_two_workers_every_task_once_with_progress_from_both(
@@ -101,18 +101,18 @@ def test_a_job_on_rq_is_split_across_two_workers_every_task_once_with_progress_f
     assert (final["state"], final["done"], final["failed"], final["seen"]) == ("done", 300, 0, 300)
     assert_exact(project, project.model_version())
     assert len(llm.requests) == 300
-    # the counts are the sum of both workers' chunks: each ran some, and together all 15
-    ran = [chunks_ran(w.log_path.read_text(), job["id"]) for w in workers]
+    # the counts are the sum of both workers' parts: each ran some, and together all 15
+    ran = [parts_ran(w.log_path.read_text(), job["id"]) for w in workers]
     assert all(n > 0 for n in ran) and sum(ran) == 15, ran
     assert final["calls"] == 300 and final["prompt_tokens"] > midway["prompt_tokens"]
 
 
-def test_a_worker_killed_mid_chunk_has_its_chunk_re_run_by_the_other_without_a_duplicate_or_a_second_paid_call(
+def test_a_worker_killed_mid_part_has_its_part_re_run_by_the_other_without_a_duplicate_or_a_second_paid_call(
     label_studio, backend_factory, connected_project, worker_factory, llm, store, redis_url
 ):
     llm.gazetteer = dict(JOB_GAZETTEER)
     llm.latency = 0.1
-    env = rq_env(llm, store, label_studio, redis_url, PREDICT_CONCURRENCY="4", JOB_CHUNK="25")
+    env = rq_env(llm, store, label_studio, redis_url, PREDICT_CONCURRENCY="4", JOB_PART="25")
     backend = backend_factory(workers=1, model_dir=Path(env["MODEL_DIR"]))
     project = connected_project(job_texts(300), title="rq kill", backend=backend)
     doomed, survivor = worker_factory(env), worker_factory(env)
@@ -132,14 +132,14 @@ def test_a_worker_killed_mid_chunk_has_its_chunk_re_run_by_the_other_without_a_d
     # answers reach the shared cache as they arrive: only the killed worker's calls in flight are paid twice
     assert 300 <= len(llm.requests) <= 300 + 4
     job_id = re.match(r"job (\w+):", out).group(1)
-    assert survivor.poll() is None and chunks_ran(survivor.log_path.read_text(), job_id) > 0
+    assert survivor.poll() is None and parts_ran(survivor.log_path.read_text(), job_id) > 0
 
 
-def test_a_burst_worker_started_after_a_worker_died_runs_its_abandoned_chunks_too_before_it_stops(
+def test_a_burst_worker_started_after_a_worker_died_runs_its_abandoned_parts_too_before_it_stops(
     label_studio, backend_factory, connected_project, worker_factory, llm, redis_url, tmp_path
 ):
     """`llm-ner worker --burst` stops when nothing is left anywhere: not while the queue is empty but a
-    dead worker's chunks still count as running (until its missed heartbeats put them back)."""
+    dead worker's parts still count as running (until its missed heartbeats put them back)."""
     llm.gazetteer = dict(JOB_GAZETTEER)
     llm.latency = 0.2
     env = rq_env(llm, {"MODEL_DIR": str(tmp_path / "model")}, label_studio, redis_url, PREDICT_CONCURRENCY="2", DELIVERY_LEASE="10")
@@ -149,14 +149,14 @@ def test_a_burst_worker_started_after_a_worker_died_runs_its_abandoned_chunks_to
                             *ls_args(label_studio)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         registry = StartedJobRegistry("llm-ner", connection=Redis.from_url(redis_url))
-        # both of its slots hold one of the job's two chunks, some of it written: the queue is empty
+        # both of its slots hold one of the job's two parts, some of it written: the queue is empty
         assert wait_until(lambda: registry.count == 2 and predictions_written(project) >= 2, timeout=120, interval=0.05)
         os.killpg(doomed.pid, signal.SIGKILL)
         doomed.wait()
         burst = subprocess.run([sys.executable, "-m", "backend", "worker", "--burst"], cwd=REPO, env=env, capture_output=True,
                                text=True, timeout=240)
         assert burst.returncode == 0, burst.stdout + burst.stderr
-        # it found the queue empty, waited for the dead worker's chunks to be put back, and ran them
+        # it found the queue empty, waited for the dead worker's parts to be put back, and ran them
         assert registry.count == 0 and Queue("llm-ner", connection=Redis.from_url(redis_url)).count == 0
         assert predictions_written(project) == 40
         out, err = job.communicate(timeout=60)
@@ -167,7 +167,7 @@ def test_a_burst_worker_started_after_a_worker_died_runs_its_abandoned_chunks_to
     assert_exact(project, project.model_version())
 
 
-def test_cancel_stops_every_workers_chunks_and_takes_the_queued_ones_off_the_queue(
+def test_cancel_stops_every_workers_parts_and_takes_the_queued_ones_off_the_queue(
     label_studio, backend_factory, connected_project, worker_factory, llm, store, redis_url
 ):
     llm.gazetteer = dict(JOB_GAZETTEER)
@@ -187,15 +187,15 @@ def test_cancel_stops_every_workers_chunks_and_takes_the_queued_ones_off_the_que
     assert final and final["state"] == "cancelled" and 40 <= final["done"] < 200, final
     assert predictions_written(project) == final["done"]
     connection = Redis.from_url(redis_url)
-    assert Queue("llm-ner", connection=connection).count == 0  # the queued chunks were taken off
+    assert Queue("llm-ner", connection=connection).count == 0  # the queued parts were taken off
     assert StartedJobRegistry("llm-ner", connection=connection).count == 0  # and none runs any more
-    # the chunks running at the cancel let their calls in flight end and start nothing more
+    # the parts running at the cancel let their calls in flight end and start nothing more
     assert len(llm.requests) <= final["done"] + 2 * 2
-    assert sum(chunks_ran(w.log_path.read_text(), job_id, "cancelled") for w in workers) >= 1
+    assert sum(parts_ran(w.log_path.read_text(), job_id, "cancelled") for w in workers) >= 1
     assert httpx.delete(f"{backend.url}/jobs/{job_id}", headers=job_auth(backend), timeout=30).status_code == 409
 
 
-def test_a_task_failing_in_a_workers_chunk_is_reported_with_its_reason_and_never_written_empty(
+def test_a_task_failing_in_a_workers_part_is_reported_with_its_reason_and_never_written_empty(
     label_studio, backend_factory, connected_project, worker_factory, llm, store, redis_url
 ):
     llm.gazetteer = dict(JOB_GAZETTEER)

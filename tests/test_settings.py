@@ -56,3 +56,23 @@ def test_an_unknown_prompt_language_fails_in_one_line_naming_it():
     result = serve_with({"OPENAI_API_KEY": "x", "PROMPT_LANGUAGE": "fr"})
     assert result.returncode == 2
     assert "PROMPT_LANGUAGE: Input should be 'en' or 'zh'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_old_names_of_the_rq_part_settings_still_work_with_one_warning_line_each(monkeypatch):
+    # "chunk" is a piece of a long text only: JOB_CHUNK and WORKER_CHUNKS became JOB_PART and WORKER_PARTS
+    result = subprocess.run([sys.executable, "-m", "backend", "worker"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "x", "JOB_CHUNK": "7", "WORKER_CHUNKS": "3"})
+    lines = result.stderr.strip().splitlines()
+    assert "JOB_CHUNK is deprecated: set JOB_PART instead (it means the same)" in lines
+    assert "WORKER_CHUNKS is deprecated: set WORKER_PARTS instead (it means the same)" in lines
+    assert len(lines) == 3 and "set REDIS_URL" in lines[2], result.stderr  # one line each, then the worker's own
+    from backend.infra.settings import load_settings
+
+    for name in ("JOB_PART", "WORKER_PARTS", "JOB_CHUNK", "WORKER_CHUNKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    monkeypatch.setenv("JOB_CHUNK", "7")
+    monkeypatch.setenv("WORKER_CHUNKS", "3")
+    assert (load_settings().job_part, load_settings().worker_parts) == (7, 3)
+    monkeypatch.setenv("JOB_PART", "9")  # the new name wins where both are set
+    assert load_settings().job_part == 9

@@ -5,16 +5,23 @@ A missing or invalid setting fails at start with one line naming it (see `load_s
 
 from __future__ import annotations
 
+import logging
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from dotenv import dotenv_values
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backend.infra.errors import ConfigError, validation_message
 
 REPO_DIR = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
+
+# old name -> new name: "chunk" is a piece of a long text only (LLM_CONTEXT_CHARS); an RQ piece of a job is a part
+RENAMED = {"JOB_CHUNK": "JOB_PART", "WORKER_CHUNKS": "WORKER_PARTS"}
 
 
 class Settings(BaseSettings):
@@ -95,14 +102,16 @@ class Settings(BaseSettings):
         description="seconds a running project job may go unheard of before it counts as interrupted (its process"
         " died); a live job beats every quarter of it",
     )
-    job_chunk: int = Field(default=100, ge=1, le=5000, description="tasks per RQ chunk of a project job")
+    job_part: int = Field(default=100, ge=1, le=5000, description="tasks per RQ part of a project job (JOB_CHUNK before)",
+                          validation_alias=AliasChoices("job_part", "job_chunk"))
     worker_heartbeat: float = Field(
         default=10.0, gt=0, le=600,
-        description="seconds between an RQ worker's heartbeats; a chunk not heard of for 3 of them is re-run by another worker",
+        description="seconds between an RQ worker's heartbeats; a part not heard of for 3 of them is re-run by another worker",
     )
-    worker_chunks: int = Field(
+    worker_parts: int = Field(
         default=2, ge=1, le=64,
-        description="chunks an `llm-ner worker` process runs at once; they share its PREDICT_CONCURRENCY",
+        description="parts an `llm-ner worker` process runs at once; they share its PREDICT_CONCURRENCY (WORKER_CHUNKS before)",
+        validation_alias=AliasChoices("worker_parts", "worker_chunks"),
     )
     delivery_lease: float = Field(
         default=180.0, ge=3, le=3600,
@@ -287,6 +296,20 @@ class Settings(BaseSettings):
         if "occurrence_hints" not in self.model_fields_set:
             self.occurrence_hints = self.prompt_language == "zh"
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Settings renamed (RENAMED): the old name still works (the field's alias), with one warning line
+        naming the new one. pydantic-settings hands the value over under the field's name, so the
+        environment and the .env file are looked at here."""
+        dotenv = Path(str(cls.model_config.get("env_file") or ""))
+        given = {name.upper() for name in os.environ} | (
+            {name.upper() for name in dotenv_values(dotenv)} if dotenv.is_file() else set())
+        for old, new in RENAMED.items():
+            if old in given:
+                log.warning("%s is deprecated: set %s instead (it means the same)", old, new)
+        return data
 
     @model_validator(mode="after")
     def _chunk_overlap_fits(self) -> Settings:

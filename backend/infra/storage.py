@@ -228,7 +228,7 @@ CREATE TABLE job_failures (
 -- (claims made before this version were taken only around a write that succeeded: confirmed)
 ALTER TABLE deliveries ADD COLUMN owner TEXT;
 ALTER TABLE deliveries ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1;
--- pipeline/jobs/records.py: jobs run in chunks on RQ workers (REDIS_URL); a chunk's counts are added once, when it ends
+-- pipeline/jobs/records.py: jobs run in parts on RQ workers (REDIS_URL); a part's counts are added once, when it ends (named job_parts since)
 ALTER TABLE jobs ADD COLUMN runner TEXT NOT NULL DEFAULT 'process';
 ALTER TABLE jobs ADD COLUMN planned INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE job_chunks (
@@ -278,6 +278,11 @@ ALTER TABLE job_failures ADD COLUMN kind TEXT NOT NULL DEFAULT 'failed';
 -- ... and a second job on a project is refused while the first runs: where the first runs, to ask
 ALTER TABLE jobs ADD COLUMN host TEXT;
 ALTER TABLE jobs ADD COLUMN pid INTEGER;
+""",
+    """
+-- pipeline/jobs/records.py: an RQ piece of a job is a part ("chunk" is a piece of a long text only)
+ALTER TABLE job_chunks RENAME TO job_parts;
+ALTER TABLE job_parts RENAME COLUMN chunk TO part;
 """,
 )
 

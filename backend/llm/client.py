@@ -134,11 +134,11 @@ class Answer(Generic[T]):
 class LLMCallFailed(LLMError):
     """One LLM call failed for good; `error_class` is the label used in /metrics."""
 
-    def __init__(self, message: str, error_class: str, api_message: str = "", part: str | None = None):
+    def __init__(self, message: str, error_class: str, api_message: str = "", parameter: str | None = None):
         super().__init__(message)
         self.error_class = error_class
         self.api_message = api_message
-        self.part = part  # "logprobs" / "n" / "response_format": the part of the request the endpoint refused
+        self.parameter = parameter  # "logprobs" / "n" / "response_format": the request parameter the endpoint refused
 
 
 class ContextTooLong(LLMCallFailed):
@@ -242,7 +242,7 @@ def response_format(mode: str, json_schema: dict[str, Any] | None) -> dict[str, 
     return None
 
 
-def unsupported_part(error: BaseException, body: dict[str, Any]) -> str | None:
+def unsupported_parameter(error: BaseException, body: dict[str, Any]) -> str | None:
     """"logprobs", "n" or "response_format" when the error says the endpoint does not take that part
     of the request, whatever the status code (llama-cpp-python answers json_schema with a 500)."""
     if not isinstance(error, openai.APIStatusError) or error.status_code in (401, 403, 404, 408, 409, 429):
@@ -512,8 +512,8 @@ class LLMClient:
                     congested = (error_class == "timeout" and timeout >= self.settings.llm_timeout) or (
                         error_class == "rate_limit" or getattr(error, "status_code", None) == 503
                     )
-                    part = unsupported_part(error, kwargs)
-                    if part is not None:
+                    parameter = unsupported_parameter(error, kwargs)
+                    if parameter is not None:
                         error_class, retryable = "unsupported", False
                     metrics.LLM_ERRORS.labels(error_class).inc()
                     message = self._scrub(describe_api_error(error))
@@ -534,9 +534,9 @@ class LLMClient:
                     if not retryable or attempt >= self.settings.llm_max_retries:
                         metrics.LLM_CALLS.labels(error_class).inc()
                         why = "not retried" if not retryable else f"after {attempt} retries"
-                        level = logging.INFO if part is not None else logging.WARNING  # a fallback follows
+                        level = logging.INFO if parameter is not None else logging.WARNING  # a fallback follows
                         log.log(level, "LLM call failed (%s, %s): %s", error_class, why, message)
-                        raise LLMCallFailed(message, error_class, api_message, part) from None
+                        raise LLMCallFailed(message, error_class, api_message, parameter) from None
                     if delay is not None and delay > MAX_RETRY_AFTER:
                         metrics.LLM_CALLS.labels(error_class).inc()
                         log.warning("LLM call failed (%s): the endpoint asks to wait %.0f s; not waiting", error_class, delay)
@@ -619,7 +619,7 @@ class LLMClient:
         try:
             completion = self._complete_once(messages, json_schema, n, temperature, max_tokens)
         except LLMCallFailed as error:
-            if n > 1 and error.part == "n":
+            if n > 1 and error.parameter == "n":
                 self._n_unsupported(f"it refuses n={n}")
                 return _merged([self._complete_once(messages, json_schema, 1, temperature, max_tokens) for _ in range(n)])
             raise
@@ -658,7 +658,7 @@ class LLMClient:
                 if error.error_class not in ("bad_request", "unsupported"):
                     raise
                 message = error.api_message.lower()
-                if want_logprobs and (error.part == "logprobs" or "logprob" in message):
+                if want_logprobs and (error.parameter == "logprobs" or "logprob" in message):
                     log.info("LLM endpoint rejected logprobs; asking without them (spans get no logprob score)")
                     with self._lock:
                         self._logprobs_ok = False
@@ -666,7 +666,7 @@ class LLMClient:
                 can_fall_back = (
                     self.settings.llm_structured_output == "auto"
                     and mode != "text"
-                    and (error.part == "response_format" or any(hint in message for hint in _FORMAT_HINTS))
+                    and (error.parameter == "response_format" or any(hint in message for hint in _FORMAT_HINTS))
                 )
                 if not can_fall_back:
                     raise

@@ -58,7 +58,7 @@ from backend.llm.client import (
     describe_api_error,
     response_format,
     text_chars_for,
-    unsupported_part,
+    unsupported_parameter,
 )
 from backend.ner.task import entities_schema
 
@@ -288,7 +288,7 @@ def probe(llm: LLMClient, plan: Plan) -> Capabilities:
                     raise ProbeFailed(f"no answer to a short pre-labeling request within {wait:g} s") from None
                 if _fatal(error):
                     raise ProbeFailed(llm._scrub(describe_api_error(error))) from None
-                if unsupported_part(error, body) == "logprobs":
+                if unsupported_parameter(error, body) == "logprobs":
                     caps.logprobs = False
                     continue
                 detail = _shortened(" ".join(llm._scrub(describe_api_error(error)).split()))

@@ -418,7 +418,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return jsonify(services.jobs.get(started.job_id)), 202
 
     def current_job(job_id: str) -> dict:
-        """The job's record, a job on RQ whose chunks Redis lost ended first (JobQueue.reconcile)."""
+        """The job's record, a job on RQ whose parts Redis lost ended first (JobQueue.reconcile)."""
         if services.job_queue is not None:
             services.job_queue.reconcile(services.jobs, job_id)
         job = services.jobs.get(job_id)

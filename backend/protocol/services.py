@@ -52,7 +52,7 @@ class Services:
     label_studio_source: LabelStudioSource | None = None  # reads what webhooks announce (same credentials)
     securing: WebhookSecuring | None = None  # ...and with basic auth: secures each project's webhook after /setup
     secrets: Secrets = field(default_factory=Secrets)  # what every answer, record and log line is masked of
-    job_queue: JobQueue | None = None  # with REDIS_URL: the RQ queue project jobs' chunks go to (pipeline/jobs/jobqueue.py)
+    job_queue: JobQueue | None = None  # with REDIS_URL: the RQ queue project jobs' parts go to (pipeline/jobs/jobqueue.py)
     gate: Gate | None = None  # what each route asks a caller to prove (protocol/trust.py)
     bodies: ByteBudget | None = None  # bytes of request bodies read and handled at once (REQUEST_BODY_BUDGET)
 

@@ -37,7 +37,7 @@ def start_job(services: Services, registry: ModelRegistry, client: Any, spec: Jo
               total: int | None = None, batch_api: bool = False, on_progress: Callable[[Any], None] | None = None,
               say: Callable[[str], None] | None = None) -> StartedJob:
     """The job's record, and how to run it: through the provider's Batch API when asked; else on RQ
-    with REDIS_URL (chunks that `llm-ner worker` processes run on any host); else in this process.
+    with REDIS_URL (parts that `llm-ner worker` processes run on any host); else in this process.
     BadRequest (501) for a model class that runs no such job; JobRunning / TooManyJobs as `Jobs.create`."""
     model = registry.get(str(spec.project_id), label_config)
     if not hasattr(model, "prelabel_project"):

@@ -412,7 +412,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- worker: run project jobs' chunks from Redis (REDIS_URL) ----
+# ---- worker: run project jobs' parts from Redis (REDIS_URL) ----
 def run_worker(args: argparse.Namespace) -> int:
     from backend.infra.logs import configure_logging, settings_secrets
     from backend.infra.settings import load_settings
@@ -660,8 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     _label_studio_args(pre)
     pre.set_defaults(handler=run_prelabel)
 
-    work = commands.add_parser("worker", help="run project jobs' chunks from Redis (REDIS_URL), on any host with the backend's settings")
-    work.add_argument("--queue", action="append", metavar="NAME", help="queue to take chunks from (repeat; default llm-ner)")
+    work = commands.add_parser("worker", help="run project jobs' parts from Redis (REDIS_URL), on any host with the backend's settings")
+    work.add_argument("--queue", action="append", metavar="NAME", help="queue to take parts from (repeat; default llm-ner)")
     work.add_argument("--burst", action="store_true", help="stop once the queues are empty")
     work.set_defaults(handler=run_worker)
 

@@ -138,7 +138,7 @@ def run_prelabel(client: Any, spec: JobSpec, settings: Settings, options: Option
                             say=lambda message: print(message, file=out, flush=True))
         if started.runner == "batch":
             result = _run_batch(started, spec, options, loaded, client, out)
-        elif started.runner == "rq":  # REDIS_URL: the job's chunks run on `llm-ner worker` processes
+        elif started.runner == "rq":  # REDIS_URL: the job's parts run on `llm-ner worker` processes
             result = _run_on_queue(services, started, spec, bar, out)
             if result is None:
                 return 130
@@ -216,7 +216,7 @@ def _run_interruptible(job: StartedJob, out: TextIO, patience: float = WRITE_PAT
 
 def _run_on_queue(services: Services, started: StartedJob, spec: JobSpec, bar: tqdm, out: TextIO,
                   poll: float = 0.5) -> dict[str, Any] | None:
-    """Hand the project's tasks to the queue chunk by chunk, then follow the job until its last chunk
+    """Hand the project's tasks to the queue part by part, then follow the job until its last part
     ends; None when interrupted (Ctrl-C: the workers go on with what was handed over)."""
     queue, job_id = services.job_queue, started.job_id
     print(f"job {job_id}: pre-labeling project {spec.project_id} (scope {spec.scope}) on the RQ queue "
@@ -225,7 +225,7 @@ def _run_on_queue(services: Services, started: StartedJob, spec: JobSpec, bar: t
         started.run()  # hands the tasks in scope to the queue
         for polls in itertools.count():
             if polls % 10 == 0:
-                queue.reconcile(services.jobs, job_id)  # chunks Redis lost end the job as failed
+                queue.reconcile(services.jobs, job_id)  # parts Redis lost end the job as failed
             job = services.jobs.get(job_id) or {}
             bar.update(max(0, job.get("done", 0) + job.get("failed", 0) + job.get("skipped", 0) - bar.n))
             bar.set_postfix(done=job.get("done"), failed=job.get("failed"), tokens=job.get("prompt_tokens", 0) + job.get("completion_tokens", 0),

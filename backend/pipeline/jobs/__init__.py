@@ -15,7 +15,7 @@ The package follows rq's split of record, queue and worker:
 - `records.py`: the job records in the store (rq's job and registry);
 - `tries.py`: what every runner does with a task: read it, try it, collect the tries, watch the cancel flag;
 - `process.py`: the in-process runner (one process runs the whole job);
-- `chunks.py`: the RQ runner's work (the planner, one chunk's run, a chunk RQ gave up on);
+- `parts.py`: the RQ runner's work (the planner, one part's run, a part RQ gave up on);
 - `jobqueue.py`: the RQ queue (protocol/rqworker.py is the worker process);
 - `batch.py`: a job through the provider's Batch API.
 """

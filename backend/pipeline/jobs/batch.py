@@ -364,7 +364,7 @@ class BatchJob:
                     uploaded = self.provider.files.create(file=(path.name, handle), purpose="batch")
                 batch = self.provider.batches.create(
                     input_file_id=uploaded.id, endpoint=self.url, completion_window="24h",
-                    metadata={"project": self.project, "job": self.job.job_id, "part": str(number)},
+                    metadata={"project": self.project, "job": self.job.job_id, "file": str(number)},
                 )
                 # stored before anything else can fail: a restart polls this batch, never sends another
                 self.batches.add(batch.id, self.project, self.version, self.job.job_id, uploaded.id, lines, batch.status)

@@ -1,4 +1,4 @@
-"""The RQ queue a project job's chunks go to (rq's `Queue`): enqueue, cancel, and the chunks Redis lost.
+"""The RQ queue a project job's parts go to (rq's `Queue`): enqueue, cancel, and the parts Redis lost.
 The worker process that runs them is protocol/rqworker.py (it needs the model registry)."""
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from rq.job import Job, JobStatus
 from backend.infra.errors import BackendError, ConfigError
 from backend.infra.settings import Settings
 from backend.infra.storage import Database
-from backend.pipeline.jobs.chunks import plan_chunks
+from backend.pipeline.jobs.parts import plan_parts
 from backend.pipeline.jobs.records import Jobs, JobSpec
 
 log = logging.getLogger(__name__)
 
 QUEUE = "llm-ner"
-CHUNK_RETRIES = 3  # runs of a chunk after its first (a dead worker, Label Studio down...)
-CHUNK_TIMEOUT = 3600  # seconds: RQ stops a chunk that runs longer (its tasks' LLM calls have their own timeouts)
+PART_RETRIES = 3  # runs of a part after its first (a dead worker, Label Studio down...)
+PART_TIMEOUT = 3600  # seconds: RQ stops a part that runs longer (its tasks' LLM calls have their own timeouts)
 
 
 def redis_connection(settings: Settings) -> Redis:
@@ -31,7 +31,7 @@ def redis_connection(settings: Settings) -> Redis:
         raise ConfigError("set REDIS_URL to run project jobs on RQ")
     # redis-py 8 gives up reading a socket after 5 s by default, and a worker waits on the queue (BLMOVE)
     # up to a heartbeat: a connection made with that default (the first ping's, say) and later lent to
-    # a wait failed it over and over, the worker backing off up to a minute with chunks on the queue
+    # a wait failed it over and over, the worker backing off up to a minute with parts on the queue
     return Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=settings.worker_heartbeat + 15,
                           socket_connect_timeout=10)
 
@@ -42,12 +42,12 @@ def redis_place(settings: Settings) -> str:
     return f"{url.hostname}:{url.port or 6379}" if url and url.hostname else "the REDIS_URL socket"
 
 
-def chunk_job_id(job_id: str, chunk: int) -> str:
-    return f"llm-ner-{job_id}-{chunk}"
+def part_job_id(job_id: str, part: int) -> str:
+    return f"llm-ner-{job_id}-{part}"
 
 
 class JobQueue:
-    """The queue a process hands job chunks to (and cancels them on)."""
+    """The queue a process hands job parts to (and cancels them on)."""
 
     def __init__(self, settings: Settings, name: str = QUEUE):
         self.settings = settings
@@ -60,12 +60,12 @@ class JobQueue:
         except RedisError as error:
             raise BackendError(f"cannot reach Redis at {redis_place(self.settings)} ({type(error).__name__})") from None
 
-    def enqueue_chunk(self, job_id: str, chunk: int, tasks: list[dict[str, Any]]) -> None:
+    def enqueue_part(self, job_id: str, part: int, tasks: list[dict[str, Any]]) -> None:
         self.queue.enqueue(
-            "backend.protocol.rqworker.perform_chunk", job_id, chunk, tasks,
-            job_id=chunk_job_id(job_id, chunk), description=f"job {job_id} chunk {chunk} ({len(tasks)} tasks)",
-            retry=Retry(max=CHUNK_RETRIES), job_timeout=CHUNK_TIMEOUT, result_ttl=3600, failure_ttl=7 * 86400,
-            on_failure=Callback("backend.protocol.rqworker.chunk_gave_up"),
+            "backend.protocol.rqworker.perform_part", job_id, part, tasks,
+            job_id=part_job_id(job_id, part), description=f"job {job_id} part {part} ({len(tasks)} tasks)",
+            retry=Retry(max=PART_RETRIES), job_timeout=PART_TIMEOUT, result_ttl=3600, failure_ttl=7 * 86400,
+            on_failure=Callback("backend.protocol.rqworker.part_gave_up"),
         )
 
     def start(self, db: Database, jobs: Jobs, spec: JobSpec, model_version: str, label_config: str, total: int | None) -> str:
@@ -75,42 +75,42 @@ class JobQueue:
         return jobs.create(spec, model_version, total, runner="rq")
 
     def plan(self, jobs: Jobs, job_id: str, spec: JobSpec, client: Any, model_version: str) -> dict[str, Any]:
-        """Read the project and hand its tasks in scope to the queue, JOB_CHUNK at a time."""
-        return plan_chunks(jobs, job_id, spec, client, model_version, self.settings.job_chunk,
-                           lambda chunk, tasks: self.enqueue_chunk(job_id, chunk, tasks))
+        """Read the project and hand its tasks in scope to the queue, JOB_PART at a time."""
+        return plan_parts(jobs, job_id, spec, client, model_version, self.settings.job_part,
+                           lambda part, tasks: self.enqueue_part(job_id, part, tasks))
 
     def reconcile(self, jobs: Jobs, job_id: str) -> None:
-        """A planned job whose unfinished chunks the queue no longer holds (Redis restarted without
-        persistence, or flushed) would show as running for ever: those chunks are lost, and the job
+        """A planned job whose unfinished parts the queue no longer holds (Redis restarted without
+        persistence, or flushed) would show as running for ever: those parts are lost, and the job
         ends as failed saying so. Nothing is concluded while Redis cannot be reached."""
         record = jobs.record(job_id)
         if record is None or record["state"] != "running" or record.get("runner") != "rq" or not record.get("planned"):
             return
         try:
-            lost = [chunk for chunk in jobs.unfinished_chunks(job_id)
-                    if not self.connection.exists(Job.key_for(chunk_job_id(job_id, chunk)))]
+            lost = [part for part in jobs.unfinished_parts(job_id)
+                    if not self.connection.exists(Job.key_for(part_job_id(job_id, part)))]
         except RedisError as error:
-            log.warning("job %s: cannot look at its chunks in Redis (%s)", job_id, type(error).__name__)
+            log.warning("job %s: cannot look at its parts in Redis (%s)", job_id, type(error).__name__)
             return
         if lost:
-            why = (f"{len(lost)} of its chunks vanished from Redis at {redis_place(self.settings)} (Redis lost its data: "
+            why = (f"{len(lost)} of its parts vanished from Redis at {redis_place(self.settings)} (Redis lost its data: "
                    "restarted without persistence, or flushed?); their tasks were not pre-labeled: start the job again "
                    "to pre-label what is left")
             log.warning("job %s: %s", job_id, why)
-            jobs.lose_chunks(job_id, lost, why)
+            jobs.lose_parts(job_id, lost, why)
 
     def cancel(self, jobs: Jobs, job_id: str) -> bool:
-        """Ask every worker's chunks of the job to stop (they look between writes) and take its queued
-        chunks off the queue; False when the job is not running."""
+        """Ask every worker's parts of the job to stop (they look between writes) and take its queued
+        parts off the queue; False when the job is not running."""
         if not jobs.cancel(job_id):
             return False
-        for chunk in jobs.unfinished_chunks(job_id):
+        for part in jobs.unfinished_parts(job_id):
             try:
-                queued = Job.fetch(chunk_job_id(job_id, chunk), connection=self.connection)
+                queued = Job.fetch(part_job_id(job_id, part), connection=self.connection)
             except NoSuchJobError:
                 continue
             if queued.get_status() in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
                 queued.cancel()
-                jobs.finish_chunk(job_id, chunk, "cancelled")
+                jobs.finish_part(job_id, part, "cancelled")
         jobs.settle(job_id)
         return True

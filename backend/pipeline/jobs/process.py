@@ -30,7 +30,7 @@ from backend.pipeline.prelabel import TaskOutcome
 
 log = logging.getLogger(__name__)
 
-CHUNK = 500  # finished tasks handed to the writer at once
+HAND_OVER = 500  # finished tasks handed to the writer at once
 WRITE_EVERY = 2.0  # seconds: with a slow provider, what is finished is handed to the writer at least this often
 # Each import_predictions call costs Label Studio 1.23 a recount over every task of the project that has a
 # prediction (~0.7 ms each: 7 s a call at 10,000 tasks), whatever the call's size. So the writer writes
@@ -125,7 +125,7 @@ class ProjectJob:
                         time.sleep(0.1)  # the writer is behind: wait for it rather than spin
                     continue
                 finished += collect_tries(in_flight, self.failures, self._account, again)
-                if len(finished) >= CHUNK or (finished and time.monotonic() - last_write > WRITE_EVERY):
+                if len(finished) >= HAND_OVER or (finished and time.monotonic() - last_write > WRITE_EVERY):
                     self.handed += len(finished)
                     writes.put(finished)
                     finished, last_write = [], time.monotonic()

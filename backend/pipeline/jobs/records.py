@@ -20,7 +20,7 @@ from backend.infra.storage import Database
 
 log = logging.getLogger(__name__)
 
-# a job on RQ none of whose chunks ended for this long (a chunk may run an hour) lost them: it no
+# a job on RQ none of whose parts ended for this long (a part may run an hour) lost them: it no
 # longer keeps its project from a new job
 QUEUED_SILENCE = 3600.0
 
@@ -36,8 +36,8 @@ class TooManyJobs(BadRequest):
 
 def _interrupted(row: dict[str, Any], now: float, heartbeat: float) -> bool:
     """A running job's record whose process died: not heard of for `heartbeat` seconds (JOB_HEARTBEAT; a
-    live job's watch beats every quarter of it, whatever its tasks do). A job on RQ whose chunks are all queued needs no live
-    process: workers re-run a dead one's chunk."""
+    live job's watch beats every quarter of it, whatever its tasks do). A job on RQ whose parts are all queued needs no live
+    process: workers re-run a dead one's part."""
     on_queue = row.get("runner") == "rq" and row.get("planned")
     return not on_queue and now - row["heartbeat_at"] > heartbeat
 
@@ -53,7 +53,7 @@ class JobRunning(BadRequest):
 
 def _alive(row: dict[str, Any], now: float, heartbeat: float) -> bool:
     """Whether a running job's record belongs to a job still running, which a second job on its project
-    would race: not one asked to stop (DELETE, --max-cost); its chunks on the queue, one of which
+    would race: not one asked to stop (DELETE, --max-cost); its parts on the queue, one of which
     ended within QUEUED_SILENCE; or its process alive (on this host, asked directly; elsewhere, heard
     of within `heartbeat` seconds)."""
     if row.get("cancel_requested"):
@@ -154,15 +154,15 @@ class Jobs:
                          (time.time(), "its process died (no heartbeat); start it again to continue", job_id))
         return True
 
-    def lose_chunks(self, job_id: str, chunks: list[int], why: str) -> None:
-        """Chunks the queue no longer holds (Redis lost its data): they end, unrun, and the job ends as
-        failed with `why` (the chunks still running elsewhere add their counts when they end)."""
+    def lose_parts(self, job_id: str, parts: list[int], why: str) -> None:
+        """Parts the queue no longer holds (Redis lost its data): they end, unrun, and the job ends as
+        failed with `why` (the parts still running elsewhere add their counts when they end)."""
         with self.db.transaction() as conn:
             lost = 0
-            for chunk in chunks:
-                if conn.execute("UPDATE job_chunks SET state='lost', finished_at=? WHERE job_id=? AND chunk=? AND finished_at IS NULL",
-                                (time.time(), job_id, chunk)).rowcount:
-                    lost += conn.execute("SELECT tasks FROM job_chunks WHERE job_id=? AND chunk=?", (job_id, chunk)).fetchone()[0]
+            for part in parts:
+                if conn.execute("UPDATE job_parts SET state='lost', finished_at=? WHERE job_id=? AND part=? AND finished_at IS NULL",
+                                (time.time(), job_id, part)).rowcount:
+                    lost += conn.execute("SELECT tasks FROM job_parts WHERE job_id=? AND part=?", (job_id, part)).fetchone()[0]
             conn.execute("UPDATE jobs SET failed=failed+?, state='failed', message=?, finished_at=?, heartbeat_at=? "
                          "WHERE id=? AND state='running'", (lost, self.secrets.mask(why), time.time(), time.time(), job_id))
 
@@ -196,23 +196,23 @@ class Jobs:
         rows = self.db.query("SELECT * FROM jobs ORDER BY started_at DESC LIMIT ?", (limit,))
         return [self._describe(dict(r)) for r in rows]
 
-    # ---- jobs on RQ: chunks run by workers on any host; each adds its counts once, as it ends ----
+    # ---- jobs on RQ: parts run by workers on any host; each adds its counts once, as it ends ----
     def record(self, job_id: str) -> dict[str, Any] | None:
         rows = self.db.query("SELECT * FROM jobs WHERE id=?", (job_id,))
         return dict(rows[0]) if rows else None
 
-    def add_chunk(self, job_id: str, chunk: int, tasks: int, seen: int, skipped: int) -> None:
-        """The planner read this far and hands a chunk to the queue (a row first: the job cannot end
-        while the chunk is unfinished)."""
+    def add_part(self, job_id: str, part: int, tasks: int, seen: int, skipped: int) -> None:
+        """The planner read this far and hands a part to the queue (a row first: the job cannot end
+        while the part is unfinished)."""
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO job_chunks(job_id, chunk, tasks) VALUES (?, ?, ?) ON CONFLICT (job_id, chunk) DO NOTHING",
-                (job_id, chunk, tasks),
+                "INSERT INTO job_parts(job_id, part, tasks) VALUES (?, ?, ?) ON CONFLICT (job_id, part) DO NOTHING",
+                (job_id, part, tasks),
             )
             conn.execute("UPDATE jobs SET seen=?, skipped=?, heartbeat_at=? WHERE id=?", (seen, skipped, time.time(), job_id))
 
     def planned(self, job_id: str, seen: int, skipped: int, message: str = "") -> None:
-        """The planner read every page (or stopped): the job ends with its last chunk."""
+        """The planner read every page (or stopped): the job ends with its last part."""
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE jobs SET planned=1, seen=?, skipped=?, heartbeat_at=?, message=COALESCE(NULLIF(?, ''), message) WHERE id=?",
@@ -220,14 +220,14 @@ class Jobs:
             )
             self._settle(conn, job_id)
 
-    def finish_chunk(self, job_id: str, chunk: int, state: str, **increments: float) -> bool:
-        """The chunk ended (done, cancelled or failed): its counts are added to the job's, once whatever
-        how many runs of it end (a re-run after its worker died); the last chunk ends the job. True
+    def finish_part(self, job_id: str, part: int, state: str, **increments: float) -> bool:
+        """The part ended (done, cancelled or failed): its counts are added to the job's, once whatever
+        how many runs of it end (a re-run after its worker died); the last part ends the job. True
         when this call was the one that ended it."""
         with self.db.transaction() as conn:
             first = conn.execute(
-                "UPDATE job_chunks SET state=?, finished_at=? WHERE job_id=? AND chunk=? AND finished_at IS NULL",
-                (state, time.time(), job_id, chunk),
+                "UPDATE job_parts SET state=?, finished_at=? WHERE job_id=? AND part=? AND finished_at IS NULL",
+                (state, time.time(), job_id, part),
             ).rowcount
             if first and increments:
                 sets = ", ".join(f"{name}={name}+?" for name in increments if name in self.COLUMNS)
@@ -247,7 +247,7 @@ class Jobs:
                 conn.execute("DELETE FROM job_failures WHERE job_id=? AND task_id=?", (job_id, task_id))
 
     def stop_spending(self, job_id: str, message: str) -> None:
-        """--max-cost reached: the job's chunks stop as on a cancel, and it ends as stopped."""
+        """--max-cost reached: the job's parts stop as on a cancel, and it ends as stopped."""
         with self.db.transaction() as conn:
             conn.execute("UPDATE jobs SET cancel_requested=2, message=? WHERE id=? AND cancel_requested=0",
                          (self.secrets.mask(message), job_id))
@@ -256,18 +256,18 @@ class Jobs:
         with self.db.transaction() as conn:
             self._settle(conn, job_id)
 
-    def unfinished_chunks(self, job_id: str) -> list[int]:
-        return [r["chunk"] for r in self.db.query(
-            "SELECT chunk FROM job_chunks WHERE job_id=? AND finished_at IS NULL ORDER BY chunk", (job_id,))]
+    def unfinished_parts(self, job_id: str) -> list[int]:
+        return [r["part"] for r in self.db.query(
+            "SELECT part FROM job_parts WHERE job_id=? AND finished_at IS NULL ORDER BY part", (job_id,))]
 
     @staticmethod
     def _settle(conn: Any, job_id: str) -> None:
-        """End a planned job whose chunks all ended: done, or cancelled when that was asked."""
+        """End a planned job whose parts all ended: done, or cancelled when that was asked."""
         conn.execute(
             "UPDATE jobs SET state=CASE cancel_requested WHEN 1 THEN 'cancelled' WHEN 2 THEN 'stopped' ELSE 'done' END, "
             "message=CASE cancel_requested WHEN 1 THEN 'cancelled on request' ELSE message END, finished_at=? "
             "WHERE id=? AND state='running' AND planned=1 "
-            "AND NOT EXISTS (SELECT 1 FROM job_chunks WHERE job_id=? AND finished_at IS NULL)",
+            "AND NOT EXISTS (SELECT 1 FROM job_parts WHERE job_id=? AND finished_at IS NULL)",
             (time.time(), job_id, job_id),
         )
 

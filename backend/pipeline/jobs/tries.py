@@ -31,7 +31,7 @@ CANCEL_POLL = 1.0  # seconds between two looks at a running job's cancel flag
 
 
 class CancelWatch:
-    """While a job (or one chunk of it) runs: a thread that looks at its cancel flag every CANCEL_POLL
+    """While a job (or one part of it) runs: a thread that looks at its cancel flag every CANCEL_POLL
     seconds and sets `event` once it is up (its calls are cancellable on it: infra/deadline.py), and,
     with `beat`, keeps its heartbeat fresh whatever its tasks are doing: a live job is never shown as
     interrupted, whether its calls take minutes or its writes into Label Studio do."""
@@ -65,7 +65,7 @@ class CancelWatch:
 
 @dataclass(frozen=True)
 class JobRun:
-    """What any runner of a job (the whole job in this process, one chunk of it on RQ, the Batch API's
+    """What any runner of a job (the whole job in this process, one part of it on RQ, the Batch API's
     write) is handed: built once, by the project's model object (`NERModel.job_run`)."""
 
     jobs: Jobs

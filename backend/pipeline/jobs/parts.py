@@ -1,12 +1,12 @@
-"""Project jobs on RQ (REDIS_URL): the same work, in chunks of tasks that workers on any host run.
+"""Project jobs on RQ (REDIS_URL): the same work, in parts of tasks that workers on any host run.
 
 The planner (the process that starts the job) reads the project page by page and hands the tasks
-in scope to the queue JOB_CHUNK at a time, a row per chunk in the store first. A worker runs a
-chunk (`ChunkRun`): it pre-labels the tasks not yet delivered, writes them into Label Studio
-under claims named after the chunk, and at its end adds the chunk's counts to the job's in one
-transaction, once: a chunk re-run after its worker died finds the first run's confirmed claims
+in scope to the queue JOB_PART at a time, a row per part in the store first. A worker runs a
+part (`PartRun`): it pre-labels the tasks not yet delivered, writes them into Label Studio
+under claims named after the part, and at its end adds the part's counts to the job's in one
+transaction, once: a part re-run after its worker died finds the first run's confirmed claims
 and counts them, its answers in the shared cache (no second paid call), its unconfirmed claims
-taken over after the lease. The last chunk to end ends the job.
+taken over after the lease. The last part to end ends the job.
 """
 
 from __future__ import annotations
@@ -37,44 +37,44 @@ from backend.pipeline.prelabel import TaskOutcome
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUED_CHUNKS = 50  # the planner waits while this many of the job's chunks are unfinished (Redis memory)
+MAX_QUEUED_PARTS = 50  # the planner waits while this many of the job's parts are unfinished (Redis memory)
 
 
-def chunk_owner(job_id: str, chunk: int) -> str:
-    """The prefix of the claims of every run of one chunk (each run adds a token of its own)."""
-    return f"job-{job_id}/{chunk}/"
+def part_owner(job_id: str, part: int) -> str:
+    """The prefix of the claims of every run of one part (each run adds a token of its own)."""
+    return f"job-{job_id}/{part}/"
 
 
-def plan_chunks(
+def plan_parts(
     jobs: Jobs,
     job_id: str,
     spec: JobSpec,
     client: Any,
     model_version: str,
-    chunk_size: int,
+    part_size: int,
     enqueue: Callable[[int, list[dict[str, Any]]], None],
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    """Read the project's tasks in scope and hand them to `enqueue(chunk number, tasks)` chunk by chunk;
-    memory stays flat (one page and one chunk). Stops early on a cancel; returns the job's record."""
+    """Read the project's tasks in scope and hand them to `enqueue(part number, tasks)` part by part;
+    memory stays flat (one page and one part). Stops early on a cancel; returns the job's record."""
     reading = Reading()
-    chunk = 0
+    part = 0
     batch: list[dict[str, Any]] = []
     message = ""
 
     def hand_over() -> None:
-        nonlocal batch, chunk
-        while len(jobs.unfinished_chunks(job_id)) >= MAX_QUEUED_CHUNKS and not jobs.cancel_requested(job_id):
+        nonlocal batch, part
+        while len(jobs.unfinished_parts(job_id)) >= MAX_QUEUED_PARTS and not jobs.cancel_requested(job_id):
             jobs.beat(job_id)  # alive: the job is not shown as interrupted while it waits
             sleep(0.5)
-        jobs.add_chunk(job_id, chunk, len(batch), reading.seen, reading.skipped)
-        enqueue(chunk, batch)
-        batch, chunk = [], chunk + 1
+        jobs.add_part(job_id, part, len(batch), reading.seen, reading.skipped)
+        enqueue(part, batch)
+        batch, part = [], part + 1
 
     try:
         for task in tasks_in_scope(client, spec, model_version, reading):
             batch.append(task)
-            if len(batch) >= chunk_size:
+            if len(batch) >= part_size:
                 if jobs.cancel_requested(job_id):
                     break
                 hand_over()
@@ -85,30 +85,30 @@ def plan_chunks(
         log.warning("job %s: %s", job_id, message)
     jobs.planned(job_id, reading.seen, reading.skipped, message)
     if message:
-        jobs.finish(job_id, "failed", message)  # the chunks handed over still run and count
+        jobs.finish(job_id, "failed", message)  # the parts handed over still run and count
     return jobs.get(job_id) or {}
 
 
-class ChunkRun:
-    """One run of one chunk of a job on RQ (see above)."""
+class PartRun:
+    """One run of one part of a job on RQ (see above)."""
 
-    def __init__(self, run: JobRun, chunk: int, tasks: list[dict[str, Any]]):
+    def __init__(self, run: JobRun, part: int, tasks: list[dict[str, Any]]):
         self.given = run
-        self.jobs, self.job_id, self.chunk, self.spec, self.tasks = run.jobs, run.job_id, chunk, run.spec, tasks
+        self.jobs, self.job_id, self.part, self.spec, self.tasks = run.jobs, run.job_id, part, run.spec, tasks
         self.client, self.prelabeler, self.version = run.client, run.prelabeler, run.version
         self.deliveries, self.ledger, self.price = run.deliveries, run.ledger, run.price
         self.record_drafts, self.sleep = run.record_drafts, run.sleep
         self.project = run.project
-        self.prefix = chunk_owner(run.job_id, chunk)
+        self.prefix = part_owner(run.job_id, part)
         self.owner = self.prefix + secrets.token_hex(4)
         self.usage = Usage()
         self.cost = 0.0
         self.failures: dict[int, str] = {}
-        self.cancel: threading.Event | None = None  # set while the chunk's tasks run: its job was cancelled
+        self.cancel: threading.Event | None = None  # set while the part's tasks run: its job was cancelled
         self.present: set[int] = set()  # Label Studio held them already: skipped
 
     def run(self) -> str:
-        """Returns how the chunk ended: done, cancelled (the job was), or "" when another run ends it."""
+        """Returns how the part ended: done, cancelled (the job was), or "" when another run ends it."""
         if self.spec.max_cost is not None:
             spent = (self.jobs.record(self.job_id) or {}).get("cost_usd") or 0.0
             if spent >= self.spec.max_cost:
@@ -116,7 +116,7 @@ class ChunkRun:
         if self.jobs.cancel_requested(self.job_id):
             return self._finish("cancelled")
         held = self.deliveries.holders(self.project, self.version, [t["id"] for t in self.tasks])
-        # claimed as delivered (by an earlier run of this chunk, or by anyone): Label Studio says whether they are
+        # claimed as delivered (by an earlier run of this part, or by anyone): Label Studio says whether they are
         written = predicted_in_label_studio(self.client, self.project, [i for i, h in held.items() if h[1]], self.version)
         todo = [t for t in self.tasks if t["id"] not in written]
         cancelled = self._prelabel_and_write(todo)
@@ -131,9 +131,9 @@ class ChunkRun:
         pending = list(reversed(todo))
         finished: list[tuple[dict[str, Any], TaskOutcome]] = []
         last_write = time.monotonic()
-        # the worker's own thread beats for the chunk (RQ's heartbeat): this one only looks for a cancel
+        # the worker's own thread beats for the part (RQ's heartbeat): this one only looks for a cancel
         with CancelWatch(self.jobs, self.job_id, beat=False) as watch, \
-                ThreadPoolExecutor(concurrency, thread_name_prefix=f"chunk-{self.job_id}-{self.chunk}") as pool:
+                ThreadPoolExecutor(concurrency, thread_name_prefix=f"part-{self.job_id}-{self.part}") as pool:
             self.cancel = watch.event
             in_flight: dict[Future, tuple[dict[str, Any], int]] = {}
 
@@ -171,7 +171,7 @@ class ChunkRun:
         metrics.DELIVERED.labels("job").inc(len(written.delivered))
 
     def _take_over_own_claims(self) -> None:
-        """Claims an earlier run of this chunk took and never confirmed (its worker died between the claim
+        """Claims an earlier run of this part took and never confirmed (its worker died between the claim
         and the write): wait out their lease, then take them over (import_predictions looks in Label
         Studio first). Claims of anyone else are theirs to deliver."""
         while True:
@@ -191,7 +191,7 @@ class ChunkRun:
 
     def _finish(self, state: str) -> str:
         held = self.deliveries.holders(self.project, self.version, [t["id"] for t in self.tasks])
-        # confirmed claims were read back from Label Studio: this chunk's runs' are done, others' skipped
+        # confirmed claims were read back from Label Studio: this part's runs' are done, others' skipped
         mine = {i for i, (owner, confirmed, _) in held.items() if confirmed and (owner or "").startswith(self.prefix)}
         pending = {i: holder_name(owner) for i, (owner, confirmed, _) in held.items()
                    if not confirmed and not (owner or "").startswith(self.prefix)}
@@ -203,8 +203,8 @@ class ChunkRun:
         for task_id, holder in pending.items():
             self.jobs.fail_task(self.job_id, task_id, holder, kind="pending")
         metrics.JOB_TASKS.labels("failed").inc(len(failed))
-        ended = self.jobs.finish_chunk(
-            self.job_id, self.chunk, state, done=len(mine), skipped=len(others), failed=len(failed), pending=len(pending),
+        ended = self.jobs.finish_part(
+            self.job_id, self.part, state, done=len(mine), skipped=len(others), failed=len(failed), pending=len(pending),
             prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens, calls=self.usage.calls,
             cost_usd=self.cost,
         )
@@ -214,18 +214,18 @@ class ChunkRun:
         self.cost += account_usage(self.ledger, self.project, usages, self.price, self.usage)
 
 
-def fail_chunk(jobs: Jobs, deliveries: Deliveries, job_id: str, chunk: int, task_ids: Iterable[int], reason: str) -> None:
-    """A chunk the queue gave up on (its retries spent): the tasks its runs delivered count as done,
+def fail_part(jobs: Jobs, deliveries: Deliveries, job_id: str, part: int, task_ids: Iterable[int], reason: str) -> None:
+    """A part the queue gave up on (its retries spent): the tasks its runs delivered count as done,
     the others are reported with the reason."""
     record = jobs.record(job_id)
     if record is None:
         return
     ids = list(task_ids)
-    prefix = chunk_owner(job_id, chunk)
+    prefix = part_owner(job_id, part)
     held = deliveries.holders(record["project_id"], record["model_version"], ids)
     mine = {i for i, (owner, confirmed, _) in held.items() if confirmed and (owner or "").startswith(prefix)}
     failed = [i for i in ids if i not in held]
     for task_id in failed:
         jobs.fail_task(job_id, task_id, reason)
     metrics.JOB_TASKS.labels("failed").inc(len(failed))
-    jobs.finish_chunk(job_id, chunk, "failed", done=len(mine), skipped=len(held) - len(mine), failed=len(failed))
+    jobs.finish_part(job_id, part, "failed", done=len(mine), skipped=len(held) - len(mine), failed=len(failed))
