@@ -1,4 +1,4 @@
-"""Project jobs on RQ (REDIS_URL): the queue a job's parts go to, and `llm-ner worker`, which runs them.
+"""Project jobs on RQ (REDIS_URL): `llm-ner worker`, which runs the parts of jobs that pipeline/jobs/jobqueue.py queues.
 
 RQ is Label Studio's own job library. Each part of a job (pipeline/jobs/parts.py: `plan_parts`,
 `PartRun`) is one RQ job, with a deterministic id, a few retries and a failure callback. Workers
