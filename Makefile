@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 PORT ?= 9090
 WORKERS ?= 2
 
-.PHONY: install serve demo test lock label-studio llama gemma chromium postgresql redis-server lint-docker clean
+.PHONY: install serve demo test test-needs debian-packages lock label-studio llama gemma chromium postgresql redis-server lint-docker clean
 
 # Nothing installed here floats: every environment comes from a lock in the repository (uv.lock for the project,
 # requirements/*.txt with hashes for the others), and uv itself from requirements/uv.txt. `make lock` regenerates them.
@@ -98,7 +98,16 @@ serve: install
 demo: install label-studio llama
 	$(VENV)/bin/llm-ner demo --label-studio-venv $(abspath $(LS_VENV)) --llama-venv $(abspath $(LLAMA_VENV))
 
-test: install label-studio llama chromium postgresql redis-server
+# What the tests need is installed side by side (-j): compiling llama.cpp keeps both cores busy for
+# minutes while the other installs mostly download and unpack. Debian's packages one after another
+# (apt-get takes a lock: two at once fail).
+test-needs:
+	$(MAKE) -j4 install label-studio llama debian-packages
+
+debian-packages:
+	$(MAKE) -j1 chromium postgresql redis-server
+
+test: test-needs
 	UV=$(abspath $(UV)) LS_VENV=$(abspath $(LS_VENV)) LLAMA_VENV=$(abspath $(LLAMA_VENV)) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # No Docker daemon needed: hadolint (from PyPI) for the Dockerfile, `docker-compose config` for the compose file.
