@@ -231,6 +231,14 @@ def test_an_error_message_cut_short_never_leaves_the_head_of_an_echoed_key(make_
     assert TEST_API_KEY[:8] not in caplog.text
 
 
+def test_a_long_error_message_without_spaces_is_cut_between_characters_not_dropped(make_client, llm, caplog):
+    # a Chinese message has no space to cut at: it is cut before a character, not dropped whole
+    caplog.set_level(logging.INFO)
+    llm.replies.append(Reply(status=400, error_message="请求无效" * 100))
+    assert results(make_client(), ["Oslo."]) == [[]]
+    assert "HTTP 400 from the LLM endpoint: Error code: 400 - 请求无效请求无效" in caplog.text
+
+
 @pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
 def test_non_ascii_basic_auth_works_as_utf8_and_as_latin1(make_client, encoding):
     user, password = "jürgen", "pässwörd-ß"

@@ -26,8 +26,9 @@ SECRET_SETTINGS = ("OPENAI_API_KEY", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS")
 URL_SETTINGS = ("OPENAI_BASE_URL", "LABEL_STUDIO_URL", "DATABASE_URL", "REDIS_URL")
 
 
-# where `shortened` may cut a text: between words, or at the quotes and brackets around a value
-_CUT_AT = re.compile(r"[\s\"'<>()\[\]{},;]")
+# where `shortened` may cut a text: between words, at the quotes and brackets around a value, or before
+# a character outside ASCII (keys and tokens are ASCII; a Chinese message has no space to cut at)
+_CUT_AT = re.compile(r"[\s\"'<>()\[\]{},;]|[^\x00-\x7f]")
 
 
 def shortened(text: str, limit: int) -> str:
