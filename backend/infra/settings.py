@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         description="where the endpoint constrains decoding to a JSON schema, each entity's text is an enum of the"
         " task text's word n-grams, so it can only be a span of the text (texts with too many n-grams: the plain schema)",
     )
+    entity_text_candidates: Literal["names", "all"] = Field(
+        default="names",
+        description="constrained entity texts: names = in a text with capital letters, only the n-grams whose first and"
+        " last words hold a capital or a digit; all = every n-gram (for labels of lowercase concepts)",
+    )
     llm_task_timeout: float | None = Field(
         default=None, gt=0,
         description="seconds one text's answer may take in all: its LLM calls, their retries and the repair turn"

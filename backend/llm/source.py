@@ -40,7 +40,7 @@ TEXT_LIMITS = {
 }
 
 
-def describe_entity_texts(mode: str | None, constrain: bool) -> str:
+def describe_entity_texts(mode: str | None, constrain: bool, names: bool = True) -> str:
     """What `llm-ner doctor` says of entity texts with this structured-output form."""
     if not constrain:
         return "free (CONSTRAIN_ENTITY_TEXTS=false): texts not in the task are dropped, and an answer of only such texts is asked again"
@@ -48,7 +48,8 @@ def describe_entity_texts(mode: str | None, constrain: bool) -> str:
     if limits is None:
         return f"free: structured output {mode or 'none'} takes no schema (an answer of only texts not in the task is asked again)"
     return (
-        f"constrained to spans of the task text ({mode}: an enum of its n-grams of {MIN_TOKENS} to {MAX_TOKENS} words,"
+        f"constrained to spans of the task text ({mode}: an enum of its n-grams of {MIN_TOKENS} to {MAX_TOKENS} words"
+        f"{' that begin and end with a word holding a capital or a digit, in a text that has capitals' if names else ''},"
         f" at most {limits.max_values} values and {limits.max_chars:,} characters, roughly a text of"
         f" {limits.max_values // MIN_TOKENS} words;"
         " longer texts and chunks use the plain schema, said in the log)"
@@ -208,7 +209,7 @@ def found_per_text(answer: Answer[dict[str, list[Mention]]], ids: Sequence[str])
 class EntitySource:
     def __init__(
         self, llm: LLMClient, cache: ResponseCache | None = None, scope: str = "", samples: int = 1, temperature: float = 0.7,
-        constrain: bool = True,
+        constrain: bool = True, names: bool = True,
     ):
         self.llm = llm
         self.cache = cache
@@ -216,6 +217,7 @@ class EntitySource:
         self.samples = samples
         self.temperature = temperature if samples > 1 else 0.0  # one answer: the most likely one
         self.constrain = constrain  # CONSTRAIN_ENTITY_TEXTS
+        self.names = names  # ENTITY_TEXT_CANDIDATES=names
         self._prefilled: dict[str, Found] = {}  # answers packing got for this request, by key
         self._said: set[str] = set()  # the schema kinds this source has logged at INFO (once each)
 
@@ -227,7 +229,7 @@ class EntitySource:
             self.llm.prepare()  # the probe decides the structured-output form, so whether it constrains
         mode = self.llm.mode if self.constrain else None
         limits = TEXT_LIMITS.get(mode) if mode is not None else None
-        chosen = task.schema_for(text, limits)
+        chosen = task.schema_for(text, limits, self.names)
         if not say:
             return chosen
         metrics.ENTITY_TEXTS.labels(chosen.kind).inc()

@@ -67,12 +67,17 @@ def _tokens(text: str) -> list[tuple[int, int, bool]]:
     return [(m.start(), m.end(), m.group()[0].isalnum() or m.group()[0] == "_") for m in _TOKEN.finditer(text)]
 
 
-def candidates(text: str, max_tokens: int) -> list[str]:
-    """The text's spans an entity may be, in order of first appearance, each once."""
+def _named(word: str) -> bool:
+    return any(c.isupper() or c.isdigit() for c in word)
+
+
+def candidates(text: str, max_tokens: int, names: bool = False) -> list[str]:
+    """The text's spans an entity may be, in order of first appearance, each once (`names`: only
+    those whose first and last words hold a capital or a digit)."""
     tokens = _tokens(text)
     out: dict[str, None] = {}
     for i, (start, _, word) in enumerate(tokens):
-        if not word:
+        if not word or (names and not _named(text[start : tokens[i][1]])):
             continue
         for j in range(i, min(len(tokens), i + max_tokens)):
             t_start, t_end, t_word = tokens[j]
@@ -84,9 +89,11 @@ def candidates(text: str, max_tokens: int) -> list[str]:
                 # "U.S." and "Inc.": a full stop right after a short word ends the candidate with it
                 prev_start, prev_end, prev_word = tokens[j - 1]
                 if text[t_start] == "." and prev_word and prev_end == t_start and prev_end - prev_start <= _ABBREVIATION:
-                    out.setdefault(text[start:t_end], None)
+                    if not names or _named(text[prev_start:prev_end]):
+                        out.setdefault(text[start:t_end], None)
                 continue
-            out.setdefault(text[start:t_end], None)
+            if not names or _named(text[t_start:t_end]):
+                out.setdefault(text[start:t_end], None)
     return list(out)
 
 
@@ -98,17 +105,20 @@ def fits(values: list[str], limits: TextLimits, reserved: int) -> bool:
     return len(values) + reserved <= limits.max_values and sum(len(v) for v in values) <= limits.max_chars
 
 
-def constrained_schema(plain: dict[str, Any], text: str, limits: TextLimits | None) -> EntitySchema:
+def constrained_schema(plain: dict[str, Any], text: str, limits: TextLimits | None, names: bool = True) -> EntitySchema:
     """`plain` (an `entities_schema`) with each entity's `text` an enum of the text's spans, when the
-    endpoint constrains decoding (`limits` set) and they fit its limits; else `plain` itself."""
+    endpoint constrains decoding (`limits` set) and they fit its limits; else `plain` itself. `names`:
+    in a text with capital letters, only the spans that begin and end with a word holding a capital
+    or a digit."""
     if limits is None:
         return EntitySchema(plain, False)
     item = plain["schema"]["properties"]["entities"]["items"]
     reserved = len(item["properties"]["label"].get("enum", ()))  # the labels' enum counts against the limit
     values: list[str] = []
     size = longest_tokens(text)
+    names = names and any(c.isupper() for c in text)
     while size >= MIN_TOKENS:
-        values = candidates(text, size)
+        values = candidates(text, size, names)
         if fits(values, limits, reserved):
             break
         size -= 1

@@ -187,10 +187,11 @@ class NerTask:
     def _build_json_schema(self) -> dict[str, Any]:
         return entities_schema(self.target.label_names, hints=self.templates.hints)
 
-    def schema_for(self, text: str, limits: TextLimits | None) -> EntitySchema:
-        """The answer's schema for this text: entity texts constrained to its spans where the endpoint
-        constrains decoding (`limits`, see ner/constraints.py), else `json_schema()`."""
-        return constrained_schema(self.json_schema(), text, limits)
+    def schema_for(self, text: str, limits: TextLimits | None, names: bool = True) -> EntitySchema:
+        """The answer's schema for this text: entity texts constrained to its spans (`names`: those that
+        look like names) where the endpoint constrains decoding (`limits`, see ner/constraints.py), else
+        `json_schema()`."""
+        return constrained_schema(self.json_schema(), text, limits, names)
 
     # ---- answer ----
     def parse(self, content: str | None) -> list[Mention]:

@@ -166,7 +166,8 @@ class Prelabeler:
             context_chars=settings.llm_context_chars,
             chunk_overlap=settings.llm_chunk_overlap,
             source=EntitySource(
-                llm, cache, scope, settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts
+                llm, cache, scope, settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts,
+                settings.entity_text_candidates == "names",
             ),
         )
 

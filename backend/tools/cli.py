@@ -348,7 +348,7 @@ def format_capabilities(caps, settings) -> str:
         speed = f"; at least {1 / caps.seconds_per_token:.0f} tokens/s" if caps.seconds_per_token else ""
         row("latency", f"{caps.latency:.2f} s for a short pre-labeling request, warm{speed}")
     mode = settings.llm_structured_output if settings.llm_structured_output != "auto" else caps.mode
-    row("entity texts", describe_entity_texts(mode, settings.constrain_entity_texts))
+    row("entity texts", describe_entity_texts(mode, settings.constrain_entity_texts, settings.entity_text_candidates == "names"))
     advice = advise(caps, settings)
     for i, item in enumerate(advice.uses):
         row("the backend uses" if i == 0 else "", item)

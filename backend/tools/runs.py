@@ -191,8 +191,8 @@ class MeasuredSource(EntitySource):
     """The backend's EntitySource, keeping with each answer the tokens and seconds it took."""
 
     def __init__(self, llm: LLMClient, cache: ResponseCache | None, scope: str, samples: int, temperature: float,
-                 constrain: bool = True):
-        super().__init__(llm, cache, scope, samples, temperature, constrain)
+                 constrain: bool = True, names: bool = True):
+        super().__init__(llm, cache, scope, samples, temperature, constrain, names)
         self._lock = threading.Lock()
         self._pack_seconds: dict[str, float] = {}
         self.seconds: list[float] = []  # per text answered: the seconds of the request that answered it
@@ -298,7 +298,8 @@ def run_configuration(
     # the endpoint is part of the scope: one model name served by two endpoints gives two answers
     cache = workspace.cache if settings.llm_cache else None  # LLM_CACHE=false: every request is sent
     source = MeasuredSource(llm, cache, f"llm-ner evaluation|{settings.openai_base_url or 'openai'}",
-                            settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts)
+                            settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts,
+                            settings.entity_text_candidates == "names")
     select = store.selector(settings.few_shot_k, settings.few_shot_token_budget) if store is not None else None
     target = schema.targets[0]
     prelabeler = Prelabeler(
