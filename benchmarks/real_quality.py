@@ -86,6 +86,8 @@ def main() -> int:
     parser.add_argument("--only", help="only these configurations, e.g. names-k0,names-k4,free-k4 (default: every one)")
     # answers are cached by endpoint, port included: a fixed port lets a later run re-use them
     parser.add_argument("--ports", default="smollm2=18711,gemma=18712", help="the server's port per model")
+    # on a machine loaded beyond its cores, one thread waits for no other at each step of a token
+    parser.add_argument("--threads", type=int, default=2, help="the server's threads")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "real_quality")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,8 @@ def main() -> int:
             print(f"{model}: not installed in {LLAMA_VENV} (make llama / make gemma); skipped", flush=True)
             continue
         ports = dict(item.split("=") for item in args.ports.split(","))
-        with run_llama_server(path, alias=model, port=int(ports[model]) if model in ports else None) as server:
+        with run_llama_server(path, alias=model, port=int(ports[model]) if model in ports else None,
+                               extra=["--n_threads", str(args.threads)]) as server:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "LABEL_STUDIO"))}
             # generous: one request at a time on a shared machine, the examples' prompts included
             env.update(OPENAI_API_KEY=TEST_API_KEY, OPENAI_BASE_URL=server.base_url, LLM_MODEL=model,
