@@ -15,7 +15,7 @@ from urllib.parse import quote, quote_plus
 import httpx
 import pytest
 
-from tests.conftest import NER_CONFIG, cli
+from tests.conftest import NER_CONFIG, cli, job_auth
 from tests.fake_llm import Reply
 from tests.processes import REPO, TEST_API_KEY, backend_env, wait_until
 
@@ -120,6 +120,7 @@ class EchoingProxy:
         import threading
 
         self.upstream, self.fail, self.echoed = upstream, None, 0
+        self.status, self.cookie, self.copies = 502, None, 1  # the failing answer: status, a Set-Cookie, the echo's copies
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -127,8 +128,11 @@ class EchoingProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if proxy.fail is not None and self.path.startswith(proxy.fail):
                     proxy.echoed += 1
-                    status, headers = 502, {"Content-Type": "application/json"}
-                    content = json.dumps({"detail": f"Authorization {self.headers.get('Authorization')} refused upstream ({self.path})"}).encode()
+                    status, headers = proxy.status, {"Content-Type": "application/json"}
+                    if proxy.cookie:
+                        headers = {"Set-Cookie": f"sessionid={proxy.cookie}; HttpOnly; Path=/", **headers}
+                    echo = " ".join([f"Authorization {self.headers.get('Authorization')}"] * proxy.copies)
+                    content = json.dumps({"detail": f"{echo} refused upstream ({self.path})"}).encode()
                 else:
                     sent = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
                     answer = httpx.request(self.command, proxy.upstream + self.path, headers=sent, content=body, timeout=120)
@@ -257,3 +261,40 @@ def test_a_key_given_as_an_option_never_reaches_the_store_or_the_job_records(lab
     stored = store_text(model_dir / "backend.sqlite3")
     assert "refused upstream" in stored and "***" in stored  # the job's message quotes the echo, masked
     assert [s for s in spellings(key) if s in stored + run.stdout + run.stderr] == []
+
+
+COOKIE = "sessionid-secret-4d4d2e"
+
+
+@pytest.mark.label_studio
+def test_a_label_studio_refusal_shows_its_reason_in_the_job_record_but_no_key_head_and_no_cookie(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    """A job's message was `str(error)[:300]`: the SDK's error text starts with Label Studio's answer
+    headers (its session cookie), and the cut at 300 characters could fall inside a key the answer
+    quoted, whose head then went out unmasked. GET /jobs needs no credentials in open mode."""
+    key = label_studio.token
+    project = connected_project(["Ada wrote."], title="refusal with a cookie", connect=False)
+    proxy = EchoingProxy(label_studio.url)
+    # a 403 whose body quotes the key again and again, across the 300th character, with a session cookie
+    proxy.fail, proxy.status, proxy.cookie, proxy.copies = "/api/tasks", 403, COOKIE, 12
+    try:
+        backend = backend_factory(workers=1, LABEL_STUDIO_URL=proxy.url, LABEL_STUDIO_API_KEY=key)
+        started = httpx.post(backend.url + "/jobs", json={"project": project.id}, headers=job_auth(backend), timeout=60)
+        assert started.status_code == 202, started.text
+        job_id = started.json()["id"]
+        ended = wait_until(lambda: (j := httpx.get(f"{backend.url}/jobs/{job_id}", timeout=30).json())["state"] != "running" and j,
+                           timeout=120, interval=0.5)
+        listed = httpx.get(backend.url + "/jobs", timeout=30)
+    finally:
+        proxy.close()
+    assert proxy.echoed >= 1 and ended and ended["state"] == "failed", ended
+    # Label Studio's reason is there (its status and body, the key masked), its headers are not
+    assert "HTTP 403 from Label Studio: Authorization" in ended["message"] and "(/api/tasks" in ended["message"], ended
+    assert "***" in ended["message"], ended
+    outward = [listed.text, httpx.get(f"{backend.url}/jobs/{job_id}", timeout=30).text, backend.log()]
+    assert listed.status_code == 200 and job_id in listed.text, listed.text
+    head = key[: len(key) // 4]  # what a cut inside the key leaves
+    found = [(what, text[max(0, text.find(what) - 100):text.find(what) + 40]) for text in map(str.lower, outward)
+             for what in (COOKIE, head.lower(), "set-cookie") if what in text]
+    assert found == [], found

@@ -65,13 +65,34 @@ def _plain_task(task: Any) -> dict[str, Any]:
     }
 
 
-def describe_error(error: Exception) -> str:
-    """Log-safe: the status alone. The SDK's errors also carry Label Studio's answer headers, whose
-    session cookie must not reach a log."""
+def _answer_text(body: Any) -> str:
+    """Label Studio's answer body as text: its `detail` and each of its validation errors, as written."""
+    if not isinstance(body, (dict, list)):
+        return "" if body is None else str(body)
+    errors = body.get("validation_errors") if isinstance(body, dict) else None
+    if isinstance(errors, dict):
+        said = [f"{'' if name == 'non_field_errors' else name + ': '}{message}" for name, messages in errors.items()
+                for message in (messages if isinstance(messages, list) else [messages])]
+        return f"{body.get('detail') or 'refused'}: " + "; ".join(map(str, said))
+    if isinstance(body, dict) and isinstance(body.get("detail"), str):
+        return body["detail"]
+    return json.dumps(body, ensure_ascii=False)
+
+
+def describe_error(error: BaseException) -> str:
+    """What a job record, a log line or an answer says of an error: the one way such texts are made.
+
+    For the SDK's errors, the status and Label Studio's answer body (why it refused: its validation
+    errors), never the answer's headers, which `str()` of them includes (a session cookie); otherwise
+    the error's type and text. Cut at words' edges (`shortened`): a key the text quotes stays whole,
+    and masking finds it on the way out."""
     status = getattr(error, "status_code", None)
-    if status is not None:
-        return f"HTTP {status} from Label Studio"
-    return shortened(f"{type(error).__name__}: {error}", 300)
+    if status is None:
+        return shortened(f"{type(error).__name__}: {error}", 300)
+    said = " ".join(_answer_text(getattr(error, "body", None)).split())  # an HTML error page: one line
+    if len(said) > 300:  # its head and its end: Label Studio quotes what it refused first, then says why
+        said = shortened(said, 150) + " " + shortened(said[::-1], 150)[::-1].lstrip("…").lstrip()
+    return f"HTTP {status} from Label Studio" + (f": {said}" if said else "")
 
 
 def sdk_client(url: str, api_key: str, timeout: float | None = None) -> Any:

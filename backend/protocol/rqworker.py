@@ -33,6 +33,7 @@ from rq.worker import WorkerStatus
 
 from backend.infra.errors import BackendError, ConfigError
 from backend.infra.settings import Settings, get_settings
+from backend.learning.labelstudio import describe_error
 from backend.pipeline.jobs.jobqueue import PART_RETRIES, JobQueue, redis_place
 from backend.pipeline.jobs.parts import fail_part
 from backend.pipeline.jobs.records import JobSpec
@@ -93,8 +94,7 @@ def perform_part(job_id: str, part: int, tasks: list[dict[str, Any]]) -> str:
             # RQ puts a failed job straight back on the queue: back off first (Label Studio may be
             # restarting), longer at each run; this worker waits, it could not write meanwhile either
             delay = RETRY_BACKOFF[min(PART_RETRIES - left, len(RETRY_BACKOFF) - 1)]
-            log.warning("job %s part %d failed (%s: %s); run again in %g s", job_id, part, type(error).__name__,
-                        str(error)[:200], delay)
+            log.warning("job %s part %d failed (%s); run again in %g s", job_id, part, describe_error(error), delay)
             time.sleep(delay)
         raise
     log.info("job %s part %d (%d tasks): %s", job_id, part, len(tasks), ended or "ended by another run")
@@ -107,7 +107,8 @@ def part_gave_up(job: Job, connection: Any, kind: Any = None, value: Any = None,
     if job.retries_left:
         return  # RQ runs it again
     job_id, part, tasks = job.args
-    reason = f"part failed after {PART_RETRIES + 1} runs: {getattr(kind, '__name__', kind)}: {str(value)[:200]}"
+    why = describe_error(value) if isinstance(value, BaseException) else str(getattr(kind, "__name__", kind))
+    reason = f"part failed after {PART_RETRIES + 1} runs: {why}"
     rt = runtime()
     fail_part(rt.services.jobs, rt.services.deliveries, job_id, part, [t["id"] for t in tasks], reason)
 

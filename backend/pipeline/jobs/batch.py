@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 import openai
 
 from backend.infra.usage import Usage, cost_usd
+from backend.learning.labelstudio import describe_error
 from backend.llm.batch import (
     TERMINAL,
     BatchAnswers,
@@ -321,7 +322,7 @@ class BatchJob:
                 return self._cancelled()
         except Exception as error:
             # describe_api_error: a provider's 401 echoes part of the key, never repeated
-            why = describe_api_error(error) if isinstance(error, openai.OpenAIError) else f"{type(error).__name__}: {str(error)[:300]}"
+            why = describe_api_error(error) if isinstance(error, openai.OpenAIError) else describe_error(error)
             log.warning("job %s: batch stage failed: %s", job_id, why)
             jobs.finish(job_id, "failed", f"Batch API: {why}")
             return jobs.get(job_id) or {}

@@ -21,6 +21,7 @@ from typing import Any
 
 from backend.infra import metrics
 from backend.infra.usage import Usage
+from backend.learning.labelstudio import describe_error
 from backend.pipeline.delivery import Deliveries, Delivery, Written, holder_name, import_predictions, predicted_in_label_studio
 from backend.pipeline.jobs.process import WRITE_EVERY
 from backend.pipeline.jobs.records import Jobs, JobSpec
@@ -81,7 +82,7 @@ def plan_parts(
         if batch and not jobs.cancel_requested(job_id):
             hand_over()
     except Exception as error:
-        message = f"reading the project stopped: {type(error).__name__}: {str(error)[:300]}"
+        message = f"reading the project stopped: {describe_error(error)}"
         log.warning("job %s: %s", job_id, message)
     jobs.planned(job_id, reading.seen, reading.skipped, message)
     if message:

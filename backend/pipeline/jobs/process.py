@@ -15,6 +15,7 @@ from typing import Any
 
 from backend.infra import metrics
 from backend.infra.usage import Usage
+from backend.learning.labelstudio import describe_error
 from backend.pipeline.delivery import Delivery, import_predictions
 from backend.pipeline.jobs.tries import (
     PAGE,
@@ -133,7 +134,7 @@ class ProjectJob:
                 self.handed += len(finished)
                 writes.put(finished)
         except Exception as error:
-            self.stop = ("failed", f"{type(error).__name__}: {str(error)[:300]}")
+            self.stop = ("failed", describe_error(error))
         finally:
             self.reading = False
             # a stopped job lets the calls in flight end (their answers are cached); a cancelled one's
@@ -199,7 +200,7 @@ class ProjectJob:
             try:
                 stop = self._write(batch)
             except Exception as error:
-                stop = ("failed", f"writing to Label Studio: {type(error).__name__}: {str(error)[:300]}")
+                stop = ("failed", f"writing to Label Studio: {describe_error(error)}")
             if stop[0] != "running":
                 self.stop = stop
 
