@@ -177,3 +177,51 @@ def test_concurrent_writers_of_the_same_tasks_leave_one_prediction_each(label_st
         thread.join()
     assert all(v == ["v1"] for v in versions(project).values())
     assert sum(len(o.delivered) for o in outcomes) == 20
+
+
+def test_a_write_label_studio_refuses_for_one_deleted_task_writes_every_other_task_and_fails_that_one(
+    label_studio, connected_project, tmp_path
+):
+    """Label Studio 1.23.2 refuses a whole import_predictions call with a 400 ("Validation error", the
+    item "contains invalid "task" field: corresponding task ID couldn't be retrieved") when one of its
+    tasks was deleted, storing none of it: one task deleted mid-job failed the whole job."""
+    from backend.pipeline.delivery import Delivery, import_predictions, label_studio_client
+    from tests.conftest import span
+
+    project = connected_project(job_texts(9), title="one deleted", connect=False)
+    tasks = project.tasks()  # read before the delete, as a job's reader does
+    gone = tasks[5].id
+    project.ls.tasks.delete(id=gone)
+    deliveries = Deliveries(Database.in_dir(tmp_path))
+    items = [Delivery(str(project.id), t.id, "v1", [span(t.data["text"], "Note", "MISC")], None) for t in tasks]
+    written = import_predictions(label_studio_client(label_studio.url, label_studio.token), deliveries, items, owner="job-1")
+    assert written.delivered == {t.id for t in tasks} - {gone}, written
+    assert list(written.failed) == [gone] and "HTTP 400 from Label Studio" in written.failed[gone], written.failed
+    assert "couldn't be retrieved" in written.failed[gone], written.failed
+    assert versions(project) == {t.id: ["v1"] for t in tasks if t.id != gone}
+    assert deliveries.holders(str(project.id), "v1", [gone]) == {}  # its claim released: nothing is held for it
+
+
+def test_a_task_deleted_while_its_job_runs_fails_alone_and_the_job_writes_the_rest(
+    label_studio, backend_factory, connected_project, llm, tmp_path
+):
+    llm.gazetteer = dict(JOB_GAZETTEER)
+    gate = threading.Event()  # the job's LLM calls wait here until the task is deleted
+    llm.responder = lambda body: gate.wait(300) and llm.gazetteer_reply(body)
+    backend = backend_factory(workers=1, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
+    project = connected_project(job_texts(8), title="deleted mid-job", backend=backend)
+    started = httpx.post(backend.url + "/jobs", headers=job_auth(backend), json={"project": project.id, "concurrency": 2},
+                         timeout=60)
+    assert started.status_code == 202, started.text
+    job_id = started.json()["id"]
+    # a call under way: the job has read the project's tasks (one page), none written yet
+    assert wait_until(lambda: len(llm.requests) >= 1, timeout=120)
+    gone = project.tasks()[2].id
+    project.ls.tasks.delete(id=gone)
+    gate.set()
+    ended = wait_until(lambda: (j := httpx.get(f"{backend.url}/jobs/{job_id}", timeout=30).json())["state"] != "running" and j,
+                       timeout=300, interval=0.5)
+    assert ended and ended["state"] == "done" and ended["done"] == 7 and ended["failed"] == 1, ended
+    (failure,) = ended["failures"]
+    assert failure["task"] == gone and "couldn't be retrieved" in failure["reason"], failure
+    assert predictions_written(project) == 7

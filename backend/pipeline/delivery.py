@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 NO_RETRIES = {"max_retries": 0}  # request_options of every write: a retry the SDK makes is a duplicate
 WRITE_TRIES = 3  # writes of one batch when Label Studio's answers are lost (each resolved by reading back first)
 READ_PER_CALL = 200  # tasks read back per call (their ids go into the Data Manager query)
+# refusals of some tasks of a write (400: Label Studio 1.23 names a task deleted meanwhile; 413: too large),
+# not of every write (401, 403, 404: the key, the project): those are split, down to the tasks refused
+SPLIT_ON = (400, 413)
 
 
 @dataclass
@@ -276,7 +279,10 @@ def import_predictions(client: Any, deliveries: Deliveries, items: list[Delivery
     Claims are `owner`'s (this process's by default). A task Label Studio holds already is not
     written; one another writer is writing is left to it. Every write is read back: what Label
     Studio holds is delivered (its claims confirmed); a write whose answer was lost is resolved by
-    that read before the rest is written again. A write Label Studio refused releases its claims
+    that read before the rest is written again. Label Studio validates a call whole and refuses it
+    whole (one task of it deleted meanwhile): a call refused for some of its tasks (SPLIT_ON) is
+    split in halves, down to single tasks, so every task it accepts is written and only the refused
+    ones fail, with its reason. A refusal of any write (its key, its project) releases the claims
     and raises."""
     owner = owner or deliveries.owner
     outcome = Written()
@@ -290,7 +296,25 @@ def import_predictions(client: Any, deliveries: Deliveries, items: list[Delivery
         claims = deliveries.acquire(project_id, version, [d.task_id for d in group], owner, holds)
         outcome.present |= claims.present
         outcome.pending.update(claims.pending)
-        left = {d.task_id: d for d in group if d.task_id in claims.mine}
+        batch = _Batch(client, deliveries, project_id, version, owner, holds, outcome)
+        batch.write({d.task_id: d for d in group if d.task_id in claims.mine})
+    return outcome
+
+
+@dataclass
+class _Batch:
+    """The writes of one project's predictions of one version (`import_predictions`)."""
+
+    client: Any
+    deliveries: Deliveries
+    project_id: str
+    version: str
+    owner: str
+    holds: Callable[[list[int]], set[int]]
+    outcome: Written
+
+    def write(self, left: dict[int, Delivery]) -> None:
+        project_id, version, owner = self.project_id, self.version, self.owner
         why = ""
         for _ in range(WRITE_TRIES):
             if not left:
@@ -300,28 +324,42 @@ def import_predictions(client: Any, deliveries: Deliveries, items: list[Delivery
                 for d in left.values()
             ]
             try:
-                client.projects.import_predictions(id=int(project_id), request=request, request_options=NO_RETRIES)
+                self.client.projects.import_predictions(id=int(project_id), request=request, request_options=NO_RETRIES)
                 why = "written, but not found in Label Studio when read back"
             except Exception as error:
-                if not _ambiguous(error):
-                    deliveries.release(project_id, version, left, owner)
-                    raise
+                if not _ambiguous(error):  # refused, nothing of it stored
+                    if getattr(error, "status_code", None) not in SPLIT_ON:
+                        self.deliveries.release(project_id, version, left, owner)
+                        raise
+                    self._refused(left, error)
+                    return
                 why = f"writing to Label Studio: {describe_error(error)}"
                 log.warning("project %s: a write of %d predictions ended without an answer (%s): reading back what "
                             "Label Studio holds", project_id, len(left), describe_error(error))
             try:
-                found = holds(sorted(left))
+                found = self.holds(sorted(left))
             except Exception as error:
                 # neither written for sure nor read back: the claims stay, unconfirmed, for the lease
                 log.warning("project %s: could not read back %d predictions (%s)", project_id, len(left), describe_error(error))
                 raise
-            deliveries.confirm(project_id, version, found, owner)
-            outcome.delivered |= found
+            self.deliveries.confirm(project_id, version, found, owner)
+            self.outcome.delivered |= found
             left = {i: d for i, d in left.items() if i not in found}
         if left:
-            deliveries.release(project_id, version, left, owner)
-            outcome.failed.update(dict.fromkeys(left, why))
-    return outcome
+            self.deliveries.release(project_id, version, left, owner)
+            self.outcome.failed.update(dict.fromkeys(left, why))
+
+    def _refused(self, left: dict[int, Delivery], error: Exception) -> None:
+        """Label Studio refused this write: each half is written on its own, a single task fails."""
+        if len(left) > 1:
+            ids = list(left)
+            for half in (ids[: len(ids) // 2], ids[len(ids) // 2 :]):
+                self.write({i: left[i] for i in half})
+            return
+        why = f"refused by Label Studio: {describe_error(error)}"
+        log.warning("project %s: task %s: %s", self.project_id, next(iter(left)), why)
+        self.deliveries.release(self.project_id, self.version, left, self.owner)
+        self.outcome.failed.update(dict.fromkeys(left, why))
 
 
 class PredictionWriter:
