@@ -225,3 +225,22 @@ def test_a_task_deleted_while_its_job_runs_fails_alone_and_the_job_writes_the_re
     (failure,) = ended["failures"]
     assert failure["task"] == gone and "couldn't be retrieved" in failure["reason"], failure
     assert predictions_written(project) == 7
+
+
+def test_a_task_label_studio_stored_a_predict_answer_for_after_the_job_listed_it_is_not_written_again(
+    label_studio, connected_project, tmp_path
+):
+    # an annotator opens a task while a job runs: Label Studio stores the /predict answer (as the SDK's
+    # predictions.create does here) after the job listed the task as unpredicted; the job's write skips it
+    from backend.pipeline.delivery import Delivery, import_predictions, label_studio_client
+    from tests.conftest import span
+
+    project = connected_project(job_texts(6), title="opened meanwhile", connect=False)
+    tasks = project.tasks()
+    opened = tasks[2]
+    project.ls.predictions.create(task=opened.id, result=[span(opened.data["text"], "Note", "MISC")], model_version="v1")
+    items = [Delivery(str(project.id), t.id, "v1", [span(t.data["text"], "Note", "MISC")], None) for t in tasks]
+    written = import_predictions(label_studio_client(label_studio.url, label_studio.token), Deliveries(Database.in_dir(tmp_path)), items,
+                                 owner="job-0123456789ab")
+    assert written.present == {opened.id} and written.delivered == {t.id for t in tasks} - {opened.id}
+    assert versions(project) == {t.id: ["v1"] for t in tasks}

@@ -113,20 +113,24 @@ class Deliveries:
         ids = sorted({int(t) for t in task_ids})
         claims = Claims(mine=self.claim(project_id, model_version, ids, owner))
         rest = [i for i in ids if i not in claims.mine]
-        if not rest:
-            return claims
         now = self.clock()
-        held = self.holders(project_id, model_version, rest)
+        held = self.holders(project_id, model_version, rest) if rest else {}
         ended = {i: h for i, h in held.items() if h[1] or h[2] < now - self.lease}  # written, or its holder died
         claims.pending = {i: holder_name(h[0]) for i, h in held.items() if i not in ended}
+        # a task nobody claimed may hold a prediction all the same: Label Studio stored a /predict answer
+        # (an annotator opened it while a job ran) after the job listed it; written again, it would be a second
+        asked = sorted(claims.mine | set(ended))
         try:
-            claims.present = in_label_studio(sorted(ended)) if ended else set()
+            claims.present = in_label_studio(asked) if asked else set()
         except Exception as error:  # Label Studio cannot tell now: nothing is written twice, it is asked again later
             why = f"unknown: Label Studio could not be read ({describe_error(error)})"
             claims.pending.update(dict.fromkeys(ended, why))
             ended = {}
         if claims.present:
             self.confirm_found(project_id, model_version, claims.present)
+            claims.mine -= claims.present
+        if not rest:
+            return claims
         lost = {i: h for i, h in ended.items() if i not in claims.present}
         gone = [i for i in rest if i not in held]  # released between the claim and the look: claim them now
         claims.mine |= self.claim(project_id, model_version, gone, owner) if gone else set()
