@@ -46,16 +46,16 @@ def test_a_claim_left_unconfirmed_by_a_dead_process_is_taken_over_after_the_leas
     assert [len(project.predictions(t)) for t in (first, second, third)] == [1, 1, 1]
 
 
-def test_a_write_label_studio_refuses_releases_its_claims_for_the_next_try(label_studio, connected_project, tmp_path):
+def test_a_write_label_studio_refuses_releases_the_refused_claims_for_the_next_try(label_studio, connected_project, tmp_path):
     project = connected_project(TEXTS[:1], title="refused", connect=False)
     (task,) = (t.id for t in project.tasks())
     deliveries = Deliveries(Database.in_dir(tmp_path), lease=30)
     result = [span(TEXTS[0], "Ada Lovelace", "PER")]
-    missing = task + 10_000_000  # no such task: Label Studio refuses the whole write
-    with pytest.raises(Exception) as refused:
-        import_predictions(label_studio.client(), deliveries, [Delivery(str(project.id), t, "v1", result, None) for t in (task, missing)])
-    assert 400 <= getattr(refused.value, "status_code", 0) < 500
-    assert project.predictions(task) == []
-    assert deliveries.holders(str(project.id), "v1", [task, missing]) == {}  # Label Studio answered: nothing was stored
-    assert import_predictions(label_studio.client(), deliveries, [Delivery(str(project.id), task, "v1", result, None)]).delivered == {task}
+    missing = task + 10_000_000  # no such task: Label Studio refuses the whole write, which is split down to it
+    written = import_predictions(label_studio.client(), deliveries, [Delivery(str(project.id), t, "v1", result, None) for t in (task, missing)])
+    assert written.delivered == {task} and set(written.failed) == {missing}
+    assert "HTTP 400" in written.failed[missing]
+    assert set(deliveries.holders(str(project.id), "v1", [task, missing])) == {task}  # the refused claim is released
+    again = import_predictions(label_studio.client(), deliveries, [Delivery(str(project.id), task, "v1", result, None)])
+    assert again.present == {task} and again.delivered == set()
     assert len(project.predictions(task)) == 1
