@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from backend.infra.storage import DB_NAME
-from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_auth, job_texts, ls_args
+from tests.conftest import JOB_GAZETTEER, assert_exact, cli, job_auth, job_texts, ls_args, predictions_by_task
 from tests.fake_llm import Reply, entities_reply
 from tests.processes import REPO, backend_env, stop, wait_until
 
@@ -42,8 +42,10 @@ def store(model_dir, sql: str, params: tuple = ()) -> list[tuple]:
 def results_of(project) -> dict[int, set]:
     """Each task's one prediction: its (start, end, label, score) regions and its score; fails on a task with two."""
     out = {}
-    for task in project.tasks():
-        (prediction,) = project.predictions(task.id)
+    tasks = project.tasks()
+    held = predictions_by_task(project, tasks)
+    for task in tasks:
+        (prediction,) = held[task.id]
         regions = {(r["value"]["start"], r["value"]["end"], r["value"]["labels"][0], r.get("score")) for r in prediction.result}
         out[task.data["text"]] = (regions, prediction.score)
     return out
@@ -262,7 +264,7 @@ def test_a_backend_restarted_while_its_batch_api_job_waits_resumes_the_stored_ba
     llm.batch_hold = False
     project.backend = backend_factory(workers=2, model_dir=model_dir, **env)  # same store, same MODEL_DIR
     # it waits for the killed job's heartbeat to go stale (JOB_HEARTBEAT), then one worker resumes it
-    written = lambda: all(len(project.predictions(t.id)) == 1 for t in project.tasks())
+    written = lambda: all(len(held) == 1 for held in predictions_by_task(project).values())
     assert wait_until(written, timeout=180, interval=0.5)
     assert len(llm.batches) == 1 and len(llm.batch_requests) == 10 and llm.requests == []
     assert_exact(project, project.model_version())

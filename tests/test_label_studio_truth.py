@@ -14,7 +14,16 @@ import pytest
 
 from backend.infra.storage import Database
 from backend.pipeline.delivery import Deliveries
-from tests.conftest import JOB_GAZETTEER, NER_CONFIG, assert_exact, cli, job_auth, job_texts, predictions_written
+from tests.conftest import (
+    JOB_GAZETTEER,
+    NER_CONFIG,
+    assert_exact,
+    cli,
+    job_auth,
+    job_texts,
+    predictions_by_task,
+    predictions_written,
+)
 from tests.processes import backend_env, wait_until
 
 pytestmark = pytest.mark.label_studio
@@ -28,7 +37,7 @@ def prelabel(llm, model_dir, url: str, token: str, *args: str, **env: str) -> su
 def versions(project) -> dict[int, list[str]]:
     """task id -> the model_version of each prediction Label Studio holds for it (read with predictions.list,
     which never makes Label Studio call /predict)."""
-    return {t.id: [p.model_version for p in project.predictions(t.id)] for t in project.tasks()}
+    return {task_id: [p.model_version for p in held] for task_id, held in predictions_by_task(project).items()}
 
 
 def test_a_write_whose_answer_is_lost_is_read_back_not_repeated_one_prediction_per_task(

@@ -15,13 +15,22 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import JOB_GAZETTEER, assert_exact, cli, figures, job_auth, job_texts, ls_args, predictions_written, span
+from tests.conftest import (
+    JOB_GAZETTEER,
+    assert_exact,
+    cli,
+    figures,
+    job_auth,
+    job_texts,
+    ls_args,
+    predictions_by_task,
+    predictions_written,
+    span,
+)
 from tests.fake_llm import Reply
 from tests.processes import REPO, backend_env, wait_until
 
 pytestmark = pytest.mark.label_studio
-
-
 
 
 def job_env(llm, model_dir, label_studio, **extra) -> dict[str, str]:
@@ -31,10 +40,6 @@ def job_env(llm, model_dir, label_studio, **extra) -> dict[str, str]:
 
 def prelabel(llm, model_dir, label_studio, *args, **env) -> subprocess.CompletedProcess:
     return cli("prelabel", *args, "--quiet", env=job_env(llm, model_dir, label_studio, **env))
-
-
-def all_predictions(project) -> dict[int, list]:
-    return {t.id: project.predictions(t.id) for t in project.tasks()}
 
 
 
@@ -150,7 +155,7 @@ def test_dry_run_and_max_cost_send_nothing(label_studio, backend_factory, connec
     assert costly.returncode == 1 and "above --max-cost" in costly.stderr and "Traceback" not in costly.stderr
     unconfirmed = prelabel(llm, model_dir, label_studio, "--project", str(project.id), LLM_PRICES='{"fake-model": [1000, 1000]}')
     assert unconfirmed.returncode == 1 and "--yes" in unconfirmed.stderr
-    assert llm.requests == [] and all(p == [] for p in all_predictions(project).values())
+    assert llm.requests == [] and all(p == [] for p in predictions_by_task(project).values())
 
 
 TWO_TEXTS = """<View>
