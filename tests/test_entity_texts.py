@@ -116,6 +116,27 @@ def test_names_leave_out_spans_that_begin_or_end_with_a_lowercase_word_unless_th
         assert chosen.schema["schema"]["properties"]["entities"]["items"]["properties"]["text"]["enum"] == candidates(text, MAX_TOKENS)
 
 
+def test_names_leave_out_words_capitalised_only_because_they_begin_a_sentence():
+    """Without examples SmolLM2 labelled the first capitalised span of the text, "The" or "He", as a
+    PER: a function word at a sentence's start is no name's first or last word; a name there is."""
+    text = "The band played in Texas. He met Abe Lyman in 1964 . In Paris, The Hague and Carter's home?\nThey left."
+    names = candidates(text, MAX_TOKENS, names=True)
+    assert {"Texas", "Abe Lyman", "1964", "Paris", "The Hague", "Carter"} <= set(names)
+    assert not {"The band", "He", "He met Abe", "In", "In Paris", "They", "They left"} & set(names)
+    # a sentence's full stop ends a name, spaced or not; an abbreviation's does not
+    assert not [n for n in names if "Texas. He" in n or "1964 . In" in n]
+    assert {"U.S.", "Acme Inc. in Paris"} <= set(candidates(SENTENCE, MAX_TOKENS, names=True))
+    # every n-gram (ENTITY_TEXT_CANDIDATES=all) keeps them
+    assert {"The", "He", "They"} <= set(candidates(text, MAX_TOKENS))
+    # a text whose only capital begins it can name nothing: its schema allows no entity, where the
+    # plain one let SmolLM2 write the sentence as a PER (a failed task)
+    chosen = task().schema_for("Each councillor represents two city wards.", TEXT_LIMITS["json_schema"])
+    assert chosen.constrained and chosen.candidates == 0
+    jsonschema.validate({"entities": []}, chosen.schema["schema"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"entities": [{"text": "Each councillor", "label": "PER"}]}, chosen.schema["schema"])
+
+
 def test_entity_text_candidates_all_sends_every_n_gram(make_client, llm):
     llm.gazetteer = {"Paris": "LOC"}
     predict(make_client(entity_text_candidates="all"), [SENTENCE])

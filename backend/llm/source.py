@@ -11,11 +11,12 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from backend.infra import metrics
 from backend.infra.deadline import map_in_order
 from backend.infra.errors import BackendError, LLMOutputError
+from backend.infra.settings import Settings
 from backend.infra.usage import Usage
 from backend.llm.cache import ResponseCache, cache_key
 from backend.llm.client import Answer, LLMClient
@@ -220,6 +221,11 @@ class EntitySource:
         self.names = names  # ENTITY_TEXT_CANDIDATES=names
         self._prefilled: dict[str, Found] = {}  # answers packing got for this request, by key
         self._said: set[str] = set()  # the schema kinds this source has logged at INFO (once each)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, llm: LLMClient, cache: ResponseCache | None = None, scope: str = "") -> Self:
+        return cls(llm, cache, scope, settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts,
+                   settings.entity_text_candidates == "names")
 
     def schema(self, task: NerTask, text: str, say: bool = True) -> EntitySchema:
         """The answer's schema for `text`: its entity texts constrained to its spans where the

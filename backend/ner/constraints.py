@@ -9,7 +9,9 @@ format or the sentence); large ones lose nothing, as their entities are spans an
 Candidates are runs of up to `max_tokens` tokens (a word, one character of a script written
 without spaces, or one punctuation mark) within one line, that neither start nor end with
 punctuation, except an abbreviation's final full stop ("U.S.", "Inc."), and hold no punctuation
-but the kinds names have (`AT&T`, `Coca-Cola`, `O'Brien`). Their spelling is the
+but the kinds names have (`AT&T`, `Coca-Cola`, `O'Brien`); a sentence's full stop ends them. With
+`names`, they begin and end with a word that holds a capital or a digit, not only because it begins a
+sentence ("The", "He", "In": see `_POSITION_CAPITALS`). Their spelling is the
 text's own (its spacing included). Beyond the endpoint's limits (enum values, their characters)
 the n-grams are shortened down to `MIN_TOKENS`; a text that still has too many candidates gets the
 plain schema, and `EntitySchema.constrained` says so (the log and `llm-ner doctor` report it).
@@ -67,17 +69,53 @@ def _tokens(text: str) -> list[tuple[int, int, bool]]:
     return [(m.start(), m.end(), m.group()[0].isalnum() or m.group()[0] == "_") for m in _TOKEN.finditer(text)]
 
 
-def _named(word: str) -> bool:
+# English words that hold a capital at a sentence's start only because of where they stand: the
+# closed classes (articles, pronouns, prepositions, conjunctions, determiners) and a few adverbs. Small
+# models asked for names with none to copy from an example pick the first capitalised span of the
+# text, "The" or "He", as a PER (seen on SmolLM2, docs/benchmarks.md)
+_POSITION_CAPITALS = frozenset("""
+a an the this that these those each every all both some any no another such either neither
+i he she it we you they me him her us them my his its our your their who whom whose what which
+in on at by for from of to with without into onto upon over under after before during since until
+between among through across about against along around behind beyond near off per via than
+and but or nor so yet if as when while where although though because unless whether then there
+here also however thus still once not
+""".split())
+
+
+def _named(word: str, initial: bool = False) -> bool:
+    """A word a name may begin or end with: it holds a capital or a digit, and not only because it
+    begins a sentence (`initial`)."""
+    if initial and word.lower() in _POSITION_CAPITALS:
+        return False
     return any(c.isupper() or c.isdigit() for c in word)
+
+
+def _initials(text: str, tokens: list[tuple[int, int, bool]]) -> set[int]:
+    """The tokens that begin a sentence: the text's first word, a word after a line break, or after
+    a full stop, a question or exclamation mark, a colon (quotes and brackets between)."""
+    initial: set[int] = set()
+    boundary = True
+    for i, (start, _, word) in enumerate(tokens):
+        if i and "\n" in text[tokens[i - 1][1] : start]:
+            boundary = True
+        if word:
+            if boundary:
+                initial.add(i)
+            boundary = False
+        elif text[start] in ".!?:;\u3002\uff01\uff1f":
+            boundary = True
+    return initial
 
 
 def candidates(text: str, max_tokens: int, names: bool = False) -> list[str]:
     """The text's spans an entity may be, in order of first appearance, each once (`names`: only
     those whose first and last words hold a capital or a digit)."""
     tokens = _tokens(text)
+    initial = _initials(text, tokens) if names else set()
     out: dict[str, None] = {}
     for i, (start, _, word) in enumerate(tokens):
-        if not word or (names and not _named(text[start : tokens[i][1]])):
+        if not word or (names and not _named(text[start : tokens[i][1]], i in initial)):
             continue
         for j in range(i, min(len(tokens), i + max_tokens)):
             t_start, t_end, t_word = tokens[j]
@@ -86,13 +124,17 @@ def candidates(text: str, max_tokens: int, names: bool = False) -> list[str]:
             if not t_word:
                 if text[t_start] not in _INSIDE:
                     break  # a comma, a bracket, a quote, CJK punctuation: names do not run over them
-                # "U.S." and "Inc.": a full stop right after a short word ends the candidate with it
                 prev_start, prev_end, prev_word = tokens[j - 1]
-                if text[t_start] == "." and prev_word and prev_end == t_start and prev_end - prev_start <= _ABBREVIATION:
-                    if not names or _named(text[prev_start:prev_end]):
-                        out.setdefault(text[start:t_end], None)
+                if text[t_start] == ".":
+                    attached = prev_word and prev_end == t_start
+                    # "U.S." and "Inc.": a full stop right after a short word ends the candidate with it
+                    if attached and prev_end - prev_start <= _ABBREVIATION:
+                        if not names or _named(text[prev_start:prev_end]):
+                            out.setdefault(text[start:t_end], None)
+                    elif not (attached and t_end < len(text) and not text[t_end].isspace()):
+                        break  # a sentence's full stop ("playing. The", "playing . The"): names end there
                 continue
-            if not names or _named(text[t_start:t_end]):
+            if not names or _named(text[t_start:t_end], j in initial):
                 out.setdefault(text[start:t_end], None)
     return list(out)
 
@@ -124,8 +166,13 @@ def constrained_schema(plain: dict[str, Any], text: str, limits: TextLimits | No
         size -= 1
     else:
         return EntitySchema(plain, False, len(values), size + 1)
-    if not values:
+    if not values and not names:
         return EntitySchema(plain, False)  # no word at all: nothing to constrain to
     schema = copy.deepcopy(plain)
+    if not values:
+        # capitals, but none a name could begin with ("Each councillor represents two city wards."): the
+        # one answer a name can give is none, where the plain schema let a small model write a sentence
+        schema["schema"]["properties"]["entities"]["maxItems"] = 0
+        return EntitySchema(schema, True, 0, size)
     schema["schema"]["properties"]["entities"]["items"]["properties"]["text"] = {"type": "string", "enum": values}
     return EntitySchema(schema, True, len(values), size)

@@ -156,8 +156,10 @@ class Prelabeler:
         scope: str = "",
         select_examples: ExampleSelector | None = None,
         guidelines: str | None = None,
+        source: EntitySource | None = None,
     ) -> Prelabeler:
-        """The pre-labeler the settings describe: what /predict, warm start and the command-line tools use."""
+        """The pre-labeler the settings describe: what /predict, warm start and the command-line tools use
+        (`source`: one built from these settings with more to it, such as the evaluation's timing)."""
         return cls(
             schema, templates, llm,
             select_examples=select_examples,
@@ -165,10 +167,7 @@ class Prelabeler:
             label_all_mentions=settings.label_all_mentions,
             context_chars=settings.llm_context_chars,
             chunk_overlap=settings.llm_chunk_overlap,
-            source=EntitySource(
-                llm, cache, scope, settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts,
-                settings.entity_text_candidates == "names",
-            ),
+            source=source or EntitySource.from_settings(settings, llm, cache, scope),
         )
 
     def prelabel_many(

@@ -297,15 +297,10 @@ def run_configuration(
     llm = TimedLLM(settings, prober=probe_for)
     # the endpoint is part of the scope: one model name served by two endpoints gives two answers
     cache = workspace.cache if settings.llm_cache else None  # LLM_CACHE=false: every request is sent
-    source = MeasuredSource(llm, cache, f"llm-ner evaluation|{settings.openai_base_url or 'openai'}",
-                            settings.llm_samples, settings.llm_sample_temperature, settings.constrain_entity_texts,
-                            settings.entity_text_candidates == "names")
+    source = MeasuredSource.from_settings(settings, llm, cache, f"llm-ner evaluation|{settings.openai_base_url or 'openai'}")
     select = store.selector(settings.few_shot_k, settings.few_shot_token_budget) if store is not None else None
     target = schema.targets[0]
-    prelabeler = Prelabeler(
-        schema, templates, llm, select_examples=select, label_all_mentions=settings.label_all_mentions,
-        context_chars=settings.llm_context_chars, chunk_overlap=settings.llm_chunk_overlap, source=source,
-    )
+    prelabeler = Prelabeler.from_settings(settings, schema, templates, llm, select_examples=select, source=source)
     predicted: list[list[SpanTuple] | None] = [None] * len(tasks)
     failed = 0
     usage = Usage()
