@@ -13,7 +13,10 @@ WORKERS ?= 2
 # requirements/*.txt with hashes for the others), and uv itself from requirements/uv.txt. `make lock` regenerates them.
 TOOLS_VENV ?= .venv-tools
 UV := $(TOOLS_VENV)/bin/uv
-UV_PIP := $(UV) pip install --quiet --require-hashes --python
+# Every venv is compiled to bytecode as it is installed: the tests start hundreds of processes importing from
+# them (the backend, `llm-ner` commands, Label Studio), and where PYTHONDONTWRITEBYTECODE is set (containers,
+# some CI machines) each of those would compile every module it imports anew (pyproject.toml has the project venv compiled too).
+UV_PIP := $(UV) pip install --quiet --require-hashes --compile-bytecode --python
 
 $(UV): requirements/uv.txt
 	$(PYTHON) -m venv $(TOOLS_VENV)
