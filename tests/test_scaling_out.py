@@ -65,28 +65,45 @@ def test_migrate_applies_each_schema_version_once_when_four_replicas_start_toget
 OPEN_AT_ONCE = """
 import sys
 from pathlib import Path
-ready, go, model_dir = (Path(a) for a in sys.argv[1:])
+base, rounds, me = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 from backend.infra.storage import Database
-ready.touch()
-while not go.exists():
-    pass  # spin: the six must reach the file within microseconds of each other
-Database.in_dir(model_dir).close()
+for round_ in range(rounds):
+    (base / f"ready-{round_}-{me}").touch()
+    go = base / f"go-{round_}"
+    while not go.exists():
+        pass  # spin: the six must reach the file within microseconds of each other
+    Database.in_dir(base / f"model-{round_}").close()
 """
 
 
 def test_processes_opening_a_new_sqlite_store_at_once_all_start(tmp_path):
     """Several processes on one host (gunicorn workers, `llm-ner worker`s) creating MODEL_DIR's store
     together: SQLite lets one of them switch the new file to WAL and answers the others "database is
-    locked" at once, without waiting; every one must open it all the same, in each of ten rounds."""
-    for round_ in range(10):
-        model_dir, go = tmp_path / f"model-{round_}", tmp_path / f"go-{round_}"
-        ready = [tmp_path / f"ready-{round_}-{i}" for i in range(6)]
-        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(r), str(go), str(model_dir)], cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ready]
-        assert wait_until(lambda ready=ready: all(r.exists() for r in ready), timeout=60)
-        go.touch()  # all six open the new file at the same moment
-        runs = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
-        assert [code for code, _ in runs] == [0] * 6, [err for _, err in runs]
+    locked" at once, without waiting; every one must open it all the same, in each of ten rounds. The same
+    six processes take part in every round, each round in a new MODEL_DIR: sixty process starts (each
+    importing the backend) cost far more than the race they set up."""
+    rounds, opening = 10, range(6)
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(tmp_path), str(rounds), str(i)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in opening]
+    ended = lambda: [p for p in procs if p.poll() is not None]
+    try:
+        for round_ in range(rounds):
+            ready = [tmp_path / f"ready-{round_}-{i}" for i in opening]
+            assert wait_until(lambda ready=ready: all(r.exists() for r in ready) or ended(), timeout=60), round_
+            if ended():  # one failed to open the last round's store: the others wait for ever
+                break
+            (tmp_path / f"go-{round_}").touch()  # all six open the new file at the same moment
+        else:
+            for proc in procs:
+                proc.wait(timeout=60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    runs = [(p.returncode, p.stderr.read()) for p in procs]
+    assert [code for code, _ in runs] == [0] * 6, [err for _, err in runs]
+    assert all((tmp_path / f"model-{round_}").is_dir() for round_ in range(rounds))
 
 
 # ---- migrate-store ----
