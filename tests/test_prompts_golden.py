@@ -17,6 +17,7 @@ import pytest
 
 from backend.infra.settings import load_settings
 from backend.learning.selection import FewShotExample
+from backend.llm.probe import PROBE_MESSAGES
 from backend.ner.labelconfig import parse_label_config
 from backend.ner.packing import pack_messages, pack_repair_prompt
 from backend.ner.task import NerTask
@@ -161,6 +162,12 @@ def test_no_prompt_shows_the_answer_format_with_placeholders(language, hints):
         ]
         for prompt in prompts:
             assert not PLACEHOLDER.search(prompt), prompt
+
+
+def test_the_probe_shows_no_placeholders_either():
+    """The capability probe's request is a pre-labeling request too: its answer is what the doctor
+    reports for structured output and latency."""
+    assert not PLACEHOLDER.search(transcript(PROBE_MESSAGES))
 
 
 @pytest.mark.parametrize("language", ["en", "zh"])

@@ -76,8 +76,10 @@ PROBE_SCHEMA = entities_schema(["PER", "LOC"])
 PROBE_MESSAGES = [
     {
         "role": "system",
-        "content": 'You find named entities. Labels: PER (people), LOC (places). Answer with JSON only, in this form: '
-        '{"entities": [{"text": "<exact text>", "label": "<label>"}]}',
+        # the format shown by a worked example: a small model copies placeholders such as "<exact text>"
+        "content": 'You find named entities. Labels: PER (people), LOC (places). Answer with JSON only; for'
+        ' "Marie Curie lived in Paris." the answer is {"entities": [{"text": "Marie Curie", "label": "PER"},'
+        ' {"text": "Paris", "label": "LOC"}]}',
     },
     {"role": "user", "content": "Ada Lovelace was born in London."},
 ]
