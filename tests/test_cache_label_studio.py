@@ -17,7 +17,7 @@ from tests.processes import wait_until
 
 pytestmark = pytest.mark.label_studio
 
-TEXTS = ["Grace Hopper worked in Arlington.", "Alan Turing was born in London.", "No names at all."]
+TEXTS = ["Grace Hopper worked in Arlington.", "Alan Turing was born in London.", "no names at all, in lower case."]  # (asked: a text with a capital and no name is not)
 GAZETTEER = {"Grace Hopper": "PER", "Arlington": "LOC", "Alan Turing": "PER", "London": "LOC"}
 
 

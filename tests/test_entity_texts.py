@@ -116,7 +116,7 @@ def test_names_leave_out_spans_that_begin_or_end_with_a_lowercase_word_unless_th
         assert chosen.schema["schema"]["properties"]["entities"]["items"]["properties"]["text"]["enum"] == candidates(text, MAX_TOKENS)
 
 
-def test_names_leave_out_words_capitalised_only_because_they_begin_a_sentence():
+def test_names_leave_out_words_capitalised_only_because_they_begin_a_sentence(make_client, llm):
     """Without examples SmolLM2 labelled the first capitalised span of the text, "The" or "He", as a
     PER: a function word at a sentence's start is no name's first or last word; a name there is."""
     text = "The band played in Texas. He met Abe Lyman in 1964 . In Paris, The Hague and Carter's home?\nThey left."
@@ -135,6 +135,11 @@ def test_names_leave_out_words_capitalised_only_because_they_begin_a_sentence():
     jsonschema.validate({"entities": []}, chosen.schema["schema"])
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"entities": [{"text": "Each councillor", "label": "PER"}]}, chosen.schema["schema"])
+    # and no call is made for it: the answer is known
+    llm.gazetteer = {"Paris": "LOC"}
+    regions = region_tuples_per_task(predict(make_client(), ["Each councillor represents two city wards.", "He left Paris."]), "text", "label")
+    assert regions == [[], [("Paris", "LOC")]]
+    assert len(llm.requests) == 1 and "Paris" in json.dumps(llm.requests[0]["messages"][-1])
 
 
 def test_entity_text_candidates_all_sends_every_n_gram(make_client, llm):
@@ -195,7 +200,7 @@ def test_a_task_none_of_whose_entities_can_be_placed_is_failed_never_stored_empt
 
 
 def test_no_entities_is_stored_when_the_model_said_none(make_client, llm):
-    result = predict(make_client(), ["It rained all day."])
+    result = predict(make_client(), ["It rained all day in Oslo."])  # the fake knows no name in it
     assert result["results"][0]["result"] == [] and len(llm.requests) == 1
 
 

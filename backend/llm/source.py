@@ -285,8 +285,13 @@ class EntitySource:
             self.cache.flush()
 
     def find(self, task: NerTask, text: str, examples: Sequence[FewShotExample] = ()) -> Found:
+        chosen = self.schema(task, text)
+        if chosen.constrained and not chosen.candidates:
+            # no span of the text a name could be (constraints.py): the one answer constrained decoding
+            # could give is none, so none is asked for, whatever the provider makes of `maxItems: 0`
+            return Found([], empty_score=1.0)
         messages = task.messages(text, examples)
-        schema = self.schema(task, text).schema
+        schema = chosen.schema
         key = self.key(task, messages, schema)
         prefilled = self._prefilled.pop(key, None)
         if prefilled is not None:
