@@ -23,6 +23,7 @@ import difflib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -68,6 +69,15 @@ NER_CONFIG = """<View>
   </Labels>
   <Text name="text" value="$text"/>
 </View>"""
+
+
+def pytest_configure(config) -> None:
+    """Tests press Ctrl-C: they send SIGINT to `llm-ner demo` and `llm-ner prelabel` and expect them to stop.
+    A shell without job control that starts pytest in the background (`make test &` in a script) makes it
+    ignore SIGINT, and every process it starts inherits that: the demo went on running, then was killed
+    with Label Studio and its backend left behind. Processes started from here take SIGINT as a terminal does."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

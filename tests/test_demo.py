@@ -42,17 +42,43 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def stop_demo(proc: subprocess.Popen, groups: set[int]) -> None:
+    """Whatever happened in the test, nothing the demo started outlives it: SIGINT to the demo as Ctrl-C
+    would, SIGKILL if it has not ended 120 s later, then SIGKILL to every process group it led or started
+    (Label Studio's and the backend's; once, under heavy load, both kept running after a failed test)."""
+    if proc.poll() is None:
+        for child in children_of(proc.pid):
+            try:
+                groups.add(os.getpgid(child))
+            except ProcessLookupError:
+                pass
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_demo_pre_labels_twenty_wikigold_documents_and_ctrl_c_stops_everything_it_started(llm, tmp_path):
     units = build_units(read_conll(wikigold_slice(tmp_path, 20)))
     llm.gazetteer = {e.text: e.label for u in units for e in u.entities if e.text[0].isalnum() and e.text[-1].isalnum()}
     token = "demo-token-0123456789abcdef0123456789ab"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_", "LABEL_STUDIO"))}
     env.update(OPENAI_API_KEY=TEST_API_KEY, LLM_MODEL="fake-model", LABEL_STUDIO_API_KEY=token)
+    # a session of its own: the demo's group (it, and `llm-ner prelabel` while that runs) can be killed
+    # as one without the test's own process group
     proc = subprocess.Popen(
         [sys.executable, "-m", "backend", "demo", "--llm-url", llm.base_url, "--label-studio-venv", str(LS_VENV),
          "--label-studio-port", str(free_port()), "--backend-port", str(free_port())],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
+    groups = {proc.pid}
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -75,20 +101,17 @@ def test_demo_pre_labels_twenty_wikigold_documents_and_ctrl_c_stops_everything_i
         assert data.is_dir()
         children = children_of(proc.pid)
         assert len(children) == 2  # Label Studio and the backend (no llama: --llm-url)
-        groups = {os.getpgid(child) for child in children}
+        started = {os.getpgid(child) for child in children}
+        assert proc.pid not in started  # each leads a group of its own
+        groups |= started
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
         reader.join(10)
+        # every process it started has ended, with their own children (their process groups are empty)
+        lingering = [g for g in started if group_alive(g)]
     finally:
-        if proc.poll() is None:  # a failed assertion: the demo still stops what it started
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_demo(proc, groups)  # on a failed assertion too
     assert "demo stopped" in output()
-    # every process it started has ended, with their own children (their process groups are empty)
-    assert [g for g in groups if group_alive(g)] == []
+    assert lingering == []
     assert not data.exists()
