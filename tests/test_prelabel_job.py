@@ -129,13 +129,12 @@ def test_a_job_killed_mid_way_pays_again_only_for_the_calls_in_flight_at_the_kil
 
 
 def test_a_failing_task_is_reported_with_its_reason_and_never_written_empty(
-    label_studio, backend_factory, connected_project, llm, tmp_path
+    label_studio, connected_project, llm, tmp_path
 ):
     llm.gazetteer = dict(JOB_GAZETTEER)
     llm.responder = lambda body: Reply(status=500) if "poison" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
     model_dir = tmp_path / "model"
-    project = connected_project(["Ada Lovelace in Oslo.", "poison pill", "Royal Society."], title="failing",
-                                backend=backend_factory(workers=1, model_dir=model_dir))
+    project = connected_project(["Ada Lovelace in Oslo.", "poison pill", "Royal Society."], title="failing", connect=False)
     done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes", LLM_MAX_RETRIES="0")
     assert done.returncode == 1
     poisoned = project.tasks()[1]
@@ -144,10 +143,10 @@ def test_a_failing_task_is_reported_with_its_reason_and_never_written_empty(
     assert project.predictions(poisoned.id) == []
 
 
-def test_dry_run_and_max_cost_send_nothing(label_studio, backend_factory, connected_project, llm, tmp_path):
+def test_dry_run_and_max_cost_send_nothing(label_studio, connected_project, llm, tmp_path):
     llm.gazetteer = dict(JOB_GAZETTEER)
     model_dir = tmp_path / "model"
-    project = connected_project(job_texts(8), title="estimate", backend=backend_factory(workers=1, model_dir=model_dir))
+    project = connected_project(job_texts(8), title="estimate", connect=False)  # the command alone: no backend needed
     dry = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--dry-run")
     assert dry.returncode == 0 and "texts           8" in dry.stdout and "LLM calls       8" in dry.stdout
     costly = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--max-cost", "0.000001",
@@ -227,9 +226,12 @@ def test_scope_stale_re_pre_labels_unannotated_tasks_after_a_correction(
 ):
     llm.gazetteer = dict(JOB_GAZETTEER)
     model_dir = tmp_path / "model"
-    backend = backend_factory(workers=1, model_dir=model_dir)
+    # the correction changes model_version at once, not after VERSION_COALESCE_SECONDS (10 s by default;
+    # test_trust tests the coalescing), in the backend and in the command alike
+    at_once = {"VERSION_COALESCE_SECONDS": "0"}
+    backend = backend_factory(workers=1, model_dir=model_dir, **at_once)
     project = connected_project(job_texts(6), title="stale", backend=backend)
-    assert prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes").returncode == 0
+    assert prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--yes", **at_once).returncode == 0
     old = project.model_version()
     first = project.tasks()[1]
     corrected = [span(first.data["text"], "Ada Lovelace", "PER")]  # the human keeps only the person
@@ -237,16 +239,16 @@ def test_scope_stale_re_pre_labels_unannotated_tasks_after_a_correction(
     # Label Studio sends the webhook itself; the example changes the model_version
     assert wait_until(lambda: project.model_version() != old, timeout=30)
     new = project.model_version()
-    done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "stale", "--yes")
+    done = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "stale", "--yes", **at_once)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "5 pre-labeled, 0 failed, 1 skipped of 6 read" in done.stdout
     for task in project.tasks():
         versions = sorted(p.model_version for p in project.predictions(task.id))
         assert versions == ([old] if task.id == first.id else sorted([old, new]))
     # these scopes list each task's prediction versions as Label Studio joins them, not every prediction
-    again = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "unannotated", "--yes")
+    again = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "unannotated", "--yes", **at_once)
     assert "0 pre-labeled, 0 failed, 6 skipped of 6 read" in again.stdout, again.stdout + again.stderr
-    annotated_too = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "all", "--yes")
+    annotated_too = prelabel(llm, model_dir, label_studio, "--project", str(project.id), "--scope", "all", "--yes", **at_once)
     assert "1 pre-labeled, 0 failed, 5 skipped of 6 read" in annotated_too.stdout, annotated_too.stdout + annotated_too.stderr
     assert sorted(p.model_version for p in project.predictions(first.id)) == sorted([old, new])
 
