@@ -207,13 +207,13 @@ def test_cancel_stops_every_workers_parts_and_takes_the_queued_ones_off_the_queu
 
 
 def test_a_task_failing_in_a_workers_part_is_reported_with_its_reason_and_never_written_empty(
-    label_studio, backend_factory, connected_project, worker_factory, llm, store, redis_url
+    label_studio, connected_project, worker_factory, llm, store, redis_url
 ):
     llm.gazetteer = dict(JOB_GAZETTEER)
     llm.responder = lambda body: Reply(status=500) if "poison" in body["messages"][-1]["content"] else llm.gazetteer_reply(body)
     env = rq_env(llm, store, label_studio, redis_url, LLM_MAX_RETRIES="0")
-    project = connected_project(["Ada Lovelace in Oslo.", "poison pill", "Royal Society."], title="rq failing",
-                                backend=backend_factory(workers=1, model_dir=Path(env["MODEL_DIR"])))
+    # no backend connected: the command and the worker write, and the test reads Label Studio
+    project = connected_project(["Ada Lovelace in Oslo.", "poison pill", "Royal Society."], title="rq failing", connect=False)
     worker_factory(env)
     done = cli("prelabel", "--project", str(project.id), "--yes", "--quiet", *ls_args(label_studio), env=env)
     assert done.returncode == 1, done.stdout + done.stderr
