@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from tests.processes import (
     run_postgres,
     run_redis,
     run_worker,
+    started_label_studio,
     wait_until,
 )
 
@@ -211,8 +213,6 @@ def backend_factory(tmp_path: Path, llm: FakeLLM, request):
     """Start `llm-ner serve` (gunicorn) against the fake LLM: backend_factory(workers=2, **env); with
     max_file_bytes, no file it writes may grow past that (a full disk). In a test parametrized over the
     engines (`database_url`), the backends share its PostgreSQL database."""
-    from contextlib import ExitStack
-
     stack = ExitStack()
     url = engine_url(request)
 
@@ -245,8 +245,6 @@ def redis_url(redis_server: RedisServer) -> str:
 def worker_factory(tmp_path: Path):
     """Start `llm-ner worker` processes: worker_factory(env, *args) -> Popen (logs in tmp_path/worker-N.log);
     stopped at the end of the test unless the test killed them."""
-    from contextlib import ExitStack
-
     stack = ExitStack()
     logs: list[Path] = []
 
@@ -261,9 +259,32 @@ def worker_factory(tmp_path: Path):
     stack.close()
 
 
+EARLY_LABEL_STUDIO = pytest.StashKey[tuple]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselected what will not run
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Label Studio takes minutes to start on a loaded machine: when a test of this run needs it, it starts
+    now, while the tests before the first of those run, rather than when that test asks for it."""
+    if not config.option.collectonly and any("label_studio" in getattr(item, "fixturenames", ()) for item in items):
+        stack = ExitStack()
+        config.stash[EARLY_LABEL_STUDIO] = (stack, stack.enter_context(started_label_studio()))
+
+
+def pytest_unconfigure(config) -> None:
+    if EARLY_LABEL_STUDIO in config.stash:
+        config.stash[EARLY_LABEL_STUDIO][0].close()  # stopped, its data removed
+
+
 @pytest.fixture(scope="session")
-def label_studio():
-    """A real Label Studio 1.23.2 (SQLite, temp dir, 127.0.0.1), shared by the session's tests."""
+def label_studio(pytestconfig):
+    """A real Label Studio 1.23.2 (SQLite, temp dir, 127.0.0.1), shared by the session's tests (started
+    when the run was collected)."""
+    if EARLY_LABEL_STUDIO in pytestconfig.stash:
+        ls = pytestconfig.stash[EARLY_LABEL_STUDIO][1]
+        ls.wait_ready()
+        yield ls
+        return
     with run_label_studio() as ls:
         yield ls
 

@@ -153,6 +153,11 @@ class LabelStudio:
                             json={"selectedItems": {"all": True, "excluded": []}})
         assert response.status_code == 200, response.text
 
+    def wait_ready(self) -> None:
+        # generous: under load (2 cores shared by Label Studio, PostgreSQL, the LLM server and the tests) its
+        # migrations alone have taken over 240 s; a Label Studio that dies is noticed at once (proc is polled)
+        wait_for(self.url + "/health", 900, self.proc, self.log_path)
+
     def open_next_task(self, project_id: int) -> dict:
         """What the labeling UI does to open the next task: Label Studio predicts it before answering."""
         response = self.api("GET", f"/api/projects/{project_id}/next/")
@@ -162,6 +167,15 @@ class LabelStudio:
 
 @contextmanager
 def run_label_studio() -> Iterator[LabelStudio]:
+    """A real Label Studio, answering, until the block ends."""
+    with started_label_studio() as ls:
+        ls.wait_ready()
+        yield ls
+
+
+@contextmanager
+def started_label_studio() -> Iterator[LabelStudio]:
+    """A real Label Studio starting (`wait_ready` waits for it), stopped and its data removed when the block ends."""
     binary = LS_VENV / "bin" / "label-studio"
     if not binary.exists():
         raise RuntimeError(
@@ -192,9 +206,6 @@ def run_label_studio() -> Iterator[LabelStudio]:
         )
     ls = LabelStudio(f"http://127.0.0.1:{port}", token, email, password, proc, log_path)
     try:
-        # generous: under load (2 cores shared by Label Studio, PostgreSQL, the LLM server and the tests) its
-        # migrations alone have taken over 240 s; a Label Studio that dies is noticed at once (proc is polled)
-        wait_for(ls.url + "/health", 900, proc, log_path)
         yield ls
     finally:
         stop(proc)
