@@ -140,6 +140,13 @@ def test_names_leave_out_words_capitalised_only_because_they_begin_a_sentence(ma
     regions = region_tuples_per_task(predict(make_client(), ["Each councillor represents two city wards.", "He left Paris."]), "text", "label")
     assert regions == [[], [("Paris", "LOC")]]
     assert len(llm.requests) == 1 and "Paris" in json.dumps(llm.requests[0]["messages"][-1])
+    # nor is it packed with others (PACK_SIZE > 1): the pack would pay for an answer never used
+    llm.requests.clear()
+    llm.gazetteer["Oslo"] = "LOC"
+    texts = ["Each councillor represents two city wards.", "He left Paris.", "Oslo is cold."]
+    regions = region_tuples_per_task(predict(make_client(pack_size=3), texts), "text", "label")
+    assert regions == [[], [("Paris", "LOC")], [("Oslo", "LOC")]]
+    assert llm.requests and "councillor" not in json.dumps([r["messages"] for r in llm.requests])
 
 
 def test_entity_text_candidates_all_sends_every_n_gram(make_client, llm):

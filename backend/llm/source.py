@@ -286,7 +286,7 @@ class EntitySource:
 
     def find(self, task: NerTask, text: str, examples: Sequence[FewShotExample] = ()) -> Found:
         chosen = self.schema(task, text)
-        if chosen.constrained and not chosen.candidates:
+        if chosen.known_empty:
             # no span of the text a name could be (constraints.py): the one answer constrained decoding
             # could give is none, so none is asked for, whatever the provider makes of `maxItems: 0`
             return Found([], empty_score=1.0)
@@ -315,6 +315,8 @@ class EntitySource:
         groups: dict[int, list[tuple[str, TextRequest]]] = {}
         seen: set[str] = set()
         for request in requests:
+            if self.schema(request.task, request.text, say=False).known_empty:
+                continue  # answered without a call by `find`: a pack would only pay for it
             key, cached = self.cached(request)
             if cached is None and key not in seen:
                 seen.add(key)

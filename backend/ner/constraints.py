@@ -60,6 +60,11 @@ class EntitySchema:
     tokens: int = 0  # the longest candidate, in tokens
 
     @property
+    def known_empty(self) -> bool:
+        """Constrained, with no candidate: the one answer is "no entities", known without a call."""
+        return self.constrained and not self.candidates
+
+    @property
     def kind(self) -> str:
         return "spans" if self.constrained else "free"
 

@@ -215,7 +215,8 @@ class MeasuredSource(EntitySource):
                 self._pack_seconds[key] = seconds  # a packed answer: `find` serves it later, in another thread
 
     def find(self, task, text, examples=()):
-        key = self.key(task, task.messages(text, examples), self.schema(task, text, say=False).schema)
+        chosen = self.schema(task, text, say=False)
+        key = self.key(task, task.messages(text, examples), chosen.schema)
         packed = key in self._prefilled
         found = super().find(task, text, examples)
         if found.cached and self.cache is not None:
@@ -226,6 +227,8 @@ class MeasuredSource(EntitySource):
         elif packed:
             with self._lock:
                 seconds = self._pack_seconds.pop(key, None)
+        elif chosen.known_empty:
+            seconds = 0.0  # no call was made: this thread's last call is another text's
         else:
             seconds = self._call_seconds()
         with self._lock:
